@@ -1,0 +1,1 @@
+"""The on-device daemon: model store, fleet commands, telemetry, local inference endpoint."""

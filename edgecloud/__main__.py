@@ -1,0 +1,5 @@
+import sys
+
+from edgecloud.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The ``edgecloud`` command line (see ``edgecloud.cli.main``)."""
