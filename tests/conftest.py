@@ -35,7 +35,9 @@ def samples_dir() -> Path:
 def mosquitto() -> Iterator[MosquittoBroker]:
     """A fresh plain (anonymous) Mosquitto broker on a free loopback port."""
     if mosquitto_binary() is None:
-        pytest.fail("mosquitto is not installed; ./dev.sh test installs it (apt-get install mosquitto)")
+        pytest.fail(
+            "mosquitto is not installed; ./dev.sh test installs it (apt-get install mosquitto)"
+        )
     with MosquittoBroker() as broker:
         yield broker
 
@@ -44,6 +46,8 @@ def mosquitto() -> Iterator[MosquittoBroker]:
 def mosquitto_session() -> Iterator[MosquittoBroker]:
     """One broker shared by a whole session, for tests that only need a broker to exist."""
     if mosquitto_binary() is None:
-        pytest.fail("mosquitto is not installed; ./dev.sh test installs it (apt-get install mosquitto)")
+        pytest.fail(
+            "mosquitto is not installed; ./dev.sh test installs it (apt-get install mosquitto)"
+        )
     with MosquittoBroker() as broker:
         yield broker
