@@ -1,1 +1,20 @@
-"""edgecloud.runtime."""
+"""Local inference: one small ``Backend`` seam, an onnxruntime backend, a TensorRT engine backend.
+
+``load_backend`` verifies a package and loads the variant that fits the device; see
+docs/routing.md for how the router uses the result.
+"""
+
+from edgecloud.runtime.base import Backend, InputPolicy
+from edgecloud.runtime.loader import LoadedModel, load_backend, select_variant
+from edgecloud.runtime.ort import OnnxRuntimeBackend, available_providers, choose_providers
+
+__all__ = [
+    "Backend",
+    "InputPolicy",
+    "LoadedModel",
+    "OnnxRuntimeBackend",
+    "available_providers",
+    "choose_providers",
+    "load_backend",
+    "select_variant",
+]

@@ -3,33 +3,160 @@
 As in Polygraphy's runners, the public ``infer`` owns the lifecycle and input validation, so every
 backend (onnxruntime, TensorRT, a user's own) refuses bad input the same way and with the same
 messages, and a backend author cannot forget a check.
+
+Validation runs on every request, so everything it can decide ahead of time is decided in
+``__init__`` (expected dtypes, ranks, which dims are fixed, whether a finite check is needed) and
+the per-call work is a handful of attribute reads and comparisons. The checks, in order, for each
+input: present and known (``InputError``), dtype (``DTypeError``; casts only when lossless or
+configured), rank and fixed dims (``ShapeError``; symbolic dims accept any size), NaN/Inf
+(``NonFiniteError`` when the policy refuses them). Every message names the input, what was
+expected and what came.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from edgecloud.errors import RuntimeBackendError
-from edgecloud.package.manifest import TensorSpec
+from edgecloud.errors import (
+    ConfigError,
+    DTypeError,
+    InputError,
+    NonFiniteError,
+    RuntimeBackendError,
+    ShapeError,
+)
+from edgecloud.package.manifest import Manifest, TensorSpec, Variant
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "InputPolicy"]
+
+_add_reduce = np.add.reduce
+
+
+@dataclass(frozen=True)
+class InputPolicy:
+    """How strictly inputs are checked.
+
+    ``allow_cast`` permits a dtype cast of the same kind that may round (float64 -> float32,
+    int64 -> int32) as well as every lossless one; ``allow_int_to_float`` permits integer or bool
+    inputs for a float model (pixels as uint8, say) without allowing float narrowing. By default
+    the dtype must match exactly: a silent float64 -> float32 cast hides a caller's mistake and
+    costs a copy on every request. ``nonfinite="refuse"`` rejects NaN/Inf in float inputs before
+    they reach the model, where they would come back as a confident-looking garbage answer.
+    """
+
+    allow_cast: bool = False
+    allow_int_to_float: bool = False
+    nonfinite: Literal["refuse", "allow"] = "refuse"
+
+    def __post_init__(self) -> None:
+        if self.nonfinite not in ("refuse", "allow"):
+            raise ConfigError(f"nonfinite must be 'refuse' or 'allow', got {self.nonfinite!r}")
+
+
+class _InputCheck:
+    """Precomputed facts about one input, so the per-call check is only comparisons."""
+
+    __slots__ = ("dtype", "fixed", "float_kind", "name", "policy", "rank", "shape_text")
+
+    def __init__(self, spec: TensorSpec, policy: InputPolicy) -> None:
+        self.name = spec.name
+        self.dtype = np.dtype(spec.dtype)
+        self.rank = len(spec.shape)
+        self.fixed = tuple((i, d) for i, d in enumerate(spec.shape) if isinstance(d, int))
+        self.float_kind = self.dtype.kind == "f" and policy.nonfinite == "refuse"
+        self.policy = policy
+        self.shape_text = "[" + ", ".join(str(d) for d in spec.shape) + "]"
+
+    def check(self, value: Any) -> np.ndarray:
+        arr = value if type(value) is np.ndarray else self._as_array(value)
+        if arr.dtype != self.dtype:
+            arr = self._cast(arr)
+        shape = arr.shape
+        if len(shape) != self.rank:
+            raise ShapeError(
+                f"input '{self.name}': expected rank {self.rank} {self.shape_text}, "
+                f"got rank {len(shape)} {list(shape)}",
+                input_name=self.name,
+            )
+        for i, d in self.fixed:
+            if shape[i] != d:
+                raise ShapeError(
+                    f"input '{self.name}': expected shape {self.shape_text}, got {list(shape)} "
+                    f"(dim {i} must be {d})",
+                    input_name=self.name,
+                )
+        # One reduction is cheaper than isfinite().all(); a non-finite sum may also be an
+        # overflow of finite values, so only then look element by element.
+        if self.float_kind and not math.isfinite(_add_reduce(arr, axis=None)):
+            bad = ~np.isfinite(arr)
+            if bad.any():
+                n = int(bad.sum())
+                raise NonFiniteError(
+                    f"input '{self.name}': {n} NaN/Inf value(s) (first at index "
+                    f"{tuple(int(i) for i in np.argwhere(bad)[0])}); the input policy refuses "
+                    "non-finite values",
+                    input_name=self.name,
+                )
+        return arr
+
+    def _as_array(self, value: Any) -> np.ndarray:
+        try:
+            return np.asarray(value)
+        except (ValueError, TypeError) as exc:
+            raise InputError(
+                f"input '{self.name}': cannot be read as an array ({exc})", input_name=self.name
+            ) from exc
+
+    def _cast(self, arr: np.ndarray) -> np.ndarray:
+        src, dst = arr.dtype, self.dtype
+        ok = np.can_cast(src, dst, "same_kind") if self.policy.allow_cast else False
+        if not ok and self.policy.allow_int_to_float and dst.kind == "f":
+            ok = src.kind in "biu"
+        if not ok:
+            hint = (
+                "" if self.policy.allow_cast else " (set allow_cast=True to cast; it may round)"
+            )
+            raise DTypeError(
+                f"input '{self.name}': expected dtype {dst}, got {src}{hint}",
+                input_name=self.name,
+            )
+        return arr.astype(dst)
 
 
 class Backend(ABC):
-    """Runs one model variant locally."""
+    """Runs one model variant locally.
+
+    Subclasses call ``super().__init__`` with the model's input/output specs and implement
+    ``_infer_impl``; ``infer`` validates once, here, before any backend sees the data.
+    """
 
     #: Name of the backend ("onnxruntime", "tensorrt") for results and metrics.
     kind: str = ""
 
-    def __init__(self, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...]) -> None:
+    def __init__(
+        self,
+        inputs: tuple[TensorSpec, ...],
+        outputs: tuple[TensorSpec, ...],
+        *,
+        policy: InputPolicy | None = None,
+    ) -> None:
         self.input_specs = inputs
         self.output_specs = outputs
+        self.policy = policy or InputPolicy()
+        self._checks = tuple(_InputCheck(s, self.policy) for s in inputs)
+        self._input_names = frozenset(s.name for s in inputs)
         self._closed = False
+        #: Set by ``load_backend``: the package's manifest and the variant this backend runs.
+        self.manifest: Manifest | None = None
+        self.variant: Variant | None = None
+        self.loaded: Any = None
 
     def infer(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Validate ``inputs`` against the model and run it."""
@@ -38,11 +165,33 @@ class Backend(ABC):
         return self._infer_impl(self.validate(inputs))
 
     def validate(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Check names, ranks, shapes, dtypes; return arrays ready for ``_infer_impl``.
+        """Check names, ranks, shapes, dtypes and NaN/Inf; return arrays ready to run."""
+        if not isinstance(inputs, Mapping):
+            raise InputError(
+                f"inputs must be a mapping of input name -> array, got {type(inputs).__name__}"
+            )
+        if len(inputs) != len(self._checks) or inputs.keys() != self._input_names:
+            self._name_error(inputs)
+        return {c.name: c.check(inputs[c.name]) for c in self._checks}
 
-        Overridden by backends that hold a validation policy; the default accepts arrays as given.
-        """
-        return {k: np.asarray(v) for k, v in inputs.items()}
+    def run_validated(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run inputs that ``validate`` already returned (the router validates once, up front)."""
+        if self._closed:
+            raise RuntimeBackendError(f"{self.kind} backend is closed")
+        return self._infer_impl(inputs)
+
+    def _name_error(self, inputs: Mapping[str, Any]) -> None:
+        got = set(inputs.keys())
+        missing = sorted(self._input_names - got)
+        unknown = sorted(str(k) for k in got - self._input_names)
+        parts = []
+        if missing:
+            parts.append(f"missing input(s) {missing}")
+        if unknown:
+            parts.append(f"unknown input(s) {unknown}")
+        expected = [s.name for s in self.input_specs]
+        name = missing[0] if missing else (unknown[0] if unknown else None)
+        raise InputError(f"{'; '.join(parts)}: the model expects {expected}", input_name=name)
 
     @abstractmethod
     def _infer_impl(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -50,6 +199,10 @@ class Backend(ABC):
 
     def close(self) -> None:
         self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def __enter__(self) -> Backend:
         return self

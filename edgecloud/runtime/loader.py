@@ -1,0 +1,155 @@
+"""Load a verified package's best-fitting variant into a backend.
+
+Loading always verifies first (signature over the manifest, then every file's size and sha256), so
+a device never runs bytes nobody signed; a ``ModelPackage`` can only come from ``verify_package``,
+so passing one skips the second check.
+
+Automatic variant choice, first that fits wins:
+
+1. a TensorRT engine whose TensorRT version and compute capability match this GPU;
+2. an INT8 ONNX variant (fast on CPUs with VNNI and on GPUs alike);
+3. an FP16 ONNX variant, only when a GPU execution provider is present (FP16 is slow on CPU);
+4. an FP32 ONNX variant;
+5. any ONNX variant left whose target does not demand a GPU we lack.
+
+A variant whose ``target`` names a GPU ("gpu", "cuda", "jetson...") is skipped without one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edgecloud.errors import ConfigError, PackageError
+from edgecloud.package.io import ModelPackage, verify_package
+from edgecloud.package.manifest import Manifest, Variant
+from edgecloud.package.signing import load_public_key
+from edgecloud.runtime.base import Backend, InputPolicy
+from edgecloud.runtime.ort import GPU_PROVIDERS, OnnxRuntimeBackend, available_providers
+
+__all__ = ["LoadedModel", "load_backend", "select_variant"]
+
+_GPU_TARGETS = ("gpu", "cuda", "jetson", "tensorrt", "nvidia")
+
+
+def _needs_gpu(v: Variant) -> bool:
+    return v.format == "tensorrt" or v.target.lower().startswith(_GPU_TARGETS)
+
+
+def select_variant(
+    manifest: Manifest,
+    variant: str = "auto",
+    *,
+    providers: Sequence[str] | None = None,
+    trt_ok: bool | None = None,
+) -> Variant:
+    """The variant to load: by name or precision when given, else by the rules above.
+
+    ``providers`` are the execution providers present (default: onnxruntime's); ``trt_ok`` says
+    whether native TensorRT engines can run (default: probe lazily only when the package has one).
+    """
+    if not manifest.variants:
+        raise PackageError(f"package '{manifest.name}' has no variants")
+    if variant != "auto":
+        for v in manifest.variants:
+            if v.name == variant:
+                return v
+        by_precision = [v for v in manifest.variants if v.precision == variant]
+        if len(by_precision) == 1:
+            return by_precision[0]
+        known = ", ".join(f"{v.name} ({v.precision}, {v.format})" for v in manifest.variants)
+        why = "several match that precision" if by_precision else "none is named so"
+        raise PackageError(
+            f"package '{manifest.name}': cannot pick variant {variant!r}, {why} (it has: {known})"
+        )
+    avail = list(providers) if providers is not None else available_providers()
+    has_gpu = bool(GPU_PROVIDERS.intersection(avail))
+    engines = [v for v in manifest.variants if v.format == "tensorrt"]
+    if engines:
+        if trt_ok is None:
+            from edgecloud.runtime.tensorrt import engine_matches
+
+            matching = [v for v in engines if engine_matches(v)[0]]
+        else:
+            matching = engines if trt_ok else []
+        if matching:
+            return matching[0]
+    onnx = [v for v in manifest.variants if v.format == "onnx" and (has_gpu or not _needs_gpu(v))]
+    order = ["int8", "fp16", "fp32"] if has_gpu else ["int8", "fp32"]
+    for precision in order:
+        for v in onnx:
+            if v.precision.lower() == precision:
+                return v
+    if onnx:
+        return onnx[0]
+    known = ", ".join(f"{v.name} ({v.format}, target {v.target})" for v in manifest.variants)
+    raise PackageError(
+        f"package '{manifest.name}': no variant runs on this device (it has: {known}; "
+        f"execution providers here: {avail})"
+    )
+
+
+class LoadedModel:
+    """What ``load_backend`` decided, kept on the backend for results, logs and the agent."""
+
+    def __init__(self, package: ModelPackage, variant: Variant) -> None:
+        self.package = package
+        self.manifest = package.manifest
+        self.variant = variant
+
+
+def load_backend(
+    package: Path | str | ModelPackage,
+    *,
+    public_key: Ed25519PublicKey | Path | str | None,
+    variant: str = "auto",
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+    inter_op_threads: int | None = None,
+    policy: InputPolicy | None = None,
+    require_signature: bool = True,
+    warmup: bool = True,
+) -> Backend:
+    """Verify ``package`` and load the variant that fits this device into a backend.
+
+    The returned backend carries ``.manifest`` and ``.variant``. A package that fails verification
+    raises ``SignatureError``/``IntegrityError`` and nothing is loaded.
+    """
+    if isinstance(package, ModelPackage):
+        pkg = package
+    else:
+        key = public_key
+        if isinstance(key, str | Path):
+            key = load_public_key(Path(key))
+        pkg = verify_package(Path(package), key, require_signature=require_signature)
+    m = pkg.manifest
+    chosen = select_variant(m, variant, providers=providers)
+    path = pkg.path_of(chosen)
+    backend: Backend
+    if chosen.format == "tensorrt":
+        from edgecloud.runtime.tensorrt import TensorRTBackend
+
+        backend = TensorRTBackend(path, m.inputs, m.outputs, policy=policy)
+    elif chosen.format == "onnx":
+        backend = OnnxRuntimeBackend(
+            path,
+            m.inputs,
+            m.outputs,
+            providers=providers,
+            threads=threads,
+            inter_op_threads=inter_op_threads,
+            policy=policy,
+        )
+        if warmup:
+            runs = m.warmup.get("runs", 1)
+            if not isinstance(runs, int) or isinstance(runs, bool) or runs < 0:
+                raise ConfigError(f"manifest warmup.runs must be a non-negative int, got {runs!r}")
+            backend.warmup(runs)
+    else:  # pragma: no cover - Variant refuses other formats
+        raise PackageError(f"variant '{chosen.name}' has unknown format {chosen.format!r}")
+    backend.loaded = LoadedModel(pkg, chosen)
+    backend.manifest = m
+    backend.variant = chosen
+    return backend
