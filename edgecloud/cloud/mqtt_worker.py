@@ -1,0 +1,519 @@
+"""Cloud-region MQTT workers: answer V2 requests that devices publish to the region's topic.
+
+Each worker is one MQTT connection in a shared subscription (``$share/<group>/...``), so any
+number of workers, in one process or many, split a region's load, and the broker hands a dead
+worker's share to the others. A worker hands each request to a handler (the region's
+``ServingCore``, which batches) and answers on the request's MQTT 5 Response Topic with the same
+Correlation Data and a ``status`` user property (HTTP codes, as ``status_for`` maps them).
+
+How it fails, on purpose:
+
+- a request with no Response Topic, or one naming another device's reply topic, cannot be
+  answered safely: logged and dropped;
+- a request whose ``deadline-ms`` has passed is dropped (its sender has given up);
+- a duplicate (QoS 1 redelivery) of a correlation id seen recently is dropped (bounded LRU);
+- a malformed payload, a missing model, an unknown model or a wrong shape gets a V2 error reply
+  (400/404/...);
+- a full work queue gets an immediate 503 reply rather than growing without bound;
+- nothing a device sends can kill the worker thread: every request is handled in a try block.
+
+paho callbacks only enqueue; decoding, validation and encoding run on the worker's own thread,
+and replies are published from the core's completion callbacks without blocking.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as paho
+
+from edgecloud.errors import EdgeCloudError, InputError, ProtocolError, TransportError
+from edgecloud.topics import Topics, check_segment
+from edgecloud.transport._mqtt_common import (
+    MqttConnection,
+    parse_broker_url,
+    publish_properties,
+    user_properties,
+)
+from edgecloud.transport.mqtt import (
+    PROP_BINARY_THRESHOLD,
+    PROP_DEADLINE,
+    PROP_MODEL,
+    PROP_STATUS,
+    PROP_TRACE,
+    PROP_VERSION,
+)
+from edgecloud.transport.v2 import (
+    HEADER_LENGTH,
+    InferRequest,
+    InferResponse,
+    decode_request,
+    encode_error,
+    encode_response,
+)
+
+__all__ = [
+    "Handler",
+    "MqttWorker",
+    "MqttWorkerPool",
+    "echo_handler",
+    "main",
+    "start_mqtt_workers",
+]
+
+log = logging.getLogger("edgecloud.cloud.mqtt")
+
+
+#: ``handler(request)`` returns a response or a future of one; it may raise EdgeCloudError.
+Handler = Callable[[InferRequest], "concurrent.futures.Future[InferResponse] | InferResponse"]
+_Submit = Callable[
+    [InferRequest, "float | None"], "concurrent.futures.Future[InferResponse] | InferResponse"
+]
+
+
+def echo_handler(request: InferRequest) -> InferResponse:
+    """Answers with the request's own tensors: for protocol tests and transport benchmarks."""
+    return InferResponse(model=request.model, version=request.version, outputs=dict(request.inputs))
+
+
+def _default_status(exc: BaseException) -> int:
+    status = getattr(exc, "status", None)
+    if isinstance(status, int) and 100 <= status < 600:
+        return status
+    if isinstance(exc, InputError | ProtocolError):
+        return 400
+    return 500
+
+
+class _SeenIds:
+    """A bounded LRU of recent correlation ids (QoS 1 may deliver a request twice)."""
+
+    def __init__(self, size: int) -> None:
+        self._ids: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def seen(self, key: bytes) -> bool:
+        """Record ``key``; True when it was already there."""
+        with self._lock:
+            if key in self._ids:
+                self._ids.move_to_end(key)
+                return True
+            self._ids[key] = None
+            if len(self._ids) > self._size:
+                self._ids.popitem(last=False)
+            return False
+
+
+@dataclass
+class _Ctx:
+    response_topic: str
+    corr: bytes | None
+    model: str
+    deadline_ms: int | None
+    binary_threshold: int
+    trace: str
+    received: float = field(default_factory=time.monotonic)
+
+
+class MqttWorker:
+    """One worker: one MQTT connection in the region's share group and one handling thread."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        url: str,
+        region: str,
+        username: str | None = None,
+        password: str | None = None,
+        ca: str | os.PathLike[str] | None = None,
+        certfile: str | os.PathLike[str] | None = None,
+        keyfile: str | os.PathLike[str] | None = None,
+        tls_insecure: bool = False,
+        prefix: str = "edgecloud",
+        group: str | None = None,
+        qos: int = 1,
+        client_id: str | None = None,
+        queue_size: int = 1024,
+        dedup_size: int = 8192,
+        binary_threshold: int = 16384,
+        status_for: Callable[[BaseException], int] | None = None,
+        connect_timeout: float = 5.0,
+        _submit: _Submit | None = None,
+    ) -> None:
+        self.region = check_segment(region, "region")
+        self.topics = Topics(prefix)
+        self.filter = self.topics.infer_worker_filter(region, group)
+        self.qos = qos
+        self.binary_threshold = binary_threshold
+        self._submit: _Submit = _submit or (lambda req, _deadline: handler(req))
+        self._status_for = status_for or _default_status
+        self._queue: queue.Queue[paho.MQTTMessage] = queue.Queue(maxsize=queue_size)
+        self._seen = _SeenIds(dedup_size)
+        self._stop = threading.Event()
+        self.stats: collections.Counter[str] = collections.Counter()
+        settings = parse_broker_url(
+            url,
+            username=username,
+            password=password,
+            ca=ca,
+            certfile=certfile,
+            keyfile=keyfile,
+            tls_insecure=tls_insecure,
+            connect_timeout=connect_timeout,
+        )
+        self.client_id = client_id or f"worker-{region}-{uuid.uuid4().hex[:8]}"
+        self.conn = MqttConnection(
+            settings, client_id=self.client_id, on_message=self._on_message, region=region
+        )
+        self._thread = threading.Thread(
+            target=self._run, name=f"mqtt-worker-{self.client_id}", daemon=True
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self, timeout: float = 10.0) -> MqttWorker:
+        """Connect and subscribe; raises AuthError/ConnectionFailed when that is impossible."""
+        self._thread.start()
+        self.conn.start(timeout)
+        self.conn.subscribe(self.filter, self.qos, timeout=timeout)
+        log.info("MQTT worker %s serving %s", self.client_id, self.filter)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.conn.close()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+
+    @property
+    def connected(self) -> bool:
+        return self.conn.connected
+
+    # -- loop thread: enqueue only -------------------------------------------------------------
+    def _on_message(self, msg: paho.MQTTMessage) -> None:
+        self.stats["received"] += 1
+        try:
+            self._queue.put_nowait(msg)
+        except queue.Full:
+            self.stats["overloaded"] += 1
+            ctx = self._context(msg)
+            if ctx is not None:
+                self._reply_error(ctx, 503, f"worker {self.client_id} is overloaded; retry later")
+
+    # -- worker thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                msg = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                self._handle(msg)
+            except Exception:
+                self.stats["internal_errors"] += 1
+                log.exception("MQTT worker %s: unexpected error on %s", self.client_id, msg.topic)
+
+    def _context(self, msg: paho.MQTTMessage) -> _Ctx | None:
+        """Where and how to answer ``msg``; None (logged) when it cannot be answered safely."""
+        props = msg.properties
+        rt = getattr(props, "ResponseTopic", None)
+        up = user_properties(props)
+        trace = up.get(PROP_TRACE, "-")
+        if not rt:
+            self.stats["dropped_no_response_topic"] += 1
+            log.warning("dropped request on %s (trace %s): no Response Topic", msg.topic, trace)
+            return None
+        device = self.topics.device_of(msg.topic)
+        if device is None or rt != self.topics.infer_reply(device):
+            self.stats["dropped_foreign_response_topic"] += 1
+            log.warning(
+                "dropped request on %s (trace %s): Response Topic %r is not the sender's own",
+                msg.topic,
+                trace,
+                rt,
+            )
+            return None
+        corr = getattr(props, "CorrelationData", None)
+        deadline: int | None = None
+        raw = up.get(PROP_DEADLINE)
+        if raw is not None:
+            try:
+                deadline = int(raw)
+            except ValueError:
+                deadline = None
+        try:
+            threshold = int(up.get(PROP_BINARY_THRESHOLD, self.binary_threshold))
+        except ValueError:
+            threshold = self.binary_threshold
+        return _Ctx(
+            response_topic=rt,
+            corr=bytes(corr) if corr is not None else None,
+            model=up.get(PROP_MODEL, ""),
+            deadline_ms=deadline,
+            binary_threshold=max(0, threshold),
+            trace=trace,
+        )
+
+    def _handle(self, msg: paho.MQTTMessage) -> None:
+        ctx = self._context(msg)
+        if ctx is None:
+            return
+        if ctx.corr is not None and self._seen.seen(ctx.corr):
+            self.stats["duplicates"] += 1
+            return
+        now_ms = time.time() * 1000
+        if ctx.deadline_ms is not None and ctx.deadline_ms <= now_ms:
+            self.stats["expired"] += 1
+            log.info("dropped late request (trace %s): deadline passed", ctx.trace)
+            return
+        up = user_properties(msg.properties)
+        if not ctx.model:
+            self._reply_error(ctx, 400, f"request has no '{PROP_MODEL}' user property")
+            return
+        raw_hl = up.get(HEADER_LENGTH)
+        try:
+            header_len = int(raw_hl) if raw_hl is not None else None
+            request = decode_request(
+                bytes(msg.payload), header_len, model=ctx.model, version=up.get(PROP_VERSION)
+            )
+        except ValueError:
+            self._reply_error(ctx, 400, f"{HEADER_LENGTH} {raw_hl!r} is not an integer")
+            return
+        except ProtocolError as exc:
+            self._reply_error(ctx, 400, f"malformed request: {exc}")
+            return
+        mono_deadline = (
+            time.monotonic() + (ctx.deadline_ms - now_ms) / 1000.0
+            if ctx.deadline_ms is not None
+            else None
+        )
+        try:
+            result = self._submit(request, mono_deadline)
+        except Exception as exc:
+            self._reply_exc(ctx, exc)
+            return
+        if isinstance(result, concurrent.futures.Future):
+            result.add_done_callback(lambda f: self._complete(ctx, f))
+        else:
+            self._reply_ok(ctx, result)
+
+    def _complete(self, ctx: _Ctx, fut: concurrent.futures.Future[InferResponse]) -> None:
+        try:
+            exc = fut.exception()
+            if exc is not None:
+                self._reply_exc(ctx, exc)
+            else:
+                self._reply_ok(ctx, fut.result())
+        except Exception:
+            self.stats["internal_errors"] += 1
+            log.exception("MQTT worker %s: could not answer (trace %s)", self.client_id, ctx.trace)
+
+    # -- replies -------------------------------------------------------------------------------
+    def _reply_ok(self, ctx: _Ctx, resp: InferResponse) -> None:
+        try:
+            body, header_len = encode_response(resp, binary=ctx.binary_threshold)
+        except ProtocolError as exc:
+            self._reply_error(ctx, 500, f"response could not be encoded: {exc}")
+            return
+        self._publish(ctx, 200, body, header_len)
+        self.stats["answered"] += 1
+
+    def _reply_exc(self, ctx: _Ctx, exc: BaseException) -> None:
+        status = self._status_for(exc)
+        if isinstance(exc, EdgeCloudError):
+            message = str(exc)
+        else:
+            log.error("handler failed (trace %s)", ctx.trace, exc_info=exc)
+            message = f"internal error: {type(exc).__name__}: {exc}"
+        self._reply_error(ctx, status, message)
+
+    def _reply_error(self, ctx: _Ctx, status: int, message: str) -> None:
+        self.stats["errors"] += 1
+        self._publish(ctx, status, encode_error(message), None)
+
+    def _publish(self, ctx: _Ctx, status: int, body: bytes, header_len: int | None) -> None:
+        props = publish_properties()
+        if ctx.corr is not None:
+            props.CorrelationData = ctx.corr
+        user = [(PROP_STATUS, str(status)), (PROP_MODEL, ctx.model), (PROP_TRACE, ctx.trace)]
+        if header_len is not None:
+            user.append((HEADER_LENGTH, str(header_len)))
+        props.UserProperty = user
+        if ctx.deadline_ms is not None:
+            left = (ctx.deadline_ms - time.time() * 1000) / 1000.0
+            props.MessageExpiryInterval = max(1, int(left + 0.999))
+        try:
+            self.conn.publish(ctx.response_topic, body, qos=self.qos, properties=props)
+        except TransportError as exc:
+            self.stats["reply_failed"] += 1
+            log.warning("could not answer (trace %s): %s", ctx.trace, exc)
+
+
+class MqttWorkerPool:
+    """The workers ``start_mqtt_workers`` started; ``stop()`` ends them all."""
+
+    def __init__(self, workers: Sequence[MqttWorker]) -> None:
+        self.workers = list(workers)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        total: collections.Counter[str] = collections.Counter()
+        for w in self.workers:
+            total.update(w.stats)
+        return dict(total)
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w.stop()
+
+    def __enter__(self) -> MqttWorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_mqtt_workers(
+    core: Any,
+    *,
+    url: str,
+    region: str,
+    workers: int = 1,
+    username: str | None = None,
+    password: str | None = None,
+    ca: str | os.PathLike[str] | None = None,
+    certfile: str | os.PathLike[str] | None = None,
+    keyfile: str | os.PathLike[str] | None = None,
+    tls_insecure: bool = False,
+    prefix: str = "edgecloud",
+    group: str | None = None,
+    qos: int = 1,
+    connect_timeout: float = 5.0,
+) -> MqttWorkerPool:
+    """Run ``workers`` MQTT workers (threads, one connection each) in front of ``core``.
+
+    ``core`` is a ``ServingCore`` (``submit(request, deadline=...)`` returning a future), so
+    requests from every worker share its batching and sessions. A plain callable
+    ``handler(request)`` works too. Raises ``AuthError``/``ConnectionFailed`` if a worker cannot
+    connect or subscribe; workers already started are stopped first.
+    """
+    if workers < 1:
+        from edgecloud.errors import ConfigError
+
+        raise ConfigError(f"--mqtt-workers must be >= 1, got {workers}")
+    submit: _Submit
+    status_for: Callable[[BaseException], int] | None = None
+    if hasattr(core, "submit"):
+        from edgecloud.cloud.core import status_for as core_status
+
+        status_for = core_status
+
+        def submit(req: InferRequest, deadline: float | None) -> Any:
+            return core.submit(req, deadline=deadline)
+
+        handler: Handler = core.submit
+    else:
+        handler = core
+
+        def submit(req: InferRequest, deadline: float | None) -> Any:
+            return handler(req)
+
+    started: list[MqttWorker] = []
+    try:
+        for _ in range(workers):
+            w = MqttWorker(
+                handler,
+                url=url,
+                region=region,
+                username=username,
+                password=password,
+                ca=ca,
+                certfile=certfile,
+                keyfile=keyfile,
+                tls_insecure=tls_insecure,
+                prefix=prefix,
+                group=group,
+                qos=qos,
+                status_for=status_for,
+                connect_timeout=connect_timeout,
+                _submit=submit,
+            )
+            started.append(w)
+            w.start(timeout=connect_timeout + 1.0)
+    except BaseException:
+        for w in started:
+            w.stop()
+        raise
+    return MqttWorkerPool(started)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m edgecloud.cloud.mqtt_worker``: MQTT workers without the HTTP server.
+
+    Prints ``ready`` once every worker is subscribed, then serves until SIGTERM/SIGINT.
+    """
+    p = argparse.ArgumentParser(prog="python -m edgecloud.cloud.mqtt_worker")
+    p.add_argument("--url", required=True, help="mqtt://host:port or mqtts://...")
+    p.add_argument("--region", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--repo", help="model repository directory (ServingCore)")
+    src.add_argument("--echo", action="store_true", help="answer with the request's tensors")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--group", default=None)
+    p.add_argument("--prefix", default="edgecloud")
+    p.add_argument("--username", default=None)
+    p.add_argument("--password", default=os.environ.get("EDGECLOUD_MQTT_PASSWORD"))
+    p.add_argument("--qos", type=int, default=1, choices=(0, 1))
+    p.add_argument("--max-batch-size", type=int, default=32)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    core: Any = None
+    try:
+        if args.repo:
+            from edgecloud.cloud.core import ServingCore
+
+            core = ServingCore(args.repo, max_batch_size=args.max_batch_size)
+            target: Any = core
+        else:
+            target = echo_handler
+        pool = start_mqtt_workers(
+            target,
+            url=args.url,
+            region=args.region,
+            workers=args.workers,
+            username=args.username,
+            password=args.password,
+            prefix=args.prefix,
+            group=args.group,
+            qos=args.qos,
+        )
+    except EdgeCloudError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print("ready", flush=True)
+    stop.wait()
+    pool.stop()
+    if core is not None:
+        core.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
