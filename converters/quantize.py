@@ -1,0 +1,205 @@
+"""Making the reduced-precision variants: FP16, static INT8 (QDQ) and dynamic INT8.
+
+Each function takes a pre-processed FP32 ONNX file and settings and writes one variant file, so an
+accuracy search can call them repeatedly with different settings. Defaults follow onnxruntime's
+guidance for x86 CPUs with VNNI, checked against measurements on this project's CPU
+(docs/benchmarks.md, "Converter"): QDQ format, per-channel int8 weights, uint8 activations
+(the U8S8 kernels), no ``reduce_range`` (that is for CPUs without VNNI, where U8S8 can saturate).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from converters.data import ArrayCalibrationReader
+from edgecloud.errors import ConfigError, ConversionError
+
+__all__ = [
+    "CalibMethod",
+    "DynamicInt8Settings",
+    "StaticInt8Settings",
+    "convert_fp16",
+    "quantize_dynamic_int8",
+    "quantize_static_int8",
+    "resolve_exclusions",
+]
+
+log = logging.getLogger(__name__)
+
+CalibMethod = Literal["minmax", "entropy", "percentile"]
+QType = Literal["int8", "uint8"]
+
+
+@dataclass(frozen=True)
+class StaticInt8Settings:
+    """Settings of one static INT8 quantization (everything a search may vary)."""
+
+    calib_method: CalibMethod = "minmax"
+    per_channel: bool = True
+    activation_type: QType = "uint8"
+    weight_type: QType = "int8"
+    reduce_range: bool = False
+    percentile: float = 99.999
+    exclude_nodes: tuple[str, ...] = ()
+    exclude_ops: tuple[str, ...] = ()
+    extra_options: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "calib_method": self.calib_method,
+            "per_channel": self.per_channel,
+            "activation_type": self.activation_type,
+            "weight_type": self.weight_type,
+            "reduce_range": self.reduce_range,
+            "exclude_nodes": list(self.exclude_nodes),
+            "exclude_ops": list(self.exclude_ops),
+        }
+
+
+@dataclass(frozen=True)
+class DynamicInt8Settings:
+    per_channel: bool = False
+    weight_type: QType = "int8"
+    reduce_range: bool = False
+    exclude_nodes: tuple[str, ...] = ()
+    exclude_ops: tuple[str, ...] = ()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "per_channel": self.per_channel,
+            "weight_type": self.weight_type,
+            "reduce_range": self.reduce_range,
+            "exclude_nodes": list(self.exclude_nodes),
+            "exclude_ops": list(self.exclude_ops),
+        }
+
+
+def _qtype(name: str) -> Any:
+    from onnxruntime.quantization import QuantType
+
+    return {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[name]
+
+
+def resolve_exclusions(
+    model_path: Path, nodes: Sequence[str], ops: Sequence[str]
+) -> list[str]:
+    """Node names to keep in float: the named nodes plus every node of the named op types.
+
+    Unknown names are refused rather than ignored: a typo would otherwise silently quantize the
+    node the user meant to protect.
+    """
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    by_name = {n.name: n.op_type for n in graph.node}
+    present_ops = {n.op_type for n in graph.node}
+    bad_nodes = [n for n in nodes if n not in by_name]
+    if bad_nodes:
+        sample = ", ".join(sorted(by_name)[:12])
+        raise ConfigError(
+            f"--exclude-nodes: no node named {bad_nodes} in the (pre-processed) graph; "
+            f"nodes are: {sample}{', ...' if len(by_name) > 12 else ''}"
+        )
+    bad_ops = [o for o in ops if o not in present_ops]
+    if bad_ops:
+        raise ConfigError(
+            f"--exclude-ops: the graph has no {bad_ops} nodes; op types present: "
+            f"{sorted(present_ops)}"
+        )
+    out = list(dict.fromkeys(nodes))
+    out += [name for name, op in by_name.items() if op in ops and name not in out]
+    return out
+
+
+def convert_fp16(src: Path, dst: Path, *, keep_io_types: bool = True) -> Path:
+    """FP16 weights and activations; inputs/outputs stay FP32 unless ``keep_io_types=False``."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    try:
+        model = onnx.load(str(src))
+        half = convert_float_to_float16(model, keep_io_types=keep_io_types)
+        onnx.save(half, str(dst))
+    except Exception as exc:
+        raise ConversionError(f"FP16 conversion of {src} failed: {exc}") from exc
+    return dst
+
+
+def quantize_static_int8(
+    src: Path, dst: Path, reader: ArrayCalibrationReader, settings: StaticInt8Settings
+) -> Path:
+    """QDQ INT8 with calibration; ``reader`` is rewound first, so it can be reused."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }.get(settings.calib_method)
+    if method is None:
+        raise ConfigError(
+            f"calibration method {settings.calib_method!r} is not one of minmax, entropy, "
+            "percentile"
+        )
+    # Biases stay float: TensorRT wants them unquantized, onnxruntime still fuses QLinearConv/QGemm
+    # with a float bias, and it saves a scale tensor per biased layer.
+    extra = {"QuantizeBias": False, **settings.extra_options}
+    if settings.calib_method == "percentile":
+        extra.setdefault("CalibPercentile", settings.percentile)
+    excluded = resolve_exclusions(src, settings.exclude_nodes, settings.exclude_ops)
+    batch_size = reader.batch_size
+    if settings.calib_method != "minmax" and len(reader) % batch_size:
+        # the histogram collectors stack batches, so every batch must have the same size
+        reader.batch_size = 1
+    reader.rewind()
+    try:
+        quantize_static(
+            str(src),
+            str(dst),
+            reader.as_ort_reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=settings.per_channel,
+            reduce_range=settings.reduce_range,
+            activation_type=_qtype(settings.activation_type),
+            weight_type=_qtype(settings.weight_type),
+            nodes_to_exclude=excluded or None,
+            calibrate_method=method,
+            extra_options=extra,
+        )
+    except (ConfigError, ConversionError):
+        raise
+    except Exception as exc:
+        raise ConversionError(f"static INT8 quantization of {src} failed: {exc}") from exc
+    finally:
+        reader.batch_size = batch_size
+        reader.rewind()
+    return dst
+
+
+def quantize_dynamic_int8(src: Path, dst: Path, settings: DynamicInt8Settings) -> Path:
+    """Dynamic INT8 (weights int8 offline, activations quantized per batch at run time).
+
+    Worth it for MatMul/Gemm-heavy models (MLPs, transformers); for convolutions onnxruntime's
+    ConvInteger kernels are much slower than FP32, which the gate's latency check reports.
+    """
+    from onnxruntime.quantization import quantize_dynamic
+
+    excluded = resolve_exclusions(src, settings.exclude_nodes, settings.exclude_ops)
+    try:
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            per_channel=settings.per_channel,
+            reduce_range=settings.reduce_range,
+            weight_type=_qtype(settings.weight_type),
+            nodes_to_exclude=excluded or None,
+        )
+    except (ConfigError, ConversionError):
+        raise
+    except Exception as exc:
+        raise ConversionError(f"dynamic INT8 quantization of {src} failed: {exc}") from exc
+    return dst

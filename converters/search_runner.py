@@ -1,0 +1,213 @@
+"""The two operations a quantization search repeats: make a candidate, and judge it.
+
+``TrialQuantizer`` makes a variant for a ``Candidate``. Static candidates calibrate once per
+calibration method (onnxruntime's ``quantize_static(calibration_cache_path=...)`` stores the
+``TensorsData`` ranges as JSON and reuses them), so a trial that only changes per-channel,
+activation symmetry or the nodes kept in float costs a quantizer pass, not a calibration run.
+Calibration ranges do not depend on those settings: the calibrator records every tensor of the
+quantizable op types whatever is later excluded.
+
+``TrialEvaluator`` runs the FP32 reference once, then scores each variant with the converter's
+own gate (``converters.validate``), so "passes the search" and "passes ``edgecloud convert``"
+mean the same thing, and measures its latency with the same session settings as the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from converters.data import ArrayCalibrationReader, Dataset
+from converters.quantize import (
+    StaticInt8Settings,
+    _qtype,
+    quantize_dynamic_int8,
+    resolve_exclusions,
+)
+from converters.search_space import Candidate
+from converters.validate import (
+    ComparisonMetrics,
+    GateResult,
+    Task,
+    compare,
+    gate,
+    measure_latency,
+    open_session,
+    run_model,
+)
+from edgecloud.errors import ConfigError, ConversionError
+
+__all__ = ["Evaluation", "TrialEvaluator", "TrialQuantizer"]
+
+
+class TrialQuantizer:
+    """Quantizes the pre-processed FP32 model ``src`` per candidate, sharing calibration."""
+
+    def __init__(self, src: Path, reader: ArrayCalibrationReader, cache_dir: Path) -> None:
+        self.src = Path(src)
+        self.reader = reader
+        self.cache_dir = Path(cache_dir)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.calibrations = 0  # calibration runs actually done (the rest were cache hits)
+
+    def quantize(self, candidate: Candidate, dst: Path) -> Path:
+        if candidate.family == "dynamic":
+            return quantize_dynamic_int8(self.src, dst, candidate.settings)  # type: ignore[arg-type]
+        assert isinstance(candidate.settings, StaticInt8Settings)
+        return self._static(candidate.settings, dst)
+
+    def cache_path(self, s: StaticInt8Settings) -> Path:
+        extra = {"CalibTensorRangeSymmetric": False, **s.extra_options}
+        key = f"{s.calib_method}"
+        if s.calib_method == "percentile":
+            key += f"-p{s.percentile:g}"
+        if extra.get("CalibTensorRangeSymmetric"):
+            key += "-sym"
+        return self.cache_dir / f"calibration-{key}.json"
+
+    def _static(self, s: StaticInt8Settings, dst: Path) -> Path:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+
+        method = {
+            "minmax": CalibrationMethod.MinMax,
+            "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile,
+        }.get(s.calib_method)
+        if method is None:
+            raise ConfigError(
+                f"calibration method {s.calib_method!r} is not one of minmax, entropy, percentile"
+            )
+        extra = {"CalibTensorRangeSymmetric": False, **s.extra_options}
+        if s.calib_method == "percentile":
+            extra.setdefault("CalibPercentile", s.percentile)
+        excluded = resolve_exclusions(self.src, s.exclude_nodes, s.exclude_ops)
+        cache = self.cache_path(s)
+        hit = cache.is_file()
+        batch_size = self.reader.batch_size
+        if s.calib_method != "minmax" and len(self.reader) % batch_size:
+            # the histogram collectors stack batches, so every batch must have the same size
+            self.reader.batch_size = 1
+        self.reader.rewind()
+        try:
+            quantize_static(
+                str(self.src),
+                str(dst),
+                None if hit else self.reader.as_ort_reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=s.per_channel,
+                reduce_range=s.reduce_range,
+                activation_type=_qtype(s.activation_type),
+                weight_type=_qtype(s.weight_type),
+                nodes_to_exclude=excluded or None,
+                calibrate_method=method,
+                extra_options=extra,
+                calibration_cache_path=str(cache),
+            )
+        except (ConfigError, ConversionError):
+            raise
+        except Exception as exc:
+            raise ConversionError(f"static INT8 quantization of {self.src} failed: {exc}") from exc
+        finally:
+            self.reader.batch_size = batch_size
+            self.reader.rewind()
+        if not hit:
+            self.calibrations += 1
+        return dst
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One variant's figures: the gate's verdict, its comparison metrics, speed and size."""
+
+    gate: GateResult
+    metrics: ComparisonMetrics
+    latency_ms: float | None
+    size: int
+
+    @property
+    def loss_pct(self) -> float:
+        """The gate's drop (percent of the original's value; percent rel. L2 for regression)."""
+        return float(self.gate.drop_pct)
+
+
+class TrialEvaluator:
+    """Scores variants against the FP32 reference on the validation data."""
+
+    def __init__(
+        self,
+        reference: Path,
+        val: Dataset,
+        *,
+        task: Task,
+        tolerance_pct: float,
+        score_output: str | None = None,
+        threads: int = 1,
+        latency_batch: int = 32,
+        latency_runs: int = 20,
+        latency_budget_s: float = 1.0,
+    ) -> None:
+        if tolerance_pct < 0:
+            raise ConfigError(f"tolerance must be >= 0 (percent), got {tolerance_pct}")
+        self.val = val
+        self.task = task
+        self.tolerance_pct = float(tolerance_pct)
+        self.threads = threads
+        self.latency_batch = latency_batch
+        self.latency_runs = latency_runs
+        self.latency_budget_s = latency_budget_s
+        session = open_session(reference, threads=threads)
+        names = [o.name for o in session.get_outputs()]
+        self.score_output = score_output or names[0]
+        if self.score_output not in names:
+            raise ConfigError(f"score output {self.score_output!r} is not one of {names}")
+        self.reference_outputs = run_model(session, val)
+        self.reference_latency_ms = self._latency(session)
+        self.reference_size = Path(reference).stat().st_size
+        ref = self.reference_outputs[self.score_output]
+        self.reference_accuracy: float | None = None
+        if val.labels is not None and task == "classification" and ref.ndim == 2:
+            self.reference_accuracy = float((ref.argmax(1) == val.labels).mean())
+
+    def _latency(self, session: Any) -> float | None:
+        sample = self.val.take(self.latency_batch).inputs
+        return measure_latency(
+            session,
+            sample,
+            self.latency_batch,
+            runs=self.latency_runs,
+            budget_s=self.latency_budget_s,
+        )
+
+    def evaluate(self, path: Path, *, latency: bool = True) -> Evaluation:
+        session = open_session(path, threads=self.threads)
+        outputs = run_model(session, self.val)
+        metrics = compare(
+            self.reference_outputs,
+            outputs,
+            score_output=self.score_output,
+            task=self.task,
+            labels=self.val.labels,
+        )
+        verdict = gate(metrics, self.task, self.tolerance_pct)
+        lat = self._latency(session) if latency else None
+        return Evaluation(verdict, metrics, lat, Path(path).stat().st_size)
+
+
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    """||a - b|| / ||a||, the scale-free output error used to rank single-node sensitivity."""
+    a64 = np.asarray(a, dtype=np.float64)
+    n = float(np.linalg.norm(a64))
+    return float(np.linalg.norm(a64 - np.asarray(b, dtype=np.float64)) / n) if n else 0.0
+
+
+def dump_json(obj: Any, path: Path) -> None:
+    """Write ``obj`` as indented JSON atomically (a half-written report is worse than none)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{time.monotonic_ns()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,159 @@
+"""``edgecloud convert``: a thin layer over ``converters.convert`` (flags -> ConvertOptions).
+
+``converters`` is imported only when the command runs: ``edgecloud`` itself never depends on the
+conversion stack, so a device without it still has a working CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from edgecloud.errors import ConfigError
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _trt_batch(text: str) -> tuple[int, int, int]:
+    try:
+        vals = tuple(int(x) for x in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected MIN,OPT,MAX integers, got {text!r}") from exc
+    if len(vals) != 3 or not 1 <= vals[0] <= vals[1] <= vals[2]:
+        raise argparse.ArgumentTypeError(f"expected 1 <= MIN <= OPT <= MAX, got {text!r}")
+    return vals  # type: ignore[return-value]
+
+
+def _trt_dim(text: str) -> tuple[str, tuple[int, int, int]]:
+    name, _, rng = text.partition("=")
+    if not name or not rng:
+        raise argparse.ArgumentTypeError(f"expected NAME=MIN,OPT,MAX, got {text!r}")
+    return name, _trt_batch(rng)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="make validated FP16/INT8/TensorRT variants of a model",
+        description="Convert an ONNX model into a validated, optionally signed model package.",
+    )
+    p.add_argument("model", type=Path, help="source ONNX model")
+    p.add_argument("--out", required=True, type=Path, help="package folder to write")
+    g = p.add_argument_group("variants")
+    g.add_argument("--fp16", action="store_true", help="FP16 ONNX (inputs/outputs stay FP32)")
+    g.add_argument(
+        "--int8", action="append", choices=("static", "dynamic"), default=[],
+        help="INT8: static QDQ with --calib, or dynamic (MatMul-heavy models); repeatable",
+    )
+    g.add_argument("--calib", type=Path, help="calibration DATA (.npz, .npy or folder)")
+    g.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"),
+                   default="minmax")
+    g.add_argument("--calib-samples", type=int, help="use at most N calibration samples")
+    g.add_argument("--no-per-channel", action="store_true", help="per-tensor weight scales")
+    g.add_argument("--activation-type", choices=("uint8", "int8"), default="uint8")
+    g.add_argument("--weight-type", choices=("int8", "uint8"), default="int8")
+    g.add_argument("--reduce-range", action="store_true",
+                   help="7-bit weights, for CPUs without VNNI only")
+    g.add_argument("--exclude-nodes", type=_csv, default=(), help="NODE,NODE kept in float")
+    g.add_argument("--exclude-ops", type=_csv, default=(), help="OP,OP types kept in float")
+    t = p.add_argument_group("TensorRT")
+    t.add_argument("--tensorrt", action="store_true", help="also build TensorRT engine(s)")
+    t.add_argument("--trt-batch", type=_trt_batch, default=(1, 8, 32), metavar="MIN,OPT,MAX")
+    t.add_argument("--trt-dim", type=_trt_dim, action="append", default=[],
+                   metavar="NAME=MIN,OPT,MAX", help="range of another symbolic dim")
+    t.add_argument("--trt-timing-cache", type=Path, help="timing cache file (loaded and saved)")
+    t.add_argument("--trt-hardware-compat", choices=("none", "ampere_plus", "same_cc"),
+                   default="none")
+    t.add_argument("--trt-workspace-mb", type=int, default=2048)
+    v = p.add_argument_group("validation and package")
+    v.add_argument("--val", type=Path, help="validation DATA (with 'labels' for accuracy)")
+    v.add_argument("--tolerance", type=float, default=1.0,
+                   help="max relative drop of the gate metric, in percent (default 1.0)")
+    v.add_argument("--task", choices=("classification", "embedding", "regression"))
+    v.add_argument("--sign", type=Path, help="Ed25519 private key (edgecloud keys generate)")
+    v.add_argument("--name")
+    v.add_argument("--version", default="1")
+    v.add_argument("--labels", help="LABEL,LABEL,... or a file with one label per line")
+    v.add_argument("--confidence", choices=("logits", "probabilities"))
+    v.add_argument("--force", action="store_true", help="replace an existing package folder")
+    v.add_argument("--keep-rejected", action="store_true",
+                   help="write refused variants too, marked rejected")
+    v.add_argument("--latency-runs", type=int, default=20)
+    v.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    v.add_argument("--json", action="store_true", help="machine-readable report on stdout")
+    p.set_defaults(func=_run)
+
+
+def _labels(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    path = Path(text)
+    if path.is_file():
+        return tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    return _csv(text)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from converters import ConvertOptions, convert
+    from converters.progress import NullReporter, RichReporter
+    from converters.report import render_table
+
+    if args.latency_runs < 1:
+        raise ConfigError(f"--latency-runs must be >= 1, got {args.latency_runs}")
+    opts = ConvertOptions(
+        name=args.name,
+        version=args.version,
+        fp16=args.fp16,
+        int8=tuple(dict.fromkeys(args.int8)),
+        calib=args.calib,
+        calib_method=args.calib_method,
+        calib_samples=args.calib_samples,
+        per_channel=not args.no_per_channel,
+        activation_type=args.activation_type,
+        weight_type=args.weight_type,
+        reduce_range=args.reduce_range,
+        exclude_nodes=args.exclude_nodes,
+        exclude_ops=args.exclude_ops,
+        tensorrt=args.tensorrt,
+        trt_batch=args.trt_batch,
+        trt_dims=dict(args.trt_dim),
+        trt_timing_cache=args.trt_timing_cache,
+        trt_hardware_compat=args.trt_hardware_compat,
+        trt_workspace_mb=args.trt_workspace_mb,
+        val=args.val,
+        tolerance=args.tolerance,
+        sign=args.sign,
+        labels=_labels(args.labels),
+        confidence=args.confidence,
+        task=args.task,
+        force=args.force,
+        keep_rejected=args.keep_rejected,
+        latency_runs=args.latency_runs,
+        threads=args.threads,
+    )
+    err = Console(stderr=True)
+    reporter = NullReporter() if args.json else RichReporter(err)
+    report = convert(args.model, args.out, opts, reporter=reporter)
+    if args.json:
+        json.dump(report.to_dict(), sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        out = Console()
+        out.print(render_table(report))
+        for w in report.warnings:
+            out.print(f"[yellow]warning[/yellow]: {w}")
+        for r in report.rejected:
+            what = "kept, marked rejected" if r.verdict == "kept-rejected" else "not written"
+            out.print(f"[red]refused[/red] {r.name} ({what}): {r.gate.reason if r.gate else ''}")
+        out.print(f"package written to {report.package}")
+    return EXIT_OK if report.ok else EXIT_REFUSED
