@@ -1,0 +1,145 @@
+"""``edgecloud cloud serve``: run one cloud region (KServe V2 over HTTP, optionally MQTT workers).
+
+The server prints one line ``edgecloud cloud: region NAME serving MODELS on URL`` to stdout once it
+accepts connections, so scripts (and the test fixtures) can start it with ``--port 0`` and read the
+port back instead of racing for a free one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from edgecloud.errors import ConfigError, MissingDependencyError
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("cloud", help="run a cloud region server (KServe V2 over HTTP/MQTT)")
+    csub = p.add_subparsers(dest="cloud_command", metavar="ACTION", required=True)
+    s = csub.add_parser(
+        "serve",
+        help="serve a model repository over KServe V2 HTTP (and MQTT with --mqtt)",
+        description="Serve <repository>/<model>/<version>/{model.onnx | package} over KServe V2.",
+    )
+    s.add_argument("--repository", type=Path, required=True, help="model repository directory")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; default 8000)")
+    s.add_argument("--region", default="local", help="region name reported in headers and metrics")
+    s.add_argument(
+        "--max-batch-size", type=int, default=32, help="rows per batch (1 = no batching)"
+    )
+    s.add_argument(
+        "--max-queue-delay-ms",
+        type=float,
+        default=2.0,
+        help="how long the first request of a batch waits for others (default 2 ms)",
+    )
+    s.add_argument("--max-queue", type=int, default=1024, help="queued requests per model (503)")
+    s.add_argument(
+        "--token",
+        default=os.environ.get("EDGECLOUD_TOKEN"),
+        help="bearer token required on every route but health (default: $EDGECLOUD_TOKEN)",
+    )
+    s.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=64 * 1024 * 1024,
+        help="largest request body accepted (413 above; default 64 MiB)",
+    )
+    s.add_argument(
+        "--latency-ms",
+        type=float,
+        default=0.0,
+        help="SIMULATION: add this delay to every response, to play a farther region in demos",
+    )
+    s.add_argument("--public-key", type=Path, help="verify package signatures with this key")
+    s.add_argument("--threads", type=int, help="onnxruntime intra-op threads per model")
+    s.add_argument("--mqtt", metavar="URL", help="also serve over MQTT (mqtt://host:port)")
+    s.add_argument("--mqtt-workers", type=int, default=1, help="MQTT workers (shared subscription)")
+    s.add_argument("--mqtt-username", help="MQTT user name")
+    s.add_argument(
+        "--mqtt-password",
+        default=os.environ.get("EDGECLOUD_MQTT_PASSWORD"),
+        help="MQTT password (default: $EDGECLOUD_MQTT_PASSWORD)",
+    )
+    s.add_argument("--mqtt-ca", type=Path, help="CA certificate for mqtts://")
+    s.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+    s.set_defaults(func=_serve)
+
+
+def _start_mqtt(core: Any, args: argparse.Namespace) -> Any:
+    try:
+        mod = importlib.import_module("edgecloud.cloud.mqtt_worker")
+        start = mod.start_mqtt_workers
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(
+            f"--mqtt is not available in this build: edgecloud.cloud.mqtt_worker cannot be "
+            f"loaded ({exc.__class__.__name__}: {exc})"
+        ) from exc
+    opts: dict[str, Any] = {}
+    if args.mqtt_username:
+        opts["username"] = args.mqtt_username
+    if args.mqtt_password:
+        opts["password"] = args.mqtt_password
+    if args.mqtt_ca:
+        opts["ca_certs"] = str(args.mqtt_ca)
+    return start(core, url=args.mqtt, region=args.region, workers=args.mqtt_workers, **opts)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from edgecloud.cloud.core import ModelRepository, ServingCore
+
+    try:
+        from edgecloud.cloud.server import CloudServer
+    except ImportError as exc:  # pragma: no cover - server.py imports its web stack lazily
+        raise MissingDependencyError("starlette", "cloud", "the cloud server") from exc
+    if args.mqtt_workers < 1:
+        raise ConfigError(f"--mqtt-workers must be >= 1, got {args.mqtt_workers}")
+    if args.threads is not None and args.threads < 0:
+        raise ConfigError(f"--threads must be >= 0, got {args.threads}")
+    key = None
+    if args.public_key is not None:
+        from edgecloud.package import load_public_key
+
+        key = load_public_key(args.public_key)
+    repo = ModelRepository(args.repository, public_key=key)
+    core = ServingCore(
+        repo,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_ms=args.max_queue_delay_ms,
+        max_queue=args.max_queue,
+        intra_op_threads=args.threads,
+    )
+    mqtt_handle = None
+    try:
+        server = CloudServer(
+            core,
+            host=args.host,
+            port=args.port,
+            region=args.region,
+            token=args.token,
+            max_request_bytes=args.max_request_bytes,
+            latency_ms=args.latency_ms,
+            log_level=args.log_level,
+        )
+        if args.mqtt:
+            mqtt_handle = _start_mqtt(core, args)
+        if args.latency_ms:
+            log.warning("simulating a farther region: +%.0f ms on every response", args.latency_ms)
+        print(
+            f"edgecloud cloud: region {args.region} serving {', '.join(core.models())} "
+            f"on {server.url}",
+            flush=True,
+        )
+        server.serve_forever()
+    finally:
+        if mqtt_handle is not None:
+            mqtt_handle.stop()
+        core.close()
+    return 0
