@@ -71,9 +71,7 @@ class ConfidencePolicy(ABC):
 class _ProbabilityPolicy(ConfidencePolicy):
     def __init__(self, output: str, kind: str = "logits") -> None:
         if kind not in ("logits", "probabilities"):
-            raise ConfigError(
-                f"confidence kind must be 'logits' or 'probabilities', got {kind!r}"
-            )
+            raise ConfigError(f"confidence kind must be 'logits' or 'probabilities', got {kind!r}")
         self.output = output
         self.kind = kind
 

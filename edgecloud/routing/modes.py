@@ -44,6 +44,4 @@ def parse_mode(mode: Mode | str) -> Mode:
     try:
         return Mode(mode)
     except ValueError:
-        raise ConfigError(
-            f"mode must be one of {[m.value for m in Mode]}, got {mode!r}"
-        ) from None
+        raise ConfigError(f"mode must be one of {[m.value for m in Mode]}, got {mode!r}") from None

@@ -120,9 +120,7 @@ class _InputCheck:
         if not ok and self.policy.allow_int_to_float and dst.kind == "f":
             ok = src.kind in "biu"
         if not ok:
-            hint = (
-                "" if self.policy.allow_cast else " (set allow_cast=True to cast; it may round)"
-            )
+            hint = "" if self.policy.allow_cast else " (set allow_cast=True to cast; it may round)"
             raise DTypeError(
                 f"input '{self.name}': expected dtype {dst}, got {src}{hint}",
                 input_name=self.name,

@@ -1,0 +1,231 @@
+"""The HybridClient's TOML config file (format in docs/routing.md).
+
+Read once, checked whole: an unknown key, a wrong type or a bad value is a ``ConfigError`` naming
+the section and key, so a typo ("treshold") fails at start-up instead of silently using a default.
+Relative paths (package, public key) are resolved against the config file's directory, so a config
+works from any working directory.
+
+    [model]
+    package = "models/digits_edge"        # a package directory (verified on load)
+    public_key = "keys/publisher.pub"     # Ed25519 public key (PEM) the package must be signed by
+    variant = "auto"                      # or a variant name / precision ("int8")
+    threads = 1
+
+    [routing]
+    mode = "edge_first"
+    threshold = 0.9
+    deadline = 0.5
+
+    [[regions]]
+    name = "eu-west"
+    endpoint = "http://10.0.0.5:8000"
+    model = "digits_cloud"
+    cloud_input_shape = [1, 8, 8]
+    [regions.options]
+    token = "..."
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from edgecloud.errors import ConfigError
+
+__all__ = ["ClientConfig", "RegionConfig", "load_config", "parse_config"]
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RegionConfig:
+    """One ``[[regions]]`` entry."""
+
+    name: str
+    endpoint: str
+    model: str | None = None
+    version: str | None = None
+    priority: int = 0
+    timeout: float | None = None
+    cloud_input_shape: Shape | dict[str, Shape] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Everything ``HybridClient.from_config`` needs; field names are the TOML keys."""
+
+    # [model]
+    package: Path | None = None
+    public_key: Path | None = None
+    require_signature: bool = True
+    variant: str = "auto"
+    providers: tuple[str, ...] | None = None
+    threads: int | None = None
+    inter_op_threads: int | None = None
+    allow_cast: bool = False
+    allow_int_to_float: bool = False
+    nonfinite: str = "refuse"
+    # [routing]
+    mode: str = "edge_first"
+    threshold: float | dict[str, float] | None = None
+    confidence: str = "max_probability"
+    deadline: float | None = 1.0
+    max_concurrency: int = 1
+    max_queue: int = 0
+    max_wait: float = 0.05
+    max_cpu_percent: float | None = None
+    probe_interval: float | None = 5.0
+    probe_timeout: float = 1.0
+    failure_threshold: int = 3
+    cooldown: float = 10.0
+    cloud_input_shape: Shape | dict[str, Shape] | None = None
+    # [[regions]]
+    regions: tuple[RegionConfig, ...] = ()
+
+
+_MODEL_KEYS = {
+    "package": "path",
+    "public_key": "path",
+    "require_signature": bool,
+    "variant": str,
+    "providers": "strlist",
+    "threads": int,
+    "inter_op_threads": int,
+    "allow_cast": bool,
+    "allow_int_to_float": bool,
+    "nonfinite": str,
+}
+_ROUTING_KEYS = {
+    "mode": str,
+    "threshold": "threshold",
+    "confidence": str,
+    "deadline": "posfloat",
+    "max_concurrency": int,
+    "max_queue": int,
+    "max_wait": "float",
+    "max_cpu_percent": "float",
+    "probe_interval": "posfloat",
+    "probe_timeout": "posfloat",
+    "failure_threshold": int,
+    "cooldown": "float",
+    "cloud_input_shape": "shape",
+}
+_REGION_KEYS = {
+    "name": str,
+    "endpoint": str,
+    "model": str,
+    "version": str,
+    "priority": int,
+    "timeout": "posfloat",
+    "cloud_input_shape": "shape",
+    "options": dict,
+}
+
+
+def _shape(value: Any, where: str) -> Shape:
+    if not isinstance(value, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in value
+    ):
+        raise ConfigError(f"{where}: expected a list of positive integers, got {value!r}")
+    return tuple(value)
+
+
+def _value(kind: Any, value: Any, where: str, base: Path) -> Any:
+    if kind == "path":
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a path string, got {value!r}")
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else base / p
+    if kind == "strlist":
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    if kind in ("float", "posfloat"):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if kind == "posfloat" and not value > 0:
+            raise ConfigError(f"{where}: expected a number > 0, got {value!r}")
+        if value < 0:
+            raise ConfigError(f"{where}: expected a number >= 0, got {value!r}")
+        return float(value)
+    if kind == "threshold":
+        if isinstance(value, dict):
+            return {str(k): _value("float", v, f"{where}.{k}", base) for k, v in value.items()}
+        return _value("float", value, where, base)
+    if kind == "shape":
+        if isinstance(value, dict):
+            return {str(k): _shape(v, f"{where}.{k}") for k, v in value.items()}
+        return _shape(value, where)
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if kind is str and not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if kind is dict and not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a table, got {value!r}")
+    return value
+
+
+def _section(raw: Any, keys: Mapping[str, Any], where: str, base: Path) -> dict[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a table, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(keys))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown} (known: {sorted(keys)})")
+    return {k: _value(keys[k], v, f"{where}.{k}", base) for k, v in raw.items()}
+
+
+def parse_config(
+    data: Mapping[str, Any], *, base: Path | None = None, where: str = "config"
+) -> ClientConfig:
+    """Check a parsed TOML document and build the config (paths relative to ``base``)."""
+    base = base or Path.cwd()
+    unknown = sorted(set(data) - {"model", "routing", "regions"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {unknown} (known: model, routing, regions)")
+    values: dict[str, Any] = {}
+    values.update(_section(data.get("model", {}), _MODEL_KEYS, f"{where} [model]", base))
+    values.update(_section(data.get("routing", {}), _ROUTING_KEYS, f"{where} [routing]", base))
+    regions_raw = data.get("regions", [])
+    if not isinstance(regions_raw, list):
+        raise ConfigError(f"{where}: 'regions' must be an array of tables ([[regions]])")
+    regions = []
+    for i, r in enumerate(regions_raw):
+        rw = f"{where} [[regions]] #{i + 1}"
+        vals = _section(r, _REGION_KEYS, rw, base)
+        for need in ("name", "endpoint"):
+            if need not in vals:
+                raise ConfigError(f"{rw}: missing required key '{need}'")
+        regions.append(RegionConfig(**vals))
+    names = [r.name for r in regions]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: region names must be unique, got {names}")
+    values["regions"] = tuple(regions)
+    known = {f.name for f in fields(ClientConfig)}
+    assert set(values) <= known
+    return ClientConfig(**values)
+
+
+def load_config(path: Path | str) -> ClientConfig:
+    """Read and check a TOML config file."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        from edgecloud._deps import require
+
+        tomllib = require("tomli", "dev", "TOML config files on Python 3.10")
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc}") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p} is not valid TOML: {exc}") from exc
+    return parse_config(data, base=p.resolve().parent, where=str(p))
