@@ -96,7 +96,7 @@ def _sha256(path: Path) -> str:
 def inspect_model(path: Path, *, need_quant_opset: bool = False) -> ModelInfo:
     """Load and check ``path``; raise ConversionError saying what is wrong and what to do."""
     import onnx
-    from google.protobuf.message import DecodeError
+    from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
     path = Path(path)
     if not path.is_file():

@@ -407,7 +407,6 @@ def _run(
     )
     built.append((fp32_report, fp32))
 
-    excl = {"exclude_nodes": opts.exclude_nodes, "exclude_ops": opts.exclude_ops}
     jobs: list[tuple[str, str, dict[str, Any]]] = []
     if opts.fp16:
         jobs.append(("fp16", "fp16", {"keep_io_types": True}))
@@ -418,9 +417,14 @@ def _run(
         activation_type=opts.activation_type,
         weight_type=opts.weight_type,
         reduce_range=opts.reduce_range,
-        **excl,
+        exclude_nodes=opts.exclude_nodes,
+        exclude_ops=opts.exclude_ops,
     )
-    dynamic = DynamicInt8Settings(reduce_range=opts.reduce_range, **excl)
+    dynamic = DynamicInt8Settings(
+        reduce_range=opts.reduce_range,
+        exclude_nodes=opts.exclude_nodes,
+        exclude_ops=opts.exclude_ops,
+    )
     if "static" in opts.int8:
         jobs.append(("int8_static", "int8", static.describe()))
     if "dynamic" in opts.int8:

@@ -61,23 +61,48 @@ class Candidate:
 
 
 def model_profile(model_path: Path) -> Literal["conv", "matmul"]:
-    """``conv`` when convolutions hold more weights than MatMul/Gemm, else ``matmul``.
+    """``conv`` when convolutions do more multiply-adds than MatMul/Gemm, else ``matmul``.
 
-    Weight count is a cheap proxy for where the compute goes that needs no shapes; it is right
-    for CNNs (few, large conv kernels reused over space) and transformers alike.
+    Multiply-adds per sample are estimated from the weight shapes and the output shapes that
+    shape inference recorded (the pre-processed model has them); a convolution reuses its small
+    kernel at every output position, so counting weights alone would call a CNN with a large
+    final Gemm "MatMul-heavy". Unknown dimensions count as 1.
     """
-    import numpy as np
     import onnx
 
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    sizes = {t.name: int(np.prod(t.dims)) if t.dims else 1 for t in graph.initializer}
+    model = onnx.load(str(model_path), load_external_data=False)
+    if not model.graph.value_info:
+        try:
+            model = onnx.shape_inference.infer_shapes(model)
+        except Exception:
+            pass
+    graph = model.graph
+    shapes: dict[str, list[int]] = {}
+    for v in [*graph.value_info, *graph.input, *graph.output]:
+        dims = v.type.tensor_type.shape.dim
+        shapes[v.name] = [d.dim_value if d.HasField("dim_value") else 1 for d in dims]
+    for t in graph.initializer:
+        shapes[t.name] = list(t.dims)
+
+    def prod(xs: list[int]) -> int:
+        out = 1
+        for x in xs:
+            out *= max(int(x), 1)
+        return out
+
     conv = matmul = 0
     for n in graph.node:
-        w = sum(sizes.get(i, 0) for i in n.input[1:2])
+        if n.op_type not in _CONV_OPS | _MATMUL_OPS or len(n.input) < 2:
+            continue
+        out = shapes.get(n.output[0], [])
+        w = shapes.get(n.input[1], [])
         if n.op_type in _CONV_OPS:
-            conv += max(w, 1)
-        elif n.op_type in _MATMUL_OPS:
-            matmul += max(w, 1)
+            k = prod(w[1:]) if w else 1  # in_channels/group x kernel
+            conv += prod(out[1:]) * k
+        else:
+            a = shapes.get(n.input[0], [])
+            k = a[-1] if a else (w[0] if w else 1)
+            matmul += prod(out[1:]) * max(k, 1)
     return "conv" if conv > matmul else "matmul"
 
 
