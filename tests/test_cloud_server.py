@@ -1,0 +1,397 @@
+"""The V2 HTTP server: real uvicorn on loopback, real onnxruntime, stock clients (tritonclient).
+
+Most tests share one in-process server (fast); the CLI, the size limit, auth and the long
+concurrency run use ``edgecloud cloud serve`` in a child process, as deployed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edgecloud.transport.http import HttpTransport
+from edgecloud.transport.v2 import (
+    HEADER_LENGTH,
+    InferRequest,
+    decode_response,
+    encode_request,
+)
+from tests.fixtures.servers import InProcessServer, make_repository, running_cloud_server
+
+MODEL = "digits_cloud"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, samples_dir: Path) -> Path:
+    return make_repository(
+        tmp_path_factory.mktemp("srv"), {MODEL: samples_dir / "models" / "digits_cloud.onnx"}
+    )
+
+
+@pytest.fixture(scope="module")
+def x(samples_dir: Path) -> np.ndarray:
+    return np.load(samples_dir / "data" / "cloud_val.npz")["input"]
+
+
+@pytest.fixture(scope="module")
+def reference(samples_dir: Path, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(str(samples_dir / "models" / "digits_cloud.onnx"))
+    return sess.run(None, {"input": x})[0]
+
+
+@pytest.fixture(scope="module")
+def server(repo: Path) -> Iterator[InProcessServer]:
+    with running_cloud_server(
+        repo, region="eu-test", subprocess=False, max_queue_delay_ms=5.0
+    ) as srv:
+        assert isinstance(srv, InProcessServer)
+        yield srv
+
+
+@pytest.fixture
+def client(server: InProcessServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=10) as c:
+        yield c
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    found = False
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(m.group(3))
+            found = True
+    assert found, f"metric {name}{labels} not exposed"
+    return total
+
+
+# ----------------------------------------------------------------------------- health, metadata
+
+
+def test_health_and_server_metadata(client: httpx.Client) -> None:
+    assert client.get("/v2/health/live").status_code == 200
+    r = client.get("/v2/health/ready")
+    assert r.status_code == 200
+    assert r.headers["X-Edgecloud-Region"] == "eu-test"
+    md = client.get("/v2").json()
+    assert md["name"] == "edgecloud"
+    assert "binary_tensor_data" in md["extensions"]
+
+
+def test_model_metadata_and_ready(client: httpx.Client) -> None:
+    for path in (f"/v2/models/{MODEL}", f"/v2/models/{MODEL}/versions/1"):
+        md = client.get(path).json()
+        assert md["name"] == MODEL
+        assert md["platform"] == "onnxruntime_onnx"
+        assert md["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+        assert md["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
+    assert client.get(f"/v2/models/{MODEL}/ready").status_code == 200
+    assert client.get(f"/v2/models/{MODEL}/versions/1/ready").status_code == 200
+    r = client.get("/v2/models/nope/ready")
+    assert r.status_code == 404
+    assert "nope" in r.json()["error"]
+    r = client.get(f"/v2/models/{MODEL}/versions/7")
+    assert r.status_code == 404
+    assert "no version '7'" in r.json()["error"]
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def test_infer_json(client: httpx.Client, x: np.ndarray, reference: np.ndarray) -> None:
+    body = {
+        "id": "req-1",
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": "FP32",
+                "shape": [2, 1, 8, 8],
+                "data": x[:2].ravel().tolist(),
+            }
+        ],
+    }
+    r = client.post(f"/v2/models/{MODEL}/infer", json=body)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/json"
+    out = r.json()
+    assert out["model_name"] == MODEL
+    assert out["model_version"] == "1"
+    assert out["id"] == "req-1"
+    (logits,) = out["outputs"]
+    assert logits["name"] == "logits"
+    assert logits["datatype"] == "FP32"
+    assert logits["shape"] == [2, 10]
+    np.testing.assert_allclose(
+        np.array(logits["data"]).reshape(2, 10), reference[:2], rtol=1e-4, atol=1e-4
+    )
+
+
+def test_infer_binary_both_ways(client: httpx.Client, x: np.ndarray, reference: np.ndarray) -> None:
+    body, hl = encode_request(
+        InferRequest(MODEL, {"input": x[:4]}), binary=True, binary_outputs=True
+    )
+    assert hl is not None
+    r = client.post(
+        f"/v2/models/{MODEL}/versions/1/infer",
+        content=body,
+        headers={"Content-Type": "application/octet-stream", HEADER_LENGTH: str(hl)},
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/octet-stream"
+    resp_hl = int(r.headers[HEADER_LENGTH])
+    header = json.loads(r.content[:resp_hl])
+    assert header["outputs"][0]["parameters"]["binary_data_size"] == 4 * 10 * 4
+    resp = decode_response(r.content, resp_hl)
+    np.testing.assert_allclose(resp.outputs["logits"], reference[:4], rtol=1e-4, atol=1e-4)
+
+
+def test_per_output_binary_data(client: httpx.Client, x: np.ndarray) -> None:
+    body = {
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": "FP32",
+                "shape": [1, 1, 8, 8],
+                "data": x[0].ravel().tolist(),
+            }
+        ],
+        "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
+    }
+    r = client.post(f"/v2/models/{MODEL}/infer", json=body)
+    assert r.status_code == 200
+    assert HEADER_LENGTH in r.headers
+    assert decode_response(r.content, int(r.headers[HEADER_LENGTH])).outputs["logits"].shape == (
+        1,
+        10,
+    )
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_tritonclient_interop(
+    server: InProcessServer, x: np.ndarray, reference: np.ndarray, binary: bool
+) -> None:
+    import tritonclient.http as triton
+
+    c = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    try:
+        assert c.is_server_live()
+        assert c.is_server_ready()
+        assert c.is_model_ready(MODEL)
+        md = c.get_model_metadata(MODEL)
+        assert md["inputs"][0]["shape"] == [-1, 1, 8, 8]
+        inp = triton.InferInput("input", [3, 1, 8, 8], "FP32")
+        inp.set_data_from_numpy(x[:3], binary_data=binary)
+        out = triton.InferRequestedOutput("logits", binary_data=binary)
+        res = c.infer(MODEL, [inp], outputs=[out], request_id="t1")
+        np.testing.assert_allclose(res.as_numpy("logits"), reference[:3], rtol=1e-4, atol=1e-4)
+        assert res.get_response()["id"] == "t1"
+        res = c.infer(MODEL, [inp])  # no outputs named: tritonclient asks binary_data_output
+        np.testing.assert_allclose(res.as_numpy("logits"), reference[:3], rtol=1e-4, atol=1e-4)
+        bad = triton.InferInput("pixels", [1, 1, 8, 8], "FP32")
+        bad.set_data_from_numpy(x[:1], binary_data=binary)
+        with pytest.raises(triton.InferenceServerException, match="no input 'pixels'"):
+            c.infer(MODEL, [bad])
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize(
+    ("tensor", "message"),
+    [
+        ({"name": "input", "datatype": "FP64", "shape": [1, 1, 8, 8]}, "expected datatype FP32"),
+        ({"name": "input", "datatype": "FP32", "shape": [1, 64]}, "input 'input': expected shape"),
+        ({"name": "pixels", "datatype": "FP32", "shape": [1, 1, 8, 8]}, "no input 'pixels'"),
+    ],
+)
+def test_bad_input_is_400_naming_it(
+    client: httpx.Client, tensor: dict[str, object], message: str
+) -> None:
+    tensor = dict(tensor, data=[0.0] * 64)
+    r = client.post(f"/v2/models/{MODEL}/infer", json={"inputs": [tensor]})
+    assert r.status_code == 400
+    assert message in r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "message"),
+    [
+        (b"{not json", {}, "not valid JSON"),
+        (
+            b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1], "data": [1, 2]}]}',
+            {},
+            "do not fill shape",
+        ),
+        (b"{}", {HEADER_LENGTH: "abc"}, HEADER_LENGTH),
+        (b"{}", {HEADER_LENGTH: "99"}, "body has 2 bytes"),
+    ],
+)
+def test_malformed_body_is_400(
+    client: httpx.Client, body: bytes, headers: dict[str, str], message: str
+) -> None:
+    r = client.post(f"/v2/models/{MODEL}/infer", content=body, headers=headers)
+    assert r.status_code == 400
+    assert message in r.json()["error"]
+
+
+def test_unknown_model_is_404(client: httpx.Client) -> None:
+    r = client.post("/v2/models/resnet/infer", json={"inputs": []})
+    assert r.status_code == 404
+    assert r.json() == {"error": "model 'resnet' is not in this repository (models: digits_cloud)"}
+
+
+def test_metrics_exposed(client: httpx.Client, server: InProcessServer, x: np.ndarray) -> None:
+    before = _metric(
+        client.get("/metrics").text, "edgecloud_cloud_requests_total", model=MODEL, status="200"
+    )
+    with HttpTransport(server.url, region="eu-test") as t:
+        for i in range(3):
+            t.infer(InferRequest(MODEL, {"input": x[i : i + 1]}), timeout=10)
+    client.post("/v2/models/nope/infer", json={"inputs": []})
+    text = client.get("/metrics").text
+    assert _metric(text, "edgecloud_cloud_requests_total", model=MODEL, status="200") == before + 3
+    assert _metric(text, "edgecloud_cloud_requests_total", model="_unknown", status="404") >= 1
+    assert _metric(text, "edgecloud_cloud_request_seconds_count", model=MODEL) >= 3
+    assert _metric(text, "edgecloud_cloud_batch_size_count", model=MODEL) >= 1
+    assert _metric(text, "edgecloud_cloud_queue_depth", model=MODEL) == 0
+    assert 'region="eu-test"' in text
+
+
+def _hammer(url: str, x: np.ndarray, *, threads: int, seconds: float) -> tuple[int, list[str]]:
+    """``threads`` HttpTransport clients sending batch-1 requests for ``seconds``."""
+    errors: list[str] = []
+    done = [0] * threads
+    stop_at = time.monotonic() + seconds
+    barrier = threading.Barrier(threads)
+
+    def run(k: int) -> None:
+        with HttpTransport(url, region="load", max_connections=2) as t:
+            barrier.wait()
+            i = k
+            while time.monotonic() < stop_at:
+                j = i % len(x)
+                try:
+                    r = t.infer(InferRequest(MODEL, {"input": x[j : j + 1]}), timeout=30)
+                    if r.outputs["logits"].shape != (1, 10):
+                        errors.append(f"bad shape {r.outputs['logits'].shape}")
+                except Exception as exc:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                done[k] += 1
+                i += threads
+
+    ts = [threading.Thread(target=run, args=(k,)) for k in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return sum(done), errors
+
+
+def test_batching_observed_under_concurrency(server: InProcessServer, x: np.ndarray) -> None:
+    n, errors = _hammer(server.url, x, threads=8, seconds=2.0)
+    assert errors == []
+    assert n > 50
+    assert server.core.stats()["max_requests_per_batch"] > 1
+    text = httpx.get(f"{server.url}/metrics").text
+    # Fewer batches than requests: some runs joined several requests.
+    batches = _metric(text, "edgecloud_cloud_batch_requests_count", model=MODEL)
+    joined = _metric(text, "edgecloud_cloud_batch_requests_sum", model=MODEL)
+    assert joined > batches
+
+
+# ----------------------------------------------------------------------------- child process
+
+
+def test_auth_size_limit_and_health_open(repo: Path, x: np.ndarray) -> None:
+    with running_cloud_server(repo, region="sec", token="s3cret", max_request_bytes=4096) as srv:
+        url = srv.url
+        path = f"{url}/v2/models/{MODEL}/infer"
+        small = {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": [1, 1, 8, 8],
+                    "data": x[0].ravel().tolist(),
+                }
+            ]
+        }
+        assert httpx.get(f"{url}/v2/health/live").status_code == 200
+        assert httpx.get(f"{url}/v2/health/ready").status_code == 200
+        r = httpx.post(path, json=small)
+        assert r.status_code == 401
+        assert "authorization required" in r.json()["error"]
+        assert r.headers["www-authenticate"] == "Bearer"
+        r = httpx.post(path, json=small, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401
+        assert r.json()["error"] == "invalid bearer token"
+        assert httpx.get(f"{url}/v2/models/{MODEL}").status_code == 401
+        assert httpx.get(f"{url}/metrics").status_code == 401
+        ok = {"Authorization": "Bearer s3cret"}
+        r = httpx.post(path, json=small, headers=ok)
+        assert r.status_code == 200, r.text
+        big = {
+            "inputs": [dict(small["inputs"][0], shape=[40, 1, 8, 8], data=x[:40].ravel().tolist())]
+        }
+        r = httpx.post(path, json=big, headers=ok)
+        assert r.status_code == 413
+        assert "exceeds 4096" in r.json()["error"]
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: the limit holds while streaming
+            yield b'{"inputs": ['
+            for _ in range(100):
+                yield b" " * 100
+
+        r = httpx.post(path, content=chunks(), headers=ok)
+        assert r.status_code == 413
+        # The server is still healthy after refusing.
+        assert httpx.post(path, json=small, headers=ok).status_code == 200
+
+
+@pytest.mark.slow
+def test_32_clients_for_20_seconds(repo: Path, x: np.ndarray) -> None:
+    with running_cloud_server(repo, region="load", max_queue_delay_ms=2.0) as srv:
+        n, errors = _hammer(srv.url, x, threads=32, seconds=20.0)
+        text = httpx.get(f"{srv.url}/metrics").text
+    assert errors == [], errors[:5]
+    assert n > 1000
+    assert _metric(text, "edgecloud_cloud_requests_total", model=MODEL, status="200") == n
+    batches = _metric(text, "edgecloud_cloud_batch_requests_count", model=MODEL)
+    assert _metric(text, "edgecloud_cloud_batch_requests_sum", model=MODEL) == n
+    assert batches < n / 2, f"{n} requests ran in {batches} batches: batching did not happen"
+
+
+def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgecloud", "cloud", "serve", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_cli_bad_repository_exits_2_naming_it(tmp_path: Path) -> None:
+    out = _cli("--repository", str(tmp_path / "missing"), "--port", "0")
+    assert out.returncode == 2
+    assert "missing does not exist" in out.stderr
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    out = _cli("--repository", str(tmp_path), "--port", "0")
+    assert out.returncode == 2
+    assert "holds no model" in out.stderr
