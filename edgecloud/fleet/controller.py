@@ -1,0 +1,565 @@
+"""The fleet controller: registry, shadows and jobs over MQTT, packages and an API over HTTP.
+
+One MQTT connection (MQTT 5, TCP_NODELAY, a persistent session so job updates published while
+the controller restarts are delivered when it is back) subscribes to every device's status,
+reported state, job updates and telemetry. Messages are handled on paho's thread under one lock
+and only change memory; a single ticker thread persists what changed to the ``FleetStore``,
+runs the job engine (timeouts, abort criteria, rollout rate) and publishes job notifications.
+So a slow disk delays persistence, never the broker connection, and every decision about jobs
+is taken in one place.
+
+A malformed payload from a device is counted and logged with the device and the field, and
+dropped: one broken device never stops the controller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edgecloud.errors import AuthError, ConfigError, ConnectionFailed, FleetError
+from edgecloud.fleet.jobs import (
+    AbortCriterion,
+    Execution,
+    Job,
+    JobEngine,
+    RolloutConfig,
+)
+from edgecloud.fleet.messages import (
+    DesiredState,
+    ExecutionUpdate,
+    ReportedState,
+    StatusMessage,
+    TelemetryRecord,
+    dumps,
+)
+from edgecloud.fleet.packages import PackageStore
+from edgecloud.fleet.registry import Device, Shadow, compute_delta, merge_patch
+from edgecloud.fleet.store import FleetStore, ShadowConflict
+from edgecloud.topics import Topics
+
+__all__ = ["FleetController", "NotFound"]
+
+log = logging.getLogger("edgecloud.fleet")
+
+TELEMETRY_KEEP = 10_000  # records kept in memory per device for the API
+
+
+class NotFound(FleetError):
+    """A device, job or package the caller named does not exist."""
+
+
+class FleetController:
+    """Tracks devices and runs jobs. ``start()`` connects; ``close()`` stops everything.
+
+    ``public_base_url`` is how devices reach the package server (``http://host:port``); the
+    HTTP side (``edgecloud.fleet.server``) sets it when it starts unless it was given.
+    """
+
+    def __init__(
+        self,
+        broker_url: str,
+        store: FleetStore,
+        packages: PackageStore,
+        *,
+        prefix: str = "edgecloud",
+        client_id: str = "edgecloud-fleet-controller",
+        public_base_url: str = "",
+        tick_interval: float = 0.2,
+        clock: Callable[[], float] = time.time,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        self.topics = Topics(prefix)
+        self.store = store
+        self.packages = packages
+        self.public_base_url = public_base_url.rstrip("/")
+        self.tick_interval = tick_interval
+        self.clock = clock
+        self._lock = threading.RLock()
+        self.engine = JobEngine(clock)
+        self.engine.load(store.load_jobs(), store.load_executions())
+        self.devices: dict[str, Device] = {d.device_id: d for d in store.load_devices()}
+        for d in self.devices.values():
+            d.online = False  # the retained status after connecting says who is online
+        self.shadows: dict[str, Shadow] = {s.device_id: s for s in store.load_shadows()}
+        self.telemetry: dict[str, deque[dict[str, Any]]] = {}
+        self.stats: dict[str, int] = {"malformed": 0, "updates": 0, "duplicates": 0}
+        self.listeners: list[Callable[[str, Any], None]] = []
+        self._dirty_devices: set[str] = set()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._ticker: threading.Thread | None = None
+        self._broker = _parse_broker(broker_url)
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
+        )
+        self._client.max_queued_messages_set(100_000)
+        self._client.max_inflight_messages_set(1_000)
+        self._client.reconnect_delay_set(1, 5)
+        user = username if username is not None else self._broker[2]
+        if user is not None:
+            self._client.username_pw_set(
+                user, password if password is not None else self._broker[3]
+            )
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.on_socket_open = _nodelay
+        self._connect_error: Exception | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self, timeout: float = 10.0) -> FleetController:
+        host, port = self._broker[0], self._broker[1]
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = 3600
+        try:
+            self._client.connect(host, port, keepalive=30, clean_start=False, properties=props)
+        except (OSError, ValueError) as exc:
+            raise ConnectionFailed(
+                f"fleet controller: cannot reach broker {host}:{port}: {exc}"
+            ) from exc
+        self._client.loop_start()
+        if not self._connected.wait(timeout):
+            self._client.loop_stop()
+            err = self._connect_error
+            if isinstance(err, FleetError | AuthError):
+                raise err
+            raise ConnectionFailed(f"fleet controller: no CONNACK from {host}:{port} in {timeout}s")
+        self._ticker = threading.Thread(target=self._tick_loop, name="fleet-ticker", daemon=True)
+        self._ticker.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._ticker is not None:
+            self._ticker.join(timeout=5)
+        with contextlib.suppress(Exception):
+            self._flush()
+        with contextlib.suppress(Exception):
+            self._client.disconnect()
+        self._client.loop_stop()
+        self.store.close()
+
+    def __enter__(self) -> FleetController:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    # -- MQTT callbacks (paho's thread) --------------------------------------------------------
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, rc: Any, props: Any
+    ) -> None:
+        if rc.is_failure:
+            code = int(rc.value)
+            self._connect_error = AuthError(
+                f"fleet controller: broker refused the connection: 0x{code:02X} {rc.getName()}",
+                status=code,
+            )
+            log.error("%s", self._connect_error)
+            return
+        t = self.topics
+        client.subscribe(
+            [
+                (t.all_status(), 1),
+                (t.all_reported(), 1),
+                (t.all_job_updates(), 1),
+                (t.all_telemetry(), 1),
+            ]
+        )
+        self._connected.set()
+        self._wake.set()
+        log.info("fleet controller connected to %s:%s", self._broker[0], self._broker[1])
+
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, rc: Any, props: Any
+    ) -> None:
+        self._connected.clear()
+        log.warning("fleet controller lost the broker (%s); paho reconnects", rc)
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        topic = msg.topic
+        payload = bytes(msg.payload)
+        device_id = self.topics.device_of(topic)
+        if device_id is None:
+            return
+        try:
+            if topic.endswith("/status"):
+                self._handle_status(device_id, StatusMessage.parse(payload))
+            elif topic.endswith("/shadow/reported"):
+                self._handle_reported(device_id, ReportedState.parse(payload))
+            elif topic.endswith("/telemetry"):
+                self._handle_telemetry(device_id, TelemetryRecord.parse(payload))
+            elif topic.endswith("/update"):
+                self._handle_update(device_id, topic, ExecutionUpdate.parse(payload))
+        except FleetError as exc:
+            with self._lock:
+                self.stats["malformed"] += 1
+            log.warning("dropped a message from device %s on %s: %s", device_id, topic, exc)
+        except Exception:  # never let one message kill paho's thread
+            log.exception("failed to handle a message on %s", topic)
+
+    def _device(self, device_id: str) -> Device:
+        d = self.devices.get(device_id)
+        if d is None:
+            now = self.clock()
+            d = self.devices[device_id] = Device(device_id, first_seen=now, last_seen=now)
+        return d
+
+    def _handle_status(self, device_id: str, s: StatusMessage) -> None:
+        if s.device_id != device_id:
+            raise FleetError(f"status names device {s.device_id!r} but came on its topic")
+        with self._lock:
+            d = self._device(device_id)
+            was = d.online
+            d.online = s.online
+            d.last_seen = max(d.last_seen, self.clock())
+            if s.group:
+                d.group = s.group
+            if s.labels:
+                d.labels = dict(s.labels)
+            if s.model_version:
+                d.model_version = s.model_version
+            if s.agent_version:
+                d.agent_version = s.agent_version
+            if was and not s.online:
+                self.engine.device_offline(device_id)
+                d.bump("disconnects")
+            self._dirty_devices.add(device_id)
+        self._emit("status", s)
+        self._wake.set()
+
+    def _handle_reported(self, device_id: str, r: ReportedState) -> None:
+        with self._lock:
+            d = self._device(device_id)
+            d.reported = dict(r.state)
+            d.reported_version = r.version
+            d.last_seen = max(d.last_seen, self.clock())
+            model = r.state.get("model")
+            if isinstance(model, dict):
+                d.model_name = str(model.get("name", d.model_name) or d.model_name)
+                d.model_version = str(model.get("version", d.model_version) or d.model_version)
+            self._dirty_devices.add(device_id)
+        self._emit("reported", r)
+
+    def _handle_telemetry(self, device_id: str, t: TelemetryRecord) -> None:
+        if t.device_id != device_id:
+            raise FleetError(f"telemetry names device {t.device_id!r} but came on its topic")
+        with self._lock:
+            d = self._device(device_id)
+            d.last_seen = max(d.last_seen, self.clock())
+            self._dirty_devices.add(device_id)
+            if t.seq <= d.telemetry_seq:
+                d.bump("telemetry_duplicates")
+                return
+            if d.telemetry_seq >= 0 and t.seq > d.telemetry_seq + 1:
+                d.bump("telemetry_gaps", t.seq - d.telemetry_seq - 1)
+            d.telemetry_seq = t.seq
+            d.bump("telemetry")
+            ring = self.telemetry.get(device_id)
+            if ring is None:
+                ring = self.telemetry[device_id] = deque(maxlen=TELEMETRY_KEEP)
+            ring.append(asdict(t))
+        self._emit("telemetry", t)
+
+    def _handle_update(self, device_id: str, topic: str, u: ExecutionUpdate) -> None:
+        if u.device_id != device_id or f"/jobs/{u.job_id}/update" not in topic:
+            raise FleetError(
+                f"job update for ({u.device_id!r}, {u.job_id!r}) came on another topic {topic}"
+            )
+        with self._lock:
+            e = self.engine.apply_update(u)
+            d = self._device(device_id)
+            d.last_seen = max(d.last_seen, self.clock())
+            self._dirty_devices.add(device_id)
+            if e is None:
+                self.stats["duplicates"] += 1
+                return
+            self.stats["updates"] += 1
+            if e.terminal:
+                d.bump(f"jobs_{e.state.value.lower()}")
+        self._emit("execution", e)
+        self._wake.set()
+
+    def _emit(self, kind: str, obj: Any) -> None:
+        for fn in list(self.listeners):
+            try:
+                fn(kind, obj)
+            except Exception:
+                log.exception("fleet listener failed")
+
+    # -- the ticker --------------------------------------------------------------------------
+    def _tick_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.tick_interval)
+            self._wake.clear()
+            try:
+                self.tick()
+            except Exception:
+                log.exception("fleet tick failed")
+
+    def tick(self) -> None:
+        """Run the job engine once, persist what changed and publish notifications."""
+        with self._lock:
+            online = frozenset(d.device_id for d in self.devices.values() if d.online)
+            if self.connected:
+                result = self.engine.tick(online)
+            else:  # notifications would only queue up in paho; keep them QUEUED instead
+                result = self.engine.drain()
+            devices = [self.devices[i] for i in self._dirty_devices if i in self.devices]
+            self._dirty_devices.clear()
+        self.store.save_jobs(result.jobs)
+        self.store.save_executions(result.executions)
+        self.store.save_devices(devices)
+        for device_id, note in result.notify:
+            self._publish(self.topics.jobs_notify(device_id), dumps(note), retain=False)
+
+    def _flush(self) -> None:
+        with self._lock:
+            result = self.engine.drain()
+            devices = [self.devices[i] for i in self._dirty_devices if i in self.devices]
+            self._dirty_devices.clear()
+        self.store.save_jobs(result.jobs)
+        self.store.save_executions(result.executions)
+        self.store.save_devices(devices)
+
+    def _publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
+        info = self._client.publish(topic, payload, qos=1, retain=retain)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            log.warning("publish to %s failed: %s", topic, paho.error_string(info.rc))
+
+    # -- the API (any thread) ------------------------------------------------------------------
+    def resolve_targets(self, targets: Iterable[str]) -> tuple[list[str], list[str]]:
+        """Each target is a group name or a device id -> (device ids, groups used)."""
+        devices: list[str] = []
+        groups: list[str] = []
+        with self._lock:
+            by_group: dict[str, list[str]] = {}
+            for d in sorted(self.devices.values(), key=lambda d: d.device_id):
+                if d.group:
+                    by_group.setdefault(d.group, []).append(d.device_id)
+            for t in targets:
+                if t in by_group:
+                    groups.append(t)
+                    devices.extend(by_group[t])
+                elif t in self.devices:
+                    devices.append(t)
+                else:
+                    known = ", ".join(sorted(by_group)) or "none"
+                    raise NotFound(
+                        f"target {t!r} is neither a known device nor a group (groups: {known})"
+                    )
+        return list(dict.fromkeys(devices)), groups
+
+    def create_job(
+        self,
+        operation: str,
+        document: dict[str, Any],
+        targets: Iterable[str],
+        *,
+        job_id: str | None = None,
+        rollout: RolloutConfig | None = None,
+        abort: Iterable[AbortCriterion] = (),
+        timeout_s: float = 600.0,
+        job_timeout_s: float | None = None,
+    ) -> Job:
+        devices, groups = self.resolve_targets(targets)
+        jid = job_id or f"{operation}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        with self._lock:
+            job = self.engine.create(
+                jid,
+                operation,
+                document,
+                devices,
+                groups=groups,
+                rollout=rollout,
+                abort=abort,
+                timeout_s=timeout_s,
+                job_timeout_s=job_timeout_s,
+            )
+            result = self.engine.drain()
+        self.store.save_jobs(result.jobs)
+        self.store.save_executions(result.executions)
+        log.info("job %s (%s) created for %d devices", jid, operation, len(devices))
+        self._wake.set()
+        return job
+
+    def deploy(self, package_dir: Path, targets: Iterable[str], **job_kwargs: Any) -> Job:
+        """Store the package and start a deploy job whose document points at its download."""
+        if not self.public_base_url:
+            raise ConfigError("the controller has no public_base_url for package downloads")
+        pkg = self.packages.add(Path(package_dir))
+        document = {
+            "package_url": self.public_base_url + pkg.url_path(),
+            "sha256": pkg.sha256,
+            "size": pkg.size,
+            "model": pkg.name,
+            "version": pkg.version,
+        }
+        return self.create_job("deploy", document, targets, **job_kwargs)
+
+    def rollback(self, targets: Iterable[str], version: str | None = None, **kw: Any) -> Job:
+        return self.create_job("rollback", {"version": version} if version else {}, targets, **kw)
+
+    def cancel(self, job_id: str, *, force: bool = False) -> Job:
+        with self._lock:
+            try:
+                job = self.engine.cancel(job_id, force=force)
+            except FleetError as exc:
+                if job_id not in self.engine.jobs:
+                    raise NotFound(str(exc)) from exc
+                raise
+            result = self.engine.drain()
+        self.store.save_jobs(result.jobs)
+        self.store.save_executions(result.executions)
+        return job
+
+    def job_view(self, job_id: str, *, executions: bool = True) -> dict[str, Any]:
+        with self._lock:
+            if job_id not in self.engine.jobs:
+                raise NotFound(f"no job {job_id!r}")
+            job = self.engine.jobs[job_id]
+            out = job.to_dict()
+            out["counts"] = self.engine.counts(job_id)
+            out["total"] = len(job.targets)
+            if executions:
+                out["executions"] = [e.to_dict() for e in self.engine.executions_of(job_id)]
+        return out
+
+    def jobs_view(self) -> list[dict[str, Any]]:
+        with self._lock:
+            ids = sorted(self.engine.jobs, key=lambda j: self.engine.jobs[j].created_at)
+            return [self.job_view(j, executions=False) for j in ids]
+
+    def devices_view(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [
+                self._device_dict(d)
+                for d in sorted(self.devices.values(), key=lambda d: d.device_id)
+            ]
+
+    def device_view(self, device_id: str) -> dict[str, Any]:
+        with self._lock:
+            d = self.devices.get(device_id)
+            if d is None:
+                raise NotFound(f"no device {device_id!r}")
+            out = self._device_dict(d)
+            out["shadow"] = self.shadow_view(device_id)
+        return out
+
+    def _device_dict(self, d: Device) -> dict[str, Any]:
+        out = d.to_dict()
+        out.pop("reported", None)
+        pending = [e for e in self.engine._pending_of(d.device_id)]
+        out["pending_jobs"] = [e.job_id for e in pending]
+        return out
+
+    def telemetry_view(self, device_id: str, after: int = -1) -> list[dict[str, Any]]:
+        with self._lock:
+            if device_id not in self.devices:
+                raise NotFound(f"no device {device_id!r}")
+            return [r for r in self.telemetry.get(device_id, ()) if r["seq"] > after]
+
+    def shadow_view(self, device_id: str) -> dict[str, Any]:
+        with self._lock:
+            d = self.devices.get(device_id)
+            s = self.shadows.get(device_id) or Shadow(device_id)
+            reported = d.reported if d else {}
+            return {
+                "device_id": device_id,
+                "version": s.version,
+                "desired": s.desired,
+                "reported": reported,
+                "reported_version": d.reported_version if d else 0,
+                "delta": compute_delta(s.desired, reported),
+            }
+
+    def update_shadow(
+        self, device_id: str, patch: dict[str, Any], expected_version: int | None
+    ) -> dict[str, Any]:
+        """Merge ``patch`` into the desired state; refused when ``expected_version`` is stale.
+
+        ``expected_version=None`` means "whatever is current" (last writer wins) and is meant
+        for commands that set one key, such as ``fleet policy set``.
+        """
+        with self._lock:
+            if device_id not in self.devices:
+                raise NotFound(f"no device {device_id!r}")
+            cur = self.shadows.get(device_id) or Shadow(device_id)
+            base = cur.version if expected_version is None else expected_version
+            if base != cur.version:
+                raise ShadowConflict(device_id, base, cur.version)
+            new = Shadow(
+                device_id,
+                version=cur.version + 1,
+                desired=merge_patch(cur.desired, patch),
+                updated_at=self.clock(),
+            )
+            self.store.save_shadow(new, expected_version=cur.version)  # CAS in the database too
+            self.shadows[device_id] = new
+        payload = dumps(DesiredState(version=new.version, state=new.desired, ts=new.updated_at))
+        self._publish(self.topics.shadow_desired(device_id), payload, retain=True)
+        return self.shadow_view(device_id)
+
+    def set_policy(self, targets: Iterable[str], policy: dict[str, Any]) -> list[dict[str, Any]]:
+        devices, _ = self.resolve_targets(targets)
+        return [self.update_shadow(d, {"policy": policy}, None) for d in devices]
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Poll ``predicate`` under the lock (for tests and the benchmark)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if predicate():
+                    return True
+            time.sleep(0.02)
+        with self._lock:
+            return predicate()
+
+    def execution(self, job_id: str, device_id: str) -> Execution | None:
+        with self._lock:
+            return self.engine.executions.get((job_id, device_id))
+
+    def job_done(self, job_id: str) -> bool:
+        with self._lock:
+            job = self.engine.jobs.get(job_id)
+            return job is not None and job.status != "IN_PROGRESS"
+
+
+def _nodelay(client: paho.Client, userdata: Any, sock: Any) -> None:
+    import socket
+
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _parse_broker(url: str) -> tuple[str, int, str | None, str | None]:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"--broker {url!r} is not a valid URL: {exc}") from exc
+    if parts.scheme != "mqtt" or not parts.hostname:
+        raise ConfigError(f"--broker {url!r} must look like mqtt://host[:port]")
+    return parts.hostname, port or 1883, parts.username, parts.password
