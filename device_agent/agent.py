@@ -1,0 +1,826 @@
+"""The device agent: one process that serves the active model and obeys the fleet.
+
+Threads, each with one job so that none can starve another:
+
+- *network*: paho's ``loop()`` plus reconnection with capped exponential backoff and full jitter
+  (so a thousand devices coming back after a broker restart do not reconnect in lock-step);
+  subscribes again and republishes the retained online status on every CONNACK.
+- *sender*: publishes the durable outbox (``queue.py``) in order, at most ``queue.inflight``
+  unacknowledged messages at a time; a row is deleted only on its PUBACK. After a reconnect it
+  starts again from the oldest unacknowledged row, so delivery is at-least-once and in order.
+- *telemetry*: a heartbeat every ``telemetry.interval_s`` into the outbox with a durable ``seq``.
+- *worker*: runs jobs and desired-state changes one at a time from a bounded queue. Each runs
+  in its own thread under a watchdog: a step that hangs past its timeout is abandoned (and told
+  to stop at its next check) and the job is reported FAILED, so one stuck download never blocks
+  the next job.
+
+Jobs are journaled in the queue's SQLite file before any work starts, so a job delivered twice
+(QoS 1) runs once, a job that finished before a restart is reported again rather than redone,
+and one interrupted by a restart (killed mid-download, say) runs again on start and resumes its
+download from the ``.part`` file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from device_agent.capture import HardExampleStore
+from device_agent.config import AgentConfig
+from device_agent.queue import DurableQueue
+from device_agent.server import LocalEndpoint
+from device_agent.serving import InferOutcome, LocalClient, Metrics, load_model
+from device_agent.store import DiskSpaceError, ModelStore, health_check
+from edgecloud.errors import (
+    ConfigError,
+    EdgeCloudError,
+    FleetError,
+    PackageError,
+    StoreError,
+)
+from edgecloud.fleet.messages import (
+    TERMINAL_STATES,
+    DesiredState,
+    ExecutionState,
+    ExecutionUpdate,
+    JobNotification,
+    ReportedState,
+    StatusMessage,
+    TelemetryRecord,
+    dumps,
+)
+from edgecloud.package import ModelPackage, load_public_key
+from edgecloud.runtime.base import Backend
+
+__all__ = ["Agent", "JobOutcome"]
+
+log = logging.getLogger("device_agent")
+
+try:
+    from edgecloud import __version__ as AGENT_VERSION
+except ImportError:  # pragma: no cover
+    AGENT_VERSION = "0"
+
+_MODES = ("edge_first", "edge_only", "cloud_only", "cloud_first")
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    status: ExecutionState
+    reason: str = ""
+    details: Mapping[str, Any] | None = None
+
+
+class _Rejected(EdgeCloudError):
+    """The job itself is unacceptable (malformed, unsigned, tampered, no room): REJECTED."""
+
+
+class _Cancelled(EdgeCloudError):
+    """The watchdog abandoned this job; stop before touching the store."""
+
+
+class Agent:
+    """Construct with a validated config, then ``start()``; ``stop()`` (or use as a context
+    manager). ``agent.client`` is the in-process inference client; ``agent.endpoint`` the local
+    V2 endpoint (None when disabled)."""
+
+    def __init__(self, config: AgentConfig, *, endpoint_port: int | None = None) -> None:
+        self.config = config
+        self.device_id = config.device.id
+        self.topics = config.topics
+        root = config.store.path
+        try:
+            key = load_public_key(config.store.public_key)
+        except (PackageError, OSError, ValueError) as exc:
+            raise ConfigError(
+                f"store.public_key: cannot load {config.store.public_key}: {exc}"
+            ) from exc
+        self.store = ModelStore(root, key, min_free_bytes=config.store.min_free_bytes)
+        q = config.queue
+        self.queue = DurableQueue(
+            root / "agent.db", max_rows=q.max_rows, max_bytes=q.max_bytes,
+            hard_cap_rows=q.hard_cap_rows,
+        )
+        self.metrics = Metrics()
+        self.client = LocalClient(
+            mode=config.policy.mode,
+            threshold=config.policy.threshold,
+            regions=tuple(r.name for r in config.regions),
+            metrics=self.metrics,
+        )
+        self.capture: HardExampleStore | None = None
+        if config.capture.enabled:
+            c = config.capture
+            self.capture = HardExampleStore(
+                root / "capture.db", threshold=c.threshold, sample_rate=c.sample_rate,
+                max_count=c.max_count, max_bytes=c.max_bytes,
+            )
+            self.client.on_answer.append(self._capture)
+        self.endpoint: LocalEndpoint | None = None
+        self._endpoint_port = endpoint_port
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._wake = threading.Event()
+        self._work: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=64)
+        self._lock = threading.Lock()
+        self._inflight: dict[int, int] = {}
+        self._acked_early: set[int] = set()
+        self._cursor = 0
+        self._threads: list[threading.Thread] = []
+        self._mqtt: Any = None
+        self.malformed = 0
+        self.last_error = ""
+        self.connects = 0
+        self._started = time.time()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> Agent:
+        self._load_active()
+        if self.config.endpoint.enabled:
+            ep = self.config.endpoint
+            self.endpoint = LocalEndpoint(
+                self.client,
+                host=ep.host,
+                port=ep.port if self._endpoint_port is None else self._endpoint_port,
+                socket_path=ep.socket,
+                max_body_bytes=ep.max_body_bytes,
+                timeout_s=ep.timeout_s,
+                metrics_text=self.metrics_text,
+                agent_version=AGENT_VERSION,
+            ).start()
+        self._mqtt = self._make_mqtt()
+        for key, note in self.queue.jobs_with_status(ExecutionState.IN_PROGRESS.value):
+            log.info("resuming job %s interrupted by a restart", key)
+            with contextlib.suppress(FleetError):
+                self._work.put_nowait(("job", JobNotification.parse(note)))
+        for name, target in (
+            ("agent-network", self._network_loop),
+            ("agent-sender", self._sender_loop),
+            ("agent-telemetry", self._telemetry_loop),
+            ("agent-worker", self._worker_loop),
+        ):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop cleanly: mark the device offline (retained), disconnect, close everything."""
+        if self._stop.is_set():
+            return
+        if self._connected.is_set() and self._mqtt is not None:
+            with contextlib.suppress(Exception):
+                info = self._mqtt.publish(
+                    self.topics.status(self.device_id), self._status(False), qos=1, retain=True
+                )
+                info.wait_for_publish(timeout=1.0)
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout=timeout)
+        if self._mqtt is not None:
+            with contextlib.suppress(Exception):
+                self._mqtt.disconnect()
+        if self.endpoint is not None:
+            self.endpoint.close()
+        self.client.close()
+        if self.capture is not None:
+            self.capture.close()
+        self.queue.close()
+
+    def __enter__(self) -> Agent:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def run_forever(self) -> None:
+        """Run until SIGTERM/SIGINT (the CLI's entry point)."""
+        import signal
+
+        done = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: done.set())
+        self.start()
+        log.info("agent %s running", self.device_id)
+        try:
+            while not done.wait(0.5):
+                pass
+        finally:
+            self.stop()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def infer(self, inputs: Mapping[str, Any]) -> InferOutcome:
+        return self.client.infer(inputs)
+
+    @property
+    def active_version(self) -> str:
+        m = self.client.manifest
+        return m.version if m is not None else ""
+
+    # -- model loading -----------------------------------------------------------------------
+    def _load_active(self) -> None:
+        """Serve what the pointer names; fall back to the previous slot if it is damaged."""
+        try:
+            p = self.store.pointer()
+        except StoreError as exc:
+            self._note_error(str(exc))
+            return
+        if p is None:
+            return
+        for slot in (p.slot, p.previous):
+            if slot is None:
+                continue
+            try:
+                pkg = self.store.verify_slot(slot)
+                backend = load_model(pkg)
+                health_check(backend, pkg)
+            except EdgeCloudError as exc:
+                self._note_error(f"slot {slot} cannot be served: {exc}")
+                continue
+            if slot != p.slot:
+                self.store.set_active(slot, pkg)
+            self.client.swap_model(backend, pkg.manifest)
+            log.info("serving %s %s from slot %s", pkg.manifest.name, pkg.manifest.version, slot)
+            return
+
+    def _activate(self, slot: str, pkg: ModelPackage, backend: Backend) -> None:
+        self.store.set_active(slot, pkg)
+        old = self.client.swap_model(backend, pkg.manifest)
+        if old is not None:
+            threading.Thread(
+                target=self.client.retire, args=(old, self.config.endpoint.timeout_s * 2),
+                name="agent-retire", daemon=True,
+            ).start()
+        self._publish_status()
+
+    # -- MQTT --------------------------------------------------------------------------------
+    def _make_mqtt(self) -> Any:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+        b = self.config.broker
+        c = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.device_id,
+            protocol=MQTTProtocolVersion.MQTTv5,
+            reconnect_on_failure=False,
+        )
+        if b.username is not None:
+            c.username_pw_set(b.username, b.password)
+        if b.tls:
+            c.tls_set(
+                ca_certs=str(b.ca) if b.ca else None,
+                certfile=str(b.cert) if b.cert else None,
+                keyfile=str(b.key) if b.key else None,
+            )
+        c.will_set(self.topics.status(self.device_id), self._status(False), qos=1, retain=True)
+        c.max_inflight_messages_set(self.config.queue.inflight)
+        c.max_queued_messages_set(self.config.queue.inflight * 2)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.on_publish = self._on_publish
+        c.on_socket_open = _nodelay
+        return c
+
+    def _network_loop(self) -> None:
+        import paho.mqtt.client as mqtt
+
+        b = self.config.broker
+        delay = b.reconnect_min_s
+        first = True
+        while not self._stop.is_set():
+            try:
+                if first:
+                    self._mqtt.connect(b.host, b.port, keepalive=b.keepalive)
+                    first = False
+                else:
+                    self._mqtt.reconnect()
+            except (OSError, ValueError) as exc:
+                log.debug("broker %s unreachable: %s", b.url, exc)
+                self._stop.wait(random.uniform(0, delay))
+                delay = min(delay * 2, b.reconnect_max_s)
+                continue
+            while not self._stop.is_set():
+                rc = self._mqtt.loop(timeout=0.1)
+                if rc != mqtt.MQTT_ERR_SUCCESS:
+                    break
+                if self._connected.is_set():
+                    delay = b.reconnect_min_s
+            self._connected.clear()
+            if not self._stop.is_set():
+                self._stop.wait(random.uniform(0, delay))
+                delay = min(delay * 2, b.reconnect_max_s)
+
+    def _on_connect(self, client: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            self._note_error(f"broker refused the connection: {reason} ({reason.value})")
+            return
+        self.connects += 1
+        client.subscribe(
+            [(self.topics.jobs_notify(self.device_id), 1),
+             (self.topics.shadow_desired(self.device_id), 1)]
+        )
+        client.publish(self.topics.status(self.device_id), self._status(True), qos=1, retain=True)
+        with self._lock:
+            self._inflight.clear()
+            self._acked_early.clear()
+            self._cursor = 0
+        self._connected.set()
+        self._wake.set()
+
+    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        self._connected.clear()
+        log.info("disconnected from broker: %s", reason)
+
+    def _on_publish(self, _c: Any, _u: Any, mid: int, reason: Any, _p: Any) -> None:
+        if reason is not None and getattr(reason, "is_failure", False):
+            self._note_error(f"broker refused a publish: {reason}")
+        with self._lock:
+            row = self._inflight.pop(mid, None)
+            if row is None:
+                if len(self._acked_early) < 10_000:
+                    self._acked_early.add(mid)
+                return
+        self.queue.ack(row)
+        self._wake.set()
+
+    def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
+        topic = msg.topic
+        try:
+            if topic == self.topics.jobs_notify(self.device_id):
+                self._accept_job(msg.payload)
+            elif topic == self.topics.shadow_desired(self.device_id):
+                if not msg.payload:
+                    return  # a cleared retained desired state
+                desired = DesiredState.parse(msg.payload)
+                self._enqueue(("desired", desired))
+        except FleetError as exc:
+            self.malformed += 1
+            self._note_error(f"malformed message on {topic}: {exc}")
+
+    def _accept_job(self, payload: bytes) -> None:
+        try:
+            job = JobNotification.parse(payload)
+        except FleetError as exc:
+            # Reject it on its own topic when the job id is readable, so the controller knows.
+            job_id = _job_id_of(payload)
+            if job_id is not None:
+                self._report(job_id, 1, ExecutionState.REJECTED, str(exc))
+            raise
+        self._enqueue(("job", job))
+
+    def _enqueue(self, item: tuple[str, Any]) -> None:
+        try:
+            self._work.put_nowait(item)
+        except queue.Full:
+            if item[0] == "job":
+                job: JobNotification = item[1]
+                self._report(
+                    job.job_id, job.execution_number, ExecutionState.REJECTED,
+                    "agent busy: too many pending jobs",
+                )
+            else:
+                self._note_error("agent busy: desired state change dropped")
+
+    # -- outbox sender -----------------------------------------------------------------------
+    def _sender_loop(self) -> None:
+        window = self.config.queue.inflight
+        while not self._stop.is_set():
+            self._wake.wait(0.2)
+            self._wake.clear()
+            if not self._connected.is_set():
+                continue
+            with self._lock:
+                room = window - len(self._inflight)
+                cursor = self._cursor
+            if room <= 0:
+                continue
+            for item in self.queue.peek(after_id=cursor, limit=room):
+                if not self._connected.is_set():
+                    break
+                info = self._mqtt.publish(item.topic, item.payload, qos=1, retain=item.retain)
+                if info.rc != 0:
+                    break
+                with self._lock:
+                    self._cursor = max(self._cursor, item.id)
+                    if info.mid in self._acked_early:
+                        self._acked_early.discard(info.mid)
+                        acked = True
+                    else:
+                        self._inflight[info.mid] = item.id
+                        acked = False
+                if acked:
+                    self.queue.ack(item.id)
+
+    def _report(
+        self,
+        job_id: str,
+        execution_number: int,
+        status: ExecutionState,
+        reason: str = "",
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
+        try:
+            topic = self.topics.job_update(self.device_id, job_id)
+        except ConfigError as exc:
+            self._note_error(f"cannot report job {job_id!r}: {exc}")
+            return
+
+        def build(seq: int) -> bytes:
+            return dumps(
+                ExecutionUpdate(
+                    job_id=job_id, device_id=self.device_id, status=status, seq=seq,
+                    ts=time.time(), reason=reason, details=dict(details or {}),
+                    execution_number=execution_number,
+                )
+            )
+
+        self.queue.put_with_seq("job", "job", topic, build)
+        self._wake.set()
+
+    def _status(self, online: bool) -> bytes:
+        d = self.config.device
+        return dumps(
+            StatusMessage(
+                device_id=self.device_id, online=online, ts=time.time(), group=d.group,
+                model_version=self.active_version, agent_version=AGENT_VERSION,
+                labels=dict(d.labels),
+            )
+        )
+
+    def _publish_status(self) -> None:
+        if self._connected.is_set() and self._mqtt is not None:
+            self._mqtt.publish(
+                self.topics.status(self.device_id), self._status(True), qos=1, retain=True
+            )
+
+    # -- telemetry ---------------------------------------------------------------------------
+    def _telemetry_loop(self) -> None:
+        interval = self.config.telemetry_interval_s
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            if self._stop.wait(max(0.0, next_at - time.monotonic())):
+                return
+            next_at += interval
+            try:
+                self.heartbeat()
+            except EdgeCloudError as exc:
+                self._note_error(f"telemetry: {exc}")
+
+    def heartbeat(self) -> int:
+        """Enqueue one telemetry record now; returns its seq."""
+        data = self.metrics.snapshot()
+        m = self.client.manifest
+        data.update(
+            model=m.name if m else "",
+            model_version=m.version if m else "",
+            queue=self.queue.stats(),
+            dropped=self.queue.take_dropped(),
+            malformed=self.malformed,
+            last_error=self.last_error,
+            uptime_s=round(time.time() - self._started, 1),
+            connects=self.connects,
+            system=_system_stats(),
+        )
+        if self.capture is not None:
+            data["hard_examples"] = len(self.capture.list())
+        topic = self.topics.telemetry(self.device_id)
+
+        def build(seq: int) -> bytes:
+            return dumps(TelemetryRecord(self.device_id, seq, time.time(), "heartbeat", data))
+
+        seq = self.queue.put_with_seq("telemetry", "telemetry", topic, build)
+        self._wake.set()
+        return seq
+
+    def metrics_text(self) -> str:
+        q = self.queue.stats()
+        return self.metrics.prometheus(
+            {
+                "edgecloud_agent_connected": 1.0 if self.connected else 0.0,
+                "edgecloud_agent_queue_rows": float(q["rows"]),
+                "edgecloud_agent_queue_bytes": float(q["bytes"]),
+                "edgecloud_agent_malformed_messages_total": float(self.malformed),
+            }
+        )
+
+    def _capture(self, inputs: Mapping[str, Any], outcome: InferOutcome) -> None:
+        if self.capture is None:
+            return
+        try:
+            self.capture.offer(
+                inputs, outcome.outputs, confidence=outcome.confidence, model=outcome.model,
+                version=outcome.version, route=outcome.route,
+            )
+        except Exception as exc:  # capture must never fail a request
+            log.warning("hard-example capture failed: %s", exc)
+
+    # -- jobs --------------------------------------------------------------------------------
+    def _worker_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                kind, item = self._work.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                if kind == "job":
+                    self._handle_job(item)
+                else:
+                    self._handle_desired(item)
+            except Exception as exc:  # the worker must survive anything one job does
+                log.exception("job handling failed")
+                self._note_error(f"{kind}: {type(exc).__name__}: {exc}")
+
+    def _handle_job(self, job: JobNotification) -> None:
+        key = f"{job.job_id}#{job.execution_number}"
+        prior = self.queue.job_get(key)
+        if prior is not None and prior[0] in {s.value for s in TERMINAL_STATES}:
+            # Finished before (a QoS 1 redelivery, or a controller that missed our report):
+            # report the same outcome again, do not redo the work.
+            res = json.loads(prior[2] or "{}")
+            self._report(
+                job.job_id, job.execution_number, ExecutionState(prior[0]),
+                res.get("reason", ""), {**res.get("details", {}), "repeated": True},
+            )
+            return
+        note = dumps(job).decode()
+        self.queue.job_put(key, job.job_id, job.execution_number, "IN_PROGRESS", note)
+        self._report(job.job_id, job.execution_number, ExecutionState.IN_PROGRESS)
+        timeout = min(job.timeout_s, self.config.job_step_timeout_s)
+        outcome = self._run_watched(
+            lambda cancel, step: self._execute(job, key, cancel, step), timeout
+        )
+        if outcome.status == ExecutionState.SUCCEEDED:
+            self.metrics.deployments["succeeded"] += 1 if job.operation == "deploy" else 0
+        elif outcome.status == ExecutionState.REJECTED:
+            self.metrics.deployments["rejected"] += 1
+        else:
+            self.metrics.deployments["failed"] += 1
+        result = json.dumps({"reason": outcome.reason, "details": dict(outcome.details or {})})
+        self.queue.job_put(
+            key, job.job_id, job.execution_number, outcome.status.value, note, result
+        )
+        self.queue.prune_jobs()
+        self._report(
+            job.job_id, job.execution_number, outcome.status, outcome.reason,
+            outcome.details,
+        )
+
+    def _run_watched(
+        self,
+        fn: Callable[[threading.Event, list[str]], JobOutcome],
+        timeout: float,
+    ) -> JobOutcome:
+        """Run ``fn`` in a thread; past ``timeout`` abandon it and report FAILED."""
+        cancel = threading.Event()
+        step = ["start"]
+        box: list[JobOutcome] = []
+
+        def run() -> None:
+            try:
+                box.append(fn(cancel, step))
+            except _Cancelled:
+                pass
+            except _Rejected as exc:
+                box.append(JobOutcome(ExecutionState.REJECTED, str(exc)))
+            except (PackageError, DiskSpaceError, FleetError) as exc:
+                box.append(JobOutcome(ExecutionState.REJECTED, f"{step[0]}: {exc}"))
+            except EdgeCloudError as exc:
+                box.append(JobOutcome(ExecutionState.FAILED, f"{step[0]}: {exc}"))
+            except Exception as exc:
+                log.exception("job step %s crashed", step[0])
+                box.append(
+                    JobOutcome(ExecutionState.FAILED, f"{step[0]}: {type(exc).__name__}: {exc}")
+                )
+
+        t = threading.Thread(target=run, name="agent-job", daemon=True)
+        t.start()
+        t.join(timeout)
+        if t.is_alive() or not box:
+            cancel.set()
+            if t.is_alive():
+                return JobOutcome(
+                    ExecutionState.FAILED,
+                    f"step '{step[0]}' did not finish within {timeout:g}s; abandoned",
+                )
+            return JobOutcome(ExecutionState.FAILED, f"step '{step[0]}' was cancelled")
+        return box[0]
+
+    def _execute(
+        self, job: JobNotification, key: str, cancel: threading.Event, step: list[str]
+    ) -> JobOutcome:
+        doc = job.document
+        if job.operation == "policy":
+            step[0] = "policy"
+            self._apply_policy(doc)
+            return JobOutcome(
+                ExecutionState.SUCCEEDED, "",
+                {"mode": self.client.mode, "threshold": self.client.threshold},
+            )
+        if job.operation == "rollback":
+            return self._rollback(doc.get("version"), cancel, step)
+        url = doc.get("package_url")
+        if not isinstance(url, str) or not url:
+            raise _Rejected("deploy document: 'package_url' must be a non-empty string")
+        for f in ("sha256", "version", "model"):
+            if f in doc and not isinstance(doc[f], str):
+                raise _Rejected(f"deploy document: '{f}' must be a string, got {doc[f]!r}")
+        return self._deploy(
+            url, doc.get("sha256"), doc.get("version"), doc.get("model"), f"{key}:{url}",
+            cancel, step,
+        )
+
+    def _check(self, cancel: threading.Event, step: list[str], name: str) -> None:
+        if cancel.is_set() or self._stop.is_set():
+            raise _Cancelled(name)
+        step[0] = name
+
+    def _deploy(
+        self,
+        url: str,
+        sha256: str | None,
+        version: str | None,
+        model: str | None,
+        key: str,
+        cancel: threading.Event,
+        step: list[str],
+    ) -> JobOutcome:
+        m = self.client.manifest
+        if m is not None and version and m.version == version and (not model or m.name == model):
+            return JobOutcome(ExecutionState.SUCCEEDED, "already active", {"version": version})
+        self._check(cancel, step, "download")
+        archive = self.store.fetch(
+            url, key, sha256=sha256, timeout=self.config.store.download_timeout_s,
+            cancelled=cancel.is_set,
+        )
+        self._check(cancel, step, "verify")
+        slot = self.store.idle_slot()
+        self.store.forget_previous()
+        pkg = self.store.stage(archive, slot)
+        man = pkg.manifest
+        if version and man.version != version:
+            raise _Rejected(f"verify: package is version {man.version}, the job says {version}")
+        if model and man.name != model:
+            raise _Rejected(f"verify: package is model {man.name}, the job says {model}")
+        self._check(cancel, step, "load")
+        backend = load_model(pkg)
+        try:
+            self._check(cancel, step, "health_check")
+            figures = health_check(backend, pkg)
+            self._check(cancel, step, "activate")
+            self._activate(slot, pkg, backend)
+        except BaseException:
+            backend.close()
+            raise
+        self.store.cleanup_downloads()
+        return JobOutcome(
+            ExecutionState.SUCCEEDED, "",
+            {"model": man.name, "version": man.version, "slot": slot, "health": figures},
+        )
+
+    def _rollback(
+        self, version: Any, cancel: threading.Event, step: list[str]
+    ) -> JobOutcome:
+        self._check(cancel, step, "rollback")
+        p = self.store.pointer()
+        if p is None or p.previous is None:
+            raise StoreError("rollback: there is no previous version on this device")
+        pkg = self.store.verify_slot(p.previous)
+        if version is not None and pkg.manifest.version != str(version):
+            raise _Rejected(
+                f"rollback: the previous version is {pkg.manifest.version}, the job asks for "
+                f"{version}"
+            )
+        backend = load_model(pkg)
+        try:
+            self._check(cancel, step, "health_check")
+            health_check(backend, pkg)
+            self._check(cancel, step, "activate")
+            self._activate(p.previous, pkg, backend)
+        except BaseException:
+            backend.close()
+            raise
+        return JobOutcome(
+            ExecutionState.SUCCEEDED, "",
+            {"version": pkg.manifest.version, "slot": p.previous, "from": p.version},
+        )
+
+    def _apply_policy(self, doc: Mapping[str, Any]) -> None:
+        mode = doc.get("mode", self.client.mode)
+        threshold = doc.get("threshold", self.client.threshold)
+        if mode not in _MODES:
+            raise _Rejected(f"policy: 'mode' must be one of {list(_MODES)}, got {mode!r}")
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, int | float)
+            or not 0.0 <= float(threshold) <= 1.0
+        ):
+            raise _Rejected(f"policy: 'threshold' must be a number in [0, 1], got {threshold!r}")
+        self.client.set_policy(str(mode), float(threshold))
+
+    def _handle_desired(self, desired: DesiredState) -> None:
+        """Act on the delta between desired and actual, then report what we run."""
+        acted = self.queue.get("desired_version")
+        error = ""
+        model = desired.state.get("model")
+        policy = desired.state.get("policy")
+        try:
+            if policy is not None:
+                if not isinstance(policy, Mapping):
+                    raise _Rejected("desired state: 'policy' must be an object")
+                self._apply_policy(policy)
+            if model is not None:
+                if not isinstance(model, Mapping):
+                    raise _Rejected("desired state: 'model' must be an object")
+                want = model.get("version")
+                if want != self.active_version:
+                    url = model.get("package_url")
+                    if not isinstance(url, str) or not isinstance(want, str):
+                        raise _Rejected(
+                            "desired state: model needs string 'version' and 'package_url'"
+                        )
+                    outcome = self._run_watched(
+                        lambda cancel, step: self._deploy(
+                            url, model.get("sha256"), want, model.get("name"),
+                            f"shadow-{desired.version}:{url}", cancel, step,
+                        ),
+                        self.config.job_step_timeout_s,
+                    )
+                    if outcome.status != ExecutionState.SUCCEEDED:
+                        error = f"{outcome.status.value}: {outcome.reason}"
+        except (_Rejected, EdgeCloudError) as exc:
+            error = str(exc)
+        if error:
+            self._note_error(f"desired state {desired.version}: {error}")
+        self.queue.set("desired_version", str(desired.version))
+        m = self.client.manifest
+        state: dict[str, Any] = {
+            "model": {"name": m.name, "version": m.version} if m else None,
+            "policy": {"mode": self.client.mode, "threshold": self.client.threshold},
+        }
+        if error:
+            state["error"] = error
+        log.debug("desired %s acted (previous %s)", desired.version, acted)
+        self.queue.put(
+            "state", self.topics.shadow_reported(self.device_id),
+            dumps(ReportedState(version=desired.version, state=state, ts=time.time())),
+            retain=True,
+        )
+        self._wake.set()
+
+    def _note_error(self, message: str) -> None:
+        log.warning("%s", message)
+        self.last_error = message
+
+
+def _job_id_of(payload: bytes) -> str | None:
+    try:
+        d = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    jid = d.get("job_id") if isinstance(d, dict) else None
+    return jid if isinstance(jid, str) else None
+
+
+def _nodelay(_client: Any, _userdata: Any, sock: Any) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _system_stats() -> dict[str, Any]:
+    """CPU and memory via psutil when installed, else /proc (a device may have neither)."""
+    try:
+        import psutil
+
+        proc = psutil.Process()
+        return {
+            "cpu_percent": psutil.cpu_percent(interval=None),
+            "mem_percent": psutil.virtual_memory().percent,
+            "rss_bytes": proc.memory_info().rss,
+        }
+    except ImportError:
+        pass
+    out: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        out["load1"] = float(Path("/proc/loadavg").read_text().split()[0])
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                out["rss_bytes"] = int(line.split()[1]) * 1024
+    out["pid"] = os.getpid()
+    return out

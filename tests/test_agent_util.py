@@ -1,0 +1,210 @@
+"""Helpers for the device agent tests: signed packages, agent configs, a controller-side observer.
+
+Packages are real: ``samples/models/digits_edge.onnx`` signed with a fresh Ed25519 key, with a
+``warmup.npz`` of real validation inputs and their onnxruntime outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgecloud.fleet.messages import dumps
+from edgecloud.package import (
+    Manifest,
+    TensorSpec,
+    Variant,
+    generate_keypair,
+    load_private_key,
+    pack_package,
+    write_package,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+EDGE_ONNX = ROOT / "samples" / "models" / "digits_edge.onnx"
+EDGE_VAL = ROOT / "samples" / "data" / "edge_val.npz"
+
+
+def val_inputs(n: int = 8) -> np.ndarray:
+    with np.load(EDGE_VAL) as z:
+        return np.asarray(z["input"][:n], dtype=np.float32)
+
+
+def ort_outputs(x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(EDGE_ONNX), providers=["CPUExecutionProvider"])
+    return np.asarray(s.run(["logits"], {"input": x})[0])
+
+
+class Keys:
+    def __init__(self, d: Path) -> None:
+        self.private, self.public = generate_keypair(d / "fleet.key")
+
+
+def make_package(
+    tmp: Path,
+    keys: Keys,
+    version: str,
+    *,
+    bad_warmup: bool = False,
+    tamper: bool = False,
+    signing_key: Path | None = None,
+) -> Path:
+    """Write a signed package of the edge MLP and pack it; returns the ``.tar.gz``."""
+    work = tmp / f"build-{version}"
+    work.mkdir(parents=True, exist_ok=True)
+    x = val_inputs(8)
+    y = ort_outputs(x)
+    if bad_warmup:
+        y = -y  # a model whose outputs do not match what the package promised
+    np.savez(work / "warmup.npz", input=x, logits=y)
+    manifest = Manifest(
+        name="digits",
+        version=version,
+        inputs=(TensorSpec("input", "float32", ("batch", 64)),),
+        outputs=(TensorSpec("logits", "float32", ("batch", 10)),),
+        variants=(Variant("fp32", "model.onnx", "onnx", "fp32", "cpu", 0, ""),),
+        warmup={
+            "file": "warmup.npz", "inputs": ["input"], "outputs": ["logits"],
+            "min_top1_agreement": 0.99, "max_rel_l2": 1e-3,
+        },
+    )
+    pkg = work / "pkg"
+    write_package(
+        pkg,
+        manifest,
+        {"model.onnx": EDGE_ONNX, "warmup.npz": work / "warmup.npz"},
+        signing_key=load_private_key(signing_key or keys.private),
+        force=True,
+    )
+    if tamper:
+        data = bytearray((pkg / "model.onnx").read_bytes())
+        data[-5] ^= 0xFF
+        (pkg / "model.onnx").write_bytes(bytes(data))
+    archive = tmp / f"digits-{version}{'-tampered' if tamper else ''}.tar.gz"
+    pack_package(pkg, archive)
+    return archive
+
+
+def write_config(
+    path: Path,
+    *,
+    device: str,
+    broker_url: str,
+    store: Path,
+    public_key: Path,
+    interval: float = 60.0,
+    extra: str = "",
+    endpoint_port: int = 0,
+    min_free_mb: float = 0,
+) -> Path:
+    path.write_text(
+        f"""
+[device]
+id = "{device}"
+group = "lab"
+labels = {{ site = "bench" }}
+
+[broker]
+url = "{broker_url}"
+keepalive = 5
+reconnect_min_s = 0.1
+reconnect_max_s = 1.0
+
+[store]
+path = "{store}"
+public_key = "{public_key}"
+min_free_mb = {min_free_mb}
+
+[telemetry]
+interval_s = {interval}
+
+[endpoint]
+port = {endpoint_port}
+
+[jobs]
+step_timeout_s = 60
+{extra}
+"""
+    )
+    return path
+
+
+class Observer:
+    """The controller's side of the wire, for tests: records every message under the prefix."""
+
+    def __init__(self, host: str, port: int, prefix: str = "edgecloud") -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self._cond = threading.Condition()
+        self._ready = threading.Event()
+        self.c = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"observer-{time.monotonic_ns()}",
+            protocol=MQTTProtocolVersion.MQTTv5,
+        )
+        self.c.on_connect = lambda c, *_: (c.subscribe(f"{prefix}/#", qos=1), self._ready.set())
+        self.c.on_message = self._on_message
+        self.c.reconnect_delay_set(0.1, 0.5)
+        self.c.connect(host, port)
+        self.c.loop_start()
+        assert self._ready.wait(10)
+        time.sleep(0.2)
+
+    def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
+        with self._cond:
+            self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
+            self._cond.notify_all()
+
+    def publish(self, topic: str, payload: Any, retain: bool = False) -> None:
+        data = payload if isinstance(payload, bytes) else dumps(payload)
+        self.c.publish(topic, data, qos=1, retain=retain).wait_for_publish(5)
+
+    def json_on(self, suffix: str) -> list[dict[str, Any]]:
+        with self._cond:
+            return [json.loads(p) for t, p, _ in self.messages if t.endswith(suffix) and p]
+
+    def wait(self, pred: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                v = pred()
+                if v:
+                    return v
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out waiting for {what or pred}")
+                self._cond.wait(min(left, 0.2))
+
+    def job_states(self, job_id: str) -> list[dict[str, Any]]:
+        return self.json_on(f"/jobs/{job_id}/update")
+
+    def wait_job(self, job_id: str, timeout: float = 60.0) -> dict[str, Any]:
+        terminal = {"SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT"}
+        return self.wait(  # type: ignore[no-any-return]
+            lambda: next((u for u in self.job_states(job_id) if u["status"] in terminal), None),
+            timeout,
+            f"job {job_id} to finish",
+        )
+
+    def close(self) -> None:
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def send_job(obs: Observer, device: str, job_id: str, operation: str, **document: Any) -> None:
+    obs.publish(
+        f"edgecloud/devices/{device}/jobs/notify",
+        {"job_id": job_id, "operation": operation, "document": document,
+         "execution_number": 1, "timeout_s": 120},
+    )
+
