@@ -149,9 +149,14 @@ def _run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         out = Console()
+        if not out.is_terminal:
+            out = Console(width=180)  # piped or logged: do not squeeze the table to 80 columns
         out.print(render_table(report))
         for w in report.warnings:
             out.print(f"[yellow]warning[/yellow]: {w}")
+        for r in report.variants:
+            for w in r.warnings:
+                out.print(f"[yellow]warning[/yellow] {r.name}: {w}")
         for r in report.rejected:
             what = "kept, marked rejected" if r.verdict == "kept-rejected" else "not written"
             out.print(f"[red]refused[/red] {r.name} ({what}): {r.gate.reason if r.gate else ''}")
