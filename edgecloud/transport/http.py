@@ -14,7 +14,8 @@ in one place, ``_translate``, into the edgecloud tree, each error carrying the r
     httpx.ConnectError, NetworkError, RemoteProtocolError,
       ProxyError, UnsupportedProtocol                  -> ConnectionFailed
     httpx.LocalProtocolError, DecodingError,
-      TooManyRedirects, StreamError, InvalidURL        -> ProtocolError
+      TooManyRedirects, StreamError, InvalidURL,
+      CookieConflict                                   -> ProtocolError
     any other httpx.HTTPError                          -> TransportError
     HTTP 401/403                                       -> AuthError(status)
     other HTTP 4xx/5xx                                 -> RemoteError(status, V2 error message)
@@ -64,8 +65,10 @@ _HTTPX_MAP: tuple[tuple[type[Exception], type[TransportError]], ...] = (
     (httpx.TooManyRedirects, ProtocolError),
     (httpx.StreamError, ProtocolError),
     (httpx.InvalidURL, ProtocolError),
+    (httpx.CookieConflict, ProtocolError),
     (httpx.HTTPError, TransportError),
 )
+_CAUGHT = tuple(foreign for foreign, _ in _HTTPX_MAP)
 
 
 def translate_httpx_error(exc: Exception, region: str) -> TransportError:
@@ -82,7 +85,7 @@ def _translate(region: str) -> Iterator[None]:
     """Translate httpx's errors at the edge, as httpx does with httpcore's."""
     try:
         yield
-    except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
+    except _CAUGHT as exc:
         raise translate_httpx_error(exc, region) from exc
 
 

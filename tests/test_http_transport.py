@@ -1,0 +1,241 @@
+"""HttpTransport against real servers on loopback: answers, binary switch, and error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import inspect
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from edgecloud.errors import (
+    AuthError,
+    ConfigError,
+    ConnectionFailed,
+    ProtocolError,
+    RemoteError,
+    TransportError,
+    TransportTimeout,
+)
+from edgecloud.transport import http as http_mod
+from edgecloud.transport.http import AsyncHttpTransport, HttpTransport, translate_httpx_error
+from edgecloud.transport.v2 import HEADER_LENGTH, InferRequest
+from tests.fixtures.servers import InProcessServer, make_repository, running_cloud_server
+
+MODEL = "digits_cloud"
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, samples_dir: Path) -> Path:
+    return make_repository(
+        tmp_path_factory.mktemp("http"), {MODEL: samples_dir / "models" / "digits_cloud.onnx"}
+    )
+
+
+@pytest.fixture(scope="module")
+def x(samples_dir: Path) -> np.ndarray:
+    return np.load(samples_dir / "data" / "cloud_val.npz")["input"]
+
+
+@pytest.fixture(scope="module")
+def server(repo: Path) -> Iterator[InProcessServer]:
+    with running_cloud_server(repo, region="r1", subprocess=False, token="tok") as srv:
+        assert isinstance(srv, InProcessServer)
+        yield srv
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_infer_json_and_binary_agree(server: InProcessServer, x: np.ndarray) -> None:
+    seen: list[httpx.Request] = []
+    with HttpTransport(server.url, region="r1", token="tok", binary_threshold=1024) as t:
+        t._client.event_hooks["request"] = [seen.append]
+        small = t.infer(InferRequest(MODEL, {"input": x[:1]}, id="a"), timeout=5)  # 256 B: JSON
+        big = t.infer(InferRequest(MODEL, {"input": x[:8]}), timeout=5)  # 2 KiB: binary
+        pinned = t.infer(InferRequest(MODEL, {"input": x[:1]}, version="1"), timeout=5)
+    assert seen[0].headers["content-type"] == "application/json"
+    assert HEADER_LENGTH not in seen[0].headers
+    assert seen[1].headers["content-type"] == "application/octet-stream"
+    assert int(seen[1].headers[HEADER_LENGTH]) < len(seen[1].content)
+    assert seen[2].url.path == f"/v2/models/{MODEL}/versions/1/infer"
+    assert small.id == "a"
+    assert small.version == "1"
+    np.testing.assert_allclose(small.outputs["logits"], big.outputs["logits"][:1], rtol=1e-5)
+    np.testing.assert_allclose(pinned.outputs["logits"], small.outputs["logits"], rtol=1e-5)
+    assert big.outputs["logits"].shape == (8, 10)
+
+
+def test_ready_and_metadata(server: InProcessServer) -> None:
+    with HttpTransport(server.url, region="r1", token="tok") as t:
+        assert t.ready(timeout=2) is True
+        assert t.metadata(MODEL)["inputs"][0]["shape"] == [-1, 1, 8, 8]
+        with pytest.raises(RemoteError, match="'nope' is not in this repository") as ei:
+            t.metadata("nope")
+        assert ei.value.status == 404
+
+
+def test_remote_errors_carry_status_message_and_region(
+    server: InProcessServer, x: np.ndarray
+) -> None:
+    with HttpTransport(server.url, region="r1", token="tok") as t:
+        with pytest.raises(RemoteError, match="HTTP 404: model 'nope'") as ei:
+            t.infer(InferRequest("nope", {"input": x[:1]}), timeout=5)
+        assert (ei.value.status, ei.value.region) == (404, "r1")
+        with pytest.raises(RemoteError, match="input 'input': expected datatype FP32") as ei:
+            t.infer(InferRequest(MODEL, {"input": x[:1].astype(np.float64)}), timeout=5)
+        assert ei.value.status == 400
+    with HttpTransport(server.url, region="r1") as t:
+        with pytest.raises(AuthError, match="HTTP 401") as ai:
+            t.infer(InferRequest(MODEL, {"input": x[:1]}), timeout=5)
+        assert (ai.value.status, ai.value.region) == (401, "r1")
+        assert t.ready(timeout=2) is True  # health stays open without a token
+    with HttpTransport(server.url, region="r1", token="bad") as t:
+        with pytest.raises(AuthError):
+            t.infer(InferRequest(MODEL, {"input": x[:1]}), timeout=5)
+
+
+def test_server_down_is_connection_failed(x: np.ndarray) -> None:
+    url = f"http://127.0.0.1:{_free_port()}"
+    with HttpTransport(url, region="gone") as t:
+        with pytest.raises(ConnectionFailed) as ei:
+            t.infer(InferRequest(MODEL, {"input": x[:1]}), timeout=2)
+        assert ei.value.region == "gone"
+        assert isinstance(ei.value.__cause__, httpx.ConnectError)
+        assert t.ready(timeout=1) is False
+
+
+def test_killed_server_is_connection_failed_then_recovers(repo: Path, x: np.ndarray) -> None:
+    with running_cloud_server(repo, region="k") as srv, HttpTransport(srv.url, region="k") as t:
+        assert t.infer(InferRequest(MODEL, {"input": x[:1]}), timeout=5).outputs
+        srv.kill()  # type: ignore[union-attr]
+        with pytest.raises(ConnectionFailed):
+            t.infer(InferRequest(MODEL, {"input": x[:1]}), timeout=5)
+        srv.start()  # type: ignore[union-attr]
+        assert t.infer(InferRequest(MODEL, {"input": x[:1]}), timeout=5).outputs
+
+
+def test_slow_region_times_out_within_the_deadline(repo: Path, x: np.ndarray) -> None:
+    with (
+        running_cloud_server(repo, region="far", latency_ms=400, subprocess=False) as srv,
+        HttpTransport(srv.url, region="far") as t,
+    ):
+        t0 = time.monotonic()
+        with pytest.raises(TransportTimeout) as ei:
+            t.infer(InferRequest(MODEL, {"input": x[:1]}), timeout=0.1)
+        assert time.monotonic() - t0 < 0.35
+        assert ei.value.region == "far"
+        assert t.infer(InferRequest(MODEL, {"input": x[:1]}), timeout=5).outputs
+        with pytest.raises(TransportTimeout, match="already passed"):
+            t.infer(InferRequest(MODEL, {"input": x[:1]}), timeout=0)
+
+
+class _Garbage(http.server.BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = b"<html>proxy says hi</html>"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_non_v2_body_is_protocol_error(x: np.ndarray) -> None:
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Garbage)
+    th = threading.Thread(target=httpd.serve_forever, daemon=True)
+    th.start()
+    try:
+        with HttpTransport(f"http://127.0.0.1:{httpd.server_port}", region="odd") as t:
+            with pytest.raises(ProtocolError, match="region 'odd': body is not valid JSON") as ei:
+                t.infer(InferRequest(MODEL, {"input": x[:1]}), timeout=5)
+            assert ei.value.region == "odd"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        th.join()
+
+
+def test_async_transport(server: InProcessServer, x: np.ndarray) -> None:
+    async def main() -> tuple[int, bool]:
+        async with AsyncHttpTransport(server.url, region="r1", token="tok") as t:
+            rs = await asyncio.gather(
+                *(
+                    t.ainfer(InferRequest(MODEL, {"input": x[i : i + 1]}), timeout=5)
+                    for i in range(8)
+                )
+            )
+            return len(rs), await t.aready(timeout=2)
+
+    assert asyncio.run(main()) == (8, True)
+
+
+def test_bad_configuration_is_named() -> None:
+    with pytest.raises(ConfigError, match="must start with http"):
+        HttpTransport("localhost:8000", region="r")
+    with pytest.raises(ConfigError, match="binary_threshold"):
+        HttpTransport("http://localhost:8000", region="r", binary_threshold=-1)
+
+
+def _httpx_error_classes() -> list[type[Exception]]:
+    return sorted(
+        (
+            obj
+            for obj in vars(httpx).values()
+            if inspect.isclass(obj)
+            and issubclass(obj, Exception)
+            and obj.__module__.startswith("httpx")
+        ),
+        key=lambda c: c.__name__,
+    )
+
+
+def test_every_httpx_error_is_mapped() -> None:
+    """Guard: each httpx exception class has an explicit entry, and translates with the region."""
+    classes = _httpx_error_classes()
+    assert httpx.ConnectError in classes
+    assert httpx.ReadTimeout in classes
+    mapped = [foreign for foreign, _ in http_mod._HTTPX_MAP]
+    for cls in classes:
+        assert any(issubclass(cls, m) for m in mapped), f"httpx.{cls.__name__} is not mapped"
+        if cls is httpx.HTTPStatusError:
+            # raise_for_status() is never called: statuses are mapped from the response instead.
+            continue
+        exc = cls.__new__(cls)
+        Exception.__init__(exc, "boom")
+        with pytest.raises(TransportError) as ei, http_mod._translate("r9"):
+            raise exc
+        assert ei.value.region == "r9"
+        assert ei.value.__cause__ is exc
+
+
+@pytest.mark.parametrize(
+    ("foreign", "ours"),
+    [
+        (httpx.ConnectTimeout, TransportTimeout),
+        (httpx.ReadTimeout, TransportTimeout),
+        (httpx.PoolTimeout, TransportTimeout),
+        (httpx.ConnectError, ConnectionFailed),
+        (httpx.ReadError, ConnectionFailed),
+        (httpx.RemoteProtocolError, ConnectionFailed),
+        (httpx.LocalProtocolError, ProtocolError),
+        (httpx.DecodingError, ProtocolError),
+    ],
+)
+def test_error_mapping_table(foreign: type[Exception], ours: type[TransportError]) -> None:
+    err = translate_httpx_error(foreign("boom"), "r2")
+    assert type(err) is ours
+    assert err.region == "r2"
+    assert "boom" in str(err)
