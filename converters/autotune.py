@@ -195,7 +195,10 @@ class SearchResult:
             "stopped_by_budget": self.stopped_by_budget,
             "profile": self.profile,
             "families": list(self.families),
-            "reference": {"latency_ms": self.reference_latency_ms, "size_bytes": self.reference_size},
+            "reference": {
+                "latency_ms": self.reference_latency_ms,
+                "size_bytes": self.reference_size,
+            },
             "chosen": None if self.chosen is None else self.chosen.index,
             "output": None if self.output is None else str(self.output),
             "calibrations": self.calibrations,
@@ -503,6 +506,7 @@ def _search(s: _Search, *, exhaustive: bool, max_isolated: int) -> None:
         full_variant=best.path, full_loss_pct=best.loss_pct, max_isolated=max_isolated,
         deadline=deadline, reporter=s.reporter,
     )
+    sens.model = str(ctx.source)
     s.result.sensitivity = sens
     ranked = sens.ranked_names()
     lo, hi, k = 0, None, 1  # lo: largest k known to fail; hi: smallest k known to pass
@@ -565,7 +569,7 @@ def register_inspect_quant(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=30, help="rows in the table")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.set_defaults(func=run_inspect_quant)
-    return p
+    return p  # type: ignore[no-any-return]
 
 
 def run_inspect_quant(args: argparse.Namespace) -> int:

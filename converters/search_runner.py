@@ -14,6 +14,8 @@ mean the same thing, and measures its latency with the same session settings as 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import time
 from dataclasses import dataclass
@@ -94,20 +96,22 @@ class TrialQuantizer:
             self.reader.batch_size = 1
         self.reader.rewind()
         try:
-            quantize_static(
-                str(self.src),
-                str(dst),
-                None if hit else self.reader.as_ort_reader(),
-                quant_format=QuantFormat.QDQ,
-                per_channel=s.per_channel,
-                reduce_range=s.reduce_range,
-                activation_type=_qtype(s.activation_type),
-                weight_type=_qtype(s.weight_type),
-                nodes_to_exclude=excluded or None,
-                calibrate_method=method,
-                extra_options=extra,
-                calibration_cache_path=str(cache),
-            )
+            # the calibrators print() progress; stdout may carry a --json report
+            with contextlib.redirect_stdout(io.StringIO()):
+                quantize_static(
+                    str(self.src),
+                    str(dst),
+                    None if hit else self.reader.as_ort_reader(),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=s.per_channel,
+                    reduce_range=s.reduce_range,
+                    activation_type=_qtype(s.activation_type),
+                    weight_type=_qtype(s.weight_type),
+                    nodes_to_exclude=excluded or None,
+                    calibrate_method=method,
+                    extra_options=extra,
+                    calibration_cache_path=str(cache),
+                )
         except (ConfigError, ConversionError):
             raise
         except Exception as exc:

@@ -118,7 +118,7 @@ class SensitivityReport:
 
     def settings_label(self) -> str:
         s = self.settings
-        bits = [self.family]
+        bits: list[str] = [self.family]
         if self.family == "static":
             bits.append(str(s.get("calib_method")))
         bits.append("per-channel" if s.get("per_channel") else "per-tensor")
@@ -162,14 +162,46 @@ def _combine_db(values: list[float]) -> float | None:
     return -10.0 * math.log10(power) if power > 0 else math.inf
 
 
+def _activation_qparams(qdq_model: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """float tensor name -> (scale, zero point) of the Q/DQ pair the quantizer put on it."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in qdq_model.graph.initializer}
+    suffix = "_DequantizeLinear_Output"
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for n in qdq_model.graph.node:
+        if n.op_type != "DequantizeLinear" or not n.output[0].endswith(suffix):
+            continue
+        if n.input[0] in inits or len(n.input) < 3:  # weights are matched separately
+            continue
+        scale, zp = inits.get(n.input[1]), inits.get(n.input[2])
+        if scale is None or zp is None:
+            continue
+        out[n.output[0][: -len(suffix)]] = (numpy_helper.to_array(scale), numpy_helper.to_array(zp))
+    return out
+
+
+def _fake_quant(x: np.ndarray, scale: np.ndarray, zp: np.ndarray) -> np.ndarray:
+    info = np.iinfo(zp.dtype)
+    q = np.clip(np.rint(x / scale) + zp.astype(np.float64), info.min, info.max)
+    deq: np.ndarray = ((q - zp.astype(np.float64)) * scale).astype(np.float32)
+    return deq
+
+
 def sqnr_by_node(
     fp32: Path, qdq: Path, data: Dataset, work_dir: Path, *, samples: int = 16
 ) -> dict[str, tuple[float | None, float | None, float | None]]:
-    """node name -> (node SQNR dB, weight SQNR dB, output SQNR dB) for a static QDQ model."""
+    """node name -> (node SQNR dB, weight SQNR dB, output SQNR dB) for a static QDQ model.
+
+    A node's own noise is measured on the FP32 model's tensors: its weight against the
+    dequantized weight, and each activation input against itself passed through the Q/DQ
+    parameters the quantizer chose for it. Comparing the QDQ model's tensors before and after
+    their Q/DQ pair instead would mistake a Relu folded into the quantization range for noise.
+    ``output`` is the drift of the node's output in the quantized model (accumulated noise).
+    """
     import onnx
     from onnxruntime.quantization.qdq_loss_debug import (
         collect_activations,
-        create_activation_matching,
         create_weight_matching,
         modify_model_output_intermediate_tensors,
     )
@@ -182,8 +214,8 @@ def sqnr_by_node(
     float_acts = collect_activations(str(aug_f), reader.as_ort_reader())
     reader.rewind()
     qdq_acts = collect_activations(str(aug_q), reader.as_ort_reader())
-    acts = create_activation_matching(qdq_acts, float_acts)
     weights = create_weight_matching(str(fp32), str(qdq))
+    qparams = _activation_qparams(onnx.load(str(qdq), load_external_data=False))
     graph = onnx.load(str(fp32), load_external_data=False).graph
     out: dict[str, tuple[float | None, float | None, float | None]] = {}
     for n in graph.node:
@@ -192,16 +224,17 @@ def sqnr_by_node(
         for name in n.input:
             if name in weights:
                 w_db.append(_sqnr(weights[name]["float"], weights[name]["dequantized"]))
-            elif name in acts and "pre_qdq" in acts[name] and "post_qdq" in acts[name]:
-                x_db.append(_sqnr(acts[name]["pre_qdq"], acts[name]["post_qdq"]))
+            elif name in qparams and name in float_acts:
+                scale, zp = qparams[name]
+                xs = float_acts[name]
+                x_db.append(_sqnr(xs, [_fake_quant(x, scale, zp) for x in xs]))
         if not w_db and not x_db:
             continue
         res = n.output[0] if n.output else ""
         out_db = None
-        if res in float_acts:
-            post = acts.get(res, {}).get("post_qdq") or qdq_acts.get(res)
-            if post is not None:
-                out_db = _sqnr(float_acts[res], post)
+        post = qdq_acts.get(res + "_DequantizeLinear_Output") or qdq_acts.get(res)
+        if res in float_acts and post is not None:
+            out_db = _sqnr(float_acts[res], post)
         out[n.name] = (_combine_db(w_db + x_db), _combine_db(w_db), out_db)
     for p in (aug_f, aug_q):
         p.unlink(missing_ok=True)
