@@ -1,0 +1,256 @@
+"""The accuracy-aware INT8 search (``--int8 auto``) on the real sample models.
+
+Each search test first measures what the default setting loses on this machine's onnxruntime,
+then sets the tolerance below it, so the test proves the search (not a lucky default) whatever
+the exact figures are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from converters.autotune import (
+    SearchResult,
+    add_search_arguments,
+    autotune,
+    prepare,
+    register_inspect_quant,
+)
+from converters.search_space import Budget, candidates, model_profile, parse_budget
+from edgecloud.errors import ConfigError, ConversionError, DataError, ValidationError
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "samples" / "models"
+DATA = ROOT / "samples" / "data"
+ENCODER = MODELS / "digits_encoder.onnx"
+CNN = MODELS / "digits_cloud.onnx"
+MLP = MODELS / "digits_edge.onnx"
+
+
+def _full_losses(model: Path, data: str, tmp: Path, *, task: str, int8: str) -> list[float]:
+    """Loss (%) of every full-INT8 candidate the search would try first, measured directly."""
+    ctx = prepare(
+        model, DATA / f"{data}_calib.npz", DATA / f"{data}_val.npz", work_dir=tmp, task=task,
+        int8=int8,  # type: ignore[arg-type]
+    )
+    out = []
+    for i, cand in enumerate(candidates(ctx.profile, ctx.families)):
+        path = ctx.quantizer.quantize(cand, tmp / f"probe-{i}.onnx")
+        out.append(ctx.evaluator.evaluate(path, latency=False).loss_pct)
+    return out
+
+
+def _rel_l2_against_fp32(variant: Path, model: Path, data: str) -> float:
+    x = np.load(DATA / f"{data}_val.npz")["input"]
+    ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x}
+    )[0]
+    got = ort.InferenceSession(str(variant), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x}
+    )[0]
+    return float(np.linalg.norm(ref - got) / np.linalg.norm(ref))
+
+
+# ------------------------------------------------------------------------- budget and order
+
+
+def test_parse_budget_forms() -> None:
+    assert parse_budget("20") == Budget(trials=20, seconds=None)
+    assert parse_budget("120s") == Budget(trials=None, seconds=120.0)
+    assert parse_budget("2m") == Budget(trials=None, seconds=120.0)
+    assert parse_budget("8, 30s") == Budget(trials=8, seconds=30.0)
+
+
+@pytest.mark.parametrize("bad", ["", "twenty", "0", "1.5", "-3", "5x", "10s,,"])
+def test_parse_budget_refuses_nonsense_naming_the_flag(bad: str) -> None:
+    with pytest.raises(ConfigError, match=r"search-budget|trials must be"):
+        parse_budget(bad)
+
+
+def test_profile_picks_family_by_compute() -> None:
+    assert model_profile(CNN) == "conv"
+    assert model_profile(ENCODER) == "matmul"
+    assert model_profile(MLP) == "matmul"
+
+
+def test_candidate_order_default_first_then_family() -> None:
+    conv = candidates("conv", ("static",))
+    assert conv[0].label == "static minmax per-channel"
+    assert {c.family for c in conv} == {"static"}
+    mm = candidates("matmul", ("dynamic", "static"))
+    assert [c.family for c in mm[:2]] == ["dynamic", "dynamic"]
+    assert mm[0].settings.per_channel is False  # the converter's dynamic default
+    methods = {getattr(c.settings, "calib_method", None) for c in mm}
+    assert {"minmax", "entropy", "percentile"} <= methods
+    assert any(c.settings.activation_type == "int8" for c in mm if c.family == "static")
+
+
+# ------------------------------------------------------------------------- the search
+
+
+def test_first_passing_default_stops_the_search(tmp_path: Path) -> None:
+    result = autotune(
+        ENCODER, DATA / "edge_calib.npz", DATA / "edge_val.npz", tolerance=2.0,
+        output=tmp_path / "int8.onnx",
+    )
+    assert result.passed
+    assert len(result.trials) == 1  # labels: accuracy drop; the default keeps it
+    assert result.trials[0].label == "dynamic per-tensor"
+    assert result.trials[0].metric == "accuracy"
+    assert result.chosen is not None
+    assert result.chosen.index == 1
+    assert (tmp_path / "int8.onnx").is_file()
+
+
+def test_search_beats_a_failing_default_with_exclusions_on_the_encoder(tmp_path: Path) -> None:
+    losses = _full_losses(ENCODER, "edge", tmp_path / "probe", task="regression", int8="dynamic")
+    tolerance = 0.8 * min(losses)  # below every full-INT8 dynamic setting: exclusions needed
+    out = tmp_path / "int8.onnx"
+    report = tmp_path / "search.json"
+    result = autotune(
+        ENCODER, DATA / "edge_calib.npz", DATA / "edge_val.npz", tolerance=tolerance,
+        task="regression", int8="dynamic", budget=20, output=out, report=report,
+    )
+    assert result.passed
+    assert not result.trials[0].passed
+    assert result.trials[0].loss_pct == pytest.approx(losses[0])
+    chosen = result.chosen
+    assert chosen is not None
+    assert chosen.phase == "exclusion"
+    assert chosen.excluded
+    assert chosen.loss_pct <= tolerance
+    # the emitted file really is that good, measured independently of the search's code
+    assert 100 * _rel_l2_against_fp32(out, ENCODER, "edge") <= tolerance + 1e-6
+    # the excluded nodes are the top of the sensitivity ranking
+    assert result.sensitivity is not None
+    ranked = result.sensitivity.ranked_names()
+    assert list(chosen.excluded) == ranked[: len(chosen.excluded)]
+    doc = json.loads(report.read_text())
+    assert doc["passed"] is True
+    assert doc["chosen"] == chosen.index
+    assert len(doc["trials"]) == len(result.trials) >= 3
+    for t in doc["trials"]:
+        assert {"settings", "value", "loss_pct", "latency_ms", "size_bytes"} <= set(t)
+    assert doc["sensitivity"]["nodes"][0]["isolated_error"] > 0
+
+
+def test_static_search_on_the_cnn_reuses_calibration(tmp_path: Path) -> None:
+    losses = _full_losses(CNN, "cloud", tmp_path / "probe", task="regression", int8="static")
+    tolerance = 0.8 * min(losses)
+    result = autotune(
+        CNN, DATA / "cloud_calib.npz", DATA / "cloud_val.npz", tolerance=tolerance,
+        task="regression", budget=20, output=tmp_path / "int8.onnx",
+    )
+    assert result.passed
+    assert result.families == ("static",)
+    static_trials = [t for t in result.trials if t.family == "static"]
+    assert len(static_trials) > 3
+    assert result.calibrations == 3  # once per method (minmax, percentile, entropy)
+    assert result.sensitivity is not None
+    convs = [n for n in result.sensitivity.nodes if n.op_type in ("Conv", "Gemm")]
+    assert convs
+    assert all(n.sqnr_db is not None and np.isfinite(n.sqnr_db) for n in convs)
+    assert result.chosen is not None
+    assert result.chosen.excluded
+
+
+def test_embedding_task_uses_mean_cosine(tmp_path: Path) -> None:
+    result = autotune(
+        ENCODER, DATA / "edge_calib.npz", DATA / "edge_val.npz", tolerance=1.0,
+        task="embedding", int8="dynamic",
+    )
+    assert result.trials[0].metric == "cosine"
+    assert 0.99 < result.trials[0].value <= 1.0
+
+
+def test_budget_exhausted_fails_with_best_numbers_and_worst_layers(tmp_path: Path) -> None:
+    report = tmp_path / "search.json"
+    with pytest.raises(ValidationError) as info:
+        autotune(
+            ENCODER, DATA / "edge_calib.npz", DATA / "edge_val.npz", tolerance=0.0,
+            task="regression", int8="dynamic", budget=Budget(trials=3), report=report,
+        )
+    msg = str(info.value)
+    assert "no INT8 variant of digits_encoder.onnx met the 0 % tolerance in 3 trial(s)" in msg
+    assert "budget exhausted" in msg
+    assert "best: 'dynamic per-" in msg
+    assert "layers that hurt most: " in msg
+    assert "MatMul" in msg
+    doc = json.loads(report.read_text())
+    assert doc["passed"] is False
+    assert len(doc["trials"]) == 3
+    assert doc["stopped_by_budget"]
+
+
+def test_no_check_returns_the_failed_result(tmp_path: Path) -> None:
+    result = autotune(
+        MLP, DATA / "edge_calib.npz", DATA / "edge_val.npz", tolerance=0.0, task="regression",
+        budget=1, check=False,
+    )
+    assert isinstance(result, SearchResult)
+    assert not result.passed
+    assert result.best is not None
+    assert len(result.trials) == 1
+    with pytest.raises(ValidationError):
+        result.raise_for_status()
+
+
+def test_bad_inputs_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConversionError, match="no such model file"):
+        autotune(tmp_path / "nope.onnx", DATA / "edge_calib.npz", DATA / "edge_val.npz")
+    with pytest.raises(DataError, match="input 'input'"):  # CNN data for the MLP: wrong rank
+        autotune(MLP, DATA / "cloud_calib.npz", DATA / "edge_val.npz")
+    with pytest.raises(ConfigError, match="task 'ranking'"):
+        autotune(MLP, DATA / "edge_calib.npz", DATA / "edge_val.npz", task="ranking")
+    with pytest.raises(ConfigError, match="--int8"):
+        autotune(MLP, DATA / "edge_calib.npz", DATA / "edge_val.npz", int8="fp4")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------- CLI helpers
+
+
+def _cli() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgecloud convert")
+    sub = parser.add_subparsers(dest="cmd")
+    register_inspect_quant(sub)
+    return parser
+
+
+def test_inspect_quant_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
+    args = _cli().parse_args(
+        ["inspect-quant", str(CNN), "--calib", str(DATA / "cloud_calib.npz"),
+         "--val", str(DATA / "cloud_val.npz"), "--json"]
+    )
+    assert args.func(args) == 0
+    doc = json.loads(capsys.readouterr().out)  # stdout is pure JSON (calibrator prints muted)
+    names = [n["name"] for n in doc["nodes"]]
+    assert {"conv1", "conv2", "fc"} <= set(names)
+    errors = [n["isolated_error"] for n in doc["nodes"]]
+    assert errors == sorted(errors, reverse=True)
+    assert doc["family"] == "static"
+
+
+def test_inspect_quant_cli_table(capsys: pytest.CaptureFixture[str]) -> None:
+    args = _cli().parse_args(
+        ["inspect-quant", str(ENCODER), "--calib", str(DATA / "edge_calib.npz"),
+         "--val", str(DATA / "edge_val.npz"), "--limit", "5"]
+    )
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "Quantization sensitivity of digits_encoder.onnx (dynamic per-tensor)" in out
+    assert "MatMul" in out
+
+
+def test_search_arguments_parse() -> None:
+    p = argparse.ArgumentParser()
+    add_search_arguments(p)
+    args = p.parse_args(["--search-budget", "10,60s", "--search-report", "r.json"])
+    assert parse_budget(args.search_budget) == Budget(trials=10, seconds=60.0)
+    assert args.search_report == Path("r.json")
+    assert args.search_exhaustive is False
