@@ -37,16 +37,20 @@ def test_static_int8_is_small_and_keeps_accuracy(cloud_report: ConversionReport)
     int8 = cloud_report.variant("int8_static")
     assert int8.verdict == "accepted"
     assert int8.size <= 0.30 * fp32.size, (int8.size, fp32.size)
-    assert int8.metrics is not None and fp32.metrics is not None
+    assert int8.metrics is not None
+    assert fp32.metrics is not None
     assert fp32.metrics.accuracy == pytest.approx(0.9833, abs=1e-3)
     drop_points = 100 * (fp32.metrics.accuracy - int8.metrics.accuracy)  # type: ignore[operator]
     assert drop_points <= 1.0, drop_points
-    assert int8.gate is not None and int8.gate.passed and int8.gate.metric == "accuracy"
+    assert int8.gate is not None
+    assert int8.gate.passed
+    assert int8.gate.metric == "accuracy"
 
 
 def test_fp16_agrees_with_fp32(cloud_report: ConversionReport) -> None:
     fp16 = cloud_report.variant("fp16")
-    assert fp16.metrics is not None and fp16.metrics.top1_agreement is not None
+    assert fp16.metrics is not None
+    assert fp16.metrics.top1_agreement is not None
     assert fp16.metrics.top1_agreement >= 0.995
     assert fp16.metrics.cosine > 0.9999
     # IO types stay FP32 (keep_io_types), so callers feed the same arrays to every variant
@@ -62,7 +66,8 @@ def test_package_manifest_is_complete(cloud_report: ConversionReport, samples_di
     pkg = verify_package(Path(cloud_report.package or ""), None, require_signature=False)
     m = pkg.manifest
     assert m.name == "digits_cloud"
-    assert m.task == "classification" and m.confidence == "logits"
+    assert m.task == "classification"
+    assert m.confidence == "logits"
     assert m.score_output == "logits"
     assert m.labels == tuple(str(i) for i in range(10))
     assert m.inputs[0].shape == ("batch", 1, 8, 8)
@@ -73,7 +78,8 @@ def test_package_manifest_is_complete(cloud_report: ConversionReport, samples_di
     assert m.source_sha256 == hashlib.sha256(src).hexdigest()
     assert {v.name for v in m.variants} == {"fp32", "fp16", "int8_static"}
     int8 = m.variant("int8_static")
-    assert int8.precision == "int8" and int8.target == "cpu"
+    assert int8.precision == "int8"
+    assert int8.target == "cpu"
     for key in ("top1_agreement", "accuracy", "cosine", "rel_l2", "max_abs_error",
                 "latency_ms_b1", "latency_ms_b32", "gate"):
         assert key in int8.metrics, key
@@ -86,7 +92,8 @@ def test_warmup_file_rule_holds_for_every_variant(cloud_report: ConversionReport
     root = Path(cloud_report.package or "")
     m = verify_package(root, None, require_signature=False).manifest
     w = m.warmup
-    assert w["file"] == "warmup.npz" and w["samples"] == 8
+    assert w["file"] == "warmup.npz"
+    assert w["samples"] == 8
     data = np.load(root / w["file"])
     inputs = {k.removeprefix("input."): data[k] for k in w["inputs"]}
     ref = data[f"output.{w['compare_output']}"]
@@ -118,8 +125,10 @@ def test_gate_refuses_with_tiny_tolerance(tmp_path: Path, samples_dir: Path) -> 
     int8 = report.variant("int8_static")
     assert int8.verdict == "rejected"
     assert not report.ok
-    assert int8.gate is not None and not int8.gate.passed
-    assert "accuracy" in int8.gate.reason and "more than the 0.1 % allowed" in int8.gate.reason
+    assert int8.gate is not None
+    assert not int8.gate.passed
+    assert "accuracy" in int8.gate.reason
+    assert "more than the 0.1 % allowed" in int8.gate.reason
     assert f"dropped {int8.gate.drop_pct:.2f} %" in int8.gate.reason
     assert int8.gate.drop_pct > 0.1
     assert f"by {int8.gate.drop_pct - 0.1:.2f} percentage points" in int8.gate.reason
@@ -145,7 +154,8 @@ def test_keep_rejected_writes_it_marked(tmp_path: Path, samples_dir: Path) -> No
     assert report.variant("int8_static").verdict == "kept-rejected"
     m = verify_package(tmp_path / "pkg", None, require_signature=False).manifest
     v = m.variant("int8_static")
-    assert v.extra["rejected"] is True and "allowed" in v.extra["rejected_reason"]
+    assert v.extra["rejected"] is True
+    assert "allowed" in v.extra["rejected_reason"]
     assert "int8_static" not in m.warmup["per_variant"]
 
 
@@ -157,7 +167,8 @@ def test_dynamic_int8_on_the_edge_mlp(tmp_path: Path, samples_dir: Path) -> None
     )
     dyn = report.variant("int8_dynamic")
     assert dyn.verdict == "accepted"
-    assert dyn.metrics is not None and dyn.metrics.top1_agreement is not None
+    assert dyn.metrics is not None
+    assert dyn.metrics.top1_agreement is not None
     assert dyn.metrics.top1_agreement >= 0.98
     assert dyn.size < 0.6 * report.variant("fp32").size  # a 750-parameter MLP: headers weigh
     model = onnx.load(str(tmp_path / "pkg" / "int8_dynamic.onnx"))
@@ -210,7 +221,8 @@ def test_exclusions_keep_nodes_in_float(tmp_path: Path, samples_dir: Path) -> No
     so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
-    assert ops.count("QLinearConv") == 1 and "QGemm" not in ops, ops
+    assert ops.count("QLinearConv") == 1, ops
+    assert "QGemm" not in ops, ops
 
 
 def test_validation_pieces_are_reusable(samples_dir: Path) -> None:
@@ -219,18 +231,24 @@ def test_validation_pieces_are_reusable(samples_dir: Path) -> None:
     data = load_dataset(samples_dir / "data/edge_val.npz", _inputs(model))
     outs = run_model(open_session(model), data)
     m = compare(outs, outs, score_output="logits", task="classification", labels=data.labels)
-    assert m.top1_agreement == 1.0 and m.rel_l2 == 0.0
+    assert m.top1_agreement == 1.0
+    assert m.rel_l2 == 0.0
     noisy = {"logits": outs["logits"] + np.float32(5.0) * np.random.default_rng(1).normal(
         size=outs["logits"].shape).astype(np.float32)}
     bad = compare(outs, noisy, score_output="logits", task="classification", labels=data.labels)
     verdict = gate(bad, "classification", 1.0)
-    assert not verdict.passed and verdict.metric == "accuracy" and verdict.drop_pct > 1.0
+    assert not verdict.passed
+    assert verdict.metric == "accuracy"
+    assert verdict.drop_pct > 1.0
     reg = gate(bad, "regression", 1.0)
-    assert not reg.passed and reg.metric == "rel_l2" and "relative L2" in reg.reason
+    assert not reg.passed
+    assert reg.metric == "rel_l2"
+    assert "relative L2" in reg.reason
     nan = {"logits": np.full_like(outs["logits"], np.nan)}
     nan_verdict = gate(compare(outs, nan, score_output="logits", task="classification"),
                        "classification", 100.0)
-    assert not nan_verdict.passed and "NaN" in nan_verdict.reason
+    assert not nan_verdict.passed
+    assert "NaN" in nan_verdict.reason
 
 
 def _inputs(model: Path) -> tuple:  # type: ignore[type-arg]

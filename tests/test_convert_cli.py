@@ -47,9 +47,11 @@ def test_json_report_parses(signed: dict[str, Path]) -> None:
     assert report["ok"] is True
     assert [v["name"] for v in report["variants"]] == ["fp32", "int8_static"]
     int8 = report["variants"][1]
-    assert int8["verdict"] == "accepted" and int8["size_ratio"] <= 0.30
+    assert int8["verdict"] == "accepted"
+    assert int8["size_ratio"] <= 0.30
     assert int8["gate"]["metric"] == "accuracy"
-    assert report["manifest"]["name"] == "digits" and report["manifest"]["version"] == "2"
+    assert report["manifest"]["name"] == "digits"
+    assert report["manifest"]["version"] == "2"
     assert "━" not in str(signed["stderr"])  # --json: no progress bars
 
 
@@ -57,7 +59,8 @@ def test_signed_package_verifies(signed: dict[str, Path]) -> None:
     r = _cli("package", "verify", signed["pkg"], "--public-key", signed["pub"], "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     out = json.loads(r.stdout)
-    assert out["ok"] is True and out["signed_by"]
+    assert out["ok"] is True
+    assert out["signed_by"]
     assert out["files"] == 3  # fp32.onnx, int8_static.onnx, warmup.npz
 
 
@@ -76,7 +79,8 @@ def test_tampered_package_fails_naming_the_file(
     r = _cli("package", "verify", copy, "--public-key", signed["pub"], "--json")
     assert r.returncode == 1
     out = json.loads(r.stdout)
-    assert out["ok"] is False and out["file"] == "int8_static.onnx"
+    assert out["ok"] is False
+    assert out["file"] == "int8_static.onnx"
     assert "sha256" in out["error"]
 
 
@@ -89,7 +93,8 @@ def test_table_and_exit_code_when_refused(tmp_path: Path, samples_dir: Path) -> 
     )
     assert r.returncode == 1, r.stderr  # a variant was refused
     assert "refused int8_static (not written)" in " ".join(r.stdout.split())
-    assert "fp16" in r.stdout and "accepted" in r.stdout
+    assert "fp16" in r.stdout
+    assert "accepted" in r.stdout
     assert "calibrating int8" in r.stderr  # progress on stderr
     assert (tmp_path / "pkg" / "fp16.onnx").exists()
     assert not (tmp_path / "pkg" / "int8_static.onnx").exists()
@@ -102,7 +107,8 @@ def test_existing_output_needs_force(signed: dict[str, Path], samples_dir: Path)
         "--val", samples_dir / "data/edge_val.npz",
     )
     assert r.returncode == 2
-    assert "already exists" in r.stderr and "--force" in r.stderr
+    assert "already exists" in r.stderr
+    assert "--force" in r.stderr
     assert sorted(p.name for p in signed["pkg"].iterdir()) == before
 
 

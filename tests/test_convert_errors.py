@@ -62,14 +62,16 @@ def test_opset_too_old_to_quantize(tmp_path: Path) -> None:
         convert(model, tmp_path / "pkg",
                 ConvertOptions(int8=("dynamic",), val=tmp_path / "d.npz"))
     msg = str(e.value)
-    assert "opset 9 is too old" in msg and ">= 10" in msg and "version_converter" in msg
+    assert "opset 9 is too old" in msg
+    assert ">= 10" in msg
+    assert "version_converter" in msg
     _no_leftovers(tmp_path, {"old.onnx", "d.npz"})
 
 
 def test_external_data_model_is_refused(tmp_path: Path) -> None:
     model = _tiny(tmp_path / "ext.onnx", external=True)
     np.savez(tmp_path / "d.npz", x=np.ones((4, 4), np.float32))
-    with pytest.raises(ConversionError, match="external data.*'W'"):
+    with pytest.raises(ConversionError, match=r"external data.*'W'"):
         convert(model, tmp_path / "pkg", ConvertOptions(val=tmp_path / "d.npz"))
 
 
@@ -159,17 +161,20 @@ def test_cli_bad_inputs_exit_codes_without_traceback(tmp_path: Path, samples_dir
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
 
     r = run(bad, "--out", tmp_path / "p", "--val", samples_dir / "data/edge_val.npz")
-    assert r.returncode == 1 and "is not an ONNX model" in r.stderr
+    assert r.returncode == 1
+    assert "is not an ONNX model" in r.stderr
     assert "Traceback" not in r.stderr
     np.savez(tmp_path / "c.npz", input=np.zeros((2, 63), np.float32))
     r = run(samples_dir / "models/digits_edge.onnx", "--out", tmp_path / "p", "--val",
             tmp_path / "c.npz")
-    assert r.returncode == 2 and "dim 1: expected 64, got 63" in r.stderr
+    assert r.returncode == 2
+    assert "dim 1: expected 64, got 63" in r.stderr
     assert "Traceback" not in r.stderr
     r = run(samples_dir / "models/digits_edge.onnx", "--out", tmp_path / "p", "--tensorrt",
             "--val", samples_dir / "data/edge_val.npz")
     from edgecloud._deps import available
 
     if not available("tensorrt"):
-        assert r.returncode == 3 and "edgecloud[trt]" in r.stderr
+        assert r.returncode == 3
+        assert "edgecloud[trt]" in r.stderr
     assert not (tmp_path / "p").exists()
