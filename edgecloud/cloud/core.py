@@ -288,6 +288,9 @@ class _ModelWorker:
         self.core = core
         self.entry = entry
         opts = ort.SessionOptions()
+        # No busy-waiting between runs: onnxruntime's spinning threads would take the cores the
+        # HTTP event loop and the MQTT workers need to decode the next requests.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if core.intra_op_threads is not None:
             opts.intra_op_num_threads = core.intra_op_threads
         try:
