@@ -1,0 +1,223 @@
+"""Converter variants side by side: FP32 vs FP16 vs INT8 (static QDQ U8S8 / S8S8, dynamic).
+
+``python -m benchmarks.convert [--quick] [--threads 1,2] [--no-resnet]``
+
+For each model (the sample edge MLP and cloud CNN, and a ResNet-18-shaped graph at 224x224 with
+random weights from samples/build_resnet18.py) the variants are made with the converter's own
+functions and measured in the same run against the FP32 variant (pre-processed the same way):
+file size, accuracy on the held-out split (agreement with FP32 for the random ResNet), and median
+latency at batch 1 and 32, as ratios to FP32 with the same ``intra_op_num_threads``.
+
+Timing on a shared 2-core VM is noisy, so variants are measured in interleaved rounds (round r
+times every variant once before round r+1) and the median over rounds is reported: a burst of
+someone else's work then hits all variants alike instead of one. Every measurement is bounded by
+a time budget. ``--quick`` (used by a test) runs the sample models only, with few rounds.
+
+Goal on this CPU (AVX-512 VNNI): static INT8 >= 3x faster than FP32 on the ResNet at batch 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@dataclass
+class Row:
+    model: str
+    variant: str
+    path: Path
+    size: int = 0
+    quality: float | None = None
+    quality_kind: str = ""
+    lat: dict[tuple[int, int], list[float]] = field(default_factory=dict)  # (threads, batch)
+    note: str = ""
+
+
+def _session(path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _feed(x: np.ndarray, batch: int) -> dict[str, np.ndarray]:
+    reps = int(np.ceil(batch / x.shape[0]))
+    return {"input": np.ascontiguousarray(np.concatenate([x] * reps)[:batch])}
+
+
+def _interleaved(
+    rows: list[Row], x: np.ndarray, threads: int, batch: int, rounds: int, budget_s: float,
+    skip: Callable[[Row], bool],
+) -> None:
+    active = [r for r in rows if not skip(r)]
+    sessions = {r.variant: _session(r.path, threads) for r in active}
+    feed = _feed(x, batch)
+    for r in active:
+        sessions[r.variant].run(None, feed)  # warm-up
+        r.lat[(threads, batch)] = []
+    deadline = time.perf_counter() + budget_s
+    for i in range(rounds):
+        for r in active:
+            t0 = time.perf_counter()
+            sessions[r.variant].run(None, feed)
+            r.lat[(threads, batch)].append((time.perf_counter() - t0) * 1e3)
+        if i >= 2 and time.perf_counter() > deadline:
+            break
+
+
+def _quality(path: Path, x: np.ndarray, labels: np.ndarray | None, ref: np.ndarray | None
+             ) -> float:
+    out = np.concatenate([
+        _session(path, 2).run(None, {"input": x[i:i + 32]})[0] for i in range(0, len(x), 32)
+    ])
+    if labels is not None:
+        return float((out.argmax(1) == labels).mean())
+    assert ref is not None
+    return float((out.argmax(1) == ref.argmax(1)).mean())
+
+
+def _build_variants(model: str, src: Path, work: Path, calib: np.ndarray, resnet: bool
+                    ) -> list[Row]:
+    from converters.data import ArrayCalibrationReader, Dataset
+    from converters.model import preprocess, slim_variant
+    from converters.quantize import (
+        DynamicInt8Settings,
+        StaticInt8Settings,
+        convert_fp16,
+        quantize_dynamic_int8,
+        quantize_static_int8,
+    )
+
+    d = work / model
+    d.mkdir()
+    fp32 = preprocess(src, d / "fp32.onnx")
+    reader = ArrayCalibrationReader(Dataset({"input": calib}, None, "calib"), batch_size=8)
+    made: list[tuple[str, Path, str]] = [("fp32", fp32, "")]
+    made.append(("fp16", convert_fp16(fp32, d / "fp16.onnx"), "meant for GPUs"))
+    made.append(("int8 static u8s8 pc", quantize_static_int8(
+        fp32, d / "u8s8.onnx", reader, StaticInt8Settings()), "default"))
+    made.append(("int8 static s8s8 pc", quantize_static_int8(
+        fp32, d / "s8s8.onnx", reader, StaticInt8Settings(activation_type="int8")), ""))
+    if resnet:
+        made.append(("int8 static u8s8 pt", quantize_static_int8(
+            fp32, d / "u8s8pt.onnx", reader, StaticInt8Settings(per_channel=False)),
+            "per-tensor"))
+    made.append(("int8 dynamic", quantize_dynamic_int8(
+        fp32, d / "dyn.onnx", DynamicInt8Settings()), ""))
+    rows = []
+    for name, path, note in made:
+        slim_variant(path)
+        rows.append(Row(model, name, path, path.stat().st_size, note=note))
+    return rows
+
+
+def _fmt(v: float | None, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.convert", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="sample models only, few rounds")
+    ap.add_argument("--threads", default="1,2", help="intra_op_num_threads values (default 1,2)")
+    ap.add_argument("--no-resnet", action="store_true")
+    ap.add_argument("--rounds", type=int, default=None)
+    args = ap.parse_args(argv)
+    threads = [int(t) for t in args.threads.split(",") if t]
+    rounds_small = args.rounds or (10 if args.quick else 60)
+    rounds_big = args.rounds or 12
+    t_start = time.perf_counter()
+    samples = ROOT / "samples"
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
+          f"{platform.python_version()}, onnxruntime {__import__('onnxruntime').__version__}")
+    models: list[tuple[str, Path, np.ndarray, np.ndarray, np.ndarray | None, bool]] = []
+    for role in ("edge", "cloud"):
+        calib = np.load(samples / f"data/{role}_calib.npz")["input"]
+        val = np.load(samples / f"data/{role}_val.npz")
+        models.append((f"digits_{role}", samples / f"models/digits_{role}.onnx", calib,
+                       val["input"], val["labels"], False))
+    with tempfile.TemporaryDirectory(prefix="bench-convert-") as tmp:
+        work = Path(tmp)
+        if not args.quick and not args.no_resnet:
+            from samples.build_resnet18 import build_resnet18, make_inputs
+
+            src = ROOT / "build/resnet18_random.onnx"
+            if not src.exists():
+                build_resnet18(src, seed=0)
+            models.append(("resnet18_224", src, make_inputs(32, seed=11), make_inputs(32, seed=12),
+                           None, True))
+        all_rows: list[Row] = []
+        for name, src, calib, val_x, labels, big in models:
+            print(f"\n## {name}: building variants ...", flush=True)
+            t0 = time.perf_counter()
+            rows = _build_variants(name, src, work, calib, big)
+            print(f"   built in {time.perf_counter() - t0:.1f} s", flush=True)
+            ref = None
+            if labels is None:
+                ref = np.concatenate([_session(rows[0].path, 2).run(None, {"input": val_x[i:i + 8]})[0]
+                                      for i in range(0, len(val_x), 8)])
+            for r in rows:
+                r.quality = _quality(r.path, val_x, labels, ref)
+                r.quality_kind = "accuracy" if labels is not None else "top1 agreement"
+            one = val_x[:1]
+            for t in threads:
+                _interleaved(rows, one, t, 1, rounds_big if big else rounds_small,
+                             60.0 if big else 10.0, skip=lambda r: False)
+                fp32_b1 = statistics.median(rows[0].lat[(t, 1)])
+
+                def too_slow(r: Row, t: int = t, fp32_b1: float = fp32_b1) -> bool:
+                    # ConvInteger at batch 32 would take minutes; batch 1 already tells the story
+                    return big and statistics.median(r.lat[(t, 1)]) > 3 * fp32_b1
+
+                _interleaved(rows, val_x[:32], t, 32, max(3, (rounds_big if big else
+                                                              rounds_small) // 3),
+                             90.0 if big else 10.0, skip=too_slow)
+            _print(rows, threads)
+            all_rows += rows
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+def _print(rows: list[Row], threads: list[int]) -> None:
+    base = rows[0]
+    head = (f"| {'model':<13} | {'variant':<20} | {'size MB':>8} | {'vs fp32':>7} | "
+            f"{'quality':>16} |")
+    for t in threads:
+        head += f" b1 ms t{t} | b1 x t{t} | b32 ms t{t} | b32 x t{t} |"
+    print(head)
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    for r in rows:
+        line = (f"| {r.model:<13} | {r.variant:<20} | {r.size / 1e6:>8.3f} | "
+                f"{r.size / base.size:>7.2f} | {r.quality_kind[:8]} {_fmt(r.quality, '.4f'):>7} |")
+        for t in threads:
+            for b in (1, 32):
+                lat = r.lat.get((t, b))
+                ref = base.lat.get((t, b))
+                med = statistics.median(lat) if lat else None
+                speed = statistics.median(ref) / med if (lat and ref and med) else None
+                width = len(f" b{b} ms t{t} ") if b == 1 else len(f" b{b} ms t{t} ")
+                line += f" {_fmt(med, '.3f'):>{width - 2}} | {_fmt(speed):>{len(f'b{b} x t{t}')}}x |"
+        print(line + (f" {r.note}" if r.note else ""))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
