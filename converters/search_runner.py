@@ -26,9 +26,9 @@ import numpy as np
 
 from converters.data import ArrayCalibrationReader, Dataset
 from converters.quantize import (
+    DynamicInt8Settings,
     StaticInt8Settings,
     _qtype,
-    quantize_dynamic_int8,
     resolve_exclusions,
 )
 from converters.search_space import Candidate
@@ -56,12 +56,52 @@ class TrialQuantizer:
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.calibrations = 0  # calibration runs actually done (the rest were cache hits)
+        self._ops: dict[str, list[str]] | None = None
 
     def quantize(self, candidate: Candidate, dst: Path) -> Path:
         if candidate.family == "dynamic":
-            return quantize_dynamic_int8(self.src, dst, candidate.settings)  # type: ignore[arg-type]
+            assert isinstance(candidate.settings, DynamicInt8Settings)
+            return self._dynamic(candidate.settings, dst)
         assert isinstance(candidate.settings, StaticInt8Settings)
         return self._static(candidate.settings, dst)
+
+    def _dynamic(self, s: DynamicInt8Settings, dst: Path) -> Path:
+        """Dynamic INT8 with exclusions that also reach Gemm nodes.
+
+        onnxruntime's dynamic quantizer first rewrites each Gemm ``g`` into a MatMul named
+        ``g_MatMul`` (plus an Add) and only then matches ``nodes_to_exclude``, so excluding ``g``
+        alone would silently quantize it; both names are passed.
+        """
+        from onnxruntime.quantization import quantize_dynamic
+
+        excluded = resolve_exclusions(self.src, s.exclude_nodes, s.exclude_ops)
+        gemms = set(self._op_types().get("Gemm", ()))
+        expanded = excluded + [f"{n}_MatMul" for n in excluded if n in gemms]
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                quantize_dynamic(
+                    str(self.src),
+                    str(dst),
+                    per_channel=s.per_channel,
+                    reduce_range=s.reduce_range,
+                    weight_type=_qtype(s.weight_type),
+                    nodes_to_exclude=expanded or None,
+                )
+        except (ConfigError, ConversionError):
+            raise
+        except Exception as exc:
+            raise ConversionError(f"dynamic INT8 quantization of {self.src} failed: {exc}") from exc
+        return dst
+
+    def _op_types(self) -> dict[str, list[str]]:
+        if self._ops is None:
+            import onnx
+
+            ops: dict[str, list[str]] = {}
+            for n in onnx.load(str(self.src), load_external_data=False).graph.node:
+                ops.setdefault(n.op_type, []).append(n.name)
+            self._ops = ops
+        return self._ops
 
     def cache_path(self, s: StaticInt8Settings) -> Path:
         extra = {"CalibTensorRangeSymmetric": False, **s.extra_options}

@@ -133,7 +133,8 @@ def _registry(family: Family) -> set[str]:
     )
 
     if family == "dynamic":
-        return set(IntegerOpsRegistry)
+        # Gemm too: the dynamic quantizer rewrites it to MatMul + Add and quantizes the MatMul
+        return set(IntegerOpsRegistry) | {"Gemm"}
     return set(QDQRegistry) | set(QLinearOpsRegistry)
 
 
