@@ -49,7 +49,8 @@ def test_state_machine_queued_in_progress_succeeded(engine: JobEngine) -> None:
     engine.create("j1", "deploy", {"version": "2"}, ["a", "b"])
     r = engine.tick({"a", "b"})
     assert [d for d, _ in r.notify] == ["a", "b"]
-    assert r.notify[0][1].job_id == "j1" and r.notify[0][1].document == {"version": "2"}
+    assert r.notify[0][1].job_id == "j1"
+    assert r.notify[0][1].document == {"version": "2"}
     # a notified execution is not sent again
     assert engine.tick({"a", "b"}).notify == []
     assert engine.apply_update(_upd("j1", "a", S.IN_PROGRESS, 1)) is not None
@@ -132,7 +133,9 @@ def test_max_per_minute_spreads_notifications(engine: JobEngine, clock: Clock) -
 
 def test_exponential_rollout_grows_with_successes(engine: JobEngine, clock: Clock) -> None:
     rollout = RolloutConfig(base_rate_per_minute=6, increment_factor=2, on_succeeded=2)
-    assert rollout.rate(0) == 6 and rollout.rate(1) == 6 and rollout.rate(2) == 12
+    assert rollout.rate(0) == 6
+    assert rollout.rate(1) == 6
+    assert rollout.rate(2) == 12
     assert rollout.rate(4) == 24
     assert RolloutConfig(base_rate_per_minute=6, max_per_minute=10).rate(10) == 10
     engine.create("j1", "deploy", {}, DEVS, rollout=rollout)
@@ -172,9 +175,11 @@ def test_abort_criteria_cancel_the_rest(engine: JobEngine, clock: Clock) -> None
     d3 = engine.tick(online).notify[0][0]  # notified, still running when the job aborts
     engine.apply_update(_upd("j1", d2, S.REJECTED, 1, "bad signature"))
     job = engine.jobs["j1"]
-    assert job.status == JobStatus.CANCELED and "aborted" in job.reason
+    assert job.status == JobStatus.CANCELED
+    assert "aborted" in job.reason
     counts = engine.counts("j1")
-    assert counts["REJECTED"] == 2 and counts["CANCELED"] == 7
+    assert counts["REJECTED"] == 2
+    assert counts["CANCELED"] == 7
     assert engine.executions["j1", d3].state == S.QUEUED  # running ones may still report
     engine.apply_update(_upd("j1", d3, S.SUCCEEDED, 1))
     assert engine.executions["j1", d3].state == S.SUCCEEDED
@@ -249,9 +254,12 @@ def test_bad_jobs_are_refused(engine: JobEngine) -> None:
 
 
 def test_durations_and_rates() -> None:
-    assert parse_duration("10m") == 600 and parse_duration("90") == 90
+    assert parse_duration("10m") == 600
+    assert parse_duration("90") == 90
     assert parse_duration("1.5h") == 5400
-    assert parse_rate("10/min") == 10 and parse_rate("1/s") == 60 and parse_rate(5) == 5
+    assert parse_rate("10/min") == 10
+    assert parse_rate("1/s") == 60
+    assert parse_rate(5) == 5
     for bad in ("-1", "soon", "0"):
         with pytest.raises(FleetError):
             parse_duration(bad)
