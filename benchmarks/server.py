@@ -45,14 +45,47 @@ def _ort_batch_rate(model: Path, x1: np.ndarray, batch: int, seconds: float) -> 
     return n / (time.perf_counter() - t0)
 
 
+def _core_rate(
+    repo: Path, model: str, x: np.ndarray, clients: int, seconds: float, mbs: int
+) -> float:
+    """Requests per second through ServingCore alone (no HTTP), ``clients`` submitting threads."""
+    from edgecloud.cloud.core import ServingCore
+    from edgecloud.transport.v2 import InferRequest
+
+    done = [0] * clients
+    stop = threading.Event()
+    with ServingCore(repo, max_batch_size=mbs, max_queue_delay_ms=2.0) as core:
+        core.infer(InferRequest(model, {"input": x[:1]}), timeout=60)
+
+        def run(k: int) -> None:
+            while not stop.is_set():
+                core.infer(
+                    InferRequest(model, {"input": x[k % len(x) : k % len(x) + 1]}), timeout=60
+                )
+                done[k] += 1
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        time.sleep(seconds)
+        stop.set()
+        for t in threads:
+            t.join()
+        return sum(done) / (time.perf_counter() - t0)
+
+
 def _metric_sum(text: str, name: str) -> float:
     return sum(
         float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})?\s+(\S+)$", text, re.M)
     )
 
 
-def _load(url: str, model: str, x: np.ndarray, clients: int, seconds: float) -> dict[str, Any]:
+def _load(
+    url: str, model: str, x: np.ndarray, clients: int, seconds: float, pid: int
+) -> dict[str, Any]:
     import httpx
+    import psutil
 
     from edgecloud.transport.http import HttpTransport
     from edgecloud.transport.v2 import InferRequest
@@ -78,16 +111,20 @@ def _load(url: str, model: str, x: np.ndarray, clients: int, seconds: float) -> 
                 i += clients
 
     before = httpx.get(f"{url}/metrics").text
+    server = psutil.Process(pid)
     threads = [threading.Thread(target=run, args=(k,)) for k in range(clients)]
     for t in threads:
         t.start()
     barrier.wait()
+    cpu0 = server.cpu_times()
     t0 = time.perf_counter()
     time.sleep(seconds)
     stop.set()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    cpu1 = server.cpu_times()
+    server_cpu = cpu1.user + cpu1.system - cpu0.user - cpu0.system
     after = httpx.get(f"{url}/metrics").text
     all_lat = sorted(v for per in lat for v in per)
     batches = _metric_sum(after, "edgecloud_cloud_batch_requests_count") - _metric_sum(
@@ -101,6 +138,7 @@ def _load(url: str, model: str, x: np.ndarray, clients: int, seconds: float) -> 
         "p50_ms": 1000 * statistics.median(all_lat) if all_lat else float("nan"),
         "p99_ms": 1000 * all_lat[int(0.99 * (len(all_lat) - 1))] if all_lat else float("nan"),
         "mean_batch": reqs / batches if batches else float("nan"),
+        "server_cpu_ms": 1000 * server_cpu / len(all_lat) if all_lat else float("nan"),
         "errors": len(errors),
         "first_error": errors[0] if errors else "",
     }
@@ -132,17 +170,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {name}; {args.clients} clients, batch-1 requests, {seconds:.0f} s per phase")
     base = _ort_batch_rate(onnx, x[:1], 32, seconds)
     print(f"in-process onnxruntime, batch 32:        {base:10.1f} rows/s   (baseline)")
+    for mbs in (32, 1):
+        rate = _core_rate(repo, name, x, args.clients, seconds, mbs)
+        print(
+            f"ServingCore alone (no HTTP), max batch {mbs:2d}: {rate:10.1f} req/s   "
+            f"{rate / base:6.3f}x baseline"
+        )
     results: dict[str, dict[str, Any]] = {}
     for label, mbs in (("batching on (max 32)", 32), ("batching off (max 1)", 1)):
         with running_cloud_server(
             repo, region="bench", max_batch_size=mbs, max_queue_delay_ms=2.0
         ) as srv:
-            r = _load(srv.url, name, x, args.clients, seconds)
+            r = _load(srv.url, name, x, args.clients, seconds, srv.proc.pid)  # type: ignore[union-attr]
         results[label] = r
         print(
             f"server, {label}:   {r['rps']:10.1f} req/s    {r['rps'] / base:6.3f}x baseline  "
             f"p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  "
-            f"mean batch {r['mean_batch']:5.1f}  errors {r['errors']} {r['first_error']}"
+            f"mean batch {r['mean_batch']:5.1f}  server CPU {r['server_cpu_ms']:5.2f} ms/req  "
+            f"errors {r['errors']} {r['first_error']}"
         )
     on, off = results["batching on (max 32)"], results["batching off (max 1)"]
     print(f"batching on / off:                       {on['rps'] / off['rps']:6.2f}x")
