@@ -72,7 +72,7 @@ DEFAULT_THRESHOLD = 0.9
 Shape = tuple[int, ...]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class HybridResult:
     """One answer and how it was reached.
 
@@ -471,13 +471,19 @@ class HybridClient:
         if self._closed:
             raise RuntimeBackendError("HybridClient is closed")
         m = self._mode if mode is None else parse_mode(mode)
-        dl = Deadline(self._deadline if deadline is None else deadline, clock=self._clock)
+        seconds = self._deadline if deadline is None else deadline
+        if seconds is not None and not seconds > 0:
+            raise ConfigError(f"deadline must be > 0 seconds or None, got {seconds!r}")
+        start = self._clock()
         lock = self._lock
         with lock:
             slot = self._slot
             if slot is not None:
                 slot.inflight += 1
         try:
+            if slot is not None and m is Mode.EDGE_FIRST:
+                return self._edge_first(slot, slot.backend.validate(inputs), start, seconds)
+            dl = Deadline(seconds, clock=self._clock, start=start)
             return self._route(slot, inputs, m, dl)
         finally:
             if slot is not None:
@@ -506,7 +512,7 @@ class HybridClient:
             return self._cloud_only(slot, feed, dl)
         feed = slot.backend.validate(inputs)
         if mode is Mode.EDGE_FIRST:
-            return self._edge_first(slot, feed, dl)
+            return self._edge_first(slot, feed, dl.start, dl.seconds)
         if mode is Mode.EDGE_ONLY:
             return self._edge(slot, feed, dl, Reason.FORCED, wait=True)
         if mode is Mode.CLOUD_ONLY:
@@ -537,15 +543,19 @@ class HybridClient:
         outputs: dict[str, np.ndarray],
         source: str,
         reason: Reason,
-        conf: np.ndarray | None,
+        rows: np.ndarray | None,
+        *,
+        conf: float | None = None,
         **kw: Any,
     ) -> HybridResult:
+        if conf is None and rows is not None:
+            conf = float(rows.min())
         return HybridResult(
             outputs,
             source,
             reason,
-            None if conf is None else float(conf.min()),
-            confidences=conf,
+            conf,
+            confidences=rows,
             model=slot.manifest.name if slot is not None else "",
             labels=slot.labels if slot is not None else (),
             score_output=slot.score_output if slot is not None else None,
@@ -553,23 +563,46 @@ class HybridClient:
             **kw,
         )
 
-    def _edge_first(self, slot: _Slot, feed: dict[str, np.ndarray], dl: Deadline) -> HybridResult:
-        if not self.capacity.try_acquire(dl.remaining()):
-            return self._saturated(slot, feed, dl)
+    def _edge_first(
+        self, slot: _Slot, feed: dict[str, np.ndarray], start: float, seconds: float | None
+    ) -> HybridResult:
+        """The default path; the confident case is the hot path, so it builds no Deadline."""
+        clock = self._clock
+        budget = float("inf") if seconds is None else seconds - (clock() - start)
+        if not self.capacity.try_acquire(budget):
+            return self._saturated(slot, feed, Deadline(seconds, clock=clock, start=start))
         outputs, local = self._run_local(slot, feed)
-        conf = self._score(slot, outputs)
-        if conf is None:
+        policy = slot.confidence
+        if policy is None:
             return self._result(slot, outputs, "edge", Reason.NO_CONFIDENCE, None, local_time=local)
-        if conf.min() >= slot.threshold:
-            return self._result(slot, outputs, "edge", Reason.CONFIDENT, conf, local_time=local)
+        conf, rows = policy.lowest(outputs)
+        if conf >= slot.threshold:
+            return HybridResult(
+                outputs,
+                "edge",
+                Reason.CONFIDENT,
+                conf,
+                False,
+                local,
+                0.0,
+                {},
+                rows,
+                slot.manifest.name,
+                slot.labels,
+                slot.score_output,
+                slot.score_kind,
+            )
+        dl = Deadline(seconds, clock=clock, start=start)
         if not self.selector.regions:
             return self._result(
-                slot, outputs, "edge", Reason.NO_REGIONS, conf, degraded=True, local_time=local
-            )
+                slot, outputs, "edge", Reason.NO_REGIONS, rows, conf=conf, degraded=True,
+                local_time=local,
+            )  # fmt: skip
         if dl.remaining() < MIN_ATTEMPT:
             return self._result(
-                slot, outputs, "edge", Reason.DEADLINE, conf, degraded=True, local_time=local
-            )
+                slot, outputs, "edge", Reason.DEADLINE, rows, conf=conf, degraded=True,
+                local_time=local,
+            )  # fmt: skip
         out = self.selector.route(self._requester(slot, feed), dl)
         if out.response is not None:
             return self._cloud_result(slot, out, Reason.LOW_CONFIDENCE, local)
@@ -578,7 +611,8 @@ class HybridClient:
             outputs,
             "edge",
             Reason.DEADLINE if out.deadline_hit else Reason.CLOUD_FAILED,
-            conf,
+            rows,
+            conf=conf,
             degraded=True,
             local_time=local,
             cloud_time=out.cloud_time,

@@ -26,6 +26,8 @@ import numpy as np
 from edgecloud.errors import ConfigError, InputError
 from edgecloud.package.manifest import Manifest
 
+_exp = math.exp
+
 __all__ = [
     "ConfidencePolicy",
     "CustomConfidence",
@@ -53,6 +55,14 @@ class ConfidencePolicy(ABC):
     @abstractmethod
     def __call__(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
         """Confidence per row, shape ``[batch]``."""
+
+    def lowest(self, outputs: Mapping[str, np.ndarray]) -> tuple[float, np.ndarray | None]:
+        """The batch's lowest confidence, and the per-row array when one was computed.
+
+        The router's hot path calls this; policies override it with a cheaper batch-of-one path.
+        """
+        rows = self(outputs)
+        return float(rows.min()), rows
 
     def _scores(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
         try:
@@ -85,6 +95,25 @@ class _ProbabilityPolicy(ConfidencePolicy):
 
 class MaxProbability(_ProbabilityPolicy):
     """The top class's probability."""
+
+    #: Up to this many classes, one row is scored in plain Python: for a handful of values that
+    #: is about 3x cheaper than numpy's per-call overhead on four small array operations.
+    SMALL = 64
+
+    def lowest(self, outputs: Mapping[str, np.ndarray]) -> tuple[float, np.ndarray | None]:
+        x = outputs.get(self.output)  # type: ignore[arg-type]
+        if x is not None and x.size <= self.SMALL and (x.ndim == 1 or x.shape[0] == 1):
+            row = x.ravel().tolist()
+            if self.kind == "probabilities":
+                return float(max(row)), None
+            m = max(row)
+            total = 0.0
+            for v in row:
+                total += _exp(v - m)
+            if total == total:  # not NaN (NaN logits fall through to the array path)
+                return 1.0 / total, None
+        rows = self(outputs)
+        return float(rows.min()), rows
 
     def __call__(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
         x = self._scores(outputs)

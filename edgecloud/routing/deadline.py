@@ -21,13 +21,17 @@ class Deadline:
     __slots__ = ("_clock", "expires_at", "seconds", "start")
 
     def __init__(
-        self, seconds: float | None, *, clock: Callable[[], float] = time.monotonic
+        self,
+        seconds: float | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        start: float | None = None,
     ) -> None:
         if seconds is not None and not seconds > 0:
             raise ConfigError(f"deadline must be a positive number of seconds, got {seconds!r}")
         self._clock = clock
         self.seconds = seconds
-        self.start = clock()
+        self.start = clock() if start is None else start
         self.expires_at = None if seconds is None else self.start + seconds
 
     def remaining(self) -> float:

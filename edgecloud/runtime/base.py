@@ -36,6 +36,7 @@ from edgecloud.package.manifest import Manifest, TensorSpec, Variant
 __all__ = ["Backend", "InputPolicy"]
 
 _isfinite = np.isfinite
+_MISSING: Any = object()
 
 
 @dataclass(frozen=True)
@@ -174,13 +175,21 @@ class Backend(ABC):
 
     def validate(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Check names, ranks, shapes, dtypes and NaN/Inf; return arrays ready to run."""
-        if not isinstance(inputs, Mapping):
+        if type(inputs) is not dict and not isinstance(inputs, Mapping):
             raise InputError(
                 f"inputs must be a mapping of input name -> array, got {type(inputs).__name__}"
             )
-        if len(inputs) != len(self._checks) or inputs.keys() != self._input_names:
+        checks = self._checks
+        if len(inputs) != len(checks):
             self._name_error(inputs)
-        return {c.name: c.check(inputs[c.name]) for c in self._checks}
+        out = {}
+        for c in checks:
+            # Same count and every expected name present means no unknown names either.
+            value = inputs.get(c.name, _MISSING)
+            if value is _MISSING:
+                self._name_error(inputs)
+            out[c.name] = c.check(value)
+        return out
 
     def run_validated(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run inputs that ``validate`` already returned (the router validates once, up front)."""

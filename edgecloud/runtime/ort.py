@@ -118,7 +118,38 @@ class OnnxRuntimeBackend(Backend):
         #: Providers onnxruntime actually uses (it drops ones that fail to initialise).
         self.active_providers = list(self.session.get_providers())
         self._out_names = want_out
-        self._run = self.session.run
+        self._run = self._fast_run() or self.session.run
+
+    def _fast_run(self) -> Any:
+        """``session._sess.run`` on CPU-only sessions: ~2 us less per call than ``session.run``.
+
+        The public wrapper re-checks input names (done already, by ``validate``) and retries on
+        a GPU provider failure (moot without one). It is private API, so it is used only after a
+        check that it exists and answers like the public one; otherwise the public call is used.
+        """
+        inner = getattr(self.session, "_sess", None)
+        if inner is None or self.active_providers != ["CPUExecutionProvider"]:
+            return None
+        feed = {}
+        for s in self.input_specs:
+            shape = tuple(d if isinstance(d, int) else 1 for d in s.shape)
+            feed[s.name] = np.zeros(shape, dtype=np.dtype(s.dtype))
+        try:
+            fast = inner.run(self._out_names, feed, None)
+            public = self.session.run(self._out_names, feed)
+            same = len(fast) == len(public) and all(
+                np.array_equal(a, b, equal_nan=True) for a, b in zip(fast, public, strict=True)
+            )
+        except Exception:
+            return None
+        if not same:
+            return None
+        run = inner.run
+
+        def fast_run(names: list[str], inputs: dict[str, np.ndarray]) -> Any:
+            return run(names, inputs, None)
+
+        return fast_run
 
     @property
     def on_gpu(self) -> bool:
