@@ -192,6 +192,10 @@ class Agent:
         if self._mqtt is not None:
             with contextlib.suppress(Exception):
                 self._mqtt.disconnect()
+            # paho closes its sockets (and its wake-up socketpair) only in loop_forever/
+            # loop_stop, which this agent does not use: its own thread drives ``loop()``.
+            with contextlib.suppress(Exception):
+                self._mqtt._reset_sockets()
         if self.endpoint is not None:
             self.endpoint.close()
         self.client.close()
@@ -295,6 +299,7 @@ class Agent:
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
         c.on_socket_open = _nodelay
         return c
 
@@ -341,6 +346,12 @@ class Agent:
             self._inflight.clear()
             self._acked_early.clear()
             self._cursor = 0
+
+    def _on_subscribe(self, _c: Any, _u: Any, _mid: int, reasons: Any, _p: Any) -> None:
+        # "Connected" means jobs can reach us: only once the broker granted the subscriptions.
+        failed = [r for r in reasons if getattr(r, "is_failure", False)]
+        if failed:
+            self._note_error(f"broker refused the job/shadow subscriptions: {failed}")
         self._connected.set()
         self._wake.set()
 

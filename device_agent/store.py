@@ -339,12 +339,17 @@ def _download_once(
     os.replace(part, dest)
 
 
+def _strip(key: str, prefix: str) -> str:
+    return key[len(prefix) :] if key.startswith(prefix) else key
+
+
 # -- health check ------------------------------------------------------------------------------
 def health_check(backend: Backend, pkg: ModelPackage) -> dict[str, Any]:
     """Run the package's recorded warm-up inputs and compare with its recorded outputs.
 
-    ``manifest.warmup`` names a ``.npz`` in the package (``file``) holding arrays keyed by the
-    names in ``inputs`` and ``outputs`` (default: the model's input and output names) and the
+    ``manifest.warmup`` (written by the converters, docs/package.md) names a ``.npz`` in the
+    package (``file``) whose arrays are listed in ``inputs`` (``input.<name>``) and ``outputs``
+    (``output.<name>``), the output to compare (``compare_output``, default all) and the
     tolerances ``min_top1_agreement`` (default 0.99) and ``max_rel_l2`` (default 0.05). A package
     without a warm-up file passes if one inference on zeros runs. Returns the measured figures.
     """
@@ -363,15 +368,20 @@ def health_check(backend: Backend, pkg: ModelPackage) -> dict[str, Any]:
             return {"checked": False}
         path = pkg.root / str(file)
         with np.load(path, allow_pickle=False) as npz:
-            in_names = [str(x) for x in w.get("inputs") or [s.name for s in m.inputs]]
-            out_names = [str(x) for x in w.get("outputs") or [s.name for s in m.outputs]]
-            missing = [n for n in (*in_names, *out_names) if n not in npz.files]
+            in_keys = [str(x) for x in w.get("inputs") or [f"input.{s.name}" for s in m.inputs]]
+            out_keys = [
+                str(x) for x in w.get("outputs") or [f"output.{s.name}" for s in m.outputs]
+            ]
+            missing = [k for k in (*in_keys, *out_keys) if k not in npz.files]
             if missing:
                 raise HealthCheckError(
                     f"warm-up file {file} lacks arrays {missing} (it has {sorted(npz.files)})"
                 )
-            feed = {n: npz[n] for n in in_names}
-            expected = {n: npz[n] for n in out_names}
+            feed = {_strip(k, "input."): npz[k] for k in in_keys}
+            expected = {_strip(k, "output."): npz[k] for k in out_keys}
+        compare = w.get("compare_output")
+        if isinstance(compare, str) and compare in expected:
+            expected = {compare: expected[compare]}
         got = backend.infer(feed)
     except (RuntimeBackendError, ValueError, OSError) as exc:
         raise HealthCheckError(f"warm-up inference failed: {exc}") from exc

@@ -64,7 +64,8 @@ def make_package(
     y = ort_outputs(x)
     if bad_warmup:
         y = -y  # a model whose outputs do not match what the package promised
-    np.savez(work / "warmup.npz", input=x, logits=y)
+    # the converters' layout (docs/package.md): input.<name> / output.<name>
+    np.savez(work / "warmup.npz", **{"input.input": x, "output.logits": y})
     manifest = Manifest(
         name="digits",
         version=version,
@@ -72,8 +73,8 @@ def make_package(
         outputs=(TensorSpec("logits", "float32", ("batch", 10)),),
         variants=(Variant("fp32", "model.onnx", "onnx", "fp32", "cpu", 0, ""),),
         warmup={
-            "file": "warmup.npz", "inputs": ["input"], "outputs": ["logits"],
-            "min_top1_agreement": 0.99, "max_rel_l2": 1e-3,
+            "file": "warmup.npz", "inputs": ["input.input"], "outputs": ["output.logits"],
+            "compare_output": "logits", "min_top1_agreement": 0.99, "max_rel_l2": 1e-3,
         },
     )
     pkg = work / "pkg"
