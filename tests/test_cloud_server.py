@@ -395,3 +395,42 @@ def test_cli_bad_repository_exits_2_naming_it(tmp_path: Path) -> None:
     out = _cli("--repository", str(tmp_path), "--port", "0")
     assert out.returncode == 2
     assert "holds no model" in out.stderr
+
+
+def test_unknown_route_and_wrong_method_get_v2_error_bodies(client: httpx.Client) -> None:
+    r = client.get("/v2/nothing/here")
+    assert r.status_code == 404
+    assert "/v2/nothing/here" in r.json()["error"]
+    r = client.get(f"/v2/models/{MODEL}/infer")
+    assert r.status_code == 405
+    assert "error" in r.json()
+
+
+def test_cli_mqtt_option_fails_clearly_without_the_worker_module(
+    monkeypatch: pytest.MonkeyPatch, repo: Path
+) -> None:
+    import argparse
+
+    from edgecloud.cli import cloud as cli_cloud
+    from edgecloud.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "edgecloud.cloud.mqtt_worker", None)  # import fails
+    args = argparse.Namespace(
+        mqtt="mqtt://127.0.0.1:1",
+        mqtt_workers=1,
+        region="r",
+        mqtt_username=None,
+        mqtt_password=None,
+        mqtt_ca=None,
+    )
+    with pytest.raises(ConfigError, match=r"--mqtt is not available.*mqtt_worker"):
+        cli_cloud._start_mqtt(object(), args)
+
+
+def test_cli_serve_prints_its_url_and_answers(repo: Path, x: np.ndarray) -> None:
+    with running_cloud_server(repo, region="cli", max_batch_size=8) as srv:
+        out = "".join(srv.output)  # type: ignore[union-attr]
+        assert f"region cli serving {MODEL} on http://127.0.0.1:{srv.port}" in out
+        with HttpTransport(srv.url, region="cli") as t:
+            r = t.infer(InferRequest(MODEL, {"input": x[:2]}), timeout=10)
+        assert r.outputs["logits"].shape == (2, 10)

@@ -352,7 +352,12 @@ def create_app(
         Route("/v2/models/{name}/versions/{version}/infer", endpoint(infer), methods=["POST"]),
         Route("/metrics", endpoint(prometheus), methods=["GET"]),
     ]
-    app = Starlette(routes=routes)
+    async def not_routed(request: Request, exc: Exception) -> Response:
+        # Unknown paths and wrong methods get V2 error bodies too, not Starlette's plain text.
+        status = int(getattr(exc, "status_code", 404))
+        return error(status, f"{request.method} {request.url.path}: {getattr(exc, 'detail', '')}")
+
+    app = Starlette(routes=routes, exception_handlers={404: not_routed, 405: not_routed})
     app.state.core = core
     app.state.metrics = metrics
     return app
