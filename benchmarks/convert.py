@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   built in {time.perf_counter() - t0:.1f} s", flush=True)
             ref = None
             if labels is None:
-                ref = np.concatenate([_session(rows[0].path, 2).run(None, {"input": val_x[i:i + 8]})[0]
+                sess = _session(rows[0].path, 2)
+                ref = np.concatenate([sess.run(None, {"input": val_x[i:i + 8]})[0]
                                       for i in range(0, len(val_x), 8)])
             for r in rows:
                 r.quality = _quality(r.path, val_x, labels, ref)
@@ -183,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
                              60.0 if big else 10.0, skip=lambda r: False)
                 fp32_b1 = statistics.median(rows[0].lat[(t, 1)])
 
-                def too_slow(r: Row, t: int = t, fp32_b1: float = fp32_b1) -> bool:
+                def too_slow(
+                    r: Row, t: int = t, fp32_b1: float = fp32_b1, big: bool = big
+                ) -> bool:
                     # ConvInteger at batch 32 would take minutes; batch 1 already tells the story
                     return big and statistics.median(r.lat[(t, 1)]) > 3 * fp32_b1
 
@@ -213,8 +216,9 @@ def _print(rows: list[Row], threads: list[int]) -> None:
                 ref = base.lat.get((t, b))
                 med = statistics.median(lat) if lat else None
                 speed = statistics.median(ref) / med if (lat and ref and med) else None
-                width = len(f" b{b} ms t{t} ") if b == 1 else len(f" b{b} ms t{t} ")
-                line += f" {_fmt(med, '.3f'):>{width - 2}} | {_fmt(speed):>{len(f'b{b} x t{t}')}}x |"
+                width = len(f"b{b} ms t{t}")
+                sw = len(f"b{b} x t{t}") - 1
+                line += f" {_fmt(med, '.3f'):>{width}} | {_fmt(speed):>{sw}}x |"
         print(line + (f" {r.note}" if r.note else ""))
     sys.stdout.flush()
 

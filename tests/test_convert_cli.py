@@ -126,3 +126,17 @@ def test_force_replaces_and_leaves_no_temp_files(tmp_path: Path, samples_dir: Pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
     r = _cli("package", "verify", out, "--unsigned-ok")
     assert r.returncode == 0, r.stdout
+
+
+def test_benchmark_quick_runs_and_prints_ratios() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "benchmarks.convert", "--quick", "--threads", "1", "--rounds", "3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| digits_")]
+    assert len(rows) == 10  # 2 models x (fp32, fp16, u8s8, s8s8, dynamic)
+    fp32 = next(line for line in rows if "digits_cloud" in line and "| fp32 " in line)
+    assert "1.00x" in fp32
+    u8s8 = next(line for line in rows if "digits_cloud" in line and "u8s8" in line)
+    assert "| " + "0.30" in u8s8  # size ratio to FP32
