@@ -456,3 +456,24 @@ def test_region_config_errors() -> None:
         RegionSelector([Region("x", t), Region("x", t)])
     with pytest.raises(ConfigError, match="timeout"):
         Region("x", t, timeout=0)
+
+
+def test_batch_of_one_fast_path_agrees_with_the_array_path() -> None:
+    rng = np.random.default_rng(0)
+    for k in (2, 10, 64, 100):
+        x = (rng.standard_normal((1, k)) * 5).astype(np.float32)
+        for kind in ("logits", "probabilities"):
+            pol = MaxProbability("y", kind)
+            arr = x if kind == "logits" else np.abs(x) / np.abs(x).sum()
+            low, rows = pol.lowest({"y": arr})
+            assert low == pytest.approx(float(pol({"y": arr})[0]), rel=1e-6)
+            assert (rows is None) == (k <= MaxProbability.SMALL)
+    batch = rng.standard_normal((3, 10)).astype(np.float32)
+    low, rows = MaxProbability("y").lowest({"y": batch})
+    assert rows is not None
+    assert low == pytest.approx(float(rows.min()))
+    nan = np.full((1, 10), np.nan, np.float32)
+    low, _ = MaxProbability("y").lowest({"y": nan})
+    assert math.isnan(low)  # NaN confidence never passes a threshold (NaN >= t is False)
+    low, rows = Margin("y").lowest({"y": batch})
+    assert low == pytest.approx(float(Margin("y")({"y": batch}).min()))
