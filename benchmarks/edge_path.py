@@ -7,7 +7,7 @@ other processes on the machine affect both alike; each call is timed alone with
 breakdown of the client's overhead by stage (validation, confidence, routing and result) so the
 figure can be explained. Goal: <= 1.05x and <= 30 us added at batch 1.
 
-    python -m benchmarks.edge_path [--quick] [--iterations N]
+    python -m benchmarks.edge_path [--quick] [--iterations N] [--model edge|cloud]
 """
 
 from __future__ import annotations
@@ -27,7 +27,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
 
 
-def _build_package(tmp: Path) -> tuple[Path, Path]:
+MODELS = {
+    # name: (ONNX file, input shape, validation data)
+    "edge": ("digits_edge.onnx", ("batch", 64), "edge_val.npz"),
+    "cloud": ("digits_cloud.onnx", ("batch", 1, 8, 8), "cloud_val.npz"),
+}
+
+
+def _build_package(tmp: Path, model: str = "edge") -> tuple[Path, Path]:
     from edgecloud.package import (
         Manifest,
         TensorSpec,
@@ -37,11 +44,12 @@ def _build_package(tmp: Path) -> tuple[Path, Path]:
         write_package,
     )
 
+    onnx_file, shape, _ = MODELS[model]
     priv, pub = generate_keypair(tmp / "bench.key")
     manifest = Manifest(
-        name="digits_edge",
+        name=f"digits_{model}",
         version="1",
-        inputs=(TensorSpec("input", "float32", ("batch", 64)),),
+        inputs=(TensorSpec("input", "float32", shape),),
         outputs=(TensorSpec("logits", "float32", ("batch", 10)),),
         variants=(Variant("fp32", "model.onnx", "onnx", "fp32", "cpu", 0, ""),),
         confidence="logits",
@@ -51,7 +59,7 @@ def _build_package(tmp: Path) -> tuple[Path, Path]:
     write_package(
         out,
         manifest,
-        {"model.onnx": SAMPLES / "models" / "digits_edge.onnx"},
+        {"model.onnx": SAMPLES / "models" / onnx_file},
         signing_key=load_private_key(priv),
     )
     return out, pub
@@ -82,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.edge_path", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="2,000 iterations instead of 50,000")
     parser.add_argument("--iterations", type=int, default=None)
+    parser.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="edge",
+        help="edge: the digits MLP (default); cloud: the larger digits CNN",
+    )
     args = parser.parse_args(argv)
     n = args.iterations or (2000 if args.quick else 50000)
 
@@ -89,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from edgecloud.client import HybridClient
 
-    data = np.load(SAMPLES / "data" / "edge_val.npz")["input"]
+    data = np.load(SAMPLES / "data" / MODELS[args.model][2])["input"]
     with tempfile.TemporaryDirectory() as d:
-        pkg, pub = _build_package(Path(d))
+        pkg, pub = _build_package(Path(d), args.model)
         client = HybridClient(pkg, public_key=pub, threads=1, threshold=0.5, probe_interval=None)
         backend = client.backend
         assert backend is not None
@@ -138,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
 
         raw_med, hyb_med = statistics.median(raw) / 1000, statistics.median(hyb) / 1000
         raw_p99, hyb_p99 = _pct(raw, 0.99), _pct(hyb, 0.99)
-        print(f"edge path, batch 1, digits MLP, {n} interleaved iterations ({wall:.1f} s)")
+        what = "digits MLP" if args.model == "edge" else "digits CNN"
+        print(f"edge path, batch 1, {what}, {n} interleaved iterations ({wall:.1f} s)")
         print(f"{'':24s}{'median us':>12s}{'p99 us':>12s}")
         print(f"{'raw session.run':24s}{raw_med:12.2f}{raw_p99:12.2f}")
         print(f"{'HybridClient.infer':24s}{hyb_med:12.2f}{hyb_p99:12.2f}")
@@ -165,10 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         from edgecloud.routing.modes import Reason
         from edgecloud.runtime.base import InputPolicy
 
-        lax = backend._checks[0].__class__(backend.input_specs[0], InputPolicy(nonfinite="allow"))
+        check = backend._checks[0]
+        lax = check.__class__(backend.input_specs[0], InputPolicy(nonfinite="allow"))
         stages = {
             "validate inputs": lambda: backend.validate(feed),
-            "  of which NaN/Inf check": lambda: backend._checks[0]._finite(x),
+            "  of which NaN/Inf check": lambda: check._finite(x),
             "  (validate, nonfinite=allow)": lambda: {"input": lax.check(x)},
             "backend run (validated)": lambda: backend.run_validated(validated),
             "raw session.run (again)": lambda: raw_run(names, feed),
