@@ -54,7 +54,6 @@ __all__ = [
 
 log = logging.getLogger("device_agent.store")
 SLOTS = ("A", "B")
-_CHUNK = 1 << 16
 
 
 class DiskSpaceError(StoreError):
@@ -280,7 +279,7 @@ def download(
 
     retrying = Retrying(
         stop=stop_after_attempt(attempts),
-        wait=wait_exponential_jitter(initial=0.2, max=5.0),
+        wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2),
         retry=retry_if_exception_type(_Retry),
         reraise=True,
     )
@@ -328,7 +327,7 @@ def _download_once(
                 check_space(int(length))
             mode = "ab" if r.status_code == 206 else "wb"
             with open(part, mode) as f:
-                for chunk in r.iter_bytes(_CHUNK):
+                for chunk in r.iter_bytes():
                     if cancelled():
                         raise StoreError(f"download of {url} abandoned")
                     f.write(chunk)

@@ -105,6 +105,7 @@ def write_config(
     extra: str = "",
     endpoint_port: int = 0,
     min_free_mb: float = 0,
+    step_timeout_s: float = 60,
 ) -> Path:
     path.write_text(
         f"""
@@ -131,11 +132,24 @@ interval_s = {interval}
 port = {endpoint_port}
 
 [jobs]
-step_timeout_s = 60
+step_timeout_s = {step_timeout_s}
 {extra}
 """
     )
     return path
+
+
+def start_agent(config: Path, timeout: float = 15.0) -> Any:
+    """An in-process agent, started and subscribed."""
+    from device_agent.agent import Agent
+    from device_agent.config import load_config
+
+    agent = Agent(load_config(config)).start()
+    deadline = time.monotonic() + timeout
+    while not agent.connected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert agent.connected, "agent did not connect to the broker"
+    return agent
 
 
 class Observer:
