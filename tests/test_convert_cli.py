@@ -139,4 +139,5 @@ def test_benchmark_quick_runs_and_prints_ratios() -> None:
     fp32 = next(line for line in rows if "digits_cloud" in line and "| fp32 " in line)
     assert "1.00x" in fp32
     u8s8 = next(line for line in rows if "digits_cloud" in line and "u8s8" in line)
-    assert "| " + "0.30" in u8s8  # size ratio to FP32
+    cols = [c.strip() for c in u8s8.split("|")]
+    assert float(cols[4]) <= 0.30  # size ratio to FP32
