@@ -254,3 +254,14 @@ def test_search_arguments_parse() -> None:
     assert parse_budget(args.search_budget) == Budget(trials=10, seconds=60.0)
     assert args.search_report == Path("r.json")
     assert args.search_exhaustive is False
+
+
+def test_benchmark_quick_runs_and_reports_ratios(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.autotune import main
+
+    assert main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "| encoder, default fails (rel. L2) | rel_l2 |" in out
+    assert "(fail)" in out  # the baseline default really fails the tolerance it is given
+    assert "dynamic per-" in out
+    assert " float, " in out
