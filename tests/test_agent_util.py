@@ -155,22 +155,31 @@ def start_agent(config: Path, timeout: float = 15.0) -> Any:
 class Observer:
     """The controller's side of the wire, for tests: records every message under the prefix."""
 
-    def __init__(self, host: str, port: int, prefix: str = "edgecloud") -> None:
+    def __init__(
+        self, host: str, port: int, prefix: str = "edgecloud", *, session: str | None = None
+    ) -> None:
+        """``session`` names a persistent MQTT session (kept by the broker while we are away)."""
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
 
         self.messages: list[tuple[str, bytes, bool]] = []
         self._cond = threading.Condition()
         self._ready = threading.Event()
         self.c = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"observer-{time.monotonic_ns()}",
+            client_id=session or f"observer-{time.monotonic_ns()}",
             protocol=MQTTProtocolVersion.MQTTv5,
         )
         self.c.on_connect = lambda c, *_: (c.subscribe(f"{prefix}/#", qos=1), self._ready.set())
         self.c.on_message = self._on_message
         self.c.reconnect_delay_set(0.1, 0.5)
-        self.c.connect(host, port)
+        props = None
+        if session is not None:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 600
+        self.c.connect(host, port, clean_start=session is None, properties=props)
         self.c.loop_start()
         assert self._ready.wait(10)
         time.sleep(0.2)
