@@ -268,3 +268,28 @@ cloud_input_shape = [1, 8, 8]
         results = client.infer_batch({"input": data["input"][:60]})
         sources = {r.source for r in results}
         assert sources == {"edge", "cloud:near"}
+
+
+@pytest.mark.mqtt
+def test_mqtt_region_and_failover_from_http(
+    pkg: tuple[Path, Path],
+    repo: Path,
+    mosquitto: Any,
+    data: dict[str, np.ndarray],
+    conf: np.ndarray,
+) -> None:
+    from edgecloud.cloud.core import ServingCore
+    from edgecloud.cloud.mqtt_worker import start_mqtt_workers
+
+    core = ServingCore(repo, intra_op_threads=1)
+    try:
+        with start_mqtt_workers(core, url=mosquitto.url, region="mq"):
+            dead = region("dead-http", "http://127.0.0.1:9", priority=-1)  # tried first, refused
+            mq = region("mq", mosquitto.url, options={"device_id": "cam-1"})
+            with client_for(pkg, [dead, mq], probe_interval=None) as client:
+                r = client.infer(row(data, int(np.argmin(conf))))
+                assert (r.source, r.reason) == ("cloud:mq", "low_confidence")
+                assert isinstance(r.errors["dead-http"], ConnectionFailed)
+                assert r.label == str(int(data["labels"][int(np.argmin(conf))]))
+    finally:
+        core.close()
