@@ -429,3 +429,18 @@ def test_tensorrt_engine_runs_and_matches_onnxruntime(tmp_path: Path) -> None:  
     with pytest.raises(ShapeError):
         b.infer({"input": np.zeros((1, 63), np.float32)})
     b.close()
+
+
+def test_onnxruntime_errors_are_translated(tmp_path: Path, backend: OnnxRuntimeBackend) -> None:
+    from edgecloud.errors import RuntimeBackendError
+
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model")
+    spec = (TensorSpec("input", "float32", ("batch", 64)),)
+    with pytest.raises(RuntimeBackendError, match=r"onnxruntime could not load garbage\.onnx") as e:
+        OnnxRuntimeBackend(garbage, spec, spec)
+    assert e.value.__cause__ is not None
+    # run_validated trusts its caller; a wrong shape past validation still surfaces translated
+    with pytest.raises(RuntimeBackendError, match=r"onnxruntime failed on fp32\.onnx") as e:
+        backend.run_validated({"input": np.zeros((1, 3), np.float32)})
+    assert e.value.__cause__ is not None
