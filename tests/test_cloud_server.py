@@ -422,6 +422,9 @@ def test_cli_mqtt_option_fails_clearly_without_the_worker_module(
         mqtt_username=None,
         mqtt_password=None,
         mqtt_ca=None,
+        mqtt_cert=None,
+        mqtt_key=None,
+        mqtt_prefix="edgecloud",
     )
     with pytest.raises(ConfigError, match=r"--mqtt is not available.*mqtt_worker"):
         cli_cloud._start_mqtt(object(), args)
@@ -434,3 +437,21 @@ def test_cli_serve_prints_its_url_and_answers(repo: Path, x: np.ndarray) -> None
         with HttpTransport(srv.url, region="cli") as t:
             r = t.infer(InferRequest(MODEL, {"input": x[:2]}), timeout=10)
         assert r.outputs["logits"].shape == (2, 10)
+
+
+@pytest.mark.mqtt
+def test_cli_serves_http_and_mqtt_from_one_core(
+    repo: Path, x: np.ndarray, mosquitto: object
+) -> None:
+    from edgecloud.transport.mqtt import MqttTransport
+
+    url = mosquitto.url  # type: ignore[attr-defined]
+    with running_cloud_server(repo, region="both", extra_args=["--mqtt", url]) as srv:
+        with HttpTransport(srv.url, region="both") as h:
+            via_http = h.infer(InferRequest(MODEL, {"input": x[:2]}), timeout=10)
+        with MqttTransport(url, region="both", device_id="dev1") as m:
+            via_mqtt = m.infer(InferRequest(MODEL, {"input": x[:2]}), timeout=10)
+        text = httpx.get(f"{srv.url}/metrics").text
+    np.testing.assert_array_equal(via_http.outputs["logits"], via_mqtt.outputs["logits"])
+    # Both requests went through the one core's batcher.
+    assert _metric(text, "edgecloud_cloud_batch_requests_sum", model=MODEL) >= 2

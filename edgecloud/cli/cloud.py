@@ -69,6 +69,9 @@ def register(sub: Any) -> None:
         help="MQTT password (default: $EDGECLOUD_MQTT_PASSWORD)",
     )
     s.add_argument("--mqtt-ca", type=Path, help="CA certificate for mqtts://")
+    s.add_argument("--mqtt-cert", type=Path, help="client certificate (mutual TLS)")
+    s.add_argument("--mqtt-key", type=Path, help="client private key (mutual TLS)")
+    s.add_argument("--mqtt-prefix", default="edgecloud", help="topic prefix (default edgecloud)")
     s.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
     s.set_defaults(func=_serve)
 
@@ -88,7 +91,13 @@ def _start_mqtt(core: Any, args: argparse.Namespace) -> Any:
     if args.mqtt_password:
         opts["password"] = args.mqtt_password
     if args.mqtt_ca:
-        opts["ca_certs"] = str(args.mqtt_ca)
+        opts["ca"] = str(args.mqtt_ca)
+    if args.mqtt_cert:
+        opts["certfile"] = str(args.mqtt_cert)
+    if args.mqtt_key:
+        opts["keyfile"] = str(args.mqtt_key)
+    if args.mqtt_prefix != "edgecloud":
+        opts["prefix"] = args.mqtt_prefix
     return start(core, url=args.mqtt, region=args.region, workers=args.mqtt_workers, **opts)
 
 

@@ -352,6 +352,7 @@ def create_app(
         Route("/v2/models/{name}/versions/{version}/infer", endpoint(infer), methods=["POST"]),
         Route("/metrics", endpoint(prometheus), methods=["GET"]),
     ]
+
     async def not_routed(request: Request, exc: Exception) -> Response:
         # Unknown paths and wrong methods get V2 error bodies too, not Starlette's plain text.
         status = int(getattr(exc, "status_code", 404))
@@ -406,7 +407,12 @@ class CloudServer:
         self.host = host
         self.port: int = self._sock.getsockname()[1]
         config = uvicorn.Config(
-            self.app, log_level=log_level, lifespan="off", access_log=False, timeout_keep_alive=30
+            self.app,
+            log_level=log_level,
+            lifespan="off",
+            access_log=False,
+            timeout_keep_alive=30,
+            timeout_graceful_shutdown=5,
         )
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
