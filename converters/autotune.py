@@ -340,6 +340,8 @@ class _Search:
         self.started = time.monotonic()
 
     def exhausted(self) -> bool:
+        if not self.result.trials:
+            return False  # the default setting is always tried, however small the budget
         if self.budget.exhausted(len(self.result.trials), self.started):
             self.result.stopped_by_budget = True
             return True

@@ -265,3 +265,65 @@ def test_benchmark_quick_runs_and_reports_ratios(capsys: pytest.CaptureFixture[s
     assert "(fail)" in out  # the baseline default really fails the tolerance it is given
     assert "dynamic per-" in out
     assert " float, " in out
+
+
+def test_time_budget_still_tries_the_default(tmp_path: Path) -> None:
+    result = autotune(
+        MLP, DATA / "edge_calib.npz", DATA / "edge_val.npz", tolerance=0.0, task="regression",
+        budget="0.001s", check=False,
+    )
+    assert len(result.trials) == 1
+    assert result.stopped_by_budget
+    assert result.budget == "0.001 s"
+
+
+def test_exhaustive_tries_every_setting_and_keeps_the_fastest(tmp_path: Path) -> None:
+    result = autotune(
+        ENCODER, DATA / "edge_calib.npz", DATA / "edge_val.npz", tolerance=5.0,
+        exhaustive=True, work_dir=tmp_path,
+    )
+    assert len(result.trials) == len(candidates("matmul", ("dynamic", "static")))
+    assert all(t.passed for t in result.trials)
+    chosen = result.chosen
+    assert chosen is not None
+    assert chosen.path is not None
+    assert chosen.path.is_file()  # work_dir given: trial files are kept
+    fastest = min(t.latency_ms or np.inf for t in result.trials)
+    assert chosen.latency_ms is not None
+    assert chosen.latency_ms <= fastest * 1.05 + 1e-12
+
+
+def test_table_and_cli_entry_point_for_convert(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rich.console import Console
+
+    from converters.autotune import run_search_for_convert
+    from converters.progress import RichReporter
+
+    p = argparse.ArgumentParser()
+    add_search_arguments(p)
+    args = p.parse_args(["--search-budget", "3", "--search-report", str(tmp_path / "r.json")])
+    with pytest.raises(ValidationError, match="in 3 trial"):
+        run_search_for_convert(
+            args, ENCODER, DATA / "edge_calib.npz", DATA / "edge_val.npz",
+            tmp_path / "int8.onnx", int8="dynamic", tolerance=0.0, task="regression",
+            reporter=RichReporter(Console(stderr=True, width=200)),
+        )
+    err = capsys.readouterr().err
+    assert "INT8 search for digits_encoder.onnx" in err  # the trial table, on stderr
+    assert "dynamic per-tensor" in err
+    assert json.loads((tmp_path / "r.json").read_text())["passed"] is False
+    assert not (tmp_path / "int8.onnx").exists()  # nothing passed: nothing emitted
+
+    ok = run_search_for_convert(
+        p.parse_args([]), ENCODER, DATA / "edge_calib.npz", DATA / "edge_val.npz",
+        tmp_path / "int8.onnx", int8="auto", tolerance=2.0,
+    )
+    assert ok.passed
+    assert (tmp_path / "int8.onnx").is_file()
+    console = Console(record=True, width=200)
+    console.print(ok.table())
+    text = console.export_text()
+    assert "*1" in text
+    assert "yes" in text
