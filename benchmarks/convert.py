@@ -1,6 +1,6 @@
 """Converter variants side by side: FP32 vs FP16 vs INT8 (static QDQ U8S8 / S8S8, dynamic).
 
-``python -m benchmarks.convert [--quick] [--threads 1,2] [--no-resnet]``
+``python -m benchmarks.convert [--quick] [--threads 1,2] [--models edge,cloud,resnet]``
 
 For each model (the sample edge MLP and cloud CNN, and a ResNet-18-shaped graph at 224x224 with
 random weights from samples/build_resnet18.py) the variants are made with the converter's own
@@ -45,6 +45,7 @@ class Row:
     size: int = 0
     quality: float | None = None
     quality_kind: str = ""
+    rel_l2: float | None = None
     lat: dict[tuple[int, int], list[float]] = field(default_factory=dict)  # (threads, batch)
     note: str = ""
 
@@ -84,15 +85,17 @@ def _interleaved(
             break
 
 
-def _quality(path: Path, x: np.ndarray, labels: np.ndarray | None, ref: np.ndarray | None
-             ) -> float:
-    out = np.concatenate([
-        _session(path, 2).run(None, {"input": x[i:i + 32]})[0] for i in range(0, len(x), 32)
-    ])
+def _outputs(path: Path, x: np.ndarray) -> np.ndarray:
+    sess = _session(path, 2)
+    return np.concatenate([sess.run(None, {"input": x[i:i + 8]})[0] for i in range(0, len(x), 8)])
+
+
+def _quality(out: np.ndarray, labels: np.ndarray | None, ref: np.ndarray) -> tuple[float, float]:
+    """(accuracy with labels, else top-1 agreement with FP32; relative L2 error vs FP32)."""
+    rel = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
     if labels is not None:
-        return float((out.argmax(1) == labels).mean())
-    assert ref is not None
-    return float((out.argmax(1) == ref.argmax(1)).mean())
+        return float((out.argmax(1) == labels).mean()), rel
+    return float((out.argmax(1) == ref.argmax(1)).mean()), rel
 
 
 def _build_variants(model: str, src: Path, work: Path, calib: np.ndarray, resnet: bool
@@ -138,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.convert", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="sample models only, few rounds")
     ap.add_argument("--threads", default="1,2", help="intra_op_num_threads values (default 1,2)")
-    ap.add_argument("--no-resnet", action="store_true")
+    ap.add_argument("--models", default="edge,cloud,resnet",
+                    help="which of edge,cloud,resnet (default all; --quick: edge,cloud)")
     ap.add_argument("--rounds", type=int, default=None)
     args = ap.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",") if t]
@@ -149,14 +153,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
           f"{platform.python_version()}, onnxruntime {__import__('onnxruntime').__version__}")
     models: list[tuple[str, Path, np.ndarray, np.ndarray, np.ndarray | None, bool]] = []
+    chosen = set(args.models.split(","))
+    if args.quick:
+        chosen -= {"resnet"}
     for role in ("edge", "cloud"):
+        if role not in chosen:
+            continue
         calib = np.load(samples / f"data/{role}_calib.npz")["input"]
         val = np.load(samples / f"data/{role}_val.npz")
         models.append((f"digits_{role}", samples / f"models/digits_{role}.onnx", calib,
                        val["input"], val["labels"], False))
     with tempfile.TemporaryDirectory(prefix="bench-convert-") as tmp:
         work = Path(tmp)
-        if not args.quick and not args.no_resnet:
+        if "resnet" in chosen:
             from samples.build_resnet18 import build_resnet18, make_inputs
 
             src = ROOT / "build/resnet18_random.onnx"
@@ -170,13 +179,9 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             rows = _build_variants(name, src, work, calib, big)
             print(f"   built in {time.perf_counter() - t0:.1f} s", flush=True)
-            ref = None
-            if labels is None:
-                sess = _session(rows[0].path, 2)
-                ref = np.concatenate([sess.run(None, {"input": val_x[i:i + 8]})[0]
-                                      for i in range(0, len(val_x), 8)])
+            ref = _outputs(rows[0].path, val_x)
             for r in rows:
-                r.quality = _quality(r.path, val_x, labels, ref)
+                r.quality, r.rel_l2 = _quality(_outputs(r.path, val_x), labels, ref)
                 r.quality_kind = "accuracy" if labels is not None else "top1 agreement"
             one = val_x[:1]
             for t in threads:
@@ -202,14 +207,15 @@ def main(argv: list[str] | None = None) -> int:
 def _print(rows: list[Row], threads: list[int]) -> None:
     base = rows[0]
     head = (f"| {'model':<13} | {'variant':<20} | {'size MB':>8} | {'vs fp32':>7} | "
-            f"{'quality':>16} |")
+            f"{'quality':>16} | {'rel L2':>7} |")
     for t in threads:
         head += f" b1 ms t{t} | b1 x t{t} | b32 ms t{t} | b32 x t{t} |"
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for r in rows:
         line = (f"| {r.model:<13} | {r.variant:<20} | {r.size / 1e6:>8.3f} | "
-                f"{r.size / base.size:>7.2f} | {r.quality_kind[:8]} {_fmt(r.quality, '.4f'):>7} |")
+                f"{r.size / base.size:>7.2f} | {r.quality_kind[:8]} {_fmt(r.quality, '.4f'):>7} | "
+                f"{_fmt(r.rel_l2, '.4f'):>7} |")
         for t in threads:
             for b in (1, 32):
                 lat = r.lat.get((t, b))
