@@ -331,6 +331,7 @@ def _download_once(
                     if cancelled():
                         raise StoreError(f"download of {url} abandoned")
                     f.write(chunk)
+                    f.flush()  # on disk as it arrives: a kill keeps what was received
                 f.flush()
                 os.fsync(f.fileno())
     except httpx.TransportError as exc:

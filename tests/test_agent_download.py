@@ -30,9 +30,12 @@ pytestmark = pytest.mark.mqtt
 class PackageServer:
     """Serves files with Range support; can cut the first response short or hang forever."""
 
-    def __init__(self, files: dict[str, bytes], *, cut_first: bool = False) -> None:
+    def __init__(
+        self, files: dict[str, bytes], *, cut_first: bool = False, stall_first: bool = False
+    ) -> None:
         self.files = files
         self.cut_first = cut_first
+        self.stall_first = stall_first
         self.requests: list[tuple[str, str | None]] = []
         self.bytes_sent = 0
         self.release = threading.Event()
@@ -74,11 +77,13 @@ class PackageServer:
                 body = data[start:]
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                if outer.cut_first and len(outer.requests) == 1:
+                if (outer.cut_first or outer.stall_first) and len(outer.requests) == 1:
                     half = body[: len(body) // 2]
                     self.wfile.write(half)
                     self.wfile.flush()
                     outer.bytes_sent += len(half)
+                    if outer.stall_first:
+                        outer.release.wait(60)
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
