@@ -296,6 +296,7 @@ def prepare(
     score_output: str | None = None,
     threads: int = 1,
     calib_batch_size: int = 16,
+    latency_batch: int = 32,
 ) -> SearchContext:
     """Check the model and data, pre-process, run the FP32 reference once."""
     model_path = Path(model_path)
@@ -322,7 +323,7 @@ def prepare(
     )
     evaluator = TrialEvaluator(
         fp32, val_ds, task=resolved, tolerance_pct=tolerance_pct, score_output=score_output,
-        threads=threads,
+        threads=threads, latency_batch=latency_batch,
     )
     return SearchContext(
         model_path, fp32, resolved, profile, families, quantizer, evaluator, work_dir
@@ -415,6 +416,7 @@ def autotune(
     preprocessed: bool = False,
     score_output: str | None = None,
     threads: int = 1,
+    latency_batch: int = 32,
     max_isolated: int = 64,
     check: bool = True,
     reporter: Reporter | None = None,
@@ -427,6 +429,7 @@ def autotune(
     ``preprocessed``: ``model_path`` is already the converter's pre-processed FP32 graph.
     The chosen variant is copied to ``output``; the JSON report is written to ``report`` (also
     when nothing passed). ``check``: raise ValidationError when nothing passed.
+    ``latency_batch``: the batch size latency is measured at (32; 1 for large models).
     """
     reporter = reporter or NullReporter()
     if isinstance(budget, int):
@@ -439,6 +442,7 @@ def autotune(
         ctx = prepare(
             model_path, calib, val, work_dir=wd, task=task, tolerance_pct=tolerance, int8=int8,
             preprocessed=preprocessed, score_output=score_output, threads=threads,
+            latency_batch=latency_batch,
         )
         result = SearchResult(
             model=str(model_path),

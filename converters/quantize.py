@@ -9,7 +9,9 @@ guidance for x86 CPUs with VNNI, checked against measurements on this project's 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,19 +159,21 @@ def quantize_static_int8(
         reader.batch_size = 1
     reader.rewind()
     try:
-        quantize_static(
-            str(src),
-            str(dst),
-            reader.as_ort_reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=settings.per_channel,
-            reduce_range=settings.reduce_range,
-            activation_type=_qtype(settings.activation_type),
-            weight_type=_qtype(settings.weight_type),
-            nodes_to_exclude=excluded or None,
-            calibrate_method=method,
-            extra_options=extra,
-        )
+        # onnxruntime's histogram calibrators print() progress; keep stdout clean for --json
+        with contextlib.redirect_stdout(sys.stderr):
+            quantize_static(
+                str(src),
+                str(dst),
+                reader.as_ort_reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=settings.per_channel,
+                reduce_range=settings.reduce_range,
+                activation_type=_qtype(settings.activation_type),
+                weight_type=_qtype(settings.weight_type),
+                nodes_to_exclude=excluded or None,
+                calibrate_method=method,
+                extra_options=extra,
+            )
     except (ConfigError, ConversionError):
         raise
     except Exception as exc:
@@ -190,14 +194,15 @@ def quantize_dynamic_int8(src: Path, dst: Path, settings: DynamicInt8Settings) -
 
     excluded = resolve_exclusions(src, settings.exclude_nodes, settings.exclude_ops)
     try:
-        quantize_dynamic(
-            str(src),
-            str(dst),
-            per_channel=settings.per_channel,
-            reduce_range=settings.reduce_range,
-            weight_type=_qtype(settings.weight_type),
-            nodes_to_exclude=excluded or None,
-        )
+        with contextlib.redirect_stdout(sys.stderr):
+            quantize_dynamic(
+                str(src),
+                str(dst),
+                per_channel=settings.per_channel,
+                reduce_range=settings.reduce_range,
+                weight_type=_qtype(settings.weight_type),
+                nodes_to_exclude=excluded or None,
+            )
     except (ConfigError, ConversionError):
         raise
     except Exception as exc:

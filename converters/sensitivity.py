@@ -242,6 +242,13 @@ def sqnr_by_node(
     return out
 
 
+def _sqnr_samples(data: Dataset) -> int:
+    """Samples for the SQNR pass: every intermediate tensor of both models is held in memory,
+    so large inputs (a 224x224 image: 150k values) get 4 samples, small ones 16."""
+    per_sample = sum(int(np.prod(v.shape[1:])) for v in data.inputs.values())
+    return 16 if per_sample < 50_000 else 4
+
+
 def measure_sensitivity(
     quantizer: Any,
     evaluator: Any,
@@ -253,7 +260,7 @@ def measure_sensitivity(
     isolated: bool = True,
     sqnr: bool = True,
     max_isolated: int = 64,
-    sqnr_samples: int = 16,
+    sqnr_samples: int | None = None,
     deadline: float | None = None,
     reporter: Reporter | None = None,
 ) -> SensitivityReport:
@@ -278,7 +285,8 @@ def measure_sensitivity(
         if full is None or not Path(full).is_file():
             full = quantizer.quantize(candidate, work_dir / "sens-full.onnx")
         with reporter.stage("SQNR per node (FP32 vs QDQ activations)", total=None):
-            sq = sqnr_by_node(src, Path(full), evaluator.val, work_dir, samples=sqnr_samples)
+            n = sqnr_samples if sqnr_samples is not None else _sqnr_samples(evaluator.val)
+            sq = sqnr_by_node(src, Path(full), evaluator.val, work_dir, samples=n)
     order = [n for n, _ in nodes]
     if sq:  # measure the worst-SQNR nodes first, so a cap or a deadline keeps the likely culprits
         order.sort(key=lambda n: sq.get(n, (None, None, None))[0] or math.inf)

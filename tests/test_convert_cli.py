@@ -141,3 +141,18 @@ def test_benchmark_quick_runs_and_prints_ratios() -> None:
     u8s8 = next(line for line in rows if "digits_cloud" in line and "u8s8" in line)
     cols = [c.strip() for c in u8s8.split("|")]
     assert float(cols[4]) <= 0.30  # size ratio to FP32
+
+
+def test_json_stays_clean_with_histogram_calibration(tmp_path: Path, samples_dir: Path) -> None:
+    """onnxruntime's entropy/percentile calibrators print(); none of it may reach stdout."""
+    r = _cli(
+        "convert", samples_dir / "models/digits_edge.onnx", "--out", tmp_path / "pkg",
+        "--int8", "static", "--calib", samples_dir / "data/edge_calib.npz",
+        "--calib-method", "percentile", "--calib-samples", "64",
+        "--val", samples_dir / "data/edge_val.npz", "--latency-runs", "3", "--json",
+    )
+    assert r.returncode in (0, 1), r.stderr
+    report = json.loads(r.stdout)
+    int8 = report["variants"][1]
+    assert int8["settings"]["calib_method"] == "percentile"
+    assert report["manifest"]["metadata"]["calibration"]["samples"] == 64
