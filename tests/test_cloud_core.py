@@ -336,3 +336,41 @@ def test_make_repository_copies_a_plain_model(tmp_path: Path, cloud_onnx: Path) 
     repo = make_repository(tmp_path, {MODEL: cloud_onnx})
     assert (repo / MODEL / "1" / "model.onnx").read_bytes() == cloud_onnx.read_bytes()
     shutil.rmtree(repo)
+
+
+def test_mixed_sizes_and_output_lists_split_back_exactly(
+    tmp_path: Path, cloud_onnx: Path, val: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """Requests of 1-5 rows, alternately naming outputs or not (two batch groups), from threads."""
+    x, _ = val
+    ref = ort.InferenceSession(str(cloud_onnx)).run(None, {"input": x})[0]
+    repo = make_repository(tmp_path, {MODEL: cloud_onnx})
+    rng = np.random.default_rng(1)
+    spans = []
+    start = 0
+    while start < len(x):
+        n = int(rng.integers(1, 6))
+        spans.append((start, min(start + n, len(x))))
+        start += n
+    with ServingCore(repo, max_batch_size=8, max_queue_delay_ms=10) as c:
+        results: dict[int, np.ndarray] = {}
+        lock = threading.Lock()
+
+        def client(k: int) -> None:
+            for i in range(k, len(spans), 6):
+                a, b = spans[i]
+                outs = ["logits"] if i % 2 else []
+                r = c.infer(InferRequest(MODEL, {"input": x[a:b]}, outputs=outs), timeout=30)
+                with lock:
+                    results[i] = r.outputs["logits"]
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, (a, b) in enumerate(spans):
+            np.testing.assert_allclose(results[i], ref[a:b], rtol=1e-4, atol=1e-4)
+        stats = c.stats()
+        assert max(stats["batch_rows"]) <= 8
+        assert stats["max_requests_per_batch"] > 1

@@ -423,7 +423,14 @@ class _ModelWorker:
                     pending.append(nxt)
                     if len(pending) >= limit:
                         break
-            self._execute(batch)
+            try:
+                self._execute(batch)
+            except Exception as exc:  # a bug here must not leave callers waiting forever
+                log.exception("batcher for model '%s' failed", self.entry.name)
+                for it in batch:
+                    if not it.future.done():
+                        err = RuntimeBackendError(f"model '{self.entry.name}' batch failed: {exc}")
+                        it.future.set_exception(err)
             if stop:
                 break
         for item in pending:
