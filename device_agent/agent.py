@@ -40,7 +40,7 @@ from device_agent.capture import HardExampleStore
 from device_agent.config import AgentConfig
 from device_agent.queue import DurableQueue
 from device_agent.server import LocalEndpoint
-from device_agent.serving import InferOutcome, LocalClient, Metrics, load_model
+from device_agent.serving import AgentClient, InferOutcome, Metrics, load_model
 from device_agent.store import DiskSpaceError, ModelStore, health_check
 from edgecloud.errors import (
     ConfigError,
@@ -113,11 +113,19 @@ class Agent:
             hard_cap_rows=q.hard_cap_rows,
         )
         self.metrics = Metrics()
-        self.client = LocalClient(
-            mode=config.policy.mode,
-            threshold=config.policy.threshold,
-            regions=tuple(r.name for r in config.regions),
+        pol = config.policy
+        #: The in-process client applications on the device call (a ``HybridClient``).
+        self.client = AgentClient(
+            mode=pol.mode,
+            threshold=pol.threshold,
+            regions=[
+                {"name": r.name, "endpoint": r.endpoint, "priority": r.priority,
+                 "model": r.model}
+                for r in config.regions
+            ],
             metrics=self.metrics,
+            deadline=pol.deadline_s,
+            max_concurrency=pol.max_concurrency,
         )
         self.capture: HardExampleStore | None = None
         if config.capture.enabled:
@@ -229,7 +237,8 @@ class Agent:
         return self._connected.is_set()
 
     def infer(self, inputs: Mapping[str, Any]) -> InferOutcome:
-        return self.client.infer(inputs)
+        """Answer one request with the active model (and the cloud, as the policy says)."""
+        return self.client.answer(inputs)
 
     @property
     def active_version(self) -> str:
@@ -735,15 +744,17 @@ class Agent:
     def _apply_policy(self, doc: Mapping[str, Any]) -> None:
         mode = doc.get("mode", self.client.mode)
         threshold = doc.get("threshold", self.client.threshold)
+        if threshold is None:
+            threshold = self.config.policy.threshold
         if mode not in _MODES:
             raise _Rejected(f"policy: 'mode' must be one of {list(_MODES)}, got {mode!r}")
-        if (
+        if threshold is not None and (
             isinstance(threshold, bool)
             or not isinstance(threshold, int | float)
             or not 0.0 <= float(threshold) <= 1.0
         ):
             raise _Rejected(f"policy: 'threshold' must be a number in [0, 1], got {threshold!r}")
-        self.client.set_policy(str(mode), float(threshold))
+        self.client.set_policy(str(mode), None if threshold is None else float(threshold))
 
     def _handle_desired(self, desired: DesiredState) -> None:
         """Act on the delta between desired and actual, then report what we run."""

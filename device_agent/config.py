@@ -82,7 +82,9 @@ class StoreConfig:
 @dataclass(frozen=True)
 class PolicyConfig:
     mode: str = "edge_first"
-    threshold: float = 0.6
+    threshold: float | None = None
+    deadline_s: float | None = 1.0
+    max_concurrency: int = 1
 
 
 @dataclass(frozen=True)
@@ -207,11 +209,16 @@ class AgentConfig:
         )
 
         po = r.section("policy", required=False)
-        po.known("mode", "threshold")
+        po.known("mode", "threshold", "deadline_s", "max_concurrency")
         mode = po.string("mode", "edge_first")
         if mode not in _MODES:
             raise ConfigError(f"policy.mode: expected one of {list(_MODES)}, got {mode!r}")
-        policy = PolicyConfig(mode=mode, threshold=po.number("threshold", 0.6, lo=0.0, hi=1.0))
+        policy = PolicyConfig(
+            mode=mode,
+            threshold=po.number("threshold", 0.0, lo=0.0, hi=1.0) if "threshold" in po.d else None,
+            deadline_s=po.number("deadline_s", 1.0, lo=0.001) if "deadline_s" in po.d else 1.0,
+            max_concurrency=int(po.number("max_concurrency", 1, lo=1, hi=1024, integer=True)),
+        )
 
         regions: list[RegionConfig] = []
         raw_regions = d.get("regions", [])

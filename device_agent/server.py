@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.serving import LocalClient
+from device_agent.serving import AgentClient
 from edgecloud.errors import EdgeCloudError, InputError, ProtocolError, RuntimeBackendError
 from edgecloud.transport.v2 import (
     DTYPE_TO_V2,
@@ -154,7 +154,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             header_length = int(hl) if hl is not None else None
             req = decode_request(body, header_length, model=man.name, version=m.group(2))
-            outcome = ep.client.infer(req.inputs)
+            outcome = ep.client.answer(req.inputs)
         except ValueError as exc:  # bad header length, or an InputError (a ValueError)
             self._error(400, str(exc))
             return
@@ -174,7 +174,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(400, f"unknown output(s) {unknown}; the model has {list(outputs)}")
                 return
             outputs = {n: outputs[n] for n in req.outputs}
-        params: dict[str, Any] = {"route": outcome.route}
+        params: dict[str, Any] = {
+            "route": outcome.route, "source": outcome.result.source,
+            "reason": str(outcome.result.reason),
+        }
         if outcome.confidence is not None:
             params["confidence"] = outcome.confidence
         resp = InferResponse(
@@ -225,7 +228,7 @@ class LocalEndpoint:
 
     def __init__(
         self,
-        client: LocalClient,
+        client: AgentClient,
         *,
         host: str = "127.0.0.1",
         port: int = 0,

@@ -1,35 +1,33 @@
 """Local inference on the device: the client bound to the active model, and its metrics.
 
-``LocalClient`` is what applications on the device call (in process as ``agent.client``, or over
-the local V2 endpoint). Its model can be replaced while requests run: ``swap_model`` exchanges
-one reference under a lock, a request reads that reference once at its start, so requests in
-flight finish on the old model and new ones use the new one; the old backend is closed only
-when its last request has returned (``retire``), so no request fails because of a deployment.
-
-Routing beyond the device (cloud regions, confidence threshold) belongs to
-``edgecloud.client.HybridClient``; until the agent is wired to it, an answer whose confidence is
-below the threshold is still answered locally and counted as ``degraded`` when regions are
-configured but unreachable from here (see docs/agent.md).
+``AgentClient`` is the SDK's ``HybridClient`` (routing, cloud fallback, atomic ``swap_model``)
+with what the agent adds: every answer is counted for telemetry and ``/metrics``, offered to
+hard-example capture, and tagged with the version of the model that produced it, so the local
+V2 endpoint can say which version answered even while a deployment swaps models underneath.
+Applications on the device call it in process as ``agent.client``; other processes reach it
+through the local V2 endpoint. An old backend is closed only once its last request has
+returned (``retire``), so no request fails because of a deployment.
 """
 
 from __future__ import annotations
 
 import bisect
-import math
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from edgecloud.errors import RuntimeBackendError
+from edgecloud.client import HybridClient, HybridResult
+from edgecloud.errors import ConfigError
 from edgecloud.package import Manifest, ModelPackage
+from edgecloud.routing.modes import parse_mode
 from edgecloud.runtime.base import Backend
 
-__all__ = ["InferOutcome", "LocalClient", "Metrics", "confidence_of", "load_model"]
+__all__ = ["AgentClient", "InferOutcome", "Metrics", "load_model"]
 
 _CONF_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 _LAT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -42,24 +40,6 @@ def load_model(pkg: ModelPackage) -> Backend:
     return loader.load_backend(pkg, public_key=None, warmup=True)
 
 
-def confidence_of(outputs: Mapping[str, np.ndarray], manifest: Manifest) -> float | None:
-    """The top-1 probability of the first sample (softmax of logits), or None if undefined."""
-    if manifest.confidence == "none":
-        return None
-    arr = outputs.get(manifest.score_output)
-    if arr is None:
-        return None
-    a = np.asarray(arr, dtype=np.float64)
-    if a.ndim == 0 or a.size == 0:
-        return None
-    row = a.reshape(-1, a.shape[-1])[0]
-    if manifest.confidence == "logits":
-        e = np.exp(row - row.max())
-        row = e / e.sum()
-    c = float(row.max())
-    return c if math.isfinite(c) else None
-
-
 @dataclass(frozen=True)
 class InferOutcome:
     outputs: dict[str, np.ndarray]
@@ -68,6 +48,7 @@ class InferOutcome:
     route: str
     confidence: float | None
     latency_s: float
+    result: HybridResult
 
 
 class Metrics:
@@ -169,117 +150,124 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-class _Slot:
-    """One loaded model and the number of requests running on it."""
+class _Tagged(Backend):
+    """A loaded backend that records, per thread, which model version ran the request."""
 
-    __slots__ = ("backend", "drained", "inflight", "manifest")
+    def __init__(self, inner: Backend, version: str) -> None:
+        super().__init__(inner.input_specs, inner.output_specs, policy=inner.policy)
+        self.inner = inner
+        self.kind = inner.kind
+        self.version = version
 
-    def __init__(self, backend: Backend, manifest: Manifest) -> None:
-        self.backend = backend
-        self.manifest = manifest
-        self.inflight = 0
-        self.drained = threading.Condition(threading.Lock())
+    def validate(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        return self.inner.validate(inputs)
+
+    def run_validated(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        _served.version = self.version
+        return self.inner.run_validated(inputs)
+
+    def _infer_impl(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        _served.version = self.version
+        return self.inner.run_validated(inputs)
+
+    def close(self) -> None:
+        super().close()
+        self.inner.close()
 
 
-class LocalClient:
-    """The device's inference client, bound to the agent's active model."""
+_served = threading.local()
+
+
+class AgentClient(HybridClient):
+    """``HybridClient`` bound to the agent's active model; see the module docstring."""
 
     def __init__(
         self,
-        backend: Backend | None = None,
-        manifest: Manifest | None = None,
         *,
         mode: str = "edge_first",
-        threshold: float = 0.6,
-        regions: tuple[str, ...] = (),
+        threshold: float | None = None,
+        regions: Sequence[Mapping[str, Any]] = (),
         metrics: Metrics | None = None,
+        **kwargs: Any,
     ) -> None:
-        self._lock = threading.Lock()
-        self._slot = _Slot(backend, manifest) if backend is not None and manifest else None
-        self._retiring: dict[int, _Slot] = {}
-        self.mode = mode
-        self.threshold = threshold
-        self.regions = regions
+        super().__init__(mode=mode, threshold=threshold, regions=regions, **kwargs)
         self.metrics = metrics or Metrics()
-        self.on_answer: list[Any] = []
+        self.on_answer: list[Callable[[Mapping[str, Any], InferOutcome], None]] = []
+        self._policy_threshold = threshold
 
     @property
-    def manifest(self) -> Manifest | None:
-        s = self._slot
-        return s.manifest if s is not None else None
+    def threshold(self) -> float | None:
+        slot = self._slot
+        return slot.threshold if slot is not None else self._policy_threshold
 
     @property
-    def backend(self) -> Backend | None:
-        s = self._slot
-        return s.backend if s is not None else None
+    def mode(self) -> str:
+        return str(self._mode.value)
 
-    def set_policy(self, mode: str, threshold: float) -> None:
-        self.mode = mode
-        self.threshold = threshold
+    def set_policy(self, mode: str, threshold: float | None) -> None:
+        """Apply a routing policy from the fleet to new requests."""
+        try:
+            parsed = parse_mode(mode)
+        except (ConfigError, ValueError) as exc:
+            raise ConfigError(f"policy mode: {exc}") from exc
+        self._mode = parsed
+        self._threshold = threshold
+        self._policy_threshold = threshold
+        slot = self._slot
+        if slot is not None and threshold is not None:
+            slot.threshold = float(threshold)
 
     def swap_model(self, backend: Backend, manifest: Manifest) -> Backend | None:
         """Make ``backend`` serve new requests; return the old one (still finishing requests)."""
-        new = _Slot(backend, manifest)
-        with self._lock:
-            old, self._slot = self._slot, new
-            if old is not None:
-                self._retiring[id(old.backend)] = old
-        return old.backend if old is not None else None
+        tagged = backend if isinstance(backend, _Tagged) else _Tagged(backend, manifest.version)
+        return super().swap_model(tagged, manifest)
 
     def retire(self, backend: Backend, timeout: float = 60.0) -> bool:
         """Close ``backend`` once its in-flight requests are done (or after ``timeout``)."""
-        with self._lock:
-            slot = self._retiring.pop(id(backend), None)
-        if slot is None:
-            backend.close()
-            return True
-        with slot.drained:
-            done = slot.drained.wait_for(lambda: slot.inflight == 0, timeout=timeout)
-        slot.backend.close()
-        return bool(done)
+        done = self.wait_drained(backend, timeout)
+        backend.close()
+        return done
 
-    def infer(self, inputs: Mapping[str, Any]) -> InferOutcome:
-        """Run the active model; the model is chosen once, at the start of the request."""
-        with self._lock:
-            slot = self._slot
-            if slot is None:
-                raise RuntimeBackendError("no model is active on this device yet")
-            with slot.drained:
-                slot.inflight += 1
+    def infer(
+        self, inputs: Mapping[str, Any], *, deadline: float | None = None, mode: Any = None
+    ) -> HybridResult:
+        return self.answer(inputs, deadline=deadline, mode=mode).result
+
+    def answer(
+        self, inputs: Mapping[str, Any], *, deadline: float | None = None, mode: Any = None
+    ) -> InferOutcome:
+        """``infer`` plus the version that answered and the route taken, for the endpoint."""
+        _served.version = None
         t0 = time.perf_counter()
         try:
-            outputs = slot.backend.infer(inputs)
+            r = super().infer(inputs, deadline=deadline, mode=mode)
         except Exception:
             self.metrics.error()
             raise
-        finally:
-            with slot.drained:
-                slot.inflight -= 1
-                if slot.inflight == 0:
-                    slot.drained.notify_all()
         dt = time.perf_counter() - t0
-        conf = confidence_of(outputs, slot.manifest)
-        route = "edge"
-        if conf is not None and conf < self.threshold and self.regions and self.mode != "edge_only":
-            route = "degraded"
-        self.metrics.observe(route, conf, dt)
+        route = "degraded" if r.degraded else ("cloud" if r.region is not None else "edge")
+        self.metrics.observe(route, r.confidence, dt)
+        version = _served.version
+        if version is None:
+            m = self.manifest
+            version = m.version if m is not None else ""
         outcome = InferOutcome(
-            outputs=outputs,
-            model=slot.manifest.name,
-            version=slot.manifest.version,
+            outputs=r.outputs,
+            model=r.model or (self.manifest.name if self.manifest else ""),
+            version=str(version),
             route=route,
-            confidence=conf,
+            confidence=r.confidence,
             latency_s=dt,
+            result=r,
         )
         for hook in self.on_answer:
             hook(inputs, outcome)
         return outcome
 
     def close(self) -> None:
-        with self._lock:
-            slot, self._slot = self._slot, None
-            retiring = list(self._retiring.values())
-            self._retiring.clear()
-        for s in ([slot] if slot else []) + retiring:
-            s.backend.close()
-
+        backend = self.backend
+        retired = [s.backend for s in self._retired]
+        super().close()
+        for b in [backend, *retired]:
+            if b is not None:
+                b.close()

@@ -43,7 +43,10 @@ def setup(tmp_path: Path, mosquitto: MosquittoBroker) -> Iterator[tuple[Agent, O
     cfg = write_config(
         tmp_path / "agent.toml", device=DEV, broker_url=mosquitto.url,
         store=tmp_path / "store", public_key=keys.public,
-        extra='[capture]\nenabled = true\nthreshold = 0.9\nmax_count = 5\n',
+        extra=(
+            "[capture]\nenabled = true\nthreshold = 0.9\nmax_count = 5\n"
+            "[policy]\nthreshold = 0.0\nmax_concurrency = 2\n"
+        ),
     )
     obs = Observer(mosquitto.host, mosquitto.port)
     agent = Agent(load_config(cfg)).start()
@@ -79,6 +82,7 @@ def test_v2_json_binary_metadata_errors_and_metrics(
         got = np.asarray(d["outputs"][0]["data"], dtype=np.float32).reshape(3, 10)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
         assert d["parameters"]["route"] == "edge"
+        assert d["parameters"]["source"] == "edge"
         # binary extension both ways
         data, hl = encode_request(
             InferRequest("digits", {"input": x}), binary=True, binary_outputs=True

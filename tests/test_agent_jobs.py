@@ -76,7 +76,7 @@ def test_deploy_rollback_and_restart_keep_active_version(
     assert states == ["IN_PROGRESS", "SUCCEEDED"]
     assert agent.active_version == "1.0.0"
     x = val_inputs(4)
-    out = agent.client.infer({"input": x})
+    out = agent.infer({"input": x})
     assert out.outputs["logits"].shape == (4, 10)
     assert out.version == "1.0.0"
 
@@ -102,7 +102,7 @@ def test_deploy_rollback_and_restart_keep_active_version(
     agent.stop()
     again = agent_factory()
     assert again.active_version == "1.0.0"
-    assert again.client.infer({"input": x}).version == "1.0.0"
+    assert again.infer({"input": x}).version == "1.0.0"
     # a job that finished before the restart is reported again, not redone
     send_job(observer, DEV, "job-2", "deploy", package_url=v2.as_uri(), version="2.0.0")
     observer.wait(lambda: len(observer.job_states("job-2")) >= 3, what="repeated report")
@@ -142,7 +142,7 @@ def test_tampered_and_unhealthy_packages_leave_old_version_serving(
     assert done["status"] == "FAILED"
     assert "warm-up" in done["reason"]
     assert agent.active_version == "1.0.0"
-    assert agent.client.infer({"input": val_inputs(2)}).version == "1.0.0"
+    assert agent.infer({"input": val_inputs(2)}).version == "1.0.0"
     # a failed deployment overwrote the idle slot: rollback must refuse, not activate it
     send_job(observer, DEV, "rb", "rollback")
     assert observer.wait_job("rb")["status"] == "FAILED"
