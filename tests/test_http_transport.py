@@ -127,7 +127,7 @@ def test_killed_server_is_connection_failed_then_recovers(repo: Path, x: np.ndar
 
 def test_slow_region_times_out_within_the_deadline(repo: Path, x: np.ndarray) -> None:
     with (
-        running_cloud_server(repo, region="far", latency_ms=400, subprocess=False) as srv,
+        running_cloud_server(repo, region="far", latency_ms=400) as srv,  # --latency-ms 400
         HttpTransport(srv.url, region="far") as t,
     ):
         t0 = time.monotonic()
