@@ -497,6 +497,7 @@ class MqttConnection:
         self.fatal: TransportError | None = None
         self.last_error: TransportError | None = None
         self._cond = threading.Condition()
+        self._state_cond = threading.Condition()
         self._subacks: dict[int, ReasonCode] = {}
         self._early_acks: dict[int, ReasonCode] = {}
         self._publish_cbs: dict[int, Callable[[ReasonCode], None]] = {}
@@ -532,7 +533,14 @@ class MqttConnection:
 
     def wait_connected(self, timeout: float) -> None:
         """Block until connected; raise the refusal or failure that kept us from it."""
-        if self._connected.wait(timeout):
+        deadline = time.monotonic() + timeout
+        with self._state_cond:
+            while not self._connected.is_set() and self.fatal is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._state_cond.wait(left)
+        if self._connected.is_set():
             return
         if self.fatal is not None:
             raise self.fatal
@@ -628,6 +636,8 @@ class MqttConnection:
     def _connect_failed(self, err: TransportError) -> None:
         self.last_error = err
         self._first_result.set()
+        with self._state_cond:
+            self._state_cond.notify_all()
         self._schedule_reconnect()
 
     def _schedule_reconnect(self) -> None:
@@ -667,9 +677,10 @@ class MqttConnection:
         err = ConnectionFailed(
             f"MQTT connection to {self.settings.url} lost ({rc})", region=self.region
         )
-        if was:
+        if was or self.last_error is None:
             self.last_error = err
-            self._notify(False, err)
+        self._first_result.set()  # a first attempt that ended in a disconnect is an outcome too
+        self._notify(False, err)
         with self._lock:
             self._publish_cbs.clear()
         if not self._closing and self.fatal is None:
@@ -710,6 +721,8 @@ class MqttConnection:
             cb(rc)
 
     def _notify(self, up: bool, err: TransportError | None) -> None:
+        with self._state_cond:
+            self._state_cond.notify_all()
         if self._on_state is not None:
             try:
                 self._on_state(up, err)
