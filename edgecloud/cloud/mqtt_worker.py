@@ -55,6 +55,7 @@ from edgecloud.transport.mqtt import (
     PROP_STATUS,
     PROP_TRACE,
     PROP_VERSION,
+    PROP_WORKER,
 )
 from edgecloud.transport.v2 import (
     HEADER_LENGTH,
@@ -349,7 +350,12 @@ class MqttWorker:
         props = publish_properties()
         if ctx.corr is not None:
             props.CorrelationData = ctx.corr
-        user = [(PROP_STATUS, str(status)), (PROP_MODEL, ctx.model), (PROP_TRACE, ctx.trace)]
+        user = [
+            (PROP_STATUS, str(status)),
+            (PROP_MODEL, ctx.model),
+            (PROP_TRACE, ctx.trace),
+            (PROP_WORKER, self.client_id),
+        ]
         if header_len is not None:
             user.append((HEADER_LENGTH, str(header_len)))
         props.UserProperty = user

@@ -65,6 +65,7 @@ __all__ = [
     "PROP_STATUS",
     "PROP_TRACE",
     "PROP_VERSION",
+    "PROP_WORKER",
     "MqttTransport",
 ]
 
@@ -77,6 +78,7 @@ PROP_TRACE = "trace-id"
 PROP_DEADLINE = "deadline-ms"
 PROP_STATUS = "status"
 PROP_BINARY_THRESHOLD = "binary-threshold"
+PROP_WORKER = "worker"
 
 
 @dataclass
