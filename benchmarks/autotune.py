@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -34,10 +35,54 @@ DATA = ROOT / "samples" / "data"
 class Scenario:
     name: str
     model: Path
-    data: str
+    data: str  # samples/data/<data>_{calib,val}.npz, or "synthetic224" (random images)
     task: str
     int8: str
     tight: bool  # tolerance below the best full-INT8 loss (exclusions needed)
+    latency_batch: int = 32
+    budget: str = "30,120s"
+    max_isolated: int = 64
+
+    def calib(self) -> Any:
+        return _synthetic(32, 1) if self.data == "synthetic224" else DATA / f"{self.data}_calib.npz"
+
+    def val(self) -> Any:
+        return _synthetic(16, 2) if self.data == "synthetic224" else DATA / f"{self.data}_val.npz"
+
+    def val_inputs(self, n: int) -> Any:
+        import numpy as np
+
+        if self.data == "synthetic224":
+            return _synthetic(n, 2).inputs["input"]
+        return np.ascontiguousarray(np.load(DATA / f"{self.data}_val.npz")["input"][:n])
+
+
+def _synthetic(n: int, seed: int) -> Any:
+    """Standard-normal 3x224x224 "images" for the random-weight ResNet (no labels)."""
+    import numpy as np
+
+    from converters.data import Dataset
+
+    rng = np.random.default_rng(seed)
+    return Dataset({"input": rng.standard_normal((n, 3, 224, 224), dtype=np.float32)}, None,
+                   f"synthetic normal 3x224x224 (seed {seed})")
+
+
+def _resnet_scenario(work: Path) -> Scenario:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_bench_build_resnet18", ROOT / "samples" / "build_resnet18.py"
+    )
+    if spec is None or spec.loader is None:
+        raise ImportError("samples/build_resnet18.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    path = Path(mod.build_resnet18(work / "resnet18.onnx", seed=0))
+    return Scenario("ResNet-18 224 static, default fails (rel. L2)", path, "synthetic224",
+                    "regression", "auto", True, latency_batch=1, budget="12,600s",
+                    max_isolated=12)
 
 
 SCENARIOS = [
@@ -58,9 +103,9 @@ def _default_conversion(sc: Scenario, work: Path, threads: int) -> dict[str, Any
     from converters.search_space import candidates
 
     t0 = time.perf_counter()  # a whole conversion: checks, pre-processing, reference, default
-    ctx = prepare(sc.model, DATA / f"{sc.data}_calib.npz", DATA / f"{sc.data}_val.npz",
+    ctx = prepare(sc.model, sc.calib(), sc.val(),
                   work_dir=work, task=sc.task, int8=sc.int8,  # type: ignore[arg-type]
-                  threads=threads)
+                  threads=threads, latency_batch=sc.latency_batch)
     cands = candidates(ctx.profile, ctx.families)
     path = ctx.quantizer.quantize(cands[0], work / "default.onnx")
     ev = ctx.evaluator.evaluate(path)
@@ -82,18 +127,17 @@ def _default_conversion(sc: Scenario, work: Path, threads: int) -> dict[str, Any
     }
 
 
-def _interleaved_latency(paths: list[Path], data: str, threads: int, rounds: int) -> list[float]:
-    """Median batch-32 latency (ms) per model, measured in interleaved rounds.
+def _interleaved_latency(paths: list[Path], sc: Scenario, threads: int, rounds: int) -> list[float]:
+    """Median latency (ms) per model at the scenario's batch, in interleaved rounds.
 
     Round r times every model before round r + 1, so a burst of someone else's work on the
     shared CPU hits all of them alike instead of one.
     """
     import statistics
 
-    import numpy as np
     import onnxruntime as ort
 
-    x = np.ascontiguousarray(np.load(DATA / f"{data}_val.npz")["input"][:32])
+    x = sc.val_inputs(sc.latency_batch)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
@@ -105,7 +149,7 @@ def _interleaved_latency(paths: list[Path], data: str, threads: int, rounds: int
     for _ in range(rounds):
         for i, s in enumerate(sessions):
             times = []
-            for _ in range(5):
+            for _ in range(5 if sc.latency_batch > 1 else 2):
                 t0 = time.perf_counter()
                 s.run(None, {"input": x})
                 times.append(time.perf_counter() - t0)
@@ -122,8 +166,9 @@ def _no_reuse_seconds(sc: Scenario, result: Any, work: Path, threads: int) -> fl
     static = [t for t in result.trials if t.family == "static"]
     if len(static) < 2:
         return None
-    ctx = prepare(sc.model, DATA / f"{sc.data}_calib.npz", DATA / f"{sc.data}_val.npz",
-                  work_dir=work, task=sc.task, int8="static", threads=threads)
+    ctx = prepare(sc.model, sc.calib(), sc.val(),
+                  work_dir=work, task=sc.task, int8="static", threads=threads,
+                  latency_batch=sc.latency_batch)
     t0 = time.perf_counter()
     for i, t in enumerate(static):
         s = dict(t.settings)
@@ -143,23 +188,28 @@ def _no_reuse_seconds(sc: Scenario, result: Any, work: Path, threads: int) -> fl
     return time.perf_counter() - t0
 
 
-def run(quick: bool, threads: int) -> list[dict[str, Any]]:
+def run(quick: bool, threads: int, resnet: bool = False) -> list[dict[str, Any]]:
     from converters.autotune import autotune
 
     rows = []
+    scenarios = SCENARIOS[:1] if quick else list(SCENARIOS)
+    build = tempfile.TemporaryDirectory(prefix="bench-autotune-r18-")
+    if resnet:
+        scenarios.append(_resnet_scenario(Path(build.name)))
     with tempfile.TemporaryDirectory(prefix="bench-autotune-warm-") as tmp:
         # imports and first-session costs are paid here, not by the first scenario's baseline
         _default_conversion(SCENARIOS[-1], Path(tmp), threads)
-    for sc in SCENARIOS[:1] if quick else SCENARIOS:
+    for sc in scenarios:
         with tempfile.TemporaryDirectory(prefix="bench-autotune-") as tmp:
             work = Path(tmp)
             base = _default_conversion(sc, work / "default", threads)
             tolerance = 0.8 * base["best_full_loss"] if sc.tight else 1.0
             t0 = time.perf_counter()
             result = autotune(
-                sc.model, DATA / f"{sc.data}_calib.npz", DATA / f"{sc.data}_val.npz",
+                sc.model, sc.calib(), sc.val(),
                 tolerance=tolerance, task=sc.task, int8=sc.int8,  # type: ignore[arg-type]
-                budget="30,120s", threads=threads, check=False, work_dir=work / "search",
+                budget=sc.budget, threads=threads, check=False, work_dir=work / "search",
+                latency_batch=sc.latency_batch, max_isolated=sc.max_isolated,
             )
             wall = time.perf_counter() - t0
             static_trials = sum(t.family == "static" for t in result.trials)
@@ -170,7 +220,8 @@ def run(quick: bool, threads: int) -> list[dict[str, Any]]:
             ch = result.chosen
             if ch is not None and ch.path is not None:
                 fp32_ms, default_ms, chosen_ms = _interleaved_latency(
-                    [base["fp32"], base["path"], ch.path], sc.data, threads, 5 if quick else 30
+                    [base["fp32"], base["path"], ch.path], sc, threads,
+                    5 if quick or sc.latency_batch == 1 else 30,
                 )
                 base["fp32_latency"], base["latency"] = fp32_ms, default_ms
                 ch = replace(ch, latency_ms=chosen_ms)
@@ -189,7 +240,9 @@ def run(quick: bool, threads: int) -> list[dict[str, Any]]:
                 "static_trials": static_trials,
                 "static_seconds_reuse": with_reuse,
                 "static_seconds_no_reuse": no_reuse,
+                "latency_batch": sc.latency_batch,
             })
+    build.cleanup()
     return rows
 
 
@@ -212,8 +265,9 @@ def report(rows: list[dict[str, Any]], threads: int) -> str:
         d, c = r["default"], r["chosen"]
         ratio = r["wall"] / d["seconds"] if d["seconds"] else None
         lat_ratio = (c["latency"] / d["latency"]) if c and c["latency"] and d["latency"] else None
+        batch = "" if r["latency_batch"] == 32 else f" [batch {r['latency_batch']}]"
         lines.append(
-            f"| {r['scenario']} | {d['metric']} | {r['tolerance']:.3f} | {d['label']}, "
+            f"| {r['scenario']}{batch} | {d['metric']} | {r['tolerance']:.3f} | {d['label']}, "
             f"{d['loss']:.3f} ({'pass' if d['loss'] <= r['tolerance'] else 'fail'}) | "
             f"{r['trials']} | {r['wall']:.2f} (x{_f(ratio, '.1f')}; "
             f"x{_f(ratio / r['trials'] if ratio else None, '.2f')}) | "
@@ -238,8 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="encoder scenario only (for tests)")
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    ap.add_argument("--resnet", action="store_true",
+                    help="add a ResNet-18 at 224x224 (random weights, synthetic data; minutes)")
     args = ap.parse_args(argv)
-    rows = run(args.quick, args.threads)
+    rows = run(args.quick, args.threads, args.resnet)
     print(report(rows, args.threads))
     return 0 if all(r["passed"] for r in rows) else 1
 
