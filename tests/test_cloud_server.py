@@ -455,3 +455,13 @@ def test_cli_serves_http_and_mqtt_from_one_core(
     np.testing.assert_array_equal(via_http.outputs["logits"], via_mqtt.outputs["logits"])
     # Both requests went through the one core's batcher.
     assert _metric(text, "edgecloud_cloud_batch_requests_sum", model=MODEL) >= 2
+
+
+def test_expired_v2_timeout_parameter_is_504(client: httpx.Client, x: np.ndarray) -> None:
+    tensor = {"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8]}
+    body = {"inputs": [dict(tensor, data=x[0].ravel().tolist())], "parameters": {"timeout": 1}}
+    r = client.post(f"/v2/models/{MODEL}/infer", json=body)
+    assert r.status_code == 504
+    assert "expired" in r.json()["error"]
+    body["parameters"] = {"timeout": 5_000_000}
+    assert client.post(f"/v2/models/{MODEL}/infer", json=body).status_code == 200

@@ -239,3 +239,28 @@ def test_error_mapping_table(foreign: type[Exception], ours: type[TransportError
     assert type(err) is ours
     assert err.region == "r2"
     assert "boom" in str(err)
+
+
+def test_deadline_travels_as_the_v2_timeout_parameter(
+    server: InProcessServer, x: np.ndarray
+) -> None:
+    import json
+
+    bodies: list[dict[str, object]] = []
+
+    def keep(request: httpx.Request) -> None:
+        bodies.append(json.loads(request.content))
+
+    for propagate in (True, False):
+        with HttpTransport(server.url, region="r1", token="tok", propagate_deadline=propagate) as t:
+            t._client.event_hooks["request"] = [keep]
+            t.infer(InferRequest(MODEL, {"input": x[:1]}), timeout=2.5)
+            t.infer(
+                InferRequest(MODEL, {"input": x[:1]}, parameters={"timeout": 9_000_000}),
+                timeout=2.5,
+            )
+    with_deadline, own, without, own2 = (b.get("parameters", {}) for b in bodies)
+    assert 2_000_000 < with_deadline["timeout"] <= 2_500_000  # type: ignore[index]
+    assert own == {"timeout": 9_000_000}
+    assert "timeout" not in without
+    assert own2 == {"timeout": 9_000_000}

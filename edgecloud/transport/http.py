@@ -25,6 +25,7 @@ in one place, ``_translate``, into the edgecloud tree, each error carrying the r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
@@ -108,6 +109,7 @@ class _Common:
     """Request building and response checking shared by the sync and async transports."""
 
     region: str
+    propagate_deadline: bool = True
 
     def _setup(
         self,
@@ -136,8 +138,13 @@ class _Common:
             headers["Authorization"] = f"Bearer {token}"
         return headers
 
-    def _build(self, request: InferRequest) -> tuple[str, bytes, dict[str, str]]:
+    def _build(self, request: InferRequest, timeout: float) -> tuple[str, bytes, dict[str, str]]:
         version = request.version or self.model_version
+        if self.propagate_deadline and "timeout" not in request.parameters and timeout > 0:
+            # V2 schedule-policy parameter (microseconds, as Triton reads it): the server may drop
+            # the request once the caller has given up on it instead of computing it anyway.
+            params = {**request.parameters, "timeout": max(1, int(timeout * 1e6))}
+            request = dataclasses.replace(request, parameters=params)
         binary = any(a.nbytes >= self.binary_threshold for a in request.inputs.values())
         with _codec(self.region):
             body, hl = encode_request(
@@ -184,6 +191,9 @@ class HttpTransport(_Common, Transport):
     """A V2 HTTP client for one region, with a pool of keep-alive connections.
 
     ``model_version`` pins a version for requests that name none (otherwise the server's latest).
+    ``propagate_deadline`` sends the remaining deadline as the V2 ``timeout`` request parameter
+    (microseconds; Triton's schedule-policy extension, honoured by edgecloud's server, ignored by
+    servers that do not know it) unless the request sets one itself.
     Thread-safe: httpx.Client may be shared by the router's threads.
     """
 
@@ -198,10 +208,12 @@ class HttpTransport(_Common, Transport):
         max_connections: int = 16,
         connect_timeout: float = 2.0,
         verify: bool | str = True,
+        propagate_deadline: bool = True,
     ) -> None:
         headers = self._setup(
             endpoint, region, token, model_version, binary_threshold, connect_timeout
         )
+        self.propagate_deadline = propagate_deadline
         self._client = httpx.Client(
             base_url=self.endpoint,
             headers=headers,
@@ -214,7 +226,7 @@ class HttpTransport(_Common, Transport):
         )
 
     def infer(self, request: InferRequest, *, timeout: float) -> InferResponse:
-        path, body, headers = self._build(request)
+        path, body, headers = self._build(request, timeout)
         with _translate(self.region):
             resp = self._client.post(
                 path,
@@ -274,10 +286,12 @@ class AsyncHttpTransport(_Common):
         max_connections: int = 16,
         connect_timeout: float = 2.0,
         verify: bool | str = True,
+        propagate_deadline: bool = True,
     ) -> None:
         headers = self._setup(
             endpoint, region, token, model_version, binary_threshold, connect_timeout
         )
+        self.propagate_deadline = propagate_deadline
         self._client = httpx.AsyncClient(
             base_url=self.endpoint,
             headers=headers,
@@ -290,7 +304,7 @@ class AsyncHttpTransport(_Common):
         )
 
     async def ainfer(self, request: InferRequest, *, timeout: float) -> InferResponse:
-        path, body, headers = self._build(request)
+        path, body, headers = self._build(request, timeout)
         with _translate(self.region):
             resp = await self._client.post(
                 path,
