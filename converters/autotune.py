@@ -419,6 +419,7 @@ def autotune(
     latency_batch: int = 32,
     max_isolated: int = 64,
     check: bool = True,
+    emit_best: bool = False,
     reporter: Reporter | None = None,
 ) -> SearchResult:
     """Find the fastest INT8 variant of ``model_path`` whose loss is within ``tolerance`` %.
@@ -430,6 +431,8 @@ def autotune(
     The chosen variant is copied to ``output``; the JSON report is written to ``report`` (also
     when nothing passed). ``check``: raise ValidationError when nothing passed.
     ``latency_batch``: the batch size latency is measured at (32; 1 for large models).
+    ``emit_best``: when nothing passed, still copy the lowest-loss trial to ``output`` (for a
+    converter that reports it as refused, or keeps it marked rejected).
     """
     reporter = reporter or NullReporter()
     if isinstance(budget, int):
@@ -468,10 +471,13 @@ def autotune(
         result.chosen = _choose(result.trials)
         result.calibrations = ctx.quantizer.calibrations
         result.seconds = time.monotonic() - started
-        if result.chosen is not None and output is not None and result.chosen.path is not None:
+        emit = result.chosen if result.chosen is not None else (
+            result.best if emit_best else None
+        )
+        if emit is not None and output is not None and emit.path is not None:
             output = Path(output)
             output.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(result.chosen.path, output)
+            shutil.copyfile(emit.path, output)
             result.output = output
         if work_dir is None:  # trial files vanish with the temp dir
             result.trials = [_without_path(t) for t in result.trials]

@@ -334,3 +334,17 @@ def test_table_and_cli_entry_point_for_convert(
     text = console.export_text()
     assert "*1" in text
     assert "yes" in text
+
+
+def test_emit_best_writes_the_lowest_loss_trial_when_nothing_passes(tmp_path: Path) -> None:
+    out = tmp_path / "best.onnx"
+    result = autotune(
+        MLP, DATA / "edge_calib.npz", DATA / "edge_val.npz", tolerance=0.0, task="regression",
+        int8="dynamic", budget=2, output=out, check=False, emit_best=True,
+    )
+    assert not result.passed
+    best = result.best
+    assert best is not None
+    assert best.loss_pct == min(t.loss_pct for t in result.trials)
+    assert result.output == out
+    assert 100 * _rel_l2_against_fp32(out, MLP, "edge") == pytest.approx(best.loss_pct, rel=0.01)
