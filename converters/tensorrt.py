@@ -373,6 +373,24 @@ def build_engine(
     return engine_facts(feats, gpu, settings, mode)
 
 
+def _latency_ms(backend: Any, val: Dataset, batch: int, runs: int) -> float:
+    """Median wall time of one engine run at ``batch`` (copies in and out included)."""
+    import statistics
+    import time
+
+    feed = {
+        k: np.ascontiguousarray(np.concatenate([v] * -(-batch // v.shape[0]))[:batch])
+        for k, v in val.take(batch).inputs.items()
+    }
+    backend.infer(feed)
+    times = []
+    for _ in range(max(3, runs)):
+        t0 = time.perf_counter()
+        backend.infer(feed)
+        times.append(time.perf_counter() - t0)
+    return 1000.0 * statistics.median(times)
+
+
 def build_variants(
     opts: ConvertOptions,
     rep: Reporter,
@@ -419,14 +437,23 @@ def build_variants(
             facts = build_engine(src, engine, settings, trt=trt, gpu=gpu)
             adv(1)
         backend = TensorRTBackend(engine, info.inputs, info.outputs)
+        lo, _, hi = opts.trt_batch
         try:
-            bs = opts.trt_batch[2]
             chunks: dict[str, list[np.ndarray]] = {}
             with rep.stage(f"validating {name}", len(val)) as adv:
-                for batch in val.batches(bs):
+                for batch in val.batches(hi):
+                    n = int(next(iter(batch.values())).shape[0])
+                    if n < lo:  # below the profile's minimum: pad by repetition, trim after
+                        reps = -(-lo // n)
+                        batch = {k: np.concatenate([v] * reps)[:lo] for k, v in batch.items()}
                     for k, v in backend.infer(batch).items():
-                        chunks.setdefault(k, []).append(v)
-                    adv(int(next(iter(batch.values())).shape[0]))
+                        chunks.setdefault(k, []).append(v[:n])
+                    adv(n)
+            latency = {
+                b: _latency_ms(backend, val, b, opts.latency_runs)
+                for b in (1, 32)
+                if lo <= b <= hi
+            }
         finally:
             backend.close()
         outputs = {k: np.concatenate(v) for k, v in chunks.items()}
@@ -440,6 +467,9 @@ def build_variants(
                     file=f"{name}.engine",
                     metrics=metrics,
                     gate=gate(metrics, task, opts.tolerance),
+                    # GPU latency; no speedup figure, FP32 was timed on the CPU
+                    latency_ms_b1=latency.get(1),
+                    latency_ms_b32=latency.get(32),
                     settings={"source": src.name, "workspace_mb": opts.trt_workspace_mb},
                     extra=facts,
                 ),
