@@ -465,3 +465,23 @@ def test_expired_v2_timeout_parameter_is_504(client: httpx.Client, x: np.ndarray
     assert "expired" in r.json()["error"]
     body["parameters"] = {"timeout": 5_000_000}
     assert client.post(f"/v2/models/{MODEL}/infer", json=body).status_code == 200
+
+
+def test_large_request_decoded_off_the_event_loop_is_exact(
+    client: httpx.Client, x: np.ndarray, reference: np.ndarray
+) -> None:
+    """A 1.7 MB JSON body and an 85 KB output take the thread-pool path; answers stay exact."""
+    big = np.concatenate([x] * 6)[:2100]
+    ref = np.concatenate([reference] * 6)[:2100]
+    tensor = {"name": "input", "datatype": "FP32", "shape": list(big.shape)}
+    r = client.post(
+        f"/v2/models/{MODEL}/infer",
+        json={"inputs": [dict(tensor, data=big.ravel().tolist())]},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    assert len(r.request.content) > 256 * 1024
+    out = r.json()["outputs"][0]
+    np.testing.assert_allclose(
+        np.array(out["data"], np.float32).reshape(out["shape"]), ref, rtol=1e-4, atol=1e-4
+    )

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 REGION_HEADER = "X-Edgecloud-Region"
+_OFFLOAD_BYTES = 256 * 1024  # bodies above this are decoded/encoded off the event loop
 
 Handler = Callable[["Request"], Awaitable["Response"]]
 
@@ -195,6 +196,7 @@ def create_app(
     """
     require("starlette", "cloud", "the cloud server")
     from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
     from starlette.requests import ClientDisconnect
     from starlette.responses import Response
     from starlette.routing import Route
@@ -320,7 +322,13 @@ def create_app(
             if not hl_text.strip().isdigit():
                 raise ProtocolError(f"{HEADER_LENGTH} must be a non-negative integer")
             header_length = int(hl_text)
-        req = decode_request(body, header_length, model=name, version=version)
+        if len(body) > _OFFLOAD_BYTES:
+            # Parsing megabytes of JSON would stall the event loop (and every health probe).
+            req = await run_in_threadpool(
+                decode_request, body, header_length, model=name, version=version
+            )
+        else:
+            req = decode_request(body, header_length, model=name, version=version)
         deadline = None
         timeout_us = req.parameters.get("timeout")
         if isinstance(timeout_us, int | float) and not isinstance(timeout_us, bool):
@@ -328,7 +336,10 @@ def create_app(
         binary = _binary_request(body, header_length, req.parameters)
         fut = core.submit(req, deadline=deadline)
         result = await asyncio.wrap_future(fut)
-        out, hl = encode_response_mixed(result, binary)
+        if sum(a.nbytes for a in result.outputs.values()) > _OFFLOAD_BYTES // 4:
+            out, hl = await run_in_threadpool(encode_response_mixed, result, binary)
+        else:
+            out, hl = encode_response_mixed(result, binary)
         if hl is None:
             return Response(out, media_type="application/json", headers=base_headers)
         return Response(
