@@ -482,7 +482,7 @@ def _run(
         from converters.tensorrt import build_variants
 
         built += build_variants(
-            opts, rep, info, work, built, val, reference, eval_labels, task, score, ref_b1, ref_b32
+            opts, rep, info, work, built, val, reference, eval_labels, task, score, calib=calib
         )
 
     # Slim files (names, duplicated metadata) before sizes are taken for the report.

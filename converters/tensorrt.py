@@ -54,6 +54,7 @@ __all__ = [
     "device_facts",
     "engine_compatible",
     "gpu_facts",
+    "quantize_for_tensorrt",
 ]
 
 log = logging.getLogger(__name__)
@@ -373,6 +374,27 @@ def build_engine(
     return engine_facts(feats, gpu, settings, mode)
 
 
+def quantize_for_tensorrt(fp32: Path, dst: Path, calib: Dataset, opts: ConvertOptions) -> Path:
+    """QDQ INT8 as TensorRT takes it: int8 activations and weights, symmetric (zero point 0).
+
+    Same calibration data, method, per-channel setting and exclusions as the CPU variant.
+    """
+    from converters.data import ArrayCalibrationReader
+    from converters.quantize import StaticInt8Settings, quantize_static_int8
+
+    settings = StaticInt8Settings(
+        calib_method=opts.calib_method,
+        per_channel=opts.per_channel,
+        activation_type="int8",
+        weight_type="int8",
+        exclude_nodes=opts.exclude_nodes,
+        exclude_ops=opts.exclude_ops,
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+    )
+    reader = ArrayCalibrationReader(calib, batch_size=opts.calib_batch, limit=opts.calib_samples)
+    return quantize_static_int8(fp32, dst, reader, settings)
+
+
 def _latency_ms(backend: Any, val: Dataset, batch: int, runs: int) -> float:
     """Median wall time of one engine run at ``batch`` (copies in and out included)."""
     import statistics
@@ -402,10 +424,16 @@ def build_variants(
     eval_labels: np.ndarray | None,
     task: Task,
     score: str,
-    ref_b1: float | None,
-    ref_b32: float | None,
+    calib: Dataset | None = None,
 ) -> list[tuple[VariantReport, Path]]:
-    """Engines for the FP16 and static INT8 ONNX variants that passed the gate (FP16 if none)."""
+    """Engines for the FP16 and static INT8 variants that passed the gate (FP16 if none).
+
+    The INT8 engine is not built from the CPU variant's file: TensorRT's explicit quantization
+    takes only signed, symmetric Q/DQ (zero point 0), while the CPU default is uint8 asymmetric
+    activations. So the model is quantized again for TensorRT with int8 symmetric activations
+    and weights (same calibration data, method, per-channel and exclusions), and the engine is
+    then validated on its own against the FP32 reference.
+    """
     from converters.pipeline import VariantReport
     from converters.quantize import convert_fp16
     from converters.validate import compare, gate
@@ -413,14 +441,22 @@ def build_variants(
 
     trt, gpu = check_tensorrt()
     profiles = derive_profiles(info.inputs, opts.trt_batch, opts.trt_dims)
-    sources = [
-        (r.precision, p)
-        for r, p in built
-        if r.name in ("fp16", "int8_static") and (r.gate is None or r.gate.passed)
-    ]
+    fp32 = next(p for r, p in built if r.name == "fp32")
+    sources: list[tuple[str, Path]] = []
+    for r, p in built:
+        if r.gate is not None and not r.gate.passed:
+            continue
+        if r.name == "fp16":
+            sources.append(("fp16", p))
+        elif r.name == "int8_static" and calib is not None:
+            qdq = work / "trt_source_int8.onnx"
+            with rep.stage("quantizing int8 for TensorRT (symmetric QDQ)", 1) as adv:
+                quantize_for_tensorrt(fp32, qdq, calib, opts)
+                adv(1)
+            sources.append(("int8", qdq))
     if not sources:
         fp16 = work / "trt_source_fp16.onnx"
-        convert_fp16(next(p for r, p in built if r.name == "fp32"), fp16)
+        convert_fp16(fp32, fp16)
         sources = [("fp16", fp16)]
     out: list[tuple[VariantReport, Path]] = []
     for precision, src in sources:

@@ -213,3 +213,29 @@ def test_real_engine_build_from_qdq_and_fp16(tmp_path: Path, samples_dir: Path) 
         ok, why = engine_compatible(v.extra, device_facts())
         assert ok, why
     assert cache.stat().st_size > 0
+
+
+def test_qdq_for_tensorrt_is_signed_and_symmetric(tmp_path: Path, samples_dir: Path) -> None:
+    """TensorRT takes only int8 Q/DQ with zero point 0; the CPU default (uint8) would not parse."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from converters import ConvertOptions
+    from converters.data import load_dataset
+    from converters.model import inspect_model, preprocess
+    from converters.tensorrt import quantize_for_tensorrt
+
+    info = inspect_model(samples_dir / "models/digits_cloud.onnx")
+    fp32 = preprocess(info.path, tmp_path / "fp32.onnx")
+    calib = load_dataset(samples_dir / "data/cloud_calib.npz", info.inputs)
+    out = quantize_for_tensorrt(fp32, tmp_path / "trt.onnx", calib,
+                                ConvertOptions(calib_samples=32))
+    g = onnx.load(str(out)).graph
+    inits = {t.name: t for t in g.initializer}
+    qdq = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq
+    for n in qdq:
+        zp = inits[n.input[2]]
+        assert zp.data_type == onnx.TensorProto.INT8, n.name
+        assert not np.any(numpy_helper.to_array(zp)), n.name
