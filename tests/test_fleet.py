@@ -718,3 +718,17 @@ def test_cli_commands_json(
     monkeypatch.setenv("EDGECLOUD_CONTROLLER", f"http://127.0.0.1:{port}")
     assert cli_main(["fleet", "devices", "--json"]) == 1
     assert "cannot reach the fleet controller" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_benchmark_quick_runs() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.fleet", "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "100/100 SUCCEEDED, job COMPLETED" in out.stdout
