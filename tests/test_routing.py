@@ -477,3 +477,25 @@ def test_batch_of_one_fast_path_agrees_with_the_array_path() -> None:
     assert math.isnan(low)  # NaN confidence never passes a threshold (NaN >= t is False)
     low, rows = Margin("y").lowest({"y": batch})
     assert low == pytest.approx(float(Margin("y")({"y": batch}).min()))
+
+
+def test_probe_success_does_not_hide_failing_requests() -> None:
+    """A region whose probe answers (an MQTT broker that is up) while its inference path times
+    out (no worker behind it) must still trip after repeated request failures; otherwise every
+    request would wait out its timeout there instead of failing over at once."""
+    clock = FakeClock()
+    near, far = _regions(clock, 0.5, 0.02)
+    near.timeout = 0.1  # infer times out; ready() still answers True
+    sel = RegionSelector([near, far], clock=clock)
+    # Probes answer within 1 ms for both regions, so near stays first by config order.
+    prober = HealthProber(sel, interval=1, timeout=0.001, clock=clock)
+    for _ in range(2):
+        prober.probe_once()
+        out = sel.route(_req, Deadline(1, clock=clock))
+        assert out.region is far
+        assert isinstance(out.errors["r0"], TransportTimeout)
+    assert near.breaker.state is BreakerState.OPEN
+    calls = len(_ft(near).calls)
+    out = sel.route(_req, Deadline(1, clock=clock))
+    assert out.region is far
+    assert len(_ft(near).calls) == calls  # skipped while open: no more waiting on it

@@ -270,7 +270,12 @@ class HealthProber:
             return
         if ok:
             region.observe_rtt(self._clock() - t0)
-            region.breaker.record_success()
+            # A probe closes a half-open breaker, but must not wipe the failures that real
+            # requests counted against a closed one: a region whose health endpoint (or, for
+            # MQTT, whose broker) answers while its inference path fails would otherwise never
+            # trip, and every request would wait out its timeout there.
+            if state is BreakerState.HALF_OPEN:
+                region.breaker.record_success()
         else:
             region.last_error = TransportError(
                 f"region '{region.name}' reports not ready", region=region.name
