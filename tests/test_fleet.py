@@ -366,7 +366,7 @@ def test_device_dying_in_progress_times_out_and_next_job_runs(
         )
     )
     a.kill()
-    wait_until(lambda: fleet.ctl.job_done(job.job_id), timeout=5)
+    wait_until(lambda: fleet.ctl.job_done(job.job_id), timeout=15)
     ex = fleet.ctl.execution(job.job_id, "dev-0")
     assert ex is not None
     assert ex.state == ExecutionState.TIMED_OUT
@@ -374,7 +374,7 @@ def test_device_dying_in_progress_times_out_and_next_job_runs(
     # the second job was waiting for the device, not for the dead execution
     a.behaviour = "succeed"
     a.connect()
-    wait_until(lambda: fleet.ctl.job_done(job2.job_id), timeout=5)
+    wait_until(lambda: fleet.ctl.job_done(job2.job_id), timeout=15)
     assert fleet.ctl.job_view(job2.job_id)["counts"]["SUCCEEDED"] == 1
     assert [n.job_id for n in a.notifications] == [job.job_id, job2.job_id]
     a.disconnect()
@@ -732,3 +732,20 @@ def test_benchmark_quick_runs() -> None:
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "100/100 SUCCEEDED, job COMPLETED" in out.stdout
+
+
+def test_controller_refused_or_misconfigured_broker(tmp_path: Path) -> None:
+    from edgecloud.errors import AuthError, ConfigError
+
+    def make(url: str) -> FleetController:
+        return FleetController(
+            url, SqliteFleetStore(tmp_path / "f.sqlite"), PackageStore(tmp_path / "p")
+        )
+
+    with pytest.raises(ConfigError, match="mqtt://"):
+        make("http://127.0.0.1:1883")
+    with MosquittoBroker(allow_anonymous=False) as locked:
+        ctl = make(locked.url)
+        with pytest.raises(AuthError, match=r"0x87|0x86|Not authorized"):
+            ctl.start(timeout=5)
+        ctl.store.close()

@@ -24,14 +24,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edgecloud.errors import AuthError, ConfigError, ConnectionFailed, FleetError
+from edgecloud.errors import AuthError, ConfigError, ConnectionFailed, FleetError, TransportError
 from edgecloud.fleet.jobs import (
     AbortCriterion,
     Execution,
@@ -51,6 +50,12 @@ from edgecloud.fleet.packages import PackageStore
 from edgecloud.fleet.registry import Device, Shadow, compute_delta, merge_patch
 from edgecloud.fleet.store import FleetStore, ShadowConflict
 from edgecloud.topics import Topics
+from edgecloud.transport._mqtt_common import (
+    make_client,
+    parse_broker_url,
+    reason_code_error,
+    set_tcp_nodelay,
+)
 
 __all__ = ["FleetController", "NotFound"]
 
@@ -105,31 +110,27 @@ class FleetController:
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._ticker: threading.Thread | None = None
-        self._broker = _parse_broker(broker_url)
-        self._client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
-        )
+        self._settings = parse_broker_url(broker_url, username=username, password=password)
+        self._client = make_client(self._settings, client_id)
+        # make_client bounds paho's queue for devices; a controller fans out to the whole fleet
         self._client.max_queued_messages_set(100_000)
-        self._client.max_inflight_messages_set(1_000)
         self._client.reconnect_delay_set(1, 5)
-        user = username if username is not None else self._broker[2]
-        if user is not None:
-            self._client.username_pw_set(
-                user, password if password is not None else self._broker[3]
-            )
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
-        self._client.on_socket_open = _nodelay
-        self._connect_error: Exception | None = None
+        self._client.on_socket_open = lambda c, u, sock: set_tcp_nodelay(sock)
+        self._connect_error: TransportError | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> FleetController:
-        host, port = self._broker[0], self._broker[1]
+        host, port = self._settings.host, self._settings.port
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 3600
         try:
-            self._client.connect(host, port, keepalive=30, clean_start=False, properties=props)
+            self._client.connect(
+                host, port, keepalive=self._settings.keepalive, clean_start=False,
+                properties=props,
+            )
         except (OSError, ValueError) as exc:
             raise ConnectionFailed(
                 f"fleet controller: cannot reach broker {host}:{port}: {exc}"
@@ -138,7 +139,7 @@ class FleetController:
         if not self._connected.wait(timeout):
             self._client.loop_stop()
             err = self._connect_error
-            if isinstance(err, FleetError | AuthError):
+            if err is not None:
                 raise err
             raise ConnectionFailed(f"fleet controller: no CONNACK from {host}:{port} in {timeout}s")
         self._ticker = threading.Thread(target=self._tick_loop, name="fleet-ticker", daemon=True)
@@ -172,12 +173,10 @@ class FleetController:
         self, client: paho.Client, userdata: Any, flags: Any, rc: Any, props: Any
     ) -> None:
         if rc.is_failure:
-            code = int(rc.value)
-            self._connect_error = AuthError(
-                f"fleet controller: broker refused the connection: 0x{code:02X} {rc.getName()}",
-                status=code,
-            )
+            self._connect_error = reason_code_error(rc, "fleet controller's connection")
             log.error("%s", self._connect_error)
+            if isinstance(self._connect_error, AuthError):
+                client.disconnect()  # refused credentials: retrying cannot help
             return
         t = self.topics
         client.subscribe(
@@ -190,7 +189,7 @@ class FleetController:
         )
         self._connected.set()
         self._wake.set()
-        log.info("fleet controller connected to %s:%s", self._broker[0], self._broker[1])
+        log.info("fleet controller connected to %s", self._settings.url)
 
     def _on_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, rc: Any, props: Any
@@ -547,19 +546,3 @@ class FleetController:
             return job is not None and job.status != "IN_PROGRESS"
 
 
-def _nodelay(client: paho.Client, userdata: Any, sock: Any) -> None:
-    import socket
-
-    with contextlib.suppress(OSError, AttributeError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _parse_broker(url: str) -> tuple[str, int, str | None, str | None]:
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"--broker {url!r} is not a valid URL: {exc}") from exc
-    if parts.scheme != "mqtt" or not parts.hostname:
-        raise ConfigError(f"--broker {url!r} must look like mqtt://host[:port]")
-    return parts.hostname, port or 1883, parts.username, parts.password
