@@ -154,6 +154,10 @@ class Agent:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> Agent:
+        saved = self.queue.get("policy")
+        if saved:
+            with contextlib.suppress(ValueError, EdgeCloudError):
+                self._apply_policy(json.loads(saved))
         self._load_active()
         if self.config.endpoint.enabled:
             ep = self.config.endpoint
@@ -346,6 +350,7 @@ class Agent:
             self._note_error(f"broker refused the connection: {reason} ({reason.value})")
             return
         self.connects += 1
+        log.info("connected to %s (connection %d)", self.config.broker.url, self.connects)
         client.subscribe(
             [(self.topics.jobs_notify(self.device_id), 1),
              (self.topics.shadow_desired(self.device_id), 1)]
@@ -359,6 +364,7 @@ class Agent:
     def _on_subscribe(self, _c: Any, _u: Any, _mid: int, reasons: Any, _p: Any) -> None:
         # "Connected" means jobs can reach us: only once the broker granted the subscriptions.
         failed = [r for r in reasons if getattr(r, "is_failure", False)]
+        log.debug("subscriptions granted: %s", reasons)
         if failed:
             self._note_error(f"broker refused the job/shadow subscriptions: {failed}")
         self._connected.set()
@@ -511,7 +517,7 @@ class Agent:
             model=m.name if m else "",
             model_version=m.version if m else "",
             queue=self.queue.stats(),
-            dropped=self.queue.take_dropped(),
+            dropped=self.queue.dropped(),
             malformed=self.malformed,
             last_error=self.last_error,
             uptime_s=round(time.time() - self._started, 1),
@@ -648,10 +654,11 @@ class Agent:
         doc = job.document
         if job.operation == "policy":
             step[0] = "policy"
-            self._apply_policy(doc)
+            ignored = self._apply_policy(doc)
             return JobOutcome(
                 ExecutionState.SUCCEEDED, "",
-                {"mode": self.client.mode, "threshold": self.client.threshold},
+                {"mode": self.client.mode, "threshold": self.client.threshold,
+                 "ignored": ignored},
             )
         if job.operation == "rollback":
             return self._rollback(doc.get("version"), cancel, step)
@@ -661,6 +668,12 @@ class Agent:
         for f in ("sha256", "version", "model"):
             if f in doc and not isinstance(doc[f], str):
                 raise _Rejected(f"deploy document: '{f}' must be a string, got {doc[f]!r}")
+        size = doc.get("size")
+        if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise _Rejected(f"deploy document: 'size' must be a byte count, got {size!r}")
+            self._check(cancel, step, "download")
+            self.store.check_space(size)  # refuse before the first byte, not halfway
         return self._deploy(
             url, doc.get("sha256"), doc.get("version"), doc.get("model"), f"{key}:{url}",
             cancel, step,
@@ -741,7 +754,8 @@ class Agent:
             {"version": pkg.manifest.version, "slot": p.previous, "from": p.version},
         )
 
-    def _apply_policy(self, doc: Mapping[str, Any]) -> None:
+    def _apply_policy(self, doc: Mapping[str, Any]) -> list[str]:
+        """Apply ``mode``/``threshold``; returns the keys this agent does not act on."""
         mode = doc.get("mode", self.client.mode)
         threshold = doc.get("threshold", self.client.threshold)
         if threshold is None:
@@ -755,23 +769,30 @@ class Agent:
         ):
             raise _Rejected(f"policy: 'threshold' must be a number in [0, 1], got {threshold!r}")
         self.client.set_policy(str(mode), None if threshold is None else float(threshold))
+        # Survives a restart: the fleet's policy wins over the config file's until changed.
+        self.queue.set("policy", json.dumps({"mode": mode, "threshold": threshold}))
+        return sorted(set(doc) - {"mode", "threshold"})
 
     def _handle_desired(self, desired: DesiredState) -> None:
         """Act on the delta between desired and actual, then report what we run."""
         acted = self.queue.get("desired_version")
         error = ""
+        ignored: list[str] = []
         model = desired.state.get("model")
         policy = desired.state.get("policy")
         try:
             if policy is not None:
                 if not isinstance(policy, Mapping):
                     raise _Rejected("desired state: 'policy' must be an object")
-                self._apply_policy(policy)
+                ignored = self._apply_policy(policy)
             if model is not None:
                 if not isinstance(model, Mapping):
                     raise _Rejected("desired state: 'model' must be an object")
                 want = model.get("version")
-                if want != self.active_version:
+                done_before = acted is not None and int(acted) >= desired.version
+                # A retained desired state comes again on every reconnect: a version already
+                # acted on (deployed or failed) is not retried until the controller changes it.
+                if want != self.active_version and not done_before:
                     url = model.get("package_url")
                     if not isinstance(url, str) or not isinstance(want, str):
                         raise _Rejected(
@@ -798,7 +819,8 @@ class Agent:
         }
         if error:
             state["error"] = error
-        log.debug("desired %s acted (previous %s)", desired.version, acted)
+        if ignored:
+            state["policy_ignored"] = ignored
         self.queue.put(
             "state", self.topics.shadow_reported(self.device_id),
             dumps(ReportedState(version=desired.version, state=state, ts=time.time())),

@@ -14,8 +14,9 @@ Drop policy (the queue is bounded; a device offline for weeks must not fill its 
 2. Job updates and shadow reports are never dropped for that reason: they are few and the
    controller's view of a deployment depends on them. Only when the queue holds more than
    ``hard_cap_rows`` rows and no telemetry is left to drop are the oldest of them dropped.
-3. Every dropped row increments ``dropped`` (per kind); the next heartbeat reports the counts and
-   resets them, so the controller sees the gap in ``seq`` and knows it was a drop, not a loss.
+3. Every dropped row increments a cumulative ``dropped`` counter (per kind) that every
+   heartbeat reports, so the controller sees a gap in ``seq`` and knows it was a drop, not a
+   loss, even when the heartbeat right after the drop was itself dropped.
 """
 
 from __future__ import annotations
@@ -144,13 +145,16 @@ class DurableQueue:
             ).fetchone()
         return {"rows": int(n), "bytes": int(b)}
 
-    def take_dropped(self) -> dict[str, int]:
-        """Counts of dropped rows per kind since the last call (and reset them)."""
-        with self._lock, self._tx():
+    def dropped(self) -> dict[str, int]:
+        """Rows dropped per kind, in total since the queue was created.
+
+        Cumulative on purpose: a heartbeat carrying the count may itself be dropped later, and a
+        running total still lets the receiver tell how much went missing between two records.
+        """
+        with self._lock:
             rows = self._db.execute(
                 "SELECT key, value FROM kv WHERE key LIKE 'dropped:%'"
             ).fetchall()
-            self._db.execute("DELETE FROM kv WHERE key LIKE 'dropped:%'")
         return {k.split(":", 1)[1]: int(v) for k, v in rows}
 
     def _enforce_limits(self) -> None:

@@ -189,3 +189,62 @@ def test_malformed_messages_rejected_agent_keeps_running(
     assert agent.client.mode == "edge_only"
     assert agent.client.threshold == 0.3
 
+
+
+def test_desired_state_delta_is_acted_on_and_reported(
+    tmp_path: Path, keys: Keys, observer: Observer, agent_factory: Any
+) -> None:
+    agent = agent_factory()
+    v1 = make_package(tmp_path, keys, "1.0.0")
+    desired = f"edgecloud/devices/{DEV}/shadow/desired"
+    observer.publish(
+        desired,
+        {"version": 3, "state": {
+            "model": {"name": "digits", "version": "1.0.0", "package_url": v1.as_uri()},
+            "policy": {"mode": "edge_only", "threshold": 0.42, "deadline": 2},
+        }},
+        retain=True,
+    )
+    reported = observer.wait(
+        lambda: next((r for r in observer.json_on("/shadow/reported") if r["version"] == 3), None),
+        60, "reported state 3",
+    )
+    assert reported["state"]["model"] == {"name": "digits", "version": "1.0.0"}
+    assert reported["state"]["policy"] == {"mode": "edge_only", "threshold": 0.42}
+    assert reported["state"]["policy_ignored"] == ["deadline"]
+    assert "error" not in reported["state"]
+    assert agent.active_version == "1.0.0"
+    # a desired version that cannot be fetched: reported with the error, old model serving
+    observer.publish(
+        desired,
+        {"version": 4, "state": {"model": {"name": "digits", "version": "2.0.0",
+                                           "package_url": (tmp_path / "nope.tar.gz").as_uri()}}},
+        retain=True,
+    )
+    reported = observer.wait(
+        lambda: next((r for r in observer.json_on("/shadow/reported") if r["version"] == 4), None),
+        60, "reported state 4",
+    )
+    assert "does not exist" in reported["state"]["error"]
+    assert reported["state"]["model"]["version"] == "1.0.0"
+    # the fleet's policy survives a restart
+    agent.stop()
+    again = agent_factory()
+    assert again.client.mode == "edge_only"
+    assert again.client.threshold == 0.42
+
+
+def test_duplicate_delivery_runs_a_job_once(
+    tmp_path: Path, keys: Keys, observer: Observer, agent_factory: Any
+) -> None:
+    agent = agent_factory()
+    v1 = make_package(tmp_path, keys, "1.0.0")
+    for _ in range(2):  # QoS 1 may deliver the same notification twice
+        send_job(observer, DEV, "dup", "deploy", package_url=v1.as_uri())
+    observer.wait(lambda: len(observer.job_states("dup")) >= 3, 60, "three updates")
+    time.sleep(0.5)
+    statuses = [u["status"] for u in observer.job_states("dup")]
+    assert statuses == ["IN_PROGRESS", "SUCCEEDED", "SUCCEEDED"]
+    assert observer.job_states("dup")[-1]["details"]["repeated"] is True
+    assert agent.metrics.deployments["succeeded"] == 1
+    assert agent.store.pointer().previous is None  # type: ignore[union-attr]  # installed once
