@@ -79,16 +79,16 @@ class SqliteFleetStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=5000")
             for stmt in _SCHEMA:
                 self._db.execute(stmt)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise FleetError(f"fleet database {self.path}: cannot open it: {exc}") from exc
         self._lock = threading.Lock()
 
@@ -178,11 +178,11 @@ class SqlAlchemyFleetStore:
     """
 
     def __init__(self, url: str) -> None:
-        sa = require("sqlalchemy", "fleet", "needed for a PostgreSQL fleet store")
+        sa = require("sqlalchemy", "postgres", "needed for a database URL as the fleet store")
         self._sa = sa
         self.url = url
         try:
-            self._engine = sa.create_engine(url, pool_pre_ping=True, future=True)
+            self._engine = sa.create_engine(url, pool_pre_ping=True)
             with self._engine.begin() as conn:
                 for stmt in _SCHEMA:
                     conn.execute(sa.text(stmt))
@@ -233,6 +233,7 @@ class SqlAlchemyFleetStore:
         try:
             with self._engine.begin() as conn:
                 if expected_version == 0:
+                    # A racing INSERT of the same id fails on the primary key (handled below).
                     exists = conn.execute(
                         sa.text("SELECT version FROM shadows WHERE id = :id"), params
                     ).first()
@@ -261,6 +262,8 @@ class SqlAlchemyFleetStore:
                     )
         except ShadowConflict:
             raise
+        except sa.exc.IntegrityError as exc:
+            raise ShadowConflict(shadow.device_id, expected_version, expected_version + 1) from exc
         except Exception as exc:
             raise FleetError(
                 f"fleet database {_redact(self.url)}: shadow write failed: {exc}"
