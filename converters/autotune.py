@@ -138,6 +138,7 @@ class SearchResult:
     seconds: float = 0.0
     output: Path | None = None
     stopped_by_budget: bool = False
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -206,6 +207,7 @@ class SearchResult:
             "trials": [t.to_dict() for t in self.trials],
             "sensitivity": None if self.sensitivity is None else self.sensitivity.to_dict(),
             "message": "" if self.passed else self.failure_message(),
+            "warnings": list(self.warnings),
         }
 
     def write_json(self, path: Path) -> Path:
@@ -469,6 +471,7 @@ def autotune(
                 f"{exc.__class__.__name__}: {exc}"
             ) from exc
         result.chosen = _choose(result.trials)
+        result.warnings += _warnings(result)
         result.calibrations = ctx.quantizer.calibrations
         result.seconds = time.monotonic() - started
         emit = result.chosen if result.chosen is not None else (
@@ -488,6 +491,22 @@ def autotune(
     if check:
         result.raise_for_status()
     return result
+
+
+#: a chosen variant slower than this fraction of FP32's speed brings no gain worth INT8's risk
+NO_GAIN_SPEEDUP = 1.05
+
+
+def _warnings(result: SearchResult) -> list[str]:
+    ch = result.chosen
+    if ch is None or ch.speedup is None or ch.speedup >= NO_GAIN_SPEEDUP:
+        return []
+    why = f" with {len(ch.excluded)} node(s) kept in float" if ch.excluded else ""
+    return [
+        f"the chosen INT8 variant '{ch.label}'{why} is no faster than FP32 "
+        f"(x{ch.speedup:.2f} at the measured batch); ship FP32/FP16 or loosen --tolerance "
+        "unless the smaller file matters"
+    ]
 
 
 def _without_path(t: Trial) -> Trial:
@@ -637,4 +656,6 @@ def run_search_for_convert(
         from rich.console import Console
 
         Console(stderr=True).print(result.table())
+    for w in result.warnings:
+        (reporter or NullReporter()).note(f"[yellow]warning[/yellow]: {w}")
     return result.raise_for_status()

@@ -17,6 +17,7 @@ import pytest
 
 from converters.autotune import (
     SearchResult,
+    Trial,
     add_search_arguments,
     autotune,
     prepare,
@@ -348,3 +349,28 @@ def test_emit_best_writes_the_lowest_loss_trial_when_nothing_passes(tmp_path: Pa
     assert best.loss_pct == min(t.loss_pct for t in result.trials)
     assert result.output == out
     assert 100 * _rel_l2_against_fp32(out, MLP, "edge") == pytest.approx(best.loss_pct, rel=0.01)
+
+
+def _trial(index: int, speedup: float | None, excluded: tuple[str, ...] = ()) -> Trial:
+    return Trial(
+        index=index, label=f"t{index}", phase="exclusion" if excluded else "settings",
+        family="static", settings={}, excluded=excluded, passed=True, metric="rel_l2",
+        reference=0.0, value=0.001, loss_pct=0.1, rel_l2=0.001, cosine=1.0,
+        latency_ms=None if speedup is None else 1.0 / speedup, speedup=speedup, size=1,
+        seconds=0.1,
+    )
+
+
+def test_a_chosen_variant_no_faster_than_fp32_is_flagged() -> None:
+    from converters.autotune import _warnings
+
+    base = {"model": "m.onnx", "task": "regression", "tolerance_pct": 1.0, "budget": "20",
+            "profile": "conv", "families": ("static",), "reference_latency_ms": 1.0,
+            "reference_size": 1}
+    slow = SearchResult(**base, trials=[_trial(1, 0.98, ("a", "b"))])  # type: ignore[arg-type]
+    slow.chosen = slow.trials[0]
+    (msg,) = _warnings(slow)
+    assert "with 2 node(s) kept in float is no faster than FP32 (x0.98" in msg
+    fast = SearchResult(**base, trials=[_trial(1, 2.5)])  # type: ignore[arg-type]
+    fast.chosen = fast.trials[0]
+    assert _warnings(fast) == []
