@@ -1,0 +1,514 @@
+"""``edgecloud demo``: the whole product on one machine, with nothing to install by hand.
+
+It shows what a team gets, with real parts only: the sample edge model (an MLP trained on
+scikit-learn's digits) is converted into a signed package; two cloud regions start on loopback
+serving the larger CNN (the second one with an explicit *simulated* extra latency, because every
+process here is equally near); when Mosquitto is installed a broker starts too and the near region
+is reached over MQTT, otherwise both over HTTP, and the demo says which. The held-out digits then go
+through ``HybridClient``; the near region is stopped mid-run to show failover, then both to show
+degraded local answers. A threshold sweep is plotted to a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgecloud.errors import ConfigError, EdgeCloudError
+
+_ROOT = Path(__file__).resolve().parents[2]
+SAMPLES = _ROOT / "samples"
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("demo", help="run the end-to-end hybrid inference demo")
+    p.add_argument("--out", type=Path, default=Path("demo-out"), help="work folder (replaced)")
+    p.add_argument("--threshold", type=float, default=0.9, help="edge confidence threshold")
+    p.add_argument(
+        "--far-latency-ms", type=float, default=40.0, help="simulated extra latency of region 2"
+    )
+    p.add_argument("--no-mqtt", action="store_true", help="reach the cloud over HTTP only")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_run)
+
+
+# -- small process helpers ---------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _mosquitto() -> str | None:
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+        if os.path.exists(p):
+            return p
+    return None
+
+
+@dataclass
+class _Proc:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+@dataclass
+class _Procs:
+    items: list[_Proc] = field(default_factory=list)
+
+    def start(self, name: str, cmd: Sequence[str], logdir: Path) -> _Proc:
+        log = logdir / f"{name}.log"
+        with open(log, "wb") as f:
+            proc = subprocess.Popen(
+                list(cmd), stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        p = _Proc(name, proc, log)
+        self.items.append(p)
+        return p
+
+    def stop_all(self) -> None:
+        for p in reversed(self.items):
+            p.stop()
+
+
+def _wait_port(p: _Proc, port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if p.proc.poll() is not None:
+            raise EdgeCloudError(
+                f"{p.name} exited with {p.proc.returncode}; its log:\n{p.log.read_text()[-3000:]}"
+            )
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.1)
+    raise EdgeCloudError(f"{p.name} did not listen on port {port} within {timeout:.0f} s")
+
+
+def _wait_ready(p: _Proc, url: str, timeout: float = 60.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if p.proc.poll() is not None:
+            raise EdgeCloudError(
+                f"{p.name} exited with {p.proc.returncode}; its log:\n{p.log.read_text()[-3000:]}"
+            )
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/v2/health/ready", timeout=1.0).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise EdgeCloudError(f"{p.name} at {url} was not ready within {timeout:.0f} s")
+
+
+# -- the demo ----------------------------------------------------------------------------------
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values) * 1000.0, q)) if values else float("nan")
+
+
+@dataclass
+class _Run:
+    """What one pass of inputs through the client produced."""
+
+    correct: int = 0
+    total: int = 0
+    sources: Counter[str] = field(default_factory=Counter)
+    reasons: Counter[str] = field(default_factory=Counter)
+    degraded: int = 0
+    errors: int = 0
+    latency: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else float("nan")
+
+    @property
+    def offloaded(self) -> float:
+        cloud = sum(n for s, n in self.sources.items() if s.startswith("cloud:"))
+        return cloud / self.total if self.total else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "accuracy": self.accuracy,
+            "n": self.total,
+            "offloaded": self.offloaded,
+            "sources": dict(self.sources),
+            "reasons": dict(self.reasons),
+            "degraded": self.degraded,
+            "errors": self.errors,
+            "latency_ms": {
+                k: {"p50": _pct(v, 50), "p95": _pct(v, 95), "n": len(v)}
+                for k, v in sorted(self.latency.items())
+            },
+        }
+
+
+def _drive(client: Any, xs: np.ndarray, ys: np.ndarray, *, mode: str | None = None) -> _Run:
+    run = _Run()
+    for x, y in zip(xs, ys, strict=True):
+        t0 = time.perf_counter()
+        try:
+            r = client.infer({"input": x[None, :]}, mode=mode)
+        except EdgeCloudError:
+            run.errors += 1
+            run.total += 1
+            continue
+        dt = time.perf_counter() - t0
+        run.total += 1
+        pred = int(np.argmax(r.outputs["logits"][0]))
+        run.correct += int(pred == int(y))
+        run.sources[r.source] += 1
+        run.reasons[str(r.reason)] += 1
+        run.degraded += int(r.degraded)
+        run.latency.setdefault(r.source, []).append(dt)
+    return run
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return np.asarray(e / e.sum(axis=1, keepdims=True))
+
+
+def _sweep(
+    edge_logits: np.ndarray, cloud_pred: np.ndarray, labels: np.ndarray
+) -> list[dict[str, float]]:
+    conf = _softmax(edge_logits.astype(np.float64)).max(axis=1)
+    edge_pred = edge_logits.argmax(axis=1)
+    rows = []
+    for t in [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999]:
+        off = conf < t
+        pred = np.where(off, cloud_pred, edge_pred)
+        rows.append(
+            {
+                "threshold": t,
+                "accuracy": float((pred == labels).mean()),
+                "offloaded": float(off.mean()),
+            }
+        )
+    return rows
+
+
+def _plot(rows: list[dict[str, float]], edge_acc: float, cloud_acc: float, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    t = [r["threshold"] for r in rows]
+    fig, ax1 = plt.subplots(figsize=(7, 4.2), dpi=110)
+    ax1.plot(
+        t, [100 * r["accuracy"] for r in rows], "o-", color="tab:blue", label="hybrid accuracy"
+    )
+    ax1.axhline(100 * cloud_acc, color="tab:green", ls="--", label="cloud only")
+    ax1.axhline(100 * edge_acc, color="tab:red", ls=":", label="edge only")
+    ax1.set_xlabel("edge confidence threshold (max softmax probability)")
+    ax1.set_ylabel("accuracy on held-out digits (%)")
+    ax2 = ax1.twinx()
+    ax2.plot(t, [100 * r["offloaded"] for r in rows], "s-", color="tab:orange", label="offloaded")
+    ax2.set_ylabel("requests sent to the cloud (%)")
+    lines = ax1.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax1.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="lower right", fontsize=8)
+    ax1.set_title("edgecloud demo: hybrid accuracy and offload vs threshold")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+@contextlib.contextmanager
+def _services(out: Path, use_mqtt: bool, far_latency_ms: float) -> Iterator[dict[str, Any]]:
+    procs = _Procs()
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    repo = out / "repository" / "digits_cloud" / "1"
+    repo.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(SAMPLES / "models" / "digits_cloud.onnx", repo / "model.onnx")
+    info: dict[str, Any] = {"procs": {}, "mqtt": None}
+    try:
+        broker_url = None
+        if use_mqtt:
+            port = _free_port()
+            conf = out / "mosquitto.conf"
+            conf.write_text(
+                f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
+                "persistence false\nlog_dest stderr\nlog_type error\nlog_type warning\n"
+            )
+            binary = _mosquitto()
+            assert binary is not None
+            b = procs.start("mosquitto", [binary, "-c", str(conf)], logs)
+            _wait_port(b, port)
+            broker_url = f"mqtt://127.0.0.1:{port}"
+            info["mqtt"] = broker_url
+        py = sys.executable
+        for region, latency in (("near", 0.0), ("far", far_latency_ms)):
+            port = _free_port()
+            cmd = [
+                py,
+                "-m",
+                "edgecloud",
+                "cloud",
+                "serve",
+                "--repository",
+                str(out / "repository"),
+                "--port",
+                str(port),
+                "--region",
+                region,
+                "--latency-ms",
+                str(latency),
+                "--threads",
+                "1",
+            ]
+            if broker_url and region == "near":
+                cmd += ["--mqtt", broker_url, "--mqtt-workers", "1"]
+            p = procs.start(f"region-{region}", cmd, logs)
+            url = f"http://127.0.0.1:{port}"
+            _wait_ready(p, url)
+            info["procs"][region] = (p, url)
+        yield info
+    finally:
+        procs.stop_all()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=args.json)
+    models = SAMPLES / "models"
+    data = SAMPLES / "data"
+    if not (models / "digits_edge.onnx").exists():
+        raise ConfigError(
+            f"sample models not found under {models}; run `python samples/train_digits.py` "
+            "from a source checkout first"
+        )
+    if not 0.0 < args.threshold < 1.0:
+        raise ConfigError(f"--threshold must be in (0, 1), got {args.threshold}")
+    out: Path = args.out.resolve()
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    use_mqtt = not args.no_mqtt and _mosquitto() is not None
+    report: dict[str, Any] = {"threshold": args.threshold}
+
+    # 1. Convert the edge model into a signed package.
+    from converters import ConvertOptions, convert
+    from edgecloud.package import generate_keypair
+
+    console.rule("[bold]1. convert the edge model into a signed package")
+    key, pub = generate_keypair(out / "keys" / "fleet")
+    conv = convert(
+        models / "digits_edge.onnx",
+        out / "digits_edge.pkg",
+        ConvertOptions(
+            name="digits_edge",
+            version="1",
+            int8=("static",),
+            fp16=True,
+            calib=data / "edge_calib.npz",
+            val=data / "edge_val.npz",
+            tolerance=1.0,
+            sign=key,
+            labels=tuple(str(i) for i in range(10)),
+            confidence="logits",
+            latency_runs=10,
+        ),
+    )
+    vt = Table("variant", "size (B)", "size vs fp32", "b1 speedup", "verdict", "gate")
+    conv_rows = []
+    for v in conv.variants:
+        why = v.gate.reason if v.gate else ""
+        vt.add_row(
+            v.name,
+            f"{v.size:,}",
+            f"{v.size_ratio:.2f}",
+            f"{v.speedup_b1:.2f}x" if v.speedup_b1 else "-",
+            v.verdict,
+            str(why)[:60],
+        )
+        conv_rows.append(v.to_dict())
+    console.print(vt)
+    report["conversion"] = conv_rows
+
+    val = np.load(data / "edge_val.npz")
+    xs, ys = val["input"].astype(np.float32), val["labels"].astype(np.int64)
+    report["samples"] = len(ys)
+
+    from edgecloud.client import HybridClient
+
+    console.rule("[bold]2. start two cloud regions on loopback")
+    with _services(out, use_mqtt, args.far_latency_ms) as svc:
+        near_url = svc["procs"]["near"][1]
+        far_url = svc["procs"]["far"][1]
+        if svc["mqtt"]:
+            near_endpoint = svc["mqtt"]
+            console.print(
+                f"broker: Mosquitto at {svc['mqtt']}; region [b]near[/b] is reached over "
+                "MQTT 5 (request/response with shared-subscription workers)"
+            )
+            near_opts: dict[str, Any] = {"device_id": "demo-device"}
+        else:
+            near_endpoint = near_url
+            near_opts = {}
+            console.print(
+                "[yellow]Mosquitto is not installed: the demo uses HTTP only "
+                "(install Debian's mosquitto for the MQTT path)[/yellow]"
+            )
+        console.print(
+            f"region [b]near[/b]: {near_endpoint}   region [b]far[/b]: {far_url} "
+            f"(+{args.far_latency_ms:.0f} ms simulated distance)"
+        )
+        report["regions"] = {
+            "near": near_endpoint,
+            "far": far_url,
+            "far_simulated_latency_ms": args.far_latency_ms,
+            "transport_near": "mqtt" if svc["mqtt"] else "http",
+        }
+        regions = [
+            {
+                "name": "near",
+                "endpoint": near_endpoint,
+                "model": "digits_cloud",
+                "cloud_input_shape": [1, 8, 8],
+                "options": near_opts,
+                # Per-attempt timeouts leave time in the 2 s deadline for the next region.
+                "timeout": 0.5,
+            },
+            {
+                "name": "far",
+                "endpoint": far_url,
+                "model": "digits_cloud",
+                "cloud_input_shape": [1, 8, 8],
+                "timeout": 1.0,
+            },
+        ]
+        from edgecloud.package import load_public_key
+
+        with HybridClient(
+            out / "digits_edge.pkg",
+            public_key=load_public_key(pub),
+            regions=regions,
+            threshold=args.threshold,
+            deadline=2.0,
+            probe_interval=0.5,
+            failure_threshold=2,
+            cooldown=30.0,
+        ) as client:
+            # Let the probes measure both regions' round trips first, so "nearest" means something.
+            time.sleep(1.5)
+            console.rule("[bold]3. held-out digits: edge only, cloud only, hybrid")
+            edge = _drive(client, xs, ys, mode="edge_only")
+            cloud = _drive(client, xs, ys, mode="cloud_only")
+            hybrid = _drive(client, xs, ys)
+            t = Table("path", "accuracy", "offloaded", "p50 ms", "p95 ms", "served by")
+            for label, run in (("edge only", edge), ("cloud only", cloud), ("hybrid", hybrid)):
+                all_lat = [v for vs in run.latency.values() for v in vs]
+                t.add_row(
+                    label,
+                    f"{100 * run.accuracy:.2f} %",
+                    f"{100 * run.offloaded:.1f} %",
+                    f"{_pct(all_lat, 50):.2f}",
+                    f"{_pct(all_lat, 95):.2f}",
+                    ", ".join(f"{k}={v}" for k, v in sorted(run.sources.items())),
+                )
+            console.print(t)
+            lt = Table("hybrid path", "requests", "p50 ms", "p95 ms")
+            for src, lat in sorted(hybrid.latency.items()):
+                lt.add_row(src, str(len(lat)), f"{_pct(lat, 50):.2f}", f"{_pct(lat, 95):.2f}")
+            console.print(lt)
+            report["edge_only"] = edge.summary()
+            report["cloud_only"] = cloud.summary()
+            report["hybrid"] = hybrid.summary()
+
+            console.rule("[bold]4. failover: stop the near region mid-run")
+            half = len(ys) // 2
+            before = _drive(client, xs[:half], ys[:half])
+            svc["procs"]["near"][0].stop()
+            # Over MQTT the broker stays up: the near region's workers died with its server, so
+            # its requests time out until its breaker opens, and the far region answers.
+            after = _drive(client, xs[half:], ys[half:])
+            ft = Table("phase", "accuracy", "served by", "degraded", "errors")
+            for label, run in (("near up", before), ("near stopped", after)):
+                ft.add_row(
+                    label,
+                    f"{100 * run.accuracy:.2f} %",
+                    ", ".join(f"{k}={v}" for k, v in sorted(run.sources.items())),
+                    str(run.degraded),
+                    str(run.errors),
+                )
+            console.print(ft)
+            report["failover"] = {"before": before.summary(), "after": after.summary()}
+
+            console.rule("[bold]5. all regions down: degraded local answers, no exceptions")
+            svc["procs"]["far"][0].stop()
+            down = _drive(client, xs, ys)
+            console.print(
+                f"accuracy {100 * down.accuracy:.2f} %, degraded {down.degraded}/{down.total} "
+                f"(reasons {dict(down.reasons)}), exceptions raised: {down.errors}"
+            )
+            report["all_down"] = down.summary()
+
+            # Threshold sweep from the edge logits and the cloud model's answers.
+            edge_logits = np.concatenate(
+                [
+                    client.infer({"input": xs[i : i + 64]}, mode="edge_only").outputs["logits"]
+                    for i in range(0, len(xs), 64)
+                ]
+            )
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(
+        str(models / "digits_cloud.onnx"), providers=["CPUExecutionProvider"]
+    )
+    cloud_pred = sess.run(None, {"input": xs.reshape(-1, 1, 8, 8)})[0].argmax(axis=1)
+    rows = _sweep(edge_logits, cloud_pred, ys)
+    report["sweep"] = rows
+    st = Table("threshold", "hybrid accuracy", "offloaded")
+    for r in rows:
+        st.add_row(
+            f"{r['threshold']:.3f}", f"{100 * r['accuracy']:.2f} %", f"{100 * r['offloaded']:.1f} %"
+        )
+    console.rule("[bold]6. threshold sweep")
+    console.print(st)
+    png = out / "threshold_sweep.png"
+    if _plot(rows, report["edge_only"]["accuracy"], report["cloud_only"]["accuracy"], png):
+        console.print(f"plot: {png}")
+        report["plot"] = str(png)
+    (out / "demo_report.json").write_text(json.dumps(report, indent=2, default=str))
+    console.print(f"report: {out / 'demo_report.json'}")
+    if args.json:
+        print(json.dumps(report, default=str))
+    return 0
