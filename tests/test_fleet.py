@@ -706,6 +706,10 @@ def test_cli_commands_json(
         assert "dev-0" in capsys.readouterr().out
         assert cli_main(["fleet", "jobs"]) == 0
         assert job["job_id"] in capsys.readouterr().out
+        assert cli_main(["fleet", "status", job["job_id"], "--wait"]) == 0
+        out = capsys.readouterr().out
+        assert "COMPLETED" in out
+        assert "SUCCEEDED=3" in out
         for s in sims:
             s.disconnect()
     finally:
