@@ -30,7 +30,7 @@ import argparse
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,6 +54,7 @@ __all__ = [
     "prepare",
     "register_inspect_quant",
     "run_inspect_quant",
+    "run_search_for_convert",
 ]
 
 Int8Mode = Literal["auto", "static", "dynamic"]
@@ -510,8 +511,6 @@ def _warnings(result: SearchResult) -> list[str]:
 
 
 def _without_path(t: Trial) -> Trial:
-    from dataclasses import replace
-
     return replace(t, path=None)
 
 

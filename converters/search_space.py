@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,8 +49,6 @@ class Candidate:
     label: str
 
     def with_exclusions(self, nodes: tuple[str, ...]) -> Candidate:
-        from dataclasses import replace
-
         excluded = tuple(dict.fromkeys(self.settings.exclude_nodes + nodes))
         suffix = f" + {len(nodes)} float" if nodes else ""
         return Candidate(self.family, replace(self.settings, exclude_nodes=excluded),
