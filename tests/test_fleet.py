@@ -666,9 +666,31 @@ def test_cli_commands_json(
         assert "refused" in err
         # a silent device: the job stays in progress; cancel it
         sims[0].behaviour = "silent"
-        code, rb = _cli(capsys, "fleet", "rollback", "--to", "dev-0", "--json")
+        code, rb = _cli(
+            capsys,
+            "fleet",
+            "rollback",
+            "--to",
+            "dev-0",
+            "--exp-base-rate",
+            "6/min",
+            "--exp-factor",
+            "3",
+            "--exp-on-succeeded",
+            "2",
+            "--job-timeout",
+            "1h",
+            "--json",
+        )
         assert code == 0
         assert rb["operation"] == "rollback"
+        assert rb["rollout"] == {
+            "max_per_minute": None,
+            "base_rate_per_minute": 6.0,
+            "increment_factor": 3.0,
+            "on_succeeded": 2,
+        }
+        assert rb["job_timeout_s"] == 3600
         code, canceled = _cli(capsys, "fleet", "cancel", rb["job_id"], "--force", "--json")
         assert code == 0
         assert canceled["status"] == "CANCELED"

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -192,6 +193,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     key = load_public_key(args.public_key) if args.public_key else None
     token = args.token or os.environ.get("EDGECLOUD_FLEET_TOKEN") or None
+    if token is None and args.http_host not in ("127.0.0.1", "::1", "localhost"):
+        print(
+            f"edgecloud fleet serve: warning: the API on {args.http_host} has no --token; anyone "
+            "who can reach it can deploy to the fleet",
+            file=sys.stderr,
+        )
     store = open_store(args.db)
     ctl = FleetController(
         args.broker,
