@@ -658,3 +658,70 @@ def run_search_for_convert(
     for w in result.warnings:
         (reporter or NullReporter()).note(f"[yellow]warning[/yellow]: {w}")
     return result.raise_for_status()
+
+
+def _run_search_cli(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    from rich.console import Console
+
+    from converters.progress import RichReporter
+
+    reporter: Reporter = NullReporter() if args.json else RichReporter(Console(stderr=True))
+    result = autotune(
+        args.model, args.calib, args.val, tolerance=args.tolerance, budget=args.search_budget,
+        int8=args.int8, task=args.task, output=args.out, report=args.search_report,
+        exhaustive=args.search_exhaustive, threads=args.threads, check=False, reporter=reporter,
+    )
+    if args.json:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    else:
+        out = Console() if Console().is_terminal else Console(width=180)
+        out.print(result.table())
+        if result.sensitivity is not None:
+            out.print(result.sensitivity.table(limit=10))
+        for w in result.warnings:
+            out.print(f"[yellow]warning[/yellow]: {w}")
+        if result.passed:
+            index = result.chosen.index if result.chosen else "-"
+            out.print(f"chosen: trial {index} -> {args.out}")
+        else:
+            out.print(f"[red]refused[/red]: {result.failure_message()}")
+    return 0 if result.passed else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m converters.autotune search|inspect-quant ...`` until ``edgecloud convert``
+    carries ``--int8 auto`` and ``inspect-quant`` itself (docs/autotune.md, "Wiring")."""
+    import sys
+
+    from edgecloud.errors import MissingDependencyError
+
+    parser = argparse.ArgumentParser(prog="python -m converters.autotune")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("search", help="find the fastest INT8 variant within the tolerance")
+    s.add_argument("model", type=Path, metavar="MODEL.onnx")
+    s.add_argument("--calib", type=Path, required=True)
+    s.add_argument("--val", type=Path, required=True)
+    s.add_argument("--out", type=Path, required=True, help="where the chosen variant goes")
+    s.add_argument("--int8", choices=["auto", "static", "dynamic"], default="auto")
+    s.add_argument("--task", default=None, help="classification|embedding|regression")
+    s.add_argument("--tolerance", type=float, default=1.0, help="percent, relative")
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--json", action="store_true")
+    add_search_arguments(s)
+    s.set_defaults(func=_run_search_cli)
+    register_inspect_quant(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except EdgeCloudError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if isinstance(exc, MissingDependencyError):
+            return 3
+        return 1 if isinstance(exc, ConversionError) else 2  # 2: bad input or usage
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

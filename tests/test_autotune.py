@@ -374,3 +374,24 @@ def test_a_chosen_variant_no_faster_than_fp32_is_flagged() -> None:
     fast = SearchResult(**base, trials=[_trial(1, 2.5)])  # type: ignore[arg-type]
     fast.chosen = fast.trials[0]
     assert _warnings(fast) == []
+
+
+def test_module_cli_search_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from converters.autotune import main
+
+    out = tmp_path / "int8.onnx"
+    rc = main(["search", str(MLP), "--calib", str(DATA / "edge_calib.npz"),
+               "--val", str(DATA / "edge_val.npz"), "--out", str(out), "--json"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["passed"] is True
+    assert out.is_file()
+    rc = main(["search", str(MLP), "--calib", str(DATA / "cloud_calib.npz"),
+               "--val", str(DATA / "edge_val.npz"), "--out", str(out)])
+    assert rc == 2  # bad data: usage/input error, named on stderr
+    assert "calibration data" in capsys.readouterr().err
+    rc = main(["search", str(MLP), "--calib", str(DATA / "edge_calib.npz"), "--val",
+               str(DATA / "edge_val.npz"), "--out", str(tmp_path / "x.onnx"), "--tolerance",
+               "0", "--task", "regression", "--search-budget", "2"])
+    assert rc == 1  # refused
+    assert "refused" in capsys.readouterr().out
