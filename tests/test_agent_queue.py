@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 from device_agent.queue import DurableQueue
 from tests.fixtures.broker import MosquittoBroker
-from tests.test_agent_util import Keys, Observer, start_agent, write_config
+from tests.test_agent_util import Keys, Observer, TcpGate, start_agent, write_config
 
 
 def test_drop_policy_drops_oldest_telemetry_first(tmp_path: Path) -> None:
@@ -25,8 +26,7 @@ def test_drop_policy_drops_oldest_telemetry_first(tmp_path: Path) -> None:
     assert [i.payload for i in items if i.kind == "telemetry"] == [
         f"tel-{i}".encode() for i in range(5, 12)
     ]
-    assert q.take_dropped() == {"telemetry": 5}
-    assert q.take_dropped() == {}
+    assert q.dropped() == {"telemetry": 5}
     # job updates beyond max_rows are kept (telemetry goes instead) up to the hard cap
     for i in range(3, 20):
         q.put("job", "t/job", f"job-{i}".encode())
@@ -34,8 +34,7 @@ def test_drop_policy_drops_oldest_telemetry_first(tmp_path: Path) -> None:
     assert len(items) == 15
     assert all(i.kind == "job" for i in items)
     assert items[0].payload == b"job-5"  # over the hard cap: the oldest job updates went
-    dropped = q.take_dropped()
-    assert dropped == {"telemetry": 7, "job": 5}
+    assert q.dropped() == {"telemetry": 12, "job": 5}  # cumulative
     q.close()
 
 
@@ -60,26 +59,29 @@ def test_byte_limit_and_ack_and_persistence(tmp_path: Path) -> None:
 
 
 @pytest.mark.mqtt
-def test_telemetry_survives_broker_outage_in_order(tmp_path: Path) -> None:
+def test_telemetry_survives_broker_outage_in_order(
+    tmp_path: Path, mosquitto: MosquittoBroker
+) -> None:
     """Broker stopped for a few seconds: every record produced meanwhile arrives after the
     reconnect, in order, without gaps (duplicates only as QoS 1 allows; dedupe by seq).
 
-    The observer keeps a persistent session on a broker with persistence, so it misses nothing
-    whichever of it and the agent reconnects first; the agent's own records come from its queue
-    (the broker was down when they were produced).
+    The agent reaches the broker through a ``TcpGate`` that stays closed until the observer
+    has subscribed again after the restart, so the observer cannot miss what the agent sends
+    first; the records themselves can only come from the agent's queue (the broker keeps no
+    state: persistence is off).
     """
     keys = Keys(tmp_path)
-    broker = MosquittoBroker(
-        extra_config=["persistence true", f"persistence_location {tmp_path}/"]
-    )
-    broker.start()
-    cfg = write_config(tmp_path / "agent.toml", device="dev-q", broker_url=broker.url,
+    gate = TcpGate(mosquitto.port)
+    cfg = write_config(tmp_path / "agent.toml", device="dev-q",
+                       broker_url=f"mqtt://127.0.0.1:{gate.port}",
                        store=tmp_path / "store", public_key=keys.public, interval=0.1)
-    obs = Observer(broker.host, broker.port, session="observer-q")
+    obs = Observer(mosquitto.host, mosquitto.port)
     agent = start_agent(cfg)
     try:
         obs.wait(lambda: len(obs.json_on("/telemetry")) >= 3, what="first heartbeats")
-        broker.stop()
+        gate.close_link()
+        time.sleep(0.3)  # let what the broker already acknowledged reach the observer
+        mosquitto.stop()
         deadline = time.monotonic() + 10
         while agent.connected and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -87,7 +89,10 @@ def test_telemetry_survives_broker_outage_in_order(tmp_path: Path) -> None:
         time.sleep(2.0)  # heartbeats keep being produced while the broker is down
         queued = len(agent.queue)
         assert queued >= 10
-        broker.start()
+        subs = obs.subscriptions
+        mosquitto.start()
+        obs.wait(lambda: obs.subscriptions > subs, what="observer subscribed again")
+        gate.open_link()
         produced = agent.heartbeat()  # everything up to this one must arrive
         obs.wait(
             lambda: any(r["seq"] == produced for r in obs.json_on("/telemetry")),
@@ -97,12 +102,37 @@ def test_telemetry_survives_broker_outage_in_order(tmp_path: Path) -> None:
     finally:
         agent.stop()
         obs.close()
-        broker.close()
+        gate.stop()
     seqs = [r["seq"] for r in records]
     first_seen = list(dict.fromkeys(seqs))
-    assert first_seen == sorted(first_seen)  # in order
-    assert first_seen == list(range(1, len(first_seen) + 1))  # from the first, no gaps
+    assert first_seen == list(range(1, len(first_seen) + 1))  # in order, from 1, no gaps
     assert len(first_seen) >= produced
     assert len(seqs) - len(first_seen) <= agent.config.queue.inflight  # QoS 1 repeats only
     assert all(r["device_id"] == "dev-q" for r in records)
-    assert records[-1]["data"]["queue"]["rows"] >= 0
+    assert agent.connects == 2
+
+
+def test_heartbeat_reports_dropped_records(tmp_path: Path) -> None:
+    """Offline with a small queue: old telemetry is dropped and the next heartbeat says so."""
+    from device_agent.agent import Agent
+    from device_agent.config import load_config
+    from tests.fixtures.broker import free_port
+
+    keys = Keys(tmp_path)
+    cfg = write_config(
+        tmp_path / "agent.toml", device="dev-drop", broker_url=f"mqtt://127.0.0.1:{free_port()}",
+        store=tmp_path / "store", public_key=keys.public, extra="[queue]\nmax_rows = 10\n",
+    )
+    agent = Agent(load_config(cfg)).start()  # nobody listens on that port: stays offline
+    try:
+        for _ in range(15):
+            agent.heartbeat()
+        last = agent.heartbeat()
+        items = agent.queue.peek(limit=100)
+    finally:
+        agent.stop()
+    assert len(items) <= 10
+    newest = json.loads(items[-1].payload)
+    assert newest["seq"] == last
+    assert newest["data"]["dropped"]["telemetry"] >= 6
+    assert not agent.connected

@@ -139,6 +139,81 @@ step_timeout_s = {step_timeout_s}
     return path
 
 
+class TcpGate:
+    """A TCP forwarder on loopback that a test can close and open: the device's network link.
+
+    Closed, it refuses new connections and cuts the open ones, so the agent is offline while the
+    broker and the test's observer stay up and miss nothing.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        import socket
+
+        self.upstream = upstream_port
+        self.open = True
+        self._conns: list[Any] = []
+        self._lock = threading.Lock()
+        self._srv = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._srv.getsockname()[1])
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while not self._stop:
+            try:
+                c, _ = self._srv.accept()
+            except OSError:
+                return
+            if not self.open:
+                c.close()
+                continue
+            try:
+                u = socket.create_connection(("127.0.0.1", self.upstream), timeout=2)
+            except OSError:
+                c.close()
+                continue
+            with self._lock:
+                self._conns += [c, u]
+            for a, b in ((c, u), (u, c)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: Any, b: Any) -> None:
+        import contextlib
+        import socket
+
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def close_link(self) -> None:
+        import contextlib
+        import socket
+
+        self.open = False
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def open_link(self) -> None:
+        self.open = True
+
+    def stop(self) -> None:
+        self._stop = True
+        self.close_link()
+        self._srv.close()
+
+
 def start_agent(config: Path, timeout: float = 15.0) -> Any:
     """An in-process agent, started and subscribed."""
     from device_agent.agent import Agent
@@ -174,6 +249,8 @@ class Observer:
         )
         self.c.on_connect = lambda c, *_: (c.subscribe(f"{prefix}/#", qos=1), self._ready.set())
         self.c.on_message = self._on_message
+        self.subscriptions = 0  # SUBACKs received: one per (re)connect
+        self.c.on_subscribe = self._on_subscribe
         self.c.reconnect_delay_set(0.1, 0.5)
         props = None
         if session is not None:
@@ -183,6 +260,11 @@ class Observer:
         self.c.loop_start()
         assert self._ready.wait(10)
         time.sleep(0.2)
+
+    def _on_subscribe(self, *_a: Any) -> None:
+        with self._cond:
+            self.subscriptions += 1
+            self._cond.notify_all()
 
     def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
         with self._cond:
