@@ -44,11 +44,12 @@ from edgecloud.errors import EdgeCloudError, InputError, ProtocolError, Transpor
 from edgecloud.topics import Topics, check_segment
 from edgecloud.transport._mqtt_common import (
     MqttConnection,
+    PublishProperties,
     parse_broker_url,
-    publish_properties,
     user_properties,
 )
 from edgecloud.transport.mqtt import (
+    DEFAULT_BINARY_THRESHOLD,
     PROP_BINARY_THRESHOLD,
     PROP_DEADLINE,
     PROP_MODEL,
@@ -151,7 +152,7 @@ class MqttWorker:
         client_id: str | None = None,
         queue_size: int = 1024,
         dedup_size: int = 8192,
-        binary_threshold: int = 16384,
+        binary_threshold: int = DEFAULT_BINARY_THRESHOLD,
         status_for: Callable[[BaseException], int] | None = None,
         connect_timeout: float = 5.0,
         _submit: _Submit | None = None,
@@ -347,21 +348,16 @@ class MqttWorker:
         self._publish(ctx, status, encode_error(message), None)
 
     def _publish(self, ctx: _Ctx, status: int, body: bytes, header_len: int | None) -> None:
-        props = publish_properties()
-        if ctx.corr is not None:
-            props.CorrelationData = ctx.corr
-        user = [
-            (PROP_STATUS, str(status)),
-            (PROP_MODEL, ctx.model),
-            (PROP_TRACE, ctx.trace),
-            (PROP_WORKER, self.client_id),
-        ]
+        user = [(PROP_STATUS, str(status)), (PROP_WORKER, self.client_id)]
+        if ctx.trace != "-":
+            user.append((PROP_TRACE, ctx.trace))
         if header_len is not None:
             user.append((HEADER_LENGTH, str(header_len)))
-        props.UserProperty = user
+        expiry = None
         if ctx.deadline_ms is not None:
             left = (ctx.deadline_ms - time.time() * 1000) / 1000.0
-            props.MessageExpiryInterval = max(1, int(left + 0.999))
+            expiry = max(1, int(left + 0.999))
+        props = PublishProperties(correlation_data=ctx.corr, message_expiry=expiry, user=user)
         try:
             self.conn.publish(ctx.response_topic, body, qos=self.qos, properties=props)
         except TransportError as exc:

@@ -43,8 +43,8 @@ from edgecloud.topics import Topics, check_segment
 from edgecloud.transport._mqtt_common import (
     BrokerSettings,
     MqttConnection,
+    PublishProperties,
     parse_broker_url,
-    publish_properties,
     reason_code_error,
     user_properties,
 )
@@ -59,6 +59,7 @@ from edgecloud.transport.v2 import (
 )
 
 __all__ = [
+    "DEFAULT_BINARY_THRESHOLD",
     "PROP_BINARY_THRESHOLD",
     "PROP_DEADLINE",
     "PROP_MODEL",
@@ -79,6 +80,9 @@ PROP_DEADLINE = "deadline-ms"
 PROP_STATUS = "status"
 PROP_BINARY_THRESHOLD = "binary-threshold"
 PROP_WORKER = "worker"
+
+#: Tensors of this many bytes or more travel binary (requests and, by default, replies).
+DEFAULT_BINARY_THRESHOLD = 16384
 
 
 @dataclass
@@ -213,7 +217,7 @@ class MqttTransport(Transport):
         keyfile: str | os.PathLike[str] | None = None,
         tls_insecure: bool = False,
         qos: int = 1,
-        binary_threshold: int = 16384,
+        binary_threshold: int = DEFAULT_BINARY_THRESHOLD,
         prefix: str = "edgecloud",
         max_pending: int = 1024,
         connect_timeout: float = 5.0,
@@ -276,22 +280,25 @@ class MqttTransport(Transport):
             raise ProtocolError(str(exc), region=self.region) from exc
         body, header_len = encode_request(request, binary=self.binary_threshold)
         remaining = timeout - (time.monotonic() - start)
-        corr = uuid.uuid4().bytes
-        props = publish_properties()
-        props.ResponseTopic = sess.reply_topic
-        props.CorrelationData = corr
-        props.MessageExpiryInterval = max(1, math.ceil(remaining))
+        corr = os.urandom(16)
         user = [
             (PROP_MODEL, model),
-            (PROP_TRACE, request.id or corr.hex()),
             (PROP_DEADLINE, str(int((time.time() + remaining) * 1000))),
-            (PROP_BINARY_THRESHOLD, str(self.binary_threshold)),
         ]
+        if request.id is not None:
+            user.append((PROP_TRACE, request.id))
+        if self.binary_threshold != DEFAULT_BINARY_THRESHOLD:
+            user.append((PROP_BINARY_THRESHOLD, str(self.binary_threshold)))
         if request.version is not None:
             user.append((PROP_VERSION, str(request.version)))
         if header_len is not None:
             user.append((HEADER_LENGTH, str(header_len)))
-        props.UserProperty = user
+        props = PublishProperties(
+            response_topic=sess.reply_topic,
+            correlation_data=corr,
+            message_expiry=max(1, math.ceil(remaining)),
+            user=user,
+        )
 
         p = _Pending()
         with sess.lock:
