@@ -289,7 +289,11 @@ def measure_sensitivity(
             sq = sqnr_by_node(src, Path(full), evaluator.val, work_dir, samples=n)
     order = [n for n, _ in nodes]
     if sq:  # measure the worst-SQNR nodes first, so a cap or a deadline keeps the likely culprits
-        order.sort(key=lambda n: sq.get(n, (None, None, None))[0] or math.inf)
+        def worst_first(name: str) -> float:
+            db = sq.get(name, (None, None, None))[0]
+            return math.inf if db is None else db
+
+        order.sort(key=worst_first)
     iso: dict[str, tuple[float, float]] = {}
     complete = True
     if isolated:
