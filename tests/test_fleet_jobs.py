@@ -292,3 +292,14 @@ def test_merge_patch_and_delta() -> None:
     reported = {"policy": {"mode": "edge_first", "threshold": 0.5}, "extra": 1}
     assert compute_delta(new, reported) == {"policy": {"threshold": 0.8}}
     assert compute_delta(reported, reported) == {}
+
+
+def test_timeouts_can_be_held_back_for_a_tick(engine: JobEngine, clock: Clock) -> None:
+    engine.create("j1", "deploy", {}, ["a"], timeout_s=10, job_timeout_s=5)
+    engine.tick({"a"})
+    clock.t += 60
+    engine.tick({"a"}, timeouts=False)  # just reconnected: the queued update may be on its way
+    assert engine.executions["j1", "a"].state == S.QUEUED
+    engine.apply_update(_upd("j1", "a", S.SUCCEEDED, 1))
+    engine.tick({"a"})
+    assert engine.executions["j1", "a"].state == S.SUCCEEDED

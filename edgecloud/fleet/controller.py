@@ -62,6 +62,7 @@ __all__ = ["FleetController", "NotFound"]
 log = logging.getLogger("edgecloud.fleet")
 
 TELEMETRY_KEEP = 10_000  # records kept in memory per device for the API
+RECONNECT_GRACE_S = 3.0  # after (re)connecting, queued updates land before timeouts fire
 
 
 class NotFound(FleetError):
@@ -120,6 +121,7 @@ class FleetController:
         self._client.on_message = self._on_message
         self._client.on_socket_open = lambda c, u, sock: set_tcp_nodelay(sock)
         self._connect_error: TransportError | None = None
+        self._connected_at = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> FleetController:
@@ -187,6 +189,7 @@ class FleetController:
                 (t.all_telemetry(), 1),
             ]
         )
+        self._connected_at = time.monotonic()
         self._connected.set()
         self._wake.set()
         log.info("fleet controller connected to %s", self._settings.url)
@@ -323,7 +326,8 @@ class FleetController:
         with self._lock:
             online = frozenset(d.device_id for d in self.devices.values() if d.online)
             if self.connected:
-                result = self.engine.tick(online)
+                settled = time.monotonic() - self._connected_at >= RECONNECT_GRACE_S
+                result = self.engine.tick(online, timeouts=settled)
             else:  # notifications would only queue up in paho; keep them QUEUED instead
                 result = self.engine.drain()
             devices = [self.devices[i] for i in self._dirty_devices if i in self.devices]

@@ -439,8 +439,13 @@ class JobEngine:
                 self._dirty_execs[e.key] = e
 
     # -- the clock ---------------------------------------------------------------------------
-    def tick(self, online: set[str] | frozenset[str]) -> TickResult:
-        """Time out, finish and notify. ``online`` is the set of devices connected now."""
+    def tick(self, online: set[str] | frozenset[str], *, timeouts: bool = True) -> TickResult:
+        """Time out, finish and notify. ``online`` is the set of devices connected now.
+
+        ``timeouts=False`` holds every timeout back for this tick: the controller uses it just
+        after it reconnects, so updates the broker queued for it during the outage are applied
+        before a timer that ran out meanwhile can turn a finished execution into TIMED_OUT.
+        """
         now = self.clock()
         busy: set[str] = set()
         # 1. timeouts (for every job, even an aborted one whose executions still run), and
@@ -454,7 +459,7 @@ class JobEngine:
                 still_open = True
                 if e.state == ExecutionState.IN_PROGRESS or e.sent_at is not None:
                     since = e.started_at if e.state == ExecutionState.IN_PROGRESS else e.sent_at
-                    if since is not None and now - since >= job.timeout_s:
+                    if timeouts and since is not None and now - since >= job.timeout_s:
                         self._finish(
                             e,
                             ExecutionState.TIMED_OUT,
@@ -463,7 +468,11 @@ class JobEngine:
                         )
                         continue
                     busy.add(e.device_id)
-                elif job.job_timeout_s is not None and now - job.created_at >= job.job_timeout_s:
+                elif (
+                    timeouts
+                    and job.job_timeout_s is not None
+                    and now - job.created_at >= job.job_timeout_s
+                ):
                     self._finish(
                         e,
                         ExecutionState.TIMED_OUT,
