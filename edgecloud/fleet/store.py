@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from edgecloud._deps import require
-from edgecloud.errors import ConfigError, FleetError
+from edgecloud.errors import ConfigError, FleetError, MissingDependencyError
 from edgecloud.fleet.jobs import Execution, Job
 from edgecloud.fleet.registry import Device, Shadow
 
@@ -186,6 +186,10 @@ class SqlAlchemyFleetStore:
             with self._engine.begin() as conn:
                 for stmt in _SCHEMA:
                     conn.execute(sa.text(stmt))
+        except ImportError as exc:  # the URL's database driver (psycopg, ...) is missing
+            raise MissingDependencyError(
+                exc.name or "the database driver", "postgres", f"needed for {_redact(url)}"
+            ) from exc
         except Exception as exc:  # SQLAlchemy's DBAPIError tree, driver import errors
             raise FleetError(f"fleet database {_redact(url)}: cannot open it: {exc}") from exc
 
