@@ -28,7 +28,6 @@ import logging
 import os
 import queue
 import random
-import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -150,6 +149,7 @@ class Agent:
         self.malformed = 0
         self.last_error = ""
         self.connects = 0
+        self._refused = False
         self._started = time.time()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -287,25 +287,21 @@ class Agent:
 
     # -- MQTT --------------------------------------------------------------------------------
     def _make_mqtt(self) -> Any:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+        from edgecloud.transport._mqtt_common import make_client, parse_broker_url
 
         b = self.config.broker
-        c = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=self.device_id,
-            protocol=MQTTProtocolVersion.MQTTv5,
-            reconnect_on_failure=False,
+        settings = parse_broker_url(
+            b.url,
+            username=b.username,
+            password=b.password,
+            ca=b.ca,
+            certfile=b.cert,
+            keyfile=b.key,
+            keepalive=b.keepalive,
         )
-        if b.username is not None:
-            c.username_pw_set(b.username, b.password)
-        if b.tls:
-            c.tls_set(
-                ca_certs=str(b.ca) if b.ca else None,
-                certfile=str(b.cert) if b.cert else None,
-                keyfile=str(b.key) if b.key else None,
-            )
+        c = make_client(settings, self.device_id)  # MQTT 5, callback API 2, TLS, credentials
         c.will_set(self.topics.status(self.device_id), self._status(False), qos=1, retain=True)
+        # The durable queue is the real buffer: paho only holds what is in flight.
         c.max_inflight_messages_set(self.config.queue.inflight)
         c.max_queued_messages_set(self.config.queue.inflight * 2)
         c.on_connect = self._on_connect
@@ -341,13 +337,21 @@ class Agent:
                 if self._connected.is_set():
                     delay = b.reconnect_min_s
             self._connected.clear()
+            if self._refused:
+                # Credentials or ACL refused: retrying fast will not help, but an operator may
+                # fix the broker side, so keep trying at the slowest pace.
+                delay = b.reconnect_max_s
+                self._refused = False
             if not self._stop.is_set():
                 self._stop.wait(random.uniform(0, delay))
                 delay = min(delay * 2, b.reconnect_max_s)
 
     def _on_connect(self, client: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
-            self._note_error(f"broker refused the connection: {reason} ({reason.value})")
+            from edgecloud.transport._mqtt_common import reason_code_error
+
+            self._refused = True
+            self._note_error(str(reason_code_error(reason, f"connection of {self.device_id}")))
             return
         self.connects += 1
         log.info("connected to %s (connection %d)", self.config.broker.url, self.connects)
@@ -843,8 +847,9 @@ def _job_id_of(payload: bytes) -> str | None:
 
 
 def _nodelay(_client: Any, _userdata: Any, sock: Any) -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    from edgecloud.transport._mqtt_common import set_tcp_nodelay
+
+    set_tcp_nodelay(sock)
 
 
 def _system_stats() -> dict[str, Any]:

@@ -64,11 +64,11 @@ class BrokerConfig:
     @property
     def port(self) -> int:
         u = urlsplit(self.url)
-        return u.port or (8883 if u.scheme in ("mqtts", "ssl") else 1883)
+        return u.port or (8883 if self.tls else 1883)
 
     @property
     def tls(self) -> bool:
-        return urlsplit(self.url).scheme in ("mqtts", "ssl") or self.ca is not None
+        return urlsplit(self.url).scheme == "mqtts" or self.ca is not None
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ class AgentConfig:
         )
         url = br.string("url")
         u = urlsplit(url)
-        if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not u.hostname:
+        if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
             raise ConfigError(
                 f"broker.url: expected mqtt://host:port or mqtts://host:port, got {url!r}"
             )
@@ -174,7 +174,9 @@ class AgentConfig:
             _ = u.port
         except ValueError as exc:
             raise ConfigError(f"broker.url: bad port in {url!r}") from exc
-        cert, key = br.path("cert"), br.path("key")
+        if u.username or u.password:
+            raise ConfigError("broker.url: put credentials in broker.username/password")
+        cert, key = br.path("cert", must_exist=True), br.path("key", must_exist=True)
         if (cert is None) != (key is None):
             raise ConfigError("broker.cert and broker.key must be given together")
         prefix = br.string("topic_prefix", DEFAULT_PREFIX)

@@ -61,7 +61,8 @@ def test_valid_config_loads_with_defaults(base: Path, tmp_path: Path) -> None:
         ("[jobs]", '[[regions]]\nname = "eu"\nendpoint = "ftp://x"\n[jobs]', "regions[0].endpoint"),
         ("[jobs]", "[capture]\nsample_rate = 2\n[jobs]", "capture.sample_rate"),
         ("[jobs]", "[surprise]\n[jobs]", "surprise"),
-        ('keepalive = 5', 'keepalive = 5\ncert = "c.pem"', "broker.cert and broker.key"),
+        ('keepalive = 5', 'keepalive = 5\ncert = "c.pem"', "broker.cert"),
+        ('url = "mqtt://127.0.0.1:1883"', 'url = "mqtt://u:p@h:1883"', "broker.url"),
         ('keepalive = 5', 'keepalive = 5\ntopic_prefix = "a/#"', "broker.topic_prefix"),
     ],
 )

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from device_agent.agent import Agent
@@ -248,3 +249,22 @@ def test_duplicate_delivery_runs_a_job_once(
     assert observer.job_states("dup")[-1]["details"]["repeated"] is True
     assert agent.metrics.deployments["succeeded"] == 1
     assert agent.store.pointer().previous is None  # type: ignore[union-attr]  # installed once
+
+
+def test_refused_credentials_are_reported_and_agent_keeps_serving(tmp_path: Path) -> None:
+    keys = Keys(tmp_path)
+    with MosquittoBroker(allow_anonymous=False) as broker:
+        cfg = write_config(tmp_path / "agent.toml", device="dev-auth", broker_url=broker.url,
+                           store=tmp_path / "store", public_key=keys.public)
+        agent = Agent(load_config(cfg)).start()
+        try:
+            deadline = time.monotonic() + 15
+            while "refused" not in agent.last_error and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert "refused by the broker: reason code 0x8" in agent.last_error
+            assert not agent.connected
+            assert agent.endpoint is not None
+            with httpx.Client(base_url=agent.endpoint.url, timeout=5) as c:
+                assert c.get("/v2/health/live").status_code == 200
+        finally:
+            agent.stop()
