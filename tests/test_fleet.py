@@ -775,3 +775,38 @@ def test_controller_refused_or_misconfigured_broker(tmp_path: Path) -> None:
         with pytest.raises(AuthError, match=r"0x87|0x86|Not authorized"):
             ctl.start(timeout=5)
         ctl.store.close()
+
+
+def test_upload_then_deploy_by_reference(
+    fleet: Fleet, mosquitto: MosquittoBroker, tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    """An operator on another machine: the package travels over HTTP, not as a path."""
+    from edgecloud.errors import ConfigError
+    from edgecloud.fleet.client import ControllerClient
+
+    sims = devices(mosquitto, 2)
+    wait_until(lambda: sum(d.online for d in fleet.ctl.devices.values()) == 2)
+    pkg = make_package(tmp_path, "2.1.0", keys)
+    with ControllerClient(fleet.http.url) as c:
+        job = c.deploy(pkg, ["edge"], upload=True, timeout_s=30)
+        wait_until(lambda: fleet.ctl.job_done(job["job_id"]))
+        assert c.job(job["job_id"])["counts"]["SUCCEEDED"] == 2
+        stored = fleet.ctl.packages.root / "digits" / "2.1.0"
+        assert (stored / "manifest.json").read_bytes() == (pkg / "manifest.json").read_bytes()
+        assert sims[0].notifications[0].document["version"] == "2.1.0"
+        with pytest.raises(ConfigError, match=r"uploaded package refused"):
+            c._call(
+                "POST",
+                "/api/packages",
+                content=b"not a tarball",
+                headers={"Content-Type": "application/gzip"},
+            )
+        with pytest.raises(FleetError, match=r"no package 'digits' version '9\.9'"):
+            c._call(
+                "POST",
+                "/api/deploy",
+                {"package_ref": {"name": "digits", "version": "9.9"}, "targets": ["edge"]},
+            )
+    assert not list(fleet.ctl.packages.root.glob(".upload-*"))  # temp files cleaned up
+    for s in sims:
+        s.disconnect()

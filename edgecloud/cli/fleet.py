@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from edgecloud.errors import ConfigError, EdgeCloudError
 from edgecloud.fleet.jobs import parse_duration, parse_rate
@@ -56,6 +57,11 @@ def register(sub: Any) -> None:
 
     dep = fsub.add_parser("deploy", help="deploy a package directory to groups or devices")
     dep.add_argument("package", type=Path, help="a signed package directory")
+    dep.add_argument(
+        "--upload",
+        action="store_true",
+        help="send the package over HTTP (default when the controller is not on this machine)",
+    )
     _job_args(dep)
     client_args(dep)
     dep.set_defaults(func=_deploy)
@@ -390,7 +396,9 @@ def _deploy(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.package} is not a package directory")
     opts = _job_options(args)
     with _client(args) as c:
-        job = c.deploy(args.package, list(args.to), **opts)
+        host = urlsplit(c.base_url).hostname or ""
+        upload = args.upload or host not in ("127.0.0.1", "::1", "localhost")
+        job = c.deploy(args.package, list(args.to), upload=upload, **opts)
         return _after_create(args, c, job)
 
 

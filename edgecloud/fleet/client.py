@@ -9,6 +9,7 @@ refusals -> ``FleetError`` carrying the controller's own message.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +55,20 @@ class ControllerClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        content: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
         try:
-            r = self._http.request(method, path, json=body)
+            if content is not None:
+                r = self._http.request(method, path, content=content, headers=headers)
+            else:
+                r = self._http.request(method, path, json=body)
         except httpx.TimeoutException as exc:
             raise TransportTimeout(
                 f"fleet controller {self.base_url} did not answer: {exc}"
@@ -104,8 +116,30 @@ class ControllerClient:
         return dict(self._call("GET", f"/api/jobs/{job_id}"))
 
     # -- writes ------------------------------------------------------------------------------
-    def deploy(self, package_dir: Path, targets: list[str], **options: Any) -> dict[str, Any]:
-        body = {"package": str(Path(package_dir).resolve()), "targets": targets, **options}
+    def upload(self, package_dir: Path) -> dict[str, Any]:
+        """Pack ``package_dir`` and send it to the controller's package store."""
+        from edgecloud.package import pack_package
+
+        with tempfile.TemporaryDirectory(prefix="edgecloud-upload-") as tmp:
+            archive = pack_package(Path(package_dir), Path(tmp) / "package.tar.gz")
+            with open(archive, "rb") as f:
+                headers = {
+                    "Content-Type": "application/gzip",
+                    "Content-Length": str(archive.stat().st_size),
+                }
+                return dict(self._call("POST", "/api/packages", content=f, headers=headers))
+
+    def deploy(
+        self, package_dir: Path, targets: list[str], *, upload: bool = False, **options: Any
+    ) -> dict[str, Any]:
+        """Deploy a package directory: by its path (the controller reads it; same machine) or,
+        with ``upload``, by sending it over HTTP first (the controller is elsewhere)."""
+        body: dict[str, Any] = {"targets": targets, **options}
+        if upload:
+            stored = self.upload(package_dir)
+            body["package_ref"] = {"name": stored["name"], "version": stored["version"]}
+        else:
+            body["package"] = str(Path(package_dir).resolve())
         return dict(self._call("POST", "/api/deploy", body))
 
     def rollback(

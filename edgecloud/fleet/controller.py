@@ -130,7 +130,10 @@ class FleetController:
         props.SessionExpiryInterval = 3600
         try:
             self._client.connect(
-                host, port, keepalive=self._settings.keepalive, clean_start=False,
+                host,
+                port,
+                keepalive=self._settings.keepalive,
+                clean_start=False,
                 properties=props,
             )
         except (OSError, ValueError) as exc:
@@ -408,11 +411,23 @@ class FleetController:
         self._wake.set()
         return job
 
-    def deploy(self, package_dir: Path, targets: Iterable[str], **job_kwargs: Any) -> Job:
-        """Store the package and start a deploy job whose document points at its download."""
+    def deploy(
+        self, package: Path | tuple[str, str], targets: Iterable[str], **job_kwargs: Any
+    ) -> Job:
+        """Start a deploy job whose document points at the package's download.
+
+        ``package`` is a package directory (verified and stored first) or the (name, version)
+        of a package already in the store (uploaded with ``POST /api/packages``).
+        """
         if not self.public_base_url:
             raise ConfigError("the controller has no public_base_url for package downloads")
-        pkg = self.packages.add(Path(package_dir))
+        if isinstance(package, tuple):
+            try:
+                pkg = self.packages.get(*package)
+            except FleetError as exc:
+                raise NotFound(str(exc)) from exc
+        else:
+            pkg = self.packages.add(Path(package))
         document = {
             "package_url": self.public_base_url + pkg.url_path(),
             "sha256": pkg.sha256,
@@ -548,5 +563,3 @@ class FleetController:
         with self._lock:
             job = self.engine.jobs.get(job_id)
             return job is not None and job.status != "IN_PROGRESS"
-
-

@@ -20,7 +20,9 @@ shadow conflict):
     GET  /api/devices/<id>/telemetry?after=N [record, ...]
     GET  /api/jobs                          [job with counts, ...]
     GET  /api/jobs/<id>                     job with counts and executions
-    POST /api/deploy                        {"package": dir, "targets": [...], job options}
+    POST /api/packages                      a package .tar.gz as the body -> the stored package
+    POST /api/deploy                        {"package": dir | "package_ref": {name, version},
+                                             "targets": [...], job options}
     POST /api/rollback                      {"targets": [...], "version": opt, job options}
     POST /api/jobs/<id>/cancel              {"force": false}
     POST /api/policy                        {"targets": [...], "policy": {...}}
@@ -36,16 +38,19 @@ import hmac
 import json
 import logging
 import re
+import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from edgecloud.errors import ConfigError, EdgeCloudError, FleetError
+from edgecloud.errors import ConfigError, EdgeCloudError, FleetError, PackageError
 from edgecloud.fleet.controller import FleetController, NotFound
 from edgecloud.fleet.jobs import AbortCriterion, RolloutConfig
+from edgecloud.fleet.packages import StoredPackage
 from edgecloud.fleet.store import ShadowConflict
+from edgecloud.package import unpack_package
 
 __all__ = ["FleetHTTPServer", "parse_range"]
 
@@ -53,6 +58,7 @@ log = logging.getLogger("edgecloud.fleet.http")
 
 _PKG = re.compile(r"^/packages/([^/]+)/([^/]+)\.tar\.gz$")
 MAX_BODY = 1 << 20
+MAX_UPLOAD = 4 << 30  # a package archive uploaded with POST /api/packages
 
 
 def parse_range(header: str, size: int) -> tuple[int, int] | None:
@@ -193,6 +199,33 @@ def _make_handler(server: FleetHTTPServer) -> type[BaseHTTPRequestHandler]:
                 raise _ApiError(400, "request body must be a JSON object")
             return obj
 
+        def _upload(self) -> StoredPackage:
+            """Stream a ``.tar.gz`` body to disk, unpack it and store it like a directory."""
+            try:
+                n = int(self.headers.get("Content-Length") or -1)
+            except ValueError:
+                n = -1
+            if n <= 0:
+                raise _ApiError(411, "upload a package archive with a Content-Length")
+            if n > MAX_UPLOAD:
+                raise _ApiError(413, f"package archive of {n} bytes exceeds {MAX_UPLOAD}")
+            root = ctl.packages.root
+            with tempfile.TemporaryDirectory(prefix=".upload-", dir=root) as tmp:
+                archive = Path(tmp) / "upload.tar.gz"
+                with open(archive, "wb") as f:
+                    left = n
+                    while left > 0:
+                        chunk = self.rfile.read(min(left, 1 << 16))
+                        if not chunk:
+                            raise _ApiError(400, f"upload ended {left} bytes early")
+                        f.write(chunk)
+                        left -= len(chunk)
+                try:
+                    pkg_dir = unpack_package(archive, Path(tmp) / "pkg")
+                except PackageError as exc:
+                    raise _ApiError(400, f"uploaded package refused: {exc}") from exc
+                return ctl.packages.add(pkg_dir)
+
         def _authorized(self) -> bool:
             if not server.token:
                 return True
@@ -258,13 +291,35 @@ def _make_handler(server: FleetHTTPServer) -> type[BaseHTTPRequestHandler]:
                         }
                         for p in ctl.packages.list()
                     ]
+            elif method == "POST" and parts == ["packages"]:
+                stored = self._upload()
+                return 201, {
+                    "name": stored.name,
+                    "version": stored.version,
+                    "sha256": stored.sha256,
+                    "size": stored.size,
+                    "url": ctl.public_base_url + stored.url_path(),
+                }
             elif method == "POST":
                 body = self._body()
                 if parts == ["deploy"]:
                     pkg = body.get("package")
-                    if not isinstance(pkg, str) or not pkg:
-                        raise _ApiError(400, "'package' must be the path of a package directory")
-                    job = ctl.deploy(Path(pkg), _targets(body), **_job_kwargs(body))
+                    ref = body.get("package_ref")
+                    target: Path | tuple[str, str]
+                    if isinstance(ref, dict):
+                        name, version = ref.get("name"), ref.get("version")
+                        if not (isinstance(name, str) and isinstance(version, str)):
+                            raise _ApiError(400, "'package_ref' needs string 'name' and 'version'")
+                        target = (name, version)
+                    elif isinstance(pkg, str) and pkg:
+                        target = Path(pkg)
+                    else:
+                        raise _ApiError(
+                            400,
+                            "give 'package' (a package directory on the controller's machine) "
+                            "or 'package_ref' ({name, version} of an uploaded package)",
+                        )
+                    job = ctl.deploy(target, _targets(body), **_job_kwargs(body))
                     return 201, ctl.job_view(job.job_id)
                 if parts == ["rollback"]:
                     version = body.get("version")
