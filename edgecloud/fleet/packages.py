@@ -100,6 +100,8 @@ class PackageStore:
     def list(self) -> list[StoredPackage]:
         out = []
         for archive in sorted(self.root.glob("*/*.tar.gz")):
+            if not (_SAFE.match(archive.parent.name) and _SAFE.match(archive.name)):
+                continue  # uploads and copies in progress live in hidden temp folders
             out.append(self._stored(archive.parent.name, archive.name[: -len(".tar.gz")], None))
         return out
 
