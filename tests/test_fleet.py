@@ -794,6 +794,9 @@ def test_upload_then_deploy_by_reference(
         stored = fleet.ctl.packages.root / "digits" / "2.1.0"
         assert (stored / "manifest.json").read_bytes() == (pkg / "manifest.json").read_bytes()
         assert sims[0].notifications[0].document["version"] == "2.1.0"
+        listed = c._call("GET", "/api/packages")
+        assert [(p["name"], p["version"]) for p in listed] == [("digits", "2.1.0")]
+        assert listed[0]["url"] == job["document"]["package_url"]
         with pytest.raises(ConfigError, match=r"uploaded package refused"):
             c._call(
                 "POST",
