@@ -117,11 +117,7 @@ class Agent:
         self.client = AgentClient(
             mode=pol.mode,
             threshold=pol.threshold,
-            regions=[
-                {"name": r.name, "endpoint": r.endpoint, "priority": r.priority,
-                 "model": r.model}
-                for r in config.regions
-            ],
+            regions=[r.as_client_region() for r in config.regions],
             metrics=self.metrics,
             deadline=pol.deadline_s,
             max_concurrency=pol.max_concurrency,

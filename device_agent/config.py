@@ -93,6 +93,17 @@ class RegionConfig:
     endpoint: str
     priority: int = 0
     model: str | None = None
+    version: str | None = None
+    timeout_s: float | None = None
+    cloud_input_shape: tuple[int, ...] | None = None
+
+    def as_client_region(self) -> dict[str, object]:
+        """The mapping ``HybridClient(regions=...)`` takes."""
+        return {
+            "name": self.name, "endpoint": self.endpoint, "priority": self.priority,
+            "model": self.model, "version": self.version, "timeout": self.timeout_s,
+            "cloud_input_shape": list(self.cloud_input_shape) if self.cloud_input_shape else None,
+        }
 
 
 @dataclass(frozen=True)
@@ -230,7 +241,10 @@ class AgentConfig:
             if not isinstance(reg, Mapping):
                 raise ConfigError(f"regions[{i}]: expected a table")
             rr = _Reader(reg, f"regions[{i}].", base)
-            rr.known("name", "endpoint", "priority", "model")
+            rr.known(
+                "name", "endpoint", "priority", "model", "version", "timeout_s",
+                "cloud_input_shape",
+            )
             name = rr.string("name")
             _segment(name, f"regions[{i}].name")
             endpoint = rr.string("endpoint")
@@ -239,12 +253,25 @@ class AgentConfig:
                     f"regions[{i}].endpoint: expected an http(s):// or mqtt(s):// URL, "
                     f"got {endpoint!r}"
                 )
+            shape = reg.get("cloud_input_shape")
+            if shape is not None and (
+                not isinstance(shape, list)
+                or not shape
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+            ):
+                raise ConfigError(
+                    f"regions[{i}].cloud_input_shape: expected a list of positive integers "
+                    f"(per-sample shape the region's model wants), got {shape!r}"
+                )
             regions.append(
                 RegionConfig(
                     name=name,
                     endpoint=endpoint,
                     priority=int(rr.number("priority", 0, integer=True)),
                     model=rr.opt_string("model"),
+                    version=rr.opt_string("version"),
+                    timeout_s=rr.number("timeout_s", 1.0, lo=0.001) if "timeout_s" in reg else None,
+                    cloud_input_shape=tuple(shape) if shape else None,
                 )
             )
         names = [x.name for x in regions]

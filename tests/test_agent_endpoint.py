@@ -206,3 +206,56 @@ def test_atomic_swap_under_load(setup: tuple[Agent, Observer, Keys], tmp_path: P
     assert failures == []
     assert seen.get("1.0.0", 0) >= 20
     assert seen.get("2.0.0", 0) >= 20
+
+
+def test_low_confidence_goes_to_a_real_cloud_region_and_degrades_without_it(
+    tmp_path: Path, mosquitto: MosquittoBroker
+) -> None:
+    from tests.fixtures.servers import make_repository, running_cloud_server
+    from tests.test_agent_util import ROOT
+
+    repo = make_repository(
+        tmp_path / "repo", {"digits_cloud": ROOT / "samples" / "models" / "digits_cloud.onnx"}
+    )
+    keys = Keys(tmp_path)
+    obs = Observer(mosquitto.host, mosquitto.port)
+    with running_cloud_server(repo, region="near", subprocess=False, threads=1) as server:
+        cfg = write_config(
+            tmp_path / "agent.toml", device="dev-cloud", broker_url=mosquitto.url,
+            store=tmp_path / "store", public_key=keys.public,
+            extra=(
+                "[policy]\nthreshold = 0.9\ndeadline_s = 5.0\n"
+                f'[[regions]]\nname = "near"\nendpoint = "{server.url}"\n'
+                'model = "digits_cloud"\ncloud_input_shape = [1, 8, 8]\n'
+            ),
+        )
+        agent = Agent(load_config(cfg)).start()
+        try:
+            send_job(obs, "dev-cloud", "v1", "deploy",
+                     package_url=make_package(tmp_path, keys, "1.0.0").as_uri())
+            assert obs.wait_job("v1")["status"] == "SUCCEEDED"
+            x = val_inputs(60)
+            routes = [agent.infer({"input": x[i : i + 1]}).route for i in range(60)]
+            assert "edge" in routes
+            assert "cloud" in routes
+            server.stop()
+            after = [agent.infer({"input": x[i : i + 1]}) for i in range(60)]
+            assert "degraded" in [o.route for o in after]
+            assert all(o.outputs["logits"].shape == (1, 10) for o in after)
+            seq = agent.heartbeat()
+            beat = obs.wait(
+                lambda: next((r for r in obs.json_on("/telemetry") if r["seq"] == seq), None),
+                what="heartbeat",
+            )
+        finally:
+            agent.stop()
+            obs.close()
+    data = beat["data"]
+    assert data["requests"] == 120
+    assert data["edge"] == routes.count("edge") + [o.route for o in after].count("edge")
+    assert data["cloud"] == routes.count("cloud")
+    assert data["degraded"] == [o.route for o in after].count("degraded")
+    assert sum(data["confidence_histogram"].values()) == 120
+    assert data["latency"]["p50_ms"] > 0
+    assert data["model_version"] == "1.0.0"
+    assert "cpu_percent" in data["system"] or "load1" in data["system"]
