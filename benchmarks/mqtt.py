@@ -22,7 +22,9 @@ sends a body encoded once, does not) and as the binary extension (``binary_thres
 work on the machine hits all alike. Printed: median and p99 per series and the median ratio
 against raw (goal <= 1.2x). Then throughput: 1, 2 and 4 echo worker processes in one share group,
 a fixed number of client threads through one ``MqttTransport``, requests per second over a fixed
-time.
+time: once with a bare echo (CPU-bound: client, broker and workers share the machine's cores) and
+once with workers that hold each request 5 ms like a backend waiting on an accelerator (shows how
+the share group spreads load, independent of the core count).
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ DEVICE = "bench-dev"
 
 
 @contextmanager
-def _workers(url: str, region: str, n: int, qos: int = 1) -> Iterator[list[subprocess.Popen[str]]]:
+def _workers(
+    url: str, region: str, n: int, qos: int = 1, delay_ms: float = 0.0
+) -> Iterator[list[subprocess.Popen[str]]]:
     procs: list[subprocess.Popen[str]] = []
     try:
         for _ in range(n):
@@ -62,6 +66,8 @@ def _workers(url: str, region: str, n: int, qos: int = 1) -> Iterator[list[subpr
                     "--echo",
                     "--qos",
                     str(qos),
+                    "--echo-delay-ms",
+                    str(delay_ms),
                 ],
                 cwd=ROOT,
                 stdout=subprocess.PIPE,
@@ -226,16 +232,18 @@ def latency(url: str, host: str, port: int, n: int) -> list[dict[str, Any]]:
     return rows
 
 
-def throughput(url: str, seconds: float, threads: int) -> list[dict[str, Any]]:
+def throughput(
+    url: str, seconds: float, threads: int, delay_ms: float = 0.0
+) -> list[dict[str, Any]]:
     from edgecloud.transport.mqtt import MqttTransport
     from edgecloud.transport.v2 import InferRequest
 
     rows = []
     x = np.arange(64, dtype=np.float32)
     for n in (1, 2, 4):
-        region = f"tp-{n}"
+        region = f"tp-{n}-{int(delay_ms)}"
         with (
-            _workers(url, region, n),
+            _workers(url, region, n, delay_ms=delay_ms),
             MqttTransport(url, region=region, device_id=DEVICE + "-tp", max_pending=4096) as t,
         ):
             for _ in range(50):
@@ -290,16 +298,16 @@ def main(argv: list[str] | None = None) -> int:
             if r["series"] == "MqttTransport":
                 worst = max(worst, r["ratio"])
         print(f"worst MqttTransport/raw median ratio: {worst:.2f}x (goal <= 1.2x)")
-        print(
-            f"\nthroughput, echo workers, 256 B, QoS 1, {args.threads} client threads, {seconds} s"
-        )
-        base = None
-        for r in throughput(broker.url, seconds, args.threads):
-            base = base or r["rps"]
-            print(
-                f"  {r['workers']} worker(s): {r['rps']:8.0f} req/s  ({r['rps'] / base:.2f}x)"
-                f"  errors {r['errors']}"
-            )
+        for delay in (0.0, 5.0):
+            what = "echo" if not delay else f"echo holding each request {delay:.0f} ms"
+            print(f"\nthroughput: {what}, 256 B, QoS 1, {args.threads} client threads, {seconds} s")
+            base = None
+            for r in throughput(broker.url, seconds, args.threads, delay_ms=delay):
+                base = base or r["rps"]
+                print(
+                    f"  {r['workers']} worker(s): {r['rps']:8.0f} req/s  ({r['rps'] / base:.2f}x)"
+                    f"  errors {r['errors']}"
+                )
     return 0
 
 

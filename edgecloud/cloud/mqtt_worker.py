@@ -474,6 +474,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--repo", help="model repository directory (ServingCore)")
     src.add_argument("--echo", action="store_true", help="answer with the request's tensors")
+    p.add_argument(
+        "--echo-delay-ms",
+        type=float,
+        default=0.0,
+        help="with --echo: hold each request this long, like a backend that waits on an "
+        "accelerator (benchmarks of share-group scaling)",
+    )
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--group", default=None)
     p.add_argument("--prefix", default="edgecloud")
@@ -490,6 +497,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             core = ServingCore(args.repo, max_batch_size=args.max_batch_size)
             target: Any = core
+        elif args.echo_delay_ms > 0:
+            delay = args.echo_delay_ms / 1000.0
+
+            def target(req: InferRequest) -> InferResponse:
+                time.sleep(delay)
+                return echo_handler(req)
         else:
             target = echo_handler
         pool = start_mqtt_workers(
