@@ -147,6 +147,8 @@ class Agent:
         self.connects = 0
         self._refused = False
         self._started = time.time()
+        # One installation at a time, also against a job the watchdog abandoned mid-way.
+        self._install = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> Agent:
@@ -157,16 +159,25 @@ class Agent:
         self._load_active()
         if self.config.endpoint.enabled:
             ep = self.config.endpoint
-            self.endpoint = LocalEndpoint(
-                self.client,
-                host=ep.host,
-                port=ep.port if self._endpoint_port is None else self._endpoint_port,
-                socket_path=ep.socket,
-                max_body_bytes=ep.max_body_bytes,
-                timeout_s=ep.timeout_s,
-                metrics_text=self.metrics_text,
-                agent_version=AGENT_VERSION,
-            ).start()
+            port = ep.port if self._endpoint_port is None else self._endpoint_port
+            try:
+                self.endpoint = LocalEndpoint(
+                    self.client,
+                    host=ep.host,
+                    port=port,
+                    socket_path=ep.socket,
+                    max_body_bytes=ep.max_body_bytes,
+                    timeout_s=ep.timeout_s,
+                    metrics_text=self.metrics_text,
+                    agent_version=AGENT_VERSION,
+                ).start()
+            except OSError as exc:
+                self.client.close()
+                self.queue.close()
+                where = ep.socket or f"{ep.host}:{port}"
+                raise ConfigError(
+                    f"endpoint: cannot listen on {where}: {exc.strerror or exc}"
+                ) from exc
         self._mqtt = self._make_mqtt()
         for key, note in self.queue.jobs_with_status(ExecutionState.IN_PROGRESS.value):
             log.info("resuming job %s interrupted by a restart", key)
@@ -592,12 +603,8 @@ class Agent:
         outcome = self._run_watched(
             lambda cancel, step: self._execute(job, key, cancel, step), timeout
         )
-        if outcome.status == ExecutionState.SUCCEEDED:
-            self.metrics.deployments["succeeded"] += 1 if job.operation == "deploy" else 0
-        elif outcome.status == ExecutionState.REJECTED:
-            self.metrics.deployments["rejected"] += 1
-        else:
-            self.metrics.deployments["failed"] += 1
+        if job.operation in ("deploy", "rollback"):
+            self.metrics.deployment(outcome.status.value.lower())
         result = json.dumps({"reason": outcome.reason, "details": dict(outcome.details or {})})
         self.queue.job_put(
             key, job.job_id, job.execution_number, outcome.status.value, note, result
@@ -703,24 +710,32 @@ class Agent:
             cancelled=cancel.is_set,
         )
         self._check(cancel, step, "verify")
-        slot = self.store.idle_slot()
-        self.store.forget_previous()
-        pkg = self.store.stage(archive, slot)
-        man = pkg.manifest
-        if version and man.version != version:
-            raise _Rejected(f"verify: package is version {man.version}, the job says {version}")
-        if model and man.name != model:
-            raise _Rejected(f"verify: package is model {man.name}, the job says {model}")
-        self._check(cancel, step, "load")
-        backend = load_model(pkg)
+        if not self._install.acquire(timeout=self.config.job_step_timeout_s):
+            raise StoreError("another installation is still running")
         try:
-            self._check(cancel, step, "health_check")
-            figures = health_check(backend, pkg)
-            self._check(cancel, step, "activate")
-            self._activate(slot, pkg, backend)
-        except BaseException:
-            backend.close()
-            raise
+            self._check(cancel, step, "verify")
+            slot = self.store.idle_slot()
+            self.store.forget_previous()
+            pkg = self.store.stage(archive, slot)
+            man = pkg.manifest
+            if version and man.version != version:
+                raise _Rejected(
+                    f"verify: package is version {man.version}, the job says {version}"
+                )
+            if model and man.name != model:
+                raise _Rejected(f"verify: package is model {man.name}, the job says {model}")
+            self._check(cancel, step, "load")
+            backend = load_model(pkg)
+            try:
+                self._check(cancel, step, "health_check")
+                figures = health_check(backend, pkg)
+                self._check(cancel, step, "activate")
+                self._activate(slot, pkg, backend)
+            except BaseException:
+                backend.close()
+                raise
+        finally:
+            self._install.release()
         self.store.cleanup_downloads()
         return JobOutcome(
             ExecutionState.SUCCEEDED, "",

@@ -19,6 +19,7 @@ import os
 import re
 import socket
 import socketserver
+import stat
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -248,7 +249,9 @@ class LocalEndpoint:
         self._server: socketserver.BaseServer
         if socket_path is not None:
             if socket_path.exists():
-                socket_path.unlink()
+                if not stat.S_ISSOCK(socket_path.stat().st_mode):
+                    raise OSError(f"{socket_path} exists and is not a socket; not removing it")
+                socket_path.unlink()  # a stale socket from a previous run
             socket_path.parent.mkdir(parents=True, exist_ok=True)
             self._server = _UnixServer(str(socket_path), handler)
             os.chmod(socket_path, 0o660)

@@ -76,6 +76,10 @@ class Metrics:
             self.lat_sum += latency_s
             self._recent.append(latency_s)
 
+    def deployment(self, outcome: str) -> None:
+        with self._lock:
+            self.deployments[outcome] = self.deployments.get(outcome, 0) + 1
+
     def error(self) -> None:
         with self._lock:
             self.requests += 1

@@ -82,11 +82,16 @@ class ModelStore:
         self.public_key = public_key
         self.min_free_bytes = min_free_bytes
         self._lock = threading.Lock()
-        for d in ("slots", "downloads", "staging"):
-            (self.root / d).mkdir(parents=True, exist_ok=True)
-        # A crash while unpacking leaves a staging folder nobody will finish.
-        for p in (self.root / "staging").iterdir():
-            shutil.rmtree(p, ignore_errors=True)
+        try:
+            for d in ("slots", "downloads", "staging"):
+                (self.root / d).mkdir(parents=True, exist_ok=True)
+            # A crash while unpacking leaves a staging folder nobody will finish.
+            for p in (self.root / "staging").iterdir():
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError as exc:
+            raise StoreError(
+                f"model store {self.root} is not usable: {exc.strerror or exc}"
+            ) from exc
 
     # -- pointer ---------------------------------------------------------------------------
     @property

@@ -259,3 +259,29 @@ def test_low_confidence_goes_to_a_real_cloud_region_and_degrades_without_it(
     assert data["latency"]["p50_ms"] > 0
     assert data["model_version"] == "1.0.0"
     assert "cpu_percent" in data["system"] or "load1" in data["system"]
+
+
+def test_endpoint_that_cannot_listen_is_a_config_error(tmp_path: Path) -> None:
+    from edgecloud.errors import ConfigError
+
+    keys = Keys(tmp_path)
+    busy = socket.create_server(("127.0.0.1", 0))
+    try:
+        cfg = write_config(
+            tmp_path / "agent.toml", device="dev-busy", broker_url="mqtt://127.0.0.1:1",
+            store=tmp_path / "store", public_key=keys.public,
+            endpoint_port=busy.getsockname()[1],
+        )
+        with pytest.raises(ConfigError, match=r"endpoint: cannot listen on 127\.0\.0\.1:\d+"):
+            Agent(load_config(cfg)).start()
+    finally:
+        busy.close()
+    # a socket path that is a regular file is refused, and the file is left alone
+    victim = tmp_path / "important.txt"
+    victim.write_text("keep me")
+    cfg.write_text(
+        cfg.read_text().replace("[endpoint]\n", f'[endpoint]\nsocket = "{victim}"\n')
+    )
+    with pytest.raises(ConfigError, match="is not a socket"):
+        Agent(load_config(cfg)).start()
+    assert victim.read_text() == "keep me"
