@@ -257,6 +257,12 @@ def test_registry_tracks_status_reported_and_telemetry(
     assert devs["dev-0"]["online"]
     assert not devs["dev-1"]["online"]
     assert devs["dev-0"]["group"] == "edge"
+    metrics = httpx.get(fleet.http.url + "/metrics", timeout=10).text
+    assert 'edgecloud_fleet_devices{online="true"} 1' in metrics
+    assert 'edgecloud_fleet_devices{online="false"} 1' in metrics
+    assert 'edgecloud_fleet_messages_total{outcome="malformed"} 2' in metrics
+    assert 'edgecloud_fleet_telemetry_records_total{outcome="duplicate"} 1' in metrics
+    assert "edgecloud_fleet_broker_connected 1" in metrics
     a.disconnect()
 
 

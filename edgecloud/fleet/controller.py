@@ -104,7 +104,9 @@ class FleetController:
             d.online = False  # the retained status after connecting says who is online
         self.shadows: dict[str, Shadow] = {s.device_id: s for s in store.load_shadows()}
         self.telemetry: dict[str, deque[dict[str, Any]]] = {}
-        self.stats: dict[str, int] = {"malformed": 0, "updates": 0, "duplicates": 0}
+        # messages dropped as malformed, job updates applied, and updates ignored (QoS 1
+        # redeliveries, late reports for finished executions, unknown jobs)
+        self.stats: dict[str, int] = {"malformed": 0, "updates": 0, "ignored_updates": 0}
         self.listeners: list[Callable[[str, Any], None]] = []
         self._dirty_devices: set[str] = set()
         self._wake = threading.Event()
@@ -299,7 +301,7 @@ class FleetController:
             d.last_seen = max(d.last_seen, self.clock())
             self._dirty_devices.add(device_id)
             if e is None:
-                self.stats["duplicates"] += 1
+                self.stats["ignored_updates"] += 1
                 return
             self.stats["updates"] += 1
             if e.terminal:
@@ -543,6 +545,55 @@ class FleetController:
     def set_policy(self, targets: Iterable[str], policy: dict[str, Any]) -> list[dict[str, Any]]:
         devices, _ = self.resolve_targets(targets)
         return [self.update_shadow(d, {"policy": policy}, None) for d in devices]
+
+    def metrics_text(self) -> str:
+        """Prometheus text exposition of the registry and jobs (no client library needed)."""
+        with self._lock:
+            online = sum(d.online for d in self.devices.values())
+            lines = [
+                "# HELP edgecloud_fleet_devices Devices known to the controller.",
+                "# TYPE edgecloud_fleet_devices gauge",
+                f'edgecloud_fleet_devices{{online="true"}} {online}',
+                f'edgecloud_fleet_devices{{online="false"}} {len(self.devices) - online}',
+                "# HELP edgecloud_fleet_jobs Jobs by status.",
+                "# TYPE edgecloud_fleet_jobs gauge",
+            ]
+            by_status: dict[str, int] = {}
+            for j in self.engine.jobs.values():
+                by_status[j.status] = by_status.get(j.status, 0) + 1
+            for status in ("IN_PROGRESS", "COMPLETED", "CANCELED"):
+                lines.append(
+                    f'edgecloud_fleet_jobs{{status="{status}"}} {by_status.get(status, 0)}'
+                )
+            lines += [
+                "# HELP edgecloud_fleet_executions Job executions by state (all jobs).",
+                "# TYPE edgecloud_fleet_executions gauge",
+            ]
+            by_state: dict[str, int] = {}
+            for e in self.engine.executions.values():
+                by_state[e.state.value] = by_state.get(e.state.value, 0) + 1
+            for state in sorted(by_state):
+                lines.append(f'edgecloud_fleet_executions{{state="{state}"}} {by_state[state]}')
+            lines += [
+                "# HELP edgecloud_fleet_messages_total Device messages by outcome.",
+                "# TYPE edgecloud_fleet_messages_total counter",
+            ]
+            for k in sorted(self.stats):
+                lines.append(f'edgecloud_fleet_messages_total{{outcome="{k}"}} {self.stats[k]}')
+            telemetry = sum(d.counters.get("telemetry", 0) for d in self.devices.values())
+            dups = sum(d.counters.get("telemetry_duplicates", 0) for d in self.devices.values())
+            gaps = sum(d.counters.get("telemetry_gaps", 0) for d in self.devices.values())
+            lines += [
+                "# HELP edgecloud_fleet_telemetry_records_total Telemetry records by outcome.",
+                "# TYPE edgecloud_fleet_telemetry_records_total counter",
+                f'edgecloud_fleet_telemetry_records_total{{outcome="accepted"}} {telemetry}',
+                f'edgecloud_fleet_telemetry_records_total{{outcome="duplicate"}} {dups}',
+                f'edgecloud_fleet_telemetry_records_total{{outcome="missing"}} {gaps}',
+                "# HELP edgecloud_fleet_broker_connected Whether the controller has the broker.",
+                "# TYPE edgecloud_fleet_broker_connected gauge",
+                f"edgecloud_fleet_broker_connected {int(self.connected)}",
+            ]
+        return "\n".join(lines) + "\n"
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Poll ``predicate`` under the lock (for tests and the benchmark)."""

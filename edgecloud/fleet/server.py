@@ -12,6 +12,7 @@ token; the API does when the controller has one (``Authorization: Bearer <token>
 API (JSON; errors are ``{"error": "..."}`` with 400 bad input, 401 token, 404 unknown, 409
 shadow conflict):
 
+    GET  /metrics                           Prometheus text: devices, jobs, executions, messages
     GET  /api/health                        {"ok", "connected", "devices", "jobs"}
     GET  /api/devices                       [device, ...]
     GET  /api/devices/<id>                  device with its shadow
@@ -396,8 +397,21 @@ def _make_handler(server: FleetHTTPServer) -> type[BaseHTTPRequestHandler]:
                         return  # the device went away; it resumes with a Range later
                     left -= len(chunk)
 
+        def _metrics(self) -> None:
+            if not self._authorized():
+                self._send_json(401, {"error": "missing or wrong bearer token"})
+                return
+            data = ctl.metrics_text().encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
         def do_GET(self) -> None:
-            if self.path.startswith("/packages/"):
+            if self.path == "/metrics":
+                self._metrics()
+            elif self.path.startswith("/packages/"):
                 self._package(head=False)
             elif self.path.startswith("/api/"):
                 self._api("GET")
