@@ -55,7 +55,7 @@ OPSET = 17
 IR_VERSION = 8
 LABELS = [str(i) for i in range(10)]
 
-EDGE_HIDDEN = 10  # tuned small on purpose: ~93 % held-out accuracy vs ~98 % for the CNN
+EDGE_HIDDEN = 16  # small on purpose: ~94.7 % held-out accuracy vs ~98.3 % for the CNN
 EDGE_EPOCHS = 40
 EDGE_LR = 3e-3
 CLOUD_CHANNELS = (16, 32)

@@ -7,6 +7,9 @@ locally, and the end-to-end cascade through a real server matches the in-process
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from benchmarks import cascade, edge_path
@@ -22,6 +25,10 @@ def test_edge_path_quick(capsys: pytest.CaptureFixture[str]) -> None:
 def test_cascade_quick(capsys: pytest.CaptureFixture[str]) -> None:
     assert cascade.main(["--quick"]) == 0  # exits 1 if end-to-end and in-process disagree
     out = capsys.readouterr().out
-    assert "edge-only 0.9306" in out
-    assert "cloud-only 0.9833" in out
+    meta = json.loads((Path(__file__).parent.parent / "samples/data/digits_meta.json").read_text())
+    assert f"edge-only {meta['edge']['val_accuracy']:.4f}" in out
+    assert f"cloud-only {meta['cloud']['val_accuracy']:.4f}" in out
+    # The sample models are trained so the cascade goal holds: hybrid within 0.3 point of
+    # cloud-only while offloading at most 20 % of requests, at some threshold.
+    assert "reachable at any threshold: yes" in out
     assert "end to end" in out
