@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from converters.quantize import (
     CalibMethod,
     DynamicInt8Settings,
     StaticInt8Settings,
+    calibration_cache_name,
     convert_fp16,
     quantize_dynamic_int8,
     quantize_static_int8,
@@ -40,8 +41,11 @@ from converters.validate import (
     open_session,
     run_model,
 )
-from edgecloud.errors import ConfigError
+from edgecloud.errors import ConfigError, ConversionError
 from edgecloud.package import Manifest, Variant, load_private_key, write_package
+
+if TYPE_CHECKING:
+    from converters.autotune import SearchResult
 
 __all__ = ["ConversionReport", "ConvertOptions", "VariantReport", "convert"]
 
@@ -60,12 +64,13 @@ class ConvertOptions:
     name: str | None = None
     version: str = "1"
     fp16: bool = False
-    int8: tuple[Literal["static", "dynamic"], ...] = ()
+    int8: tuple[Literal["static", "dynamic", "auto"], ...] = ()
     calib: Path | None = None
     calib_method: CalibMethod = "minmax"
     calib_samples: int | None = None
     calib_batch: int = 16
-    per_channel: bool = True
+    #: per-channel weight scales; ``None``: the family's default (static yes, dynamic no)
+    per_channel: bool | None = None
     activation_type: Literal["int8", "uint8"] = "uint8"
     weight_type: Literal["int8", "uint8"] = "int8"
     reduce_range: bool = False
@@ -89,13 +94,23 @@ class ConvertOptions:
     threads: int | None = None
     warmup_samples: int = 8
     optimize: bool = True
+    #: the accuracy search (``--int8 auto``, and static/dynamic variants that fail the gate)
+    search_budget: str = "20"
+    search_report: Path | None = None
+    search_on_failure: bool = True
+    search_exhaustive: bool = False
 
     def check(self) -> None:
-        if "static" in self.int8 and self.calib is None:
-            raise ConfigError("--int8 static needs calibration data: --calib DATA")
-        bad = [m for m in self.int8 if m not in ("static", "dynamic")]
+        bad = [m for m in self.int8 if m not in ("static", "dynamic", "auto")]
         if bad:
-            raise ConfigError(f"--int8 must be 'static' or 'dynamic', got {bad}")
+            raise ConfigError(f"--int8 must be 'static', 'dynamic' or 'auto', got {bad}")
+        for mode in ("static", "auto"):
+            if mode in self.int8 and self.calib is None:
+                raise ConfigError(f"--int8 {mode} needs calibration data: --calib DATA")
+        if self.searches:
+            from converters.search_space import parse_budget
+
+            parse_budget(self.search_budget)  # a bad budget fails now, not after the first variant
         if self.tolerance < 0:
             raise ConfigError(f"--tolerance must be >= 0 (percent), got {self.tolerance}")
         if self.calib_samples is not None and self.calib_samples < 1:
@@ -111,6 +126,11 @@ class ConvertOptions:
             )
         if self.warmup_samples < 1:
             raise ConfigError(f"warmup_samples must be >= 1, got {self.warmup_samples}")
+
+    @property
+    def searches(self) -> bool:
+        """Whether this run may start an accuracy search at all."""
+        return "auto" in self.int8 or (self.search_on_failure and bool(self.int8))
 
 
 @dataclass
@@ -189,6 +209,8 @@ class ConversionReport:
     variants: list[VariantReport]
     manifest: Manifest | None = None
     warnings: list[str] = field(default_factory=list)
+    #: variant name -> the accuracy search run for it (``--int8 auto`` or after a gate failure)
+    searches: dict[str, SearchResult] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -214,6 +236,7 @@ class ConversionReport:
             "variants": [v.to_dict() for v in self.variants],
             "warnings": list(self.warnings),
             "manifest": self.manifest.to_dict() if self.manifest else None,
+            "searches": {name: r.to_dict() for name, r in self.searches.items()},
         }
 
 
@@ -414,7 +437,7 @@ def _run(
     reader: ArrayCalibrationReader | None = None
     static = StaticInt8Settings(
         calib_method=opts.calib_method,
-        per_channel=opts.per_channel,
+        per_channel=opts.per_channel is not False,
         activation_type=opts.activation_type,
         weight_type=opts.weight_type,
         reduce_range=opts.reduce_range,
@@ -422,6 +445,8 @@ def _run(
         exclude_ops=opts.exclude_ops,
     )
     dynamic = DynamicInt8Settings(
+        per_channel=opts.per_channel is True,
+        weight_type=opts.weight_type,
         reduce_range=opts.reduce_range,
         exclude_nodes=opts.exclude_nodes,
         exclude_ops=opts.exclude_ops,
@@ -430,15 +455,68 @@ def _run(
         jobs.append(("int8_static", "int8", static.describe()))
     if "dynamic" in opts.int8:
         jobs.append(("int8_dynamic", "int8", dynamic.describe()))
+    if "auto" in opts.int8:
+        jobs.append(("int8_auto", "int8", {}))
+    calib_used = (
+        calib.take(opts.calib_samples or len(calib)) if calib is not None else None
+    )
+    # Calibration ranges shared by the static variant and every search (one run per method).
+    calib_cache = work / "calibration"
+    calib_cache.mkdir()
+    searches: dict[str, SearchResult] = {}
 
-    for name, precision, settings in jobs:
+    def search(family: Literal["auto", "static", "dynamic"], name: str, dst: Path) -> dict[
+        str, Any
+    ]:
+        """Run the accuracy search for variant ``name``; its chosen (or best) file goes to dst."""
+        from converters.autotune import autotune
+
+        wd = work / f"search-{name}"
+        (wd / "calib").mkdir(parents=True)
+        if opts.calib_batch == 16:  # the search calibrates in batches of 16 too
+            for f in calib_cache.glob("*.json"):
+                shutil.copyfile(f, wd / "calib" / f.name)
+        result = autotune(
+            fp32, calib_used or val, val, preprocessed=True, int8=family,
+            tolerance=opts.tolerance, task=task, score_output=score, output=dst,
+            budget=opts.search_budget, threads=opts.threads or 1, check=False,
+            emit_best=True, exhaustive=opts.search_exhaustive, work_dir=wd, reporter=rep,
+        )
+        result.model = str(info.path)  # the user's model, not the pre-processed copy
+        for f in (wd / "calib").glob("*.json"):
+            if opts.calib_batch == 16 and not (calib_cache / f.name).exists():
+                shutil.copyfile(f, calib_cache / f.name)
+        searches[name] = result
+        best = result.best
+        if best is None or not dst.is_file():
+            raise ConversionError(f"the INT8 search for {name} made no variant")
+        return {
+            "search": {
+                "trials": len(result.trials),
+                "passed": result.passed,
+                "calibrations": result.calibrations,
+                "seconds": round(result.seconds, 3),
+                "chosen": best.to_dict(),
+            }
+        }
+
+    def evaluate(name: str, path: Path, settings: dict[str, Any]) -> VariantReport:
+        return _evaluate(
+            name, "int8" if name.startswith("int8") else name, path, settings, opts, rep, val,
+            reference, eval_labels, task, score, ref_b1, ref_b32, info,
+        )
+
+    for name, _precision, settings in jobs:
         path = work / f"{name}.onnx"
         if name == "fp16":
             with rep.stage("converting to fp16", 1) as adv:
                 convert_fp16(fp32, path)
                 adv(1)
+        elif name == "int8_auto":
+            settings = search("auto", name, path)
         elif name == "int8_static":
             assert calib is not None
+            cache = calib_cache / calibration_cache_name(static)
             if reader is None:
                 total = min(len(calib), opts.calib_samples or len(calib))
                 with rep.stage("calibrating int8 (static QDQ)", total) as adv:
@@ -448,35 +526,35 @@ def _run(
                         limit=opts.calib_samples,
                         on_batch=adv,
                     )
-                    quantize_static_int8(fp32, path, reader, static)
+                    quantize_static_int8(fp32, path, reader, static, calibration_cache=cache)
                 reader.on_batch = None
             else:
-                quantize_static_int8(fp32, path, reader, static)
+                quantize_static_int8(fp32, path, reader, static, calibration_cache=cache)
         else:
             with rep.stage("quantizing int8 (dynamic)", 1) as adv:
                 quantize_dynamic_int8(fp32, path, dynamic)
                 adv(1)
-        built.append(
-            (
-                _evaluate(
-                    name,
-                    precision,
-                    path,
-                    settings,
-                    opts,
-                    rep,
-                    val,
-                    reference,
-                    eval_labels,
-                    task,
-                    score,
-                    ref_b1,
-                    ref_b32,
-                    info,
-                ),
-                path,
-            )
-        )
+        report = evaluate(name, path, settings)
+        failed = report.gate is not None and not report.gate.passed
+        if name == "int8_auto" and not searches[name].passed:
+            report.warnings.append(searches[name].failure_message())
+        elif failed and opts.search_on_failure and name in ("int8_static", "int8_dynamic"):
+            family: Literal["static", "dynamic"] = "static" if name == "int8_static" else "dynamic"
+            why = report.gate.reason if report.gate else ""
+            rep.note(f"[yellow]{name}[/yellow] failed the gate ({why}); searching {family} INT8")
+            found_path = work / f"{name}.searched.onnx"
+            found = search(family, name, found_path)
+            again = evaluate(name, found_path, {"requested": settings, **found})
+            if again.gate is not None and (
+                again.gate.passed
+                or report.gate is None
+                or again.gate.drop_pct < report.gate.drop_pct
+            ):
+                report, path = again, found_path
+            if not searches[name].passed:
+                report.warnings.append(searches[name].failure_message())
+        built.append((report, path))
+    _write_search_report(opts.search_report, searches)
 
     if opts.tensorrt:
         from converters.tensorrt import build_variants
@@ -561,7 +639,7 @@ def _run(
                     "samples": min(len(calib), opts.calib_samples or len(calib)),
                     "method": opts.calib_method,
                 }
-                if calib is not None and "static" in opts.int8
+                if calib is not None and {"static", "auto"} & set(opts.int8)
                 else None
             ),
             "converter": "edgecloud convert",
@@ -578,7 +656,19 @@ def _run(
         variants=[r for r, _ in built],
         manifest=final,
         warnings=warnings,
+        searches=searches,
     )
+
+
+def _write_search_report(path: Path | None, searches: dict[str, SearchResult]) -> None:
+    """``--search-report``: one search's JSON as ``python -m converters.autotune`` writes it
+    (plus ``variant``), or ``{"searches": [...]}`` when several variants were searched."""
+    if path is None or not searches:
+        return
+    from converters.search_runner import dump_json
+
+    docs = [{"variant": name, **r.to_dict()} for name, r in searches.items()]
+    dump_json(docs[0] if len(docs) == 1 else {"searches": docs}, Path(path))
 
 
 def _evaluate(

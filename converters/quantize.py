@@ -24,7 +24,9 @@ __all__ = [
     "CalibMethod",
     "DynamicInt8Settings",
     "StaticInt8Settings",
+    "calibration_cache_name",
     "convert_fp16",
+    "dynamic_exclusions",
     "quantize_dynamic_int8",
     "quantize_static_int8",
     "resolve_exclusions",
@@ -117,6 +119,37 @@ def resolve_exclusions(
     return out
 
 
+def dynamic_exclusions(model_path: Path, nodes: Sequence[str], ops: Sequence[str]) -> list[str]:
+    """``resolve_exclusions`` plus the names onnxruntime's dynamic quantizer really matches.
+
+    ``quantize_dynamic`` first rewrites each Gemm ``g`` into a MatMul named ``g_MatMul`` (plus an
+    Add) and only then matches ``nodes_to_exclude``, so excluding ``g`` alone would silently
+    quantize it; both names are passed.
+    """
+    import onnx
+
+    excluded = resolve_exclusions(model_path, nodes, ops)
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    gemms = {n.name for n in graph.node if n.op_type == "Gemm"}
+    return excluded + [f"{n}_MatMul" for n in excluded if n in gemms]
+
+
+def calibration_cache_name(settings: StaticInt8Settings) -> str:
+    """The file name of ``settings``' calibration ranges: one per method (and percentile).
+
+    Ranges depend only on the calibration method, its percentile and symmetric-range option,
+    not on per-channel weights, activation types or exclusions (the calibrator records every
+    tensor of the quantizable op types), so every setting that shares this name can reuse them.
+    """
+    extra = {"CalibTensorRangeSymmetric": False, **settings.extra_options}
+    key = f"{settings.calib_method}"
+    if settings.calib_method == "percentile":
+        key += f"-p{settings.percentile:g}"
+    if extra.get("CalibTensorRangeSymmetric"):
+        key += "-sym"
+    return f"calibration-{key}.json"
+
+
 def convert_fp16(src: Path, dst: Path, *, keep_io_types: bool = True) -> Path:
     """FP16 weights and activations; inputs/outputs stay FP32 unless ``keep_io_types=False``."""
     import onnx
@@ -132,9 +165,21 @@ def convert_fp16(src: Path, dst: Path, *, keep_io_types: bool = True) -> Path:
 
 
 def quantize_static_int8(
-    src: Path, dst: Path, reader: ArrayCalibrationReader, settings: StaticInt8Settings
+    src: Path,
+    dst: Path,
+    reader: ArrayCalibrationReader,
+    settings: StaticInt8Settings,
+    *,
+    calibration_cache: Path | None = None,
 ) -> Path:
-    """QDQ INT8 with calibration; ``reader`` is rewound first, so it can be reused."""
+    """QDQ INT8 with calibration; ``reader`` is rewound first, so it can be reused.
+
+    ``calibration_cache``: a JSON file of calibration ranges (onnxruntime's
+    ``calibration_cache_path``). When it exists, calibration is skipped and its ranges are used;
+    otherwise calibration runs and saves them there, so a later quantization of the same model
+    with the same method (an accuracy search, say) costs a quantizer pass only. Name it with
+    ``calibration_cache_name(settings)``.
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
     method = {
@@ -153,6 +198,7 @@ def quantize_static_int8(
     if settings.calib_method == "percentile":
         extra.setdefault("CalibPercentile", settings.percentile)
     excluded = resolve_exclusions(src, settings.exclude_nodes, settings.exclude_ops)
+    hit = calibration_cache is not None and Path(calibration_cache).is_file()
     batch_size = reader.batch_size
     if settings.calib_method != "minmax" and len(reader) % batch_size:
         # the histogram collectors stack batches, so every batch must have the same size
@@ -164,7 +210,7 @@ def quantize_static_int8(
             quantize_static(
                 str(src),
                 str(dst),
-                reader.as_ort_reader(),
+                None if hit else reader.as_ort_reader(),
                 quant_format=QuantFormat.QDQ,
                 per_channel=settings.per_channel,
                 reduce_range=settings.reduce_range,
@@ -173,6 +219,9 @@ def quantize_static_int8(
                 nodes_to_exclude=excluded or None,
                 calibrate_method=method,
                 extra_options=extra,
+                calibration_cache_path=(
+                    None if calibration_cache is None else str(calibration_cache)
+                ),
             )
     except (ConfigError, ConversionError):
         raise
@@ -192,7 +241,7 @@ def quantize_dynamic_int8(src: Path, dst: Path, settings: DynamicInt8Settings) -
     """
     from onnxruntime.quantization import quantize_dynamic
 
-    excluded = resolve_exclusions(src, settings.exclude_nodes, settings.exclude_ops)
+    excluded = dynamic_exclusions(src, settings.exclude_nodes, settings.exclude_ops)
     try:
         with contextlib.redirect_stdout(sys.stderr):
             quantize_dynamic(

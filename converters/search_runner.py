@@ -29,6 +29,8 @@ from converters.quantize import (
     DynamicInt8Settings,
     StaticInt8Settings,
     _qtype,
+    calibration_cache_name,
+    dynamic_exclusions,
     resolve_exclusions,
 )
 from converters.search_space import Candidate
@@ -56,7 +58,6 @@ class TrialQuantizer:
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.calibrations = 0  # calibration runs actually done (the rest were cache hits)
-        self._ops: dict[str, list[str]] | None = None
 
     def quantize(self, candidate: Candidate, dst: Path) -> Path:
         if candidate.family == "dynamic":
@@ -66,17 +67,10 @@ class TrialQuantizer:
         return self._static(candidate.settings, dst)
 
     def _dynamic(self, s: DynamicInt8Settings, dst: Path) -> Path:
-        """Dynamic INT8 with exclusions that also reach Gemm nodes.
-
-        onnxruntime's dynamic quantizer first rewrites each Gemm ``g`` into a MatMul named
-        ``g_MatMul`` (plus an Add) and only then matches ``nodes_to_exclude``, so excluding ``g``
-        alone would silently quantize it; both names are passed.
-        """
+        """Dynamic INT8; exclusions also reach Gemm nodes (``dynamic_exclusions``)."""
         from onnxruntime.quantization import quantize_dynamic
 
-        excluded = resolve_exclusions(self.src, s.exclude_nodes, s.exclude_ops)
-        gemms = set(self._op_types().get("Gemm", ()))
-        expanded = excluded + [f"{n}_MatMul" for n in excluded if n in gemms]
+        expanded = dynamic_exclusions(self.src, s.exclude_nodes, s.exclude_ops)
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 quantize_dynamic(
@@ -93,24 +87,8 @@ class TrialQuantizer:
             raise ConversionError(f"dynamic INT8 quantization of {self.src} failed: {exc}") from exc
         return dst
 
-    def _op_types(self) -> dict[str, list[str]]:
-        if self._ops is None:
-            import onnx
-
-            ops: dict[str, list[str]] = {}
-            for n in onnx.load(str(self.src), load_external_data=False).graph.node:
-                ops.setdefault(n.op_type, []).append(n.name)
-            self._ops = ops
-        return self._ops
-
     def cache_path(self, s: StaticInt8Settings) -> Path:
-        extra = {"CalibTensorRangeSymmetric": False, **s.extra_options}
-        key = f"{s.calib_method}"
-        if s.calib_method == "percentile":
-            key += f"-p{s.percentile:g}"
-        if extra.get("CalibTensorRangeSymmetric"):
-            key += "-sym"
-        return self.cache_dir / f"calibration-{key}.json"
+        return self.cache_dir / calibration_cache_name(s)
 
     def _static(self, s: StaticInt8Settings, dst: Path) -> Path:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static

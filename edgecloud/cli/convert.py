@@ -50,20 +50,35 @@ def register(sub: Any) -> None:
     g = p.add_argument_group("variants")
     g.add_argument("--fp16", action="store_true", help="FP16 ONNX (inputs/outputs stay FP32)")
     g.add_argument(
-        "--int8", action="append", choices=("static", "dynamic"), default=[],
-        help="INT8: static QDQ with --calib, or dynamic (MatMul-heavy models); repeatable",
+        "--int8", action="append", choices=("static", "dynamic", "auto"), default=[],
+        help="INT8: static QDQ with --calib, dynamic (MatMul-heavy models), or auto (search "
+        "for the fastest variant within --tolerance, needs --calib); repeatable",
     )
     g.add_argument("--calib", type=Path, help="calibration DATA (.npz, .npy or folder)")
     g.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"),
                    default="minmax")
     g.add_argument("--calib-samples", type=int, help="use at most N calibration samples")
-    g.add_argument("--no-per-channel", action="store_true", help="per-tensor weight scales")
+    pc = g.add_mutually_exclusive_group()
+    pc.add_argument("--per-channel", dest="per_channel", action="store_const", const=True,
+                    default=None, help="per-channel weight scales (default for static)")
+    pc.add_argument("--no-per-channel", dest="per_channel", action="store_const", const=False,
+                    help="per-tensor weight scales (default for dynamic)")
     g.add_argument("--activation-type", choices=("uint8", "int8"), default="uint8")
     g.add_argument("--weight-type", choices=("int8", "uint8"), default="int8")
     g.add_argument("--reduce-range", action="store_true",
                    help="7-bit weights, for CPUs without VNNI only")
     g.add_argument("--exclude-nodes", type=_csv, default=(), help="NODE,NODE kept in float")
     g.add_argument("--exclude-ops", type=_csv, default=(), help="OP,OP types kept in float")
+    s = p.add_argument_group("accuracy search (--int8 auto, or a static/dynamic variant that "
+                             "fails the gate)")
+    s.add_argument("--search-budget", default="20", metavar="N|SECONDS",
+                   help="stop after N trials (20), a time (120s, 2m) or both (20,120s)")
+    s.add_argument("--search-report", type=Path, metavar="JSON",
+                   help="write every trial of the search(es) to this JSON file")
+    s.add_argument("--search-exhaustive", action="store_true",
+                   help="try every setting, keep the fastest passing one")
+    s.add_argument("--no-search", action="store_true",
+                   help="refuse a static/dynamic variant that fails the gate without searching")
     t = p.add_argument_group("TensorRT")
     t.add_argument("--tensorrt", action="store_true", help="also build TensorRT engine(s)")
     t.add_argument("--trt-batch", type=_trt_batch, default=(1, 8, 32), metavar="MIN,OPT,MAX")
@@ -118,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
         calib=args.calib,
         calib_method=args.calib_method,
         calib_samples=args.calib_samples,
-        per_channel=not args.no_per_channel,
+        per_channel=args.per_channel,
         activation_type=args.activation_type,
         weight_type=args.weight_type,
         reduce_range=args.reduce_range,
@@ -140,6 +155,10 @@ def _run(args: argparse.Namespace) -> int:
         keep_rejected=args.keep_rejected,
         latency_runs=args.latency_runs,
         threads=args.threads,
+        search_budget=args.search_budget,
+        search_report=args.search_report,
+        search_on_failure=not args.no_search,
+        search_exhaustive=args.search_exhaustive,
     )
     err = Console(stderr=True)
     reporter = NullReporter() if args.json else RichReporter(err)
@@ -152,6 +171,17 @@ def _run(args: argparse.Namespace) -> int:
         if not out.is_terminal:
             out = Console(width=180)  # piped or logged: do not squeeze the table to 80 columns
         out.print(render_table(report))
+        for name, found in report.searches.items():
+            out.print(found.table())
+            chosen = found.chosen
+            out.print(
+                f"search for {name}: "
+                + (f"chose trial {chosen.index} ({chosen.label}" if chosen else "nothing passed")
+                + (f", {len(chosen.excluded)} node(s) in float)" if chosen else "")
+                + (f"; {found.calibrations} calibration run(s)" if found.calibrations else "")
+            )
+            for w in found.warnings:
+                out.print(f"[yellow]warning[/yellow] {name}: {w}")
         for w in report.warnings:
             out.print(f"[yellow]warning[/yellow]: {w}")
         for r in report.variants:
