@@ -10,7 +10,8 @@ How it fails, on purpose:
 
 - a request with no Response Topic, or one naming another device's reply topic, cannot be
   answered safely: logged and dropped;
-- a request whose ``deadline-ms`` has passed is dropped (its sender has given up);
+- a request whose ``deadline-ms`` has passed (beyond ``clock_skew_ms``, default 250 ms, for the
+  device and region clocks) is dropped: its sender has given up;
 - a duplicate (QoS 1 redelivery) of a correlation id seen recently is dropped (bounded LRU);
 - a malformed payload, a missing model, an unknown model or a wrong shape gets a V2 error reply
   (400/404/...);
@@ -155,6 +156,7 @@ class MqttWorker:
         binary_threshold: int = DEFAULT_BINARY_THRESHOLD,
         status_for: Callable[[BaseException], int] | None = None,
         connect_timeout: float = 5.0,
+        clock_skew_ms: float = 250.0,
         _submit: _Submit | None = None,
     ) -> None:
         self.region = check_segment(region, "region")
@@ -162,6 +164,7 @@ class MqttWorker:
         self.filter = self.topics.infer_worker_filter(region, group)
         self.qos = qos
         self.binary_threshold = binary_threshold
+        self.clock_skew_ms = clock_skew_ms
         self._submit: _Submit = _submit or (lambda req, _deadline: handler(req))
         self._status_for = status_for or _default_status
         self._queue: queue.Queue[paho.MQTTMessage] = queue.Queue(maxsize=queue_size)
@@ -278,7 +281,9 @@ class MqttWorker:
             self.stats["duplicates"] += 1
             return
         now_ms = time.time() * 1000
-        if ctx.deadline_ms is not None and ctx.deadline_ms <= now_ms:
+        # ``deadline-ms`` is the device's wall clock: allow for modest skew between the clocks
+        # (the broker's Message Expiry, which has no skew, already drops the clearly stale ones).
+        if ctx.deadline_ms is not None and ctx.deadline_ms + self.clock_skew_ms <= now_ms:
             self.stats["expired"] += 1
             log.info("dropped late request (trace %s): deadline passed", ctx.trace)
             return
@@ -299,7 +304,7 @@ class MqttWorker:
             self._reply_error(ctx, 400, f"malformed request: {exc}")
             return
         mono_deadline = (
-            time.monotonic() + (ctx.deadline_ms - now_ms) / 1000.0
+            time.monotonic() + max(0.0, ctx.deadline_ms + self.clock_skew_ms - now_ms) / 1000.0
             if ctx.deadline_ms is not None
             else None
         )

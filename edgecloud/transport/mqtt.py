@@ -296,7 +296,7 @@ class MqttTransport(Transport):
         props = PublishProperties(
             response_topic=sess.reply_topic,
             correlation_data=corr,
-            message_expiry=max(1, math.ceil(remaining)),
+            message_expiry=min(2**32 - 1, max(1, math.ceil(remaining))),
             user=user,
         )
 
