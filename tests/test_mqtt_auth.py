@@ -25,6 +25,7 @@ from tests.fixtures.broker import (
     auth_broker,
     dynsec_broker,
     free_port,
+    make_tls_files,
     tls_broker,
 )
 
@@ -273,12 +274,30 @@ def test_mtls_without_client_certificate_is_refused(mtls: tuple[MosquittoBroker,
     ) as t:
         with pytest.raises(ConnectionFailed):
             t.infer(X, timeout=2)
-    # a server certificate from an unknown CA is refused by the client
-    other_ca = ROOT / "samples/mosquitto/plain.conf"  # not a CA at all -> ConfigError path
+    # a CA file that is not a certificate is a configuration error naming TLS
     from edgecloud.errors import ConfigError
 
     with pytest.raises(ConfigError, match="TLS"):
-        MqttTransport(broker.url, region="eu", device_id="dev-z", ca=other_ca)
+        MqttTransport(broker.url, region="eu", device_id="dev-z", ca=ROOT / "pyproject.toml")
+
+
+def test_mtls_server_from_unknown_ca_is_refused(
+    mtls: tuple[MosquittoBroker, Any], tmp_path: Path
+) -> None:
+    broker, files = mtls
+    other = make_tls_files(tmp_path / "other-pki", ["dev-a"])
+    cert, key = files.clients["dev-a"]
+    with MqttTransport(
+        broker.url,
+        region="eu",
+        device_id="dev-a",
+        ca=other.ca,
+        certfile=cert,
+        keyfile=key,
+        connect_timeout=2.0,
+    ) as t:
+        with pytest.raises(ConnectionFailed, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify"):
+            t.infer(X, timeout=2)
 
 
 def test_shipped_mtls_config_is_valid(tmp_path: Path, mtls: tuple[MosquittoBroker, Any]) -> None:

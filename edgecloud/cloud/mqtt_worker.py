@@ -193,8 +193,12 @@ class MqttWorker:
     def start(self, timeout: float = 10.0) -> MqttWorker:
         """Connect and subscribe; raises AuthError/ConnectionFailed when that is impossible."""
         self._thread.start()
-        self.conn.start(timeout)
-        self.conn.subscribe(self.filter, self.qos, timeout=timeout)
+        try:
+            self.conn.start(timeout)
+            self.conn.subscribe(self.filter, self.qos, timeout=timeout)
+        except BaseException:
+            self.stop()
+            raise
         log.info("MQTT worker %s serving %s", self.client_id, self.filter)
         return self
 

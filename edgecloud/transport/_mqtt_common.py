@@ -165,9 +165,35 @@ def parse_broker_url(
     )
 
 
+class _Client(paho.Client):
+    """paho's client, closing the TLS socket when the handshake fails.
+
+    paho 2.2 leaves the half-made ``SSLSocket`` to the garbage collector when ``do_handshake``
+    raises (wrong CA, refused client certificate), so every reconnect attempt would leak a
+    descriptor until a GC pass, with a ResourceWarning. Our SSL contexts always check the host
+    name themselves (``check_hostname``) or verify nothing (``tls_insecure``), so paho's extra
+    ``match_hostname`` step is not needed here.
+    """
+
+    def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
+        ctx = self._ssl_context
+        if ctx is None:  # pragma: no cover - paho only calls this with TLS configured
+            raise ValueError("TLS is not configured")
+        ssl_sock = ctx.wrap_socket(
+            tcp_sock, server_hostname=self._host, do_handshake_on_connect=False
+        )
+        try:
+            ssl_sock.settimeout(self._connect_timeout)
+            ssl_sock.do_handshake()
+        except BaseException:
+            ssl_sock.close()
+            raise
+        return ssl_sock
+
+
 def make_client(settings: BrokerSettings, client_id: str) -> paho.Client:
     """An MQTT 5 paho client with credentials and TLS applied (not yet connected)."""
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    client = _Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
     client.connect_timeout = settings.connect_timeout
     # paho queues unboundedly by default; bound it so a dead broker cannot eat the memory.
     client.max_queued_messages_set(10_000)
