@@ -36,9 +36,9 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -595,9 +595,10 @@ class MqttConnection:
 
     ``on_message`` and ``on_state(connected, error)`` run on the loop thread and must not block.
     ``start(timeout)`` waits for the first CONNACK and raises ``AuthError`` (refused credentials,
-    reason code named), ``ConnectionFailed`` (unreachable) or ``TransportTimeout``-free
-    ``ConnectionFailed`` when nothing answered in time. After a refused CONNACK the connection
-    stops for good; paho alone would retry forever.
+    reason code named) or ``ConnectionFailed`` (unreachable, TLS failure, or no CONNACK in time;
+    it keeps retrying in the background). After a refused CONNACK the connection stops for good;
+    paho alone would retry forever. ``publish`` fails fast with ``ConnectionFailed`` while the
+    connection is down: callers decide whether to queue.
     """
 
     def __init__(
@@ -860,19 +861,3 @@ class MqttConnection:
                 self._on_state(up, err)
             except Exception:
                 log.exception("MQTT state listener failed")
-
-
-@contextlib.contextmanager
-def translate_errors(what: str, region: str | None = None) -> Iterator[None]:
-    """Translate socket/ssl/paho ``ValueError`` at the edge into ``ConnectionFailed``."""
-    try:
-        yield
-    except TransportError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise ConnectionFailed(f"{what}: {exc}", region=region) from exc
-
-
-def with_settings(settings: BrokerSettings, **changes: Any) -> BrokerSettings:
-    """A copy of ``settings`` with some fields changed (frozen dataclass helper)."""
-    return replace(settings, **changes)

@@ -157,7 +157,7 @@ class _DeviceSession:
                 )
         if not self.subscribed:
             try:
-                conn.subscribe(self.reply_topic, self.qos, timeout=max(0.5, timeout))
+                conn.subscribe(self.reply_topic, self.qos, timeout=max(0.05, timeout))
             except AuthError as exc:
                 raise AuthError(
                     f"device '{self.device_id}' may not read its reply topic "
