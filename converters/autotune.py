@@ -580,10 +580,19 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def register_inspect_quant(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``inspect-quant`` to ``subparsers`` (the ``edgecloud convert`` group)."""
+def register_inspect_quant(
+    subparsers: Any, *, name: str = "inspect-quant", prog: str | None = None
+) -> argparse.ArgumentParser:
+    """Add ``inspect-quant`` to ``subparsers``.
+
+    ``edgecloud convert inspect-quant`` registers it as the hidden command ``name`` =
+    ``convert-inspect-quant`` (``convert``'s positional MODEL rules out nested subcommands) with
+    ``prog`` set so usage and errors still read ``edgecloud convert inspect-quant``.
+    """
+    extra: dict[str, Any] = {} if prog is None else {"prog": prog}
     p = subparsers.add_parser(
-        "inspect-quant",
+        name,
+        **extra,
         help="rank a model's nodes by INT8 quantization sensitivity",
         description="Quantize each node alone and measure SQNR per node against FP32, sorted "
         "most sensitive first, to see which layers an INT8 variant should keep in float.",

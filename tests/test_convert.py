@@ -120,10 +120,12 @@ def test_gate_refuses_with_tiny_tolerance(tmp_path: Path, samples_dir: Path) -> 
             val=samples_dir / "data/cloud_val.npz",
             tolerance=0.1,
             latency_runs=3,
+            search_on_failure=False,
         ),
     )
     int8 = report.variant("int8_static")
     assert int8.verdict == "rejected"
+    assert report.searches == {}
     assert not report.ok
     assert int8.gate is not None
     assert not int8.gate.passed
@@ -149,6 +151,7 @@ def test_keep_rejected_writes_it_marked(tmp_path: Path, samples_dir: Path) -> No
             tolerance=0.1,
             keep_rejected=True,
             latency_runs=3,
+            search_on_failure=False,
         ),
     )
     assert report.variant("int8_static").verdict == "kept-rejected"

@@ -89,7 +89,7 @@ def test_table_and_exit_code_when_refused(tmp_path: Path, samples_dir: Path) -> 
         "convert", samples_dir / "models/digits_cloud.onnx", "--out", tmp_path / "pkg",
         "--fp16", "--int8", "static", "--calib", samples_dir / "data/cloud_calib.npz",
         "--val", samples_dir / "data/cloud_val.npz", "--tolerance", "0.1",
-        "--latency-runs", "3",
+        "--latency-runs", "3", "--no-search",
     )
     assert r.returncode == 1, r.stderr  # a variant was refused
     assert "refused int8_static (not written)" in " ".join(r.stdout.split())

@@ -12,7 +12,9 @@ Automatic variant choice, first that fits wins:
 4. an FP32 ONNX variant;
 5. any ONNX variant left whose target does not demand a GPU we lack.
 
-A variant whose ``target`` names a GPU ("gpu", "cuda", "jetson...") is skipped without one.
+A variant whose ``target`` names a GPU ("gpu", "cuda", "jetson...") is skipped without one. A
+variant marked ``extra.rejected`` (kept by ``edgecloud convert --keep-rejected`` for inspection)
+is never chosen automatically, only by name.
 """
 
 from __future__ import annotations
@@ -66,7 +68,9 @@ def select_variant(
         )
     avail = list(providers) if providers is not None else available_providers()
     has_gpu = bool(GPU_PROVIDERS.intersection(avail))
-    engines = [v for v in manifest.variants if v.format == "tensorrt"]
+    # ``--keep-rejected`` ships refused variants for inspection only: never pick one unasked
+    usable = [v for v in manifest.variants if not v.extra.get("rejected")]
+    engines = [v for v in usable if v.format == "tensorrt"]
     if engines:
         if trt_ok is None:
             from edgecloud.runtime.tensorrt import engine_matches
@@ -76,7 +80,7 @@ def select_variant(
             matching = engines if trt_ok else []
         if matching:
             return matching[0]
-    onnx = [v for v in manifest.variants if v.format == "onnx" and (has_gpu or not _needs_gpu(v))]
+    onnx = [v for v in usable if v.format == "onnx" and (has_gpu or not _needs_gpu(v))]
     order = ["int8", "fp16", "fp32"] if has_gpu else ["int8", "fp32"]
     for precision in order:
         for v in onnx:
