@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
 import subprocess
@@ -231,3 +232,25 @@ def test_selector_loop_drives_1100_clients_past_fd_1024(mosquitto: Any) -> None:
             c.close()
         _wait(lambda: loop.clients == 0, 10)
         loop.stop()
+
+
+def test_forked_child_gets_its_own_loop_and_connection(mosquitto: Any) -> None:
+    w = MqttWorker(echo_handler, url=mosquitto.url, region="fork").start()
+    t = MqttTransport(mosquitto.url, region="fork", device_id="dev-f")
+    try:
+        assert t.infer(X, timeout=5).outputs["x"].tolist() == [0, 1, 2, 3]
+        pid = os.fork()
+        if pid == 0:  # child: a new transport must work without the parent's loop thread
+            code = 1
+            try:
+                with MqttTransport(mosquitto.url, region="fork", device_id="dev-f") as tc:
+                    ok = tc.infer(X, timeout=5).outputs["x"].tolist() == [0, 1, 2, 3]
+                    code = 0 if ok and tc.connection is not t.connection else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert t.infer(X, timeout=5).outputs["x"].tolist() == [0, 1, 2, 3]  # parent unharmed
+    finally:
+        t.close()
+        w.stop()

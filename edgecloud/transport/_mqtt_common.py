@@ -574,8 +574,18 @@ _default_loop: SelectorLoop | None = None
 _default_lock = threading.Lock()
 
 
+def _forget_loop_after_fork() -> None:
+    # The loop's thread does not survive fork(); a child starts its own on first use.
+    global _default_loop, _default_lock
+    _default_loop = None
+    _default_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_loop_after_fork)
+
+
 def default_loop() -> SelectorLoop:
-    """The process-wide loop (started on first use)."""
+    """The process-wide loop (started on first use; a forked child gets a fresh one)."""
     global _default_loop
     with _default_lock:
         if _default_loop is None or not _default_loop._running:

@@ -172,6 +172,17 @@ _sessions: dict[tuple[Any, ...], _DeviceSession] = {}
 _sessions_lock = threading.Lock()
 
 
+def _forget_sessions_after_fork() -> None:
+    # A forked child must not share the parent's connections (same socket, same client id):
+    # its transports open their own.
+    global _sessions_lock
+    _sessions.clear()
+    _sessions_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_sessions_after_fork)
+
+
 def _acquire(
     settings: BrokerSettings, device_id: str, topics: Topics, qos: int, max_pending: int
 ) -> tuple[tuple[Any, ...], _DeviceSession]:
