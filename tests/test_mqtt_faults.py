@@ -103,7 +103,7 @@ def _try(t: MqttTransport) -> bool:
         return False
 
 
-def _spawn_worker(url: str, region: str) -> subprocess.Popen[str]:
+def _spawn_worker(url: str, region: str, *source: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -113,7 +113,7 @@ def _spawn_worker(url: str, region: str) -> subprocess.Popen[str]:
             url,
             "--region",
             region,
-            "--echo",
+            *(source or ("--echo",)),
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -254,3 +254,24 @@ def test_forked_child_gets_its_own_loop_and_connection(mosquitto: Any) -> None:
     finally:
         t.close()
         w.stop()
+
+
+def test_standalone_worker_process_serves_a_model_repository(
+    mosquitto: Any, tmp_path: Path
+) -> None:
+    import shutil
+
+    (tmp_path / "digits_cloud" / "1").mkdir(parents=True)
+    shutil.copy(ROOT / "samples/models/digits_cloud.onnx", tmp_path / "digits_cloud/1/model.onnx")
+    proc = _spawn_worker(mosquitto.url, "solo", "--repo", str(tmp_path), "--workers", "2")
+    d = np.load(ROOT / "samples/data/cloud_val.npz")
+    try:
+        with MqttTransport(mosquitto.url, region="solo", device_id="dev-s") as t:
+            r = t.infer(InferRequest("digits_cloud", {"input": d["input"][:32]}), timeout=10)
+        assert (r.outputs["logits"].argmax(1) == d["labels"][:32]).mean() >= 0.9
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0  # SIGTERM stops it cleanly
+        for f in (proc.stdout, proc.stderr):
+            if f:
+                f.close()
