@@ -14,6 +14,14 @@ someone else's work then hits all variants alike instead of one. Every measureme
 a time budget. ``--quick`` (used by a test) runs the sample models only, with few rounds.
 
 Goal on this CPU (AVX-512 VNNI): static INT8 >= 3x faster than FP32 on the ResNet at batch 1.
+
+The accuracy search (``--search``, on by default, also with ``--quick``): ``convert`` itself on
+the sample encoder, three ways in the same run: ``--int8 dynamic`` with the default settings
+(the baseline, whose loss sets the tolerance: 80 % of it, so the default fails), the same with
+search-on-failure, and ``--int8 auto``. Reported: trials, convert wall time against the
+baseline conversion, the variant's gate metric, and its latency at batch 32 against FP32 and the
+default variant (interleaved rounds). Without ``--quick`` the search-vs-default table of
+``benchmarks.autotune`` follows (its scenarios, the same figures).
 """
 
 from __future__ import annotations
@@ -144,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="edge,cloud,resnet",
                     help="which of edge,cloud,resnet (default all; --quick: edge,cloud)")
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--no-search", dest="search", action="store_false",
+                    help="skip the accuracy-search section")
     args = ap.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",") if t]
     rounds_small = args.rounds or (10 if args.quick else 60)
@@ -200,8 +210,66 @@ def main(argv: list[str] | None = None) -> int:
                              90.0 if big else 10.0, skip=too_slow)
             _print(rows, threads)
             all_rows += rows
+        if args.search:
+            _search_section(work / "search", threads[0], rounds_small)
+    if args.search and not args.quick:
+        from benchmarks import autotune as bench_autotune
+
+        print("\n## accuracy search vs the default setting (benchmarks.autotune)", flush=True)
+        print(bench_autotune.report(bench_autotune.run(False, threads[0]), threads[0]))
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
     return 0
+
+
+def _search_section(work: Path, threads: int, rounds: int) -> None:
+    """``convert`` on the encoder: default dynamic INT8 vs search-on-failure vs ``--int8 auto``."""
+    from converters import ConvertOptions, convert
+
+    samples = ROOT / "samples"
+    model = samples / "models/digits_encoder.onnx"
+    common: dict[str, Any] = dict(
+        calib=samples / "data/edge_calib.npz", val=samples / "data/edge_val.npz",
+        task="regression", latency_runs=5, threads=threads,
+    )
+    print("\n## digits_encoder: edgecloud convert with the accuracy search", flush=True)
+    convert(model, work / "warm", ConvertOptions(**common))  # imports, first sessions
+    runs: list[tuple[str, Any, float]] = []
+    t0 = time.perf_counter()
+    base = convert(model, work / "default", ConvertOptions(
+        int8=("dynamic",), tolerance=100.0, search_on_failure=False, **common))
+    runs.append(("--int8 dynamic (default settings)", base, time.perf_counter() - t0))
+    default = base.variant("int8_dynamic")
+    assert default.gate is not None
+    tolerance = 0.8 * default.gate.drop_pct
+    for label, int8 in (("--int8 dynamic, search on failure", "dynamic"),
+                        ("--int8 auto", "auto")):
+        t0 = time.perf_counter()
+        rep = convert(model, work / int8, ConvertOptions(
+            int8=(int8,), tolerance=tolerance, **common))  # type: ignore[arg-type]
+        runs.append((label, rep, time.perf_counter() - t0))
+    # one interleaved latency measurement of every variant, so the ratios share the CPU's noise
+    rows = [Row("fp32", "fp32", work / "default/fp32.onnx")]
+    for label, rep, _ in runs:
+        v = rep.variants[1]
+        rows.append(Row(v.name, label, Path(rep.package or "") / v.file))
+    x = np.load(samples / "data/edge_val.npz")["input"][:32]
+    _interleaved(rows, x, threads, 32, rounds, 20.0, skip=lambda r: False)
+    med = {r.variant: statistics.median(r.lat[(threads, 32)]) for r in rows}
+    fp32_ms = med["fp32"]
+    default_ms = med[runs[0][0]]
+    print(f"tolerance {tolerance:.3f} % rel. L2 (80 % of the default's loss), threads={threads}, "
+          f"batch 32, FP32 {fp32_ms:.3f} ms")
+    print("| convert | trials | wall s | x default convert | rel. L2 % | verdict | b32 ms | "
+          "x FP32 | x default variant |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, rep, wall in runs:
+        v = rep.variants[1]
+        found = rep.searches.get(v.name)
+        ms = med[label]
+        print(f"| {label} | {len(found.trials) if found else 1} | {wall:.2f} | "
+              f"x{wall / runs[0][2]:.1f} | {v.gate.drop_pct if v.gate else float('nan'):.3f} | "
+              f"{v.verdict} | {ms:.3f} | {fp32_ms / ms:.2f}x | {default_ms / ms:.2f}x |")
+    sys.stdout.flush()
 
 
 def _print(rows: list[Row], threads: list[int]) -> None:
