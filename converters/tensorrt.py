@@ -384,7 +384,7 @@ def quantize_for_tensorrt(fp32: Path, dst: Path, calib: Dataset, opts: ConvertOp
 
     settings = StaticInt8Settings(
         calib_method=opts.calib_method,
-        per_channel=opts.per_channel,
+        per_channel=opts.per_channel is not False,  # None: the static default (yes)
         activation_type="int8",
         weight_type="int8",
         exclude_nodes=opts.exclude_nodes,

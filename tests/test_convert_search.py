@@ -260,3 +260,22 @@ def test_convert_inspect_quant_end_to_end(samples_dir: Path) -> None:
     assert r.returncode in (1, 2)
     assert "nope.onnx" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_tensorrt_qdq_keeps_per_channel_by_default(tmp_path: Path, samples_dir: Path) -> None:
+    """``per_channel=None`` (the family default) still means per-channel for static QDQ."""
+    from converters.model import preprocess
+    from converters.tensorrt import quantize_for_tensorrt
+
+    model = samples_dir / "models/digits_cloud.onnx"
+    fp32 = preprocess(model, tmp_path / "fp32.onnx")
+    calib = load_dataset(samples_dir / "data/cloud_calib.npz", inspect_model(model).inputs)
+    for opts, per_channel in ((ConvertOptions(), True), (ConvertOptions(per_channel=False), False)):
+        dst = quantize_for_tensorrt(fp32, tmp_path / f"trt-{per_channel}.onnx", calib, opts)
+        g = onnx.load(str(dst)).graph
+        dims = {t.name: tuple(t.dims) for t in g.initializer}
+        inits = set(dims)
+        weight_dq = [n for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                     and len(dims[n.input[0]]) == 4]  # the Conv kernels
+        assert weight_dq
+        assert all((dims[n.input[1]] not in ((), (1,))) == per_channel for n in weight_dq)
