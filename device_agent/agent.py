@@ -138,14 +138,17 @@ class Agent:
         self._work: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=64)
         self._lock = threading.Lock()
         self._inflight: dict[int, int] = {}
-        self._acked_early: set[int] = set()
+        self._acked_early: dict[int, float] = {}
         self._cursor = 0
+        self._epoch = 0  # connections so far; the sender restarts from the oldest row on change
         self._threads: list[threading.Thread] = []
         self._mqtt: Any = None
         self.malformed = 0
         self.last_error = ""
         self.connects = 0
         self._refused = False
+        self._closing = False
+        self._stop_network = threading.Event()
         self._started = time.time()
         # One installation at a time, also against a job the watchdog abandoned mid-way.
         self._install = threading.Lock()
@@ -198,19 +201,21 @@ class Agent:
         """Stop cleanly: mark the device offline (retained), disconnect, close everything."""
         if self._stop.is_set():
             return
-        if self._connected.is_set() and self._mqtt is not None:
+        self._closing = True  # the network thread must not reconnect from here on
+        if self._connected.is_set() and self._mqtt is not None and self._threads:
             with contextlib.suppress(Exception):
                 info = self._mqtt.publish(
                     self.topics.status(self.device_id), self._status(False), qos=1, retain=True
                 )
                 info.wait_for_publish(timeout=1.0)
+            with contextlib.suppress(Exception):
+                self._mqtt.disconnect()  # written by the network thread, which then ends
+                self._stop_network.wait(min(timeout, 2.0))
         self._stop.set()
         self._wake.set()
         for t in self._threads:
             t.join(timeout=timeout)
         if self._mqtt is not None:
-            with contextlib.suppress(Exception):
-                self._mqtt.disconnect()
             # paho closes its sockets (and its wake-up socketpair) only in loop_forever/
             # loop_stop, which this agent does not use: its own thread drives ``loop()``.
             with contextlib.suppress(Exception):
@@ -317,15 +322,26 @@ class Agent:
         c.on_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
         c.on_socket_open = _nodelay
+        # Only the network thread may write to the socket: paho's publish() called from another
+        # thread writes directly when no loop thread of its own runs, and two writers can
+        # reorder packets. With a write-interest hook registered, publish() only queues the
+        # packet and wakes ``loop()``, which writes it, in order.
+        c.on_socket_register_write = _no_op
         return c
 
     def _network_loop(self) -> None:
+        try:
+            self._network()
+        finally:
+            self._stop_network.set()
+
+    def _network(self) -> None:
         import paho.mqtt.client as mqtt
 
         b = self.config.broker
         delay = b.reconnect_min_s
         first = True
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not self._closing:
             try:
                 if first:
                     self._mqtt.connect(b.host, b.port, keepalive=b.keepalive)
@@ -344,6 +360,8 @@ class Agent:
                 if self._connected.is_set():
                     delay = b.reconnect_min_s
             self._connected.clear()
+            if self._closing:
+                return
             if self._refused:
                 # Credentials or ACL refused: retrying fast will not help, but an operator may
                 # fix the broker side, so keep trying at the slowest pace.
@@ -371,6 +389,7 @@ class Agent:
             self._inflight.clear()
             self._acked_early.clear()
             self._cursor = 0
+            self._epoch += 1
 
     def _on_subscribe(self, _c: Any, _u: Any, _mid: int, reasons: Any, _p: Any) -> None:
         # "Connected" means jobs can reach us: only once the broker granted the subscriptions.
@@ -391,8 +410,15 @@ class Agent:
         with self._lock:
             row = self._inflight.pop(mid, None)
             if row is None:
-                if len(self._acked_early) < 10_000:
-                    self._acked_early.add(mid)
+                # Either the PUBACK beat the sender recording the mid (a race of microseconds)
+                # or it is for a message we do not track (status, a pre-reconnect resend).
+                # Remember it only briefly: paho reuses mids after 65535 publishes.
+                now = time.monotonic()
+                self._acked_early[mid] = now
+                if len(self._acked_early) > 1000:
+                    self._acked_early = {
+                        m: t for m, t in self._acked_early.items() if now - t < 5.0
+                    }
                 return
         self.queue.ack(row)
         self._wake.set()
@@ -446,18 +472,22 @@ class Agent:
             with self._lock:
                 room = window - len(self._inflight)
                 cursor = self._cursor
+                epoch = self._epoch
             if room <= 0:
                 continue
             for item in self.queue.peek(after_id=cursor, limit=room):
                 if not self._connected.is_set():
                     break
                 info = self._mqtt.publish(item.topic, item.payload, qos=1, retain=item.retain)
+                log.debug("outbox row %d -> mid %s rc %s", item.id, info.mid, info.rc)
                 if info.rc != 0:
                     break
                 with self._lock:
+                    if self._epoch != epoch:
+                        break  # reconnected meanwhile: start over from the oldest row
                     self._cursor = max(self._cursor, item.id)
-                    if info.mid in self._acked_early:
-                        self._acked_early.discard(info.mid)
+                    early = self._acked_early.pop(info.mid, None)
+                    if early is not None and time.monotonic() - early < 5.0:
                         acked = True
                     else:
                         self._inflight[info.mid] = item.id
@@ -855,6 +885,10 @@ def _job_id_of(payload: bytes) -> str | None:
         return None
     jid = d.get("job_id") if isinstance(d, dict) else None
     return jid if isinstance(jid, str) else None
+
+
+def _no_op(*_args: Any) -> None:
+    return None
 
 
 def _nodelay(_client: Any, _userdata: Any, sock: Any) -> None:

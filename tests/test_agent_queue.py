@@ -80,7 +80,16 @@ def test_telemetry_survives_broker_outage_in_order(
     try:
         obs.wait(lambda: len(obs.json_on("/telemetry")) >= 3, what="first heartbeats")
         gate.close_link()
-        time.sleep(0.3)  # let what the broker already acknowledged reach the observer
+
+        def broker_owes_nothing() -> bool:
+            # What the broker acknowledged is gone from the agent's queue and is the broker's
+            # to deliver (QoS 1); without persistence it would die with it, so wait for it.
+            produced = int(agent.queue.get("seq:telemetry") or 0)
+            queued = {json.loads(i.payload)["seq"] for i in agent.queue.peek(limit=10_000)}
+            seen = {r["seq"] for r in obs.json_on("/telemetry")}
+            return set(range(1, produced + 1)) <= seen | queued
+
+        obs.wait(broker_owes_nothing, 10, "observer has what the broker acknowledged")
         mosquitto.stop()
         deadline = time.monotonic() + 10
         while agent.connected and time.monotonic() < deadline:
