@@ -110,8 +110,13 @@ def test_v2_json_binary_metadata_errors_and_metrics(
         r = c.post("/v2/models/digits/infer", content=json.dumps(nan).encode())
         assert r.status_code == 400
         assert "NaN" in r.json()["error"]
+        # keep-alive requests are not held back by Nagle + delayed ACK (~40 ms each)
+        t0 = time.perf_counter()
+        for _ in range(50):
+            assert c.post("/v2/models/digits/infer", json=body).status_code == 200
+        assert time.perf_counter() - t0 < 1.5
         metrics = c.get("/metrics").text
-        assert 'edgecloud_agent_requests_total{route="edge"} 2' in metrics
+        assert 'edgecloud_agent_requests_total{route="edge"} 52' in metrics
         assert "edgecloud_agent_request_errors_total 2" in metrics
         assert "edgecloud_agent_connected 1.0" in metrics
     # oversized body refused before it is read
