@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +29,7 @@ __all__ = [
     "dynamic_exclusions",
     "quantize_dynamic_int8",
     "quantize_static_int8",
+    "quiet_quantizer_logs",
     "resolve_exclusions",
 ]
 
@@ -80,6 +81,30 @@ class DynamicInt8Settings:
             "exclude_nodes": list(self.exclude_nodes),
             "exclude_ops": list(self.exclude_ops),
         }
+
+
+class _DropAxisWarnings(logging.Filter):
+    """Drop onnxruntime's "Axis 1 is out-of-range for weight ... with rank 1" root-logger lines.
+
+    Per-channel QDQ asks for axis 1 of every weight, including 1-D LayerNorm scales, which
+    onnxruntime then quantizes per tensor, as it should; it still logs one warning per such
+    weight (20 lines on the sample encoder) that says nothing a user can act on.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "root" and "is out-of-range for weight" in record.getMessage())
+
+
+@contextlib.contextmanager
+def quiet_quantizer_logs() -> Iterator[None]:
+    """Silence ``_DropAxisWarnings``' lines while onnxruntime quantizes (nothing else)."""
+    root = logging.getLogger()
+    flt = _DropAxisWarnings()
+    root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
 
 
 def _qtype(name: str) -> Any:
@@ -206,7 +231,7 @@ def quantize_static_int8(
     reader.rewind()
     try:
         # onnxruntime's histogram calibrators print() progress; keep stdout clean for --json
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), quiet_quantizer_logs():
             quantize_static(
                 str(src),
                 str(dst),

@@ -31,6 +31,7 @@ from converters.quantize import (
     _qtype,
     calibration_cache_name,
     dynamic_exclusions,
+    quiet_quantizer_logs,
     resolve_exclusions,
 )
 from converters.search_space import Candidate
@@ -115,7 +116,7 @@ class TrialQuantizer:
         self.reader.rewind()
         try:
             # the calibrators print() progress; stdout may carry a --json report
-            with contextlib.redirect_stdout(io.StringIO()):
+            with contextlib.redirect_stdout(io.StringIO()), quiet_quantizer_logs():
                 quantize_static(
                     str(self.src),
                     str(dst),
