@@ -302,3 +302,23 @@ def test_static_qdq_of_the_encoder_logs_no_axis_noise(
     messages = [r.getMessage() for r in caplog.records]
     assert not any("is out-of-range for weight" in m for m in messages), messages
     assert "Axis-like but unrelated warning" in messages
+
+
+def test_exhaustive_search_through_convert_tries_every_setting(
+    tmp_path: Path, samples_dir: Path
+) -> None:
+    from converters.search_space import candidates
+
+    report = convert(
+        samples_dir / "models/digits_edge.onnx", tmp_path / "pkg",
+        ConvertOptions(
+            int8=("auto",), calib=samples_dir / "data/edge_calib.npz",
+            val=samples_dir / "data/edge_val.npz", tolerance=100.0, latency_runs=2,
+            search_exhaustive=True,
+        ),
+    )
+    found = report.searches["int8_auto"]
+    expected = [c.label for c in candidates(found.profile, found.families)]  # type: ignore[arg-type]
+    assert [t.label for t in found.trials] == expected
+    assert found.chosen is not None
+    assert report.variant("int8_auto").settings["search"]["chosen"]["index"] == found.chosen.index
