@@ -591,9 +591,10 @@ class Agent:
         if self.capture is None:
             return
         try:
+            cloud = outcome.outputs if outcome.route == "cloud" else None
             self.capture.offer(
-                inputs, outcome.outputs, confidence=outcome.confidence, model=outcome.model,
-                version=outcome.version, route=outcome.route,
+                inputs, outcome.edge_outputs or {}, confidence=outcome.edge_confidence,
+                model=outcome.model, version=outcome.version, route=outcome.route, cloud=cloud,
             )
         except Exception as exc:  # capture must never fail a request
             log.warning("hard-example capture failed: %s", exc)

@@ -49,6 +49,10 @@ class InferOutcome:
     confidence: float | None
     latency_s: float
     result: HybridResult
+    #: What the local model answered, also when the cloud's answer was returned (None when
+    #: the local model did not run, e.g. ``cloud_only``).
+    edge_outputs: dict[str, np.ndarray] | None = None
+    edge_confidence: float | None = None
 
 
 class Metrics:
@@ -154,6 +158,21 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+def _top1(outputs: Mapping[str, np.ndarray] | None, manifest: Manifest | None) -> float | None:
+    """The least confident row's top-1 probability of a local answer (None if undefined)."""
+    if outputs is None or manifest is None or manifest.confidence == "none":
+        return None
+    arr = outputs.get(manifest.score_output)
+    if arr is None or np.asarray(arr).size == 0:
+        return None
+    a = np.asarray(arr, dtype=np.float64)
+    a = a.reshape(-1, a.shape[-1])
+    if manifest.confidence == "logits":
+        e = np.exp(a - a.max(axis=1, keepdims=True))
+        a = e / e.sum(axis=1, keepdims=True)
+    return float(a.max(axis=1).min())
+
+
 class _Tagged(Backend):
     """A loaded backend that records, per thread, which model version ran the request."""
 
@@ -167,12 +186,12 @@ class _Tagged(Backend):
         return self.inner.validate(inputs)
 
     def run_validated(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        _served.version = self.version
-        return self.inner.run_validated(inputs)
+        out = self.inner.run_validated(inputs)
+        _served.version, _served.outputs = self.version, out
+        return out
 
     def _infer_impl(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        _served.version = self.version
-        return self.inner.run_validated(inputs)
+        return self.run_validated(inputs)
 
     def close(self) -> None:
         super().close()
@@ -241,7 +260,7 @@ class AgentClient(HybridClient):
         self, inputs: Mapping[str, Any], *, deadline: float | None = None, mode: Any = None
     ) -> InferOutcome:
         """``infer`` plus the version that answered and the route taken, for the endpoint."""
-        _served.version = None
+        _served.version = _served.outputs = None
         t0 = time.perf_counter()
         try:
             r = super().infer(inputs, deadline=deadline, mode=mode)
@@ -252,6 +271,9 @@ class AgentClient(HybridClient):
         route = "degraded" if r.degraded else ("cloud" if r.region is not None else "edge")
         self.metrics.observe(route, r.confidence, dt)
         version = _served.version
+        edge_conf = r.confidence
+        if r.region is not None:  # the cloud answered: hard examples are judged by the edge
+            edge_conf = _top1(_served.outputs, self.manifest)
         if version is None:
             m = self.manifest
             version = m.version if m is not None else ""
@@ -263,6 +285,8 @@ class AgentClient(HybridClient):
             confidence=r.confidence,
             latency_s=dt,
             result=r,
+            edge_outputs=_served.outputs,
+            edge_confidence=edge_conf,
         )
         for hook in self.on_answer:
             hook(inputs, outcome)

@@ -165,6 +165,12 @@ def test_hard_examples_are_captured_bounded(setup: tuple[Agent, Observer, Keys],
     with np.load(index.parent / entries[0]["file"]) as z:
         assert z["input/input"].shape == (1, 64)
         assert z["edge/logits"].shape == (1, 10)
+    # the same through the CLI, as an operator would on the device
+    from edgecloud.cli.main import main as cli_main
+
+    assert cli_main(["agent", "hard-examples", "--config", str(tmp_path / "agent.toml"),
+                     "--out", str(tmp_path / "cli-export")]) == 0
+    assert len(json.loads((tmp_path / "cli-export" / "index.json").read_text())) == len(listed)
 
 
 def test_atomic_swap_under_load(setup: tuple[Agent, Observer, Keys], tmp_path: Path) -> None:
@@ -230,6 +236,7 @@ def test_low_confidence_goes_to_a_real_cloud_region_and_degrades_without_it(
             store=tmp_path / "store", public_key=keys.public,
             extra=(
                 "[policy]\nthreshold = 0.9\ndeadline_s = 5.0\n"
+                "[capture]\nenabled = true\nthreshold = 0.9\n"
                 f'[[regions]]\nname = "near"\nendpoint = "{server.url}"\n'
                 'model = "digits_cloud"\ncloud_input_shape = [1, 8, 8]\n'
             ),
@@ -243,6 +250,16 @@ def test_low_confidence_goes_to_a_real_cloud_region_and_degrades_without_it(
             routes = [agent.infer({"input": x[i : i + 1]}).route for i in range(60)]
             assert "edge" in routes
             assert "cloud" in routes
+            # hard examples keep the edge's answer and the cloud's
+            assert agent.capture is not None
+            index = agent.capture.export(tmp_path / "hard")
+            entries = json.loads(index.read_text())
+            from_cloud = [e for e in entries if e["route"] == "cloud"]
+            assert len(from_cloud) == routes.count("cloud")
+            assert all(e["confidence"] < 0.9 for e in entries)
+            with np.load(index.parent / from_cloud[0]["file"]) as z:
+                assert z["edge/logits"].shape == (1, 10)
+                assert z["cloud/logits"].shape == (1, 10)
             server.stop()
             after = [agent.infer({"input": x[i : i + 1]}) for i in range(60)]
             assert "degraded" in [o.route for o in after]
