@@ -268,3 +268,35 @@ def test_refused_credentials_are_reported_and_agent_keeps_serving(tmp_path: Path
                 assert c.get("/v2/health/live").status_code == 200
         finally:
             agent.stop()
+
+
+def test_mutual_tls_and_device_acl(tmp_path: Path) -> None:
+    """Over mTLS with the device-confining ACL (username = certificate CN = device id) the
+    agent deploys and reports: it only touches topics its ACL allows."""
+    from edgecloud.topics import Topics
+    from tests.fixtures.broker import tls_broker
+
+    keys = Keys(tmp_path)
+    broker, files = tls_broker(["dev-tls", "controller"], acl=Topics().mosquitto_acl())
+    with broker:
+        cert, key = files.clients["dev-tls"]
+        cfg = write_config(
+            tmp_path / "agent.toml", device="dev-tls", broker_url=broker.url,
+            store=tmp_path / "store", public_key=keys.public, interval=0.2,
+        )
+        cfg.write_text(cfg.read_text().replace(
+            "keepalive = 5", f'keepalive = 5\nca = "{files.ca}"\ncert = "{cert}"\nkey = "{key}"'
+        ))
+        ccert, ckey = files.clients["controller"]
+        obs = Observer(broker.host, broker.port, tls=(files.ca, ccert, ckey))
+        agent = Agent(load_config(cfg)).start()
+        try:
+            send_job(obs, "dev-tls", "tls-1", "deploy",
+                     package_url=make_package(tmp_path, keys, "1.0.0").as_uri())
+            assert obs.wait_job("tls-1")["status"] == "SUCCEEDED"
+            obs.wait(lambda: len(obs.json_on("/devices/dev-tls/telemetry")) >= 2,
+                     what="telemetry over TLS")
+            assert agent.last_error == ""
+        finally:
+            agent.stop()
+            obs.close()

@@ -231,7 +231,13 @@ class Observer:
     """The controller's side of the wire, for tests: records every message under the prefix."""
 
     def __init__(
-        self, host: str, port: int, prefix: str = "edgecloud", *, session: str | None = None
+        self,
+        host: str,
+        port: int,
+        prefix: str = "edgecloud",
+        *,
+        session: str | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
     ) -> None:
         """``session`` names a persistent MQTT session (kept by the broker while we are away)."""
         import paho.mqtt.client as mqtt
@@ -252,6 +258,8 @@ class Observer:
         self.subscriptions = 0  # SUBACKs received: one per (re)connect
         self.c.on_subscribe = self._on_subscribe
         self.c.reconnect_delay_set(0.1, 0.5)
+        if tls is not None:  # (ca, cert, key)
+            self.c.tls_set(ca_certs=str(tls[0]), certfile=str(tls[1]), keyfile=str(tls[2]))
         props = None
         if session is not None:
             props = Properties(PacketTypes.CONNECT)
