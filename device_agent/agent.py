@@ -636,6 +636,9 @@ class Agent:
         )
         if job.operation in ("deploy", "rollback"):
             self.metrics.deployment(outcome.status.value.lower())
+        url = job.document.get("package_url")
+        if job.operation == "deploy" and isinstance(url, str):
+            self.store.discard_download(f"{key}:{url}")  # unless abandoned mid-download
         result = json.dumps({"reason": outcome.reason, "details": dict(outcome.details or {})})
         self.queue.job_put(
             key, job.job_id, job.execution_number, outcome.status.value, note, result
@@ -851,6 +854,7 @@ class Agent:
                         ),
                         self.config.job_step_timeout_s,
                     )
+                    self.store.discard_download(f"shadow-{desired.version}:{url}")
                     if outcome.status != ExecutionState.SUCCEEDED:
                         error = f"{outcome.status.value}: {outcome.reason}"
         except (_Rejected, EdgeCloudError) as exc:

@@ -207,6 +207,13 @@ class ModelStore:
                 )
         return dest
 
+    def discard_download(self, key: str) -> None:
+        """Forget a finished job's archive and partial file (a retry is a new execution)."""
+        dest = self.download_path(key)
+        for p in (dest, dest.with_name(dest.name + ".part")):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
     def cleanup_downloads(self, keep: Path | None = None) -> None:
         for p in (self.root / "downloads").iterdir():
             if keep is None or p.name not in (keep.name, keep.name + ".part"):

@@ -138,6 +138,7 @@ def test_tampered_and_unhealthy_packages_leave_old_version_serving(
     assert wrong_sha["status"] == "REJECTED"
     assert "sha256" in wrong_sha["reason"]
 
+    assert list((tmp_path / "store" / "downloads").iterdir()) == []  # refused archives gone
     unhealthy = make_package(tmp_path, keys, "3.0.0", bad_warmup=True)
     done = _deploy(observer, "bad-health", unhealthy)
     assert done["status"] == "FAILED"
