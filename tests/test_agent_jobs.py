@@ -301,3 +301,28 @@ def test_mutual_tls_and_device_acl(tmp_path: Path) -> None:
         finally:
             agent.stop()
             obs.close()
+
+
+def test_restart_with_a_damaged_active_slot_serves_the_previous_one(
+    tmp_path: Path, keys: Keys, observer: Observer, agent_factory: Any
+) -> None:
+    agent = agent_factory()
+    assert _deploy(observer, "d1", make_package(tmp_path, keys, "1.0.0"))["status"] == (
+        "SUCCEEDED"
+    )
+    assert _deploy(observer, "d2", make_package(tmp_path, keys, "2.0.0"))["status"] == (
+        "SUCCEEDED"
+    )
+    active = agent.store.pointer()
+    assert active is not None
+    agent.stop()
+    model = tmp_path / "store" / "slots" / active.slot / "model.onnx"
+    model.write_bytes(model.read_bytes()[:-10])  # bit rot, or someone editing files
+    again = agent_factory()
+    assert again.active_version == "1.0.0"
+    assert "cannot be served" in again.last_error
+    assert "model.onnx" in again.last_error
+    p = again.store.pointer()
+    assert p is not None
+    assert p.slot != active.slot
+    assert again.infer({"input": val_inputs(1)}).version == "1.0.0"
