@@ -698,7 +698,7 @@ class Agent:
             ignored = self._apply_policy(doc)
             return JobOutcome(
                 ExecutionState.SUCCEEDED, "",
-                {"mode": self.client.mode, "threshold": self.client.threshold,
+                {"mode": self.client.mode.value, "threshold": self.client.threshold,
                  "ignored": ignored},
             )
         if job.operation == "rollback":
@@ -748,26 +748,31 @@ class Agent:
             raise StoreError("another installation is still running")
         try:
             self._check(cancel, step, "verify")
-            slot = self.store.idle_slot()
-            self.store.forget_previous()
-            pkg = self.store.stage(archive, slot)
-            man = pkg.manifest
-            if version and man.version != version:
-                raise _Rejected(
-                    f"verify: package is version {man.version}, the job says {version}"
-                )
-            if model and man.name != model:
-                raise _Rejected(f"verify: package is model {man.name}, the job says {model}")
-            self._check(cancel, step, "load")
-            backend = load_model(pkg)
+            # Verified, loaded and health-checked in staging: the idle slot (the rollback
+            # target) is replaced only by a package that passed all of it.
+            staged = self.store.unpack(archive, key)
             try:
-                self._check(cancel, step, "health_check")
-                figures = health_check(backend, pkg)
-                self._check(cancel, step, "activate")
-                self._activate(slot, pkg, backend)
-            except BaseException:
-                backend.close()
-                raise
+                man = staged.manifest
+                if version and man.version != version:
+                    raise _Rejected(
+                        f"verify: package is version {man.version}, the job says {version}"
+                    )
+                if model and man.name != model:
+                    raise _Rejected(f"verify: package is model {man.name}, the job says {model}")
+                self._check(cancel, step, "load")
+                backend = load_model(staged)
+                try:
+                    self._check(cancel, step, "health_check")
+                    figures = health_check(backend, staged)
+                    self._check(cancel, step, "activate")
+                    slot = self.store.idle_slot()
+                    pkg = self.store.promote(staged, slot)
+                    self._activate(slot, pkg, backend)
+                except BaseException:
+                    backend.close()
+                    raise
+            finally:
+                self.store.discard(staged)
         finally:
             self._install.release()
         self.store.cleanup_downloads()
@@ -805,7 +810,7 @@ class Agent:
 
     def _apply_policy(self, doc: Mapping[str, Any]) -> list[str]:
         """Apply ``mode``/``threshold``; returns the keys this agent does not act on."""
-        mode = doc.get("mode", self.client.mode)
+        mode = doc.get("mode", self.client.mode.value)
         threshold = doc.get("threshold", self.client.threshold)
         if threshold is None:
             threshold = self.config.policy.threshold
@@ -817,7 +822,9 @@ class Agent:
             or not 0.0 <= float(threshold) <= 1.0
         ):
             raise _Rejected(f"policy: 'threshold' must be a number in [0, 1], got {threshold!r}")
-        self.client.set_policy(str(mode), None if threshold is None else float(threshold))
+        self.client.set_policy(
+            mode=str(mode), threshold=None if threshold is None else float(threshold)
+        )
         # Survives a restart: the fleet's policy wins over the config file's until changed.
         self.queue.set("policy", json.dumps({"mode": mode, "threshold": threshold}))
         return sorted(set(doc) - {"mode", "threshold"})
@@ -865,7 +872,7 @@ class Agent:
         m = self.client.manifest
         state: dict[str, Any] = {
             "model": {"name": m.name, "version": m.version} if m else None,
-            "policy": {"mode": self.client.mode, "threshold": self.client.threshold},
+            "policy": {"mode": self.client.mode.value, "threshold": self.client.threshold},
         }
         if error:
             state["error"] = error

@@ -2,8 +2,9 @@
 
 ``AgentClient`` is the SDK's ``HybridClient`` (routing, cloud fallback, atomic ``swap_model``)
 with what the agent adds: every answer is counted for telemetry and ``/metrics``, offered to
-hard-example capture, and tagged with the version of the model that produced it, so the local
-V2 endpoint can say which version answered even while a deployment swaps models underneath.
+hard-example capture, and tagged with the version of the model that produced it
+(``HybridResult.version``), so the local V2 endpoint can say which version answered even while a
+deployment swaps models underneath.
 Applications on the device call it in process as ``agent.client``; other processes reach it
 through the local V2 endpoint. An old backend is closed only once its last request has
 returned (``retire``), so no request fails because of a deployment.
@@ -22,9 +23,8 @@ from typing import Any
 import numpy as np
 
 from edgecloud.client import HybridClient, HybridResult
-from edgecloud.errors import ConfigError
 from edgecloud.package import Manifest, ModelPackage
-from edgecloud.routing.modes import parse_mode
+from edgecloud.routing.modes import Mode
 from edgecloud.runtime.base import Backend
 
 __all__ = ["AgentClient", "InferOutcome", "Metrics", "load_model"]
@@ -173,36 +173,12 @@ def _top1(outputs: Mapping[str, np.ndarray] | None, manifest: Manifest | None) -
     return float(a.max(axis=1).min())
 
 
-class _Tagged(Backend):
-    """A loaded backend that records, per thread, which model version ran the request."""
-
-    def __init__(self, inner: Backend, version: str) -> None:
-        super().__init__(inner.input_specs, inner.output_specs, policy=inner.policy)
-        self.inner = inner
-        self.kind = inner.kind
-        self.version = version
-
-    def validate(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        return self.inner.validate(inputs)
-
-    def run_validated(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = self.inner.run_validated(inputs)
-        _served.version, _served.outputs = self.version, out
-        return out
-
-    def _infer_impl(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.run_validated(inputs)
-
-    def close(self) -> None:
-        super().close()
-        self.inner.close()
-
-
-_served = threading.local()
-
-
 class AgentClient(HybridClient):
-    """``HybridClient`` bound to the agent's active model; see the module docstring."""
+    """``HybridClient`` bound to the agent's active model; see the module docstring.
+
+    Uses only ``HybridClient``'s public API: ``set_policy``/``mode`` for the fleet's policy,
+    ``HybridResult.version``/``local_outputs`` for which model answered and what it said.
+    """
 
     def __init__(
         self,
@@ -216,38 +192,41 @@ class AgentClient(HybridClient):
         super().__init__(mode=mode, threshold=threshold, regions=regions, **kwargs)
         self.metrics = metrics or Metrics()
         self.on_answer: list[Callable[[Mapping[str, Any], InferOutcome], None]] = []
+        # Reported to the fleet also before the first model arrives (the client's own
+        # ``threshold`` is the active model's, None without one).
         self._policy_threshold = threshold
+        self._retiring: set[Backend] = set()
+        self._retiring_lock = threading.Lock()
 
     @property
     def threshold(self) -> float | None:
-        slot = self._slot
-        return slot.threshold if slot is not None else self._policy_threshold
+        t = super().threshold
+        return t if t is not None else self._policy_threshold
 
-    @property
-    def mode(self) -> str:
-        return str(self._mode.value)
-
-    def set_policy(self, mode: str, threshold: float | None) -> None:
-        """Apply a routing policy from the fleet to new requests."""
-        try:
-            parsed = parse_mode(mode)
-        except (ConfigError, ValueError) as exc:
-            raise ConfigError(f"policy mode: {exc}") from exc
-        self._mode = parsed
-        self._threshold = threshold
-        self._policy_threshold = threshold
-        slot = self._slot
-        if slot is not None and threshold is not None:
-            slot.threshold = float(threshold)
+    def set_policy(
+        self,
+        *,
+        mode: Mode | str | None = None,
+        threshold: float | Mapping[str, float] | None = None,
+    ) -> None:
+        """Apply a routing policy from the fleet to new requests (``HybridClient.set_policy``)."""
+        super().set_policy(mode=mode, threshold=threshold)
+        if threshold is not None and not isinstance(threshold, Mapping):
+            self._policy_threshold = float(threshold)
 
     def swap_model(self, backend: Backend, manifest: Manifest) -> Backend | None:
         """Make ``backend`` serve new requests; return the old one (still finishing requests)."""
-        tagged = backend if isinstance(backend, _Tagged) else _Tagged(backend, manifest.version)
-        return super().swap_model(tagged, manifest)
+        old = super().swap_model(backend, manifest)
+        if old is not None:
+            with self._retiring_lock:
+                self._retiring.add(old)
+        return old
 
     def retire(self, backend: Backend, timeout: float = 60.0) -> bool:
         """Close ``backend`` once its in-flight requests are done (or after ``timeout``)."""
         done = self.wait_drained(backend, timeout)
+        with self._retiring_lock:
+            self._retiring.discard(backend)
         backend.close()
         return done
 
@@ -260,7 +239,6 @@ class AgentClient(HybridClient):
         self, inputs: Mapping[str, Any], *, deadline: float | None = None, mode: Any = None
     ) -> InferOutcome:
         """``infer`` plus the version that answered and the route taken, for the endpoint."""
-        _served.version = _served.outputs = None
         t0 = time.perf_counter()
         try:
             r = super().infer(inputs, deadline=deadline, mode=mode)
@@ -268,24 +246,24 @@ class AgentClient(HybridClient):
             self.metrics.error()
             raise
         dt = time.perf_counter() - t0
-        route = "degraded" if r.degraded else ("cloud" if r.region is not None else "edge")
+        region = r.region
+        route = "degraded" if r.degraded else ("cloud" if region is not None else "edge")
         self.metrics.observe(route, r.confidence, dt)
-        version = _served.version
-        edge_conf = r.confidence
-        if r.region is not None:  # the cloud answered: hard examples are judged by the edge
-            edge_conf = _top1(_served.outputs, self.manifest)
-        if version is None:
-            m = self.manifest
-            version = m.version if m is not None else ""
+        if region is None:
+            edge_outputs: dict[str, np.ndarray] | None = r.outputs
+            edge_conf = r.confidence
+        else:  # the cloud answered: hard examples are judged by what the edge said
+            edge_outputs = r.local_outputs
+            edge_conf = _top1(edge_outputs, self.manifest)
         outcome = InferOutcome(
             outputs=r.outputs,
             model=r.model or (self.manifest.name if self.manifest else ""),
-            version=str(version),
+            version=r.version,
             route=route,
             confidence=r.confidence,
             latency_s=dt,
             result=r,
-            edge_outputs=_served.outputs,
+            edge_outputs=edge_outputs,
             edge_confidence=edge_conf,
         )
         for hook in self.on_answer:
@@ -294,7 +272,9 @@ class AgentClient(HybridClient):
 
     def close(self) -> None:
         backend = self.backend
-        retired = [s.backend for s in self._retired]
+        with self._retiring_lock:
+            retired = list(self._retiring)
+            self._retiring.clear()
         super().close()
         for b in [backend, *retired]:
             if b is not None:

@@ -5,19 +5,21 @@ Layout under the store path (docs/agent.md)::
     active              JSON {"slot", "previous", "name", "version"}; replaced atomically
     slots/A/, slots/B/  verified package directories (manifest.json, signature, variant files)
     downloads/          <key>.tar.gz.part while downloading, <key>.tar.gz when complete
-    staging/            an archive being unpacked; renamed into a slot only once complete
+    staging/<key>/      a package being unpacked, verified, loaded and health-checked
 
-A new version always goes into the slot that is *not* active, so the serving model's files are
-never touched while it serves; the pointer is switched (write-to-temp, fsync, ``os.replace``,
-fsync of the folder) only after the new package verified, loaded and passed its health check. A
-power cut at any moment leaves either the old or the new pointer, never a torn one, and the slot
-it names is always complete. The previous slot stays on disk for ``rollback`` until the next
-deployment reuses it.
+A new version is unpacked, verified, loaded and health-checked in ``staging/``; only once it has
+passed is it renamed (same filesystem) into the slot that is *not* active. So the serving
+model's files are never touched while it serves, and a refused or failed package never touches
+the idle slot either: the previous version stays there for ``rollback`` until a *proven* new
+version replaces it. The pointer is switched (write-to-temp, fsync, ``os.replace``, fsync of the
+folder) right after the rename. A power cut at any moment leaves either the old or the new
+pointer, never a torn one, and the slot it names is always complete.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -153,28 +155,65 @@ class ModelStore:
                 f"{self.min_free_bytes} free, but only {free} bytes are free"
             )
 
-    def stage(self, archive: Path, slot: str) -> ModelPackage:
-        """Unpack ``archive`` and verify it against the fleet key into ``slot`` (not active).
+    def unpack(self, archive: Path, name: str) -> ModelPackage:
+        """Unpack ``archive`` into ``staging/<name>`` and verify it; no slot is touched.
 
+        The package is loaded and health-checked from there, and only ``promote`` moves it into
+        a slot: a refused or failed install leaves both slots, and so ``rollback``, as they were.
         Raises ``SignatureError``/``IntegrityError`` (refused package) or ``PackageError``.
         """
+        self.check_space(_unpacked_size(archive))
+        staging = self.root / "staging" / hashlib.sha256(name.encode()).hexdigest()[:32]
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            unpack_package(archive, staging)
+            return verify_package(staging, self.public_key)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    def promote(self, staged: ModelPackage, slot: str) -> ModelPackage:
+        """Move a proven package from staging into the idle ``slot`` (a rename, same filesystem).
+
+        Only now is the slot's old content, the rollback target, given up. A crash in between
+        leaves the pointer naming the serving slot with no ``previous``, never a torn slot.
+        """
+        staging_dir = self.root / "staging"
+        if staged.root.parent != staging_dir:
+            raise StoreError(f"{staged.root} is not a staged package of this store")
         p = self.pointer()
         if p is not None and p.slot == slot:
             raise StoreError(f"slot {slot} is active; refusing to overwrite the serving model")
-        self.check_space(_unpacked_size(archive))
-        staging = self.root / "staging" / f"{slot}.new"
-        shutil.rmtree(staging, ignore_errors=True)
-        unpack_package(archive, staging)
+        self.forget_previous()
+        target = self.slot_path(slot)
         try:
-            verify_package(staging, self.public_key)
-            target = self.slot_path(slot)
             if target.exists():
                 shutil.rmtree(target)
-            os.rename(staging, target)
+            os.rename(staged.root, target)
             _fsync_dir(target.parent)
+            _fsync_dir(staging_dir)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot move the verified package into slot {slot}: {exc.strerror or exc}"
+            ) from exc
+        # Same bytes, renamed: the verification made in staging still holds.
+        return dataclasses.replace(staged, root=target)
+
+    def discard(self, staged: ModelPackage) -> None:
+        """Drop a staged package that was refused or failed (no-op once promoted)."""
+        if staged.root.parent == self.root / "staging":
+            shutil.rmtree(staged.root, ignore_errors=True)
+
+    def stage(self, archive: Path, slot: str) -> ModelPackage:
+        """``unpack`` then ``promote`` at once, for a package that needs no health check."""
+        p = self.pointer()
+        if p is not None and p.slot == slot:
+            raise StoreError(f"slot {slot} is active; refusing to overwrite the serving model")
+        staged = self.unpack(archive, f"{slot}.new")
+        try:
+            return self.promote(staged, slot)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return self.verify_slot(slot)
+            self.discard(staged)
 
     def download_path(self, key: str) -> Path:
         safe = hashlib.sha256(key.encode()).hexdigest()[:32]
@@ -362,8 +401,9 @@ def health_check(backend: Backend, pkg: ModelPackage) -> dict[str, Any]:
     ``manifest.warmup`` (written by the converters, docs/package.md) names a ``.npz`` in the
     package (``file``) whose arrays are listed in ``inputs`` (``input.<name>``) and ``outputs``
     (``output.<name>``), the output to compare (``compare_output``, default all) and the
-    tolerances ``min_top1_agreement`` (default 0.99) and ``max_rel_l2`` (default 0.05). A package
-    without a warm-up file passes if one inference on zeros runs. Returns the measured figures.
+    tolerances ``min_top1_agreement`` (default 0.99 for ``task == "classification"``, not checked
+    for other tasks, whose output columns are not classes) and ``max_rel_l2`` (default 0.05). A
+    package without a warm-up file passes if one inference on zeros runs. Returns the figures.
     """
     w = pkg.manifest.warmup
     file = w.get("file")
@@ -397,7 +437,12 @@ def health_check(backend: Backend, pkg: ModelPackage) -> dict[str, Any]:
         got = backend.infer(feed)
     except (RuntimeBackendError, ValueError, OSError) as exc:
         raise HealthCheckError(f"warm-up inference failed: {exc}") from exc
-    min_agree = float(w.get("min_top1_agreement", 0.99))
+    # Top-1 agreement means something only for class scores: a regression or embedding model's
+    # columns are not classes, so without an explicit threshold only max_rel_l2 applies to it.
+    raw_agree = w.get("min_top1_agreement")
+    if raw_agree is None and m.task == "classification":
+        raw_agree = 0.99
+    min_agree = None if raw_agree is None else float(raw_agree)
     max_l2 = float(w.get("max_rel_l2", 0.05))
     figures: dict[str, Any] = {"checked": True}
     for name, exp in expected.items():
@@ -413,7 +458,7 @@ def health_check(backend: Backend, pkg: ModelPackage) -> dict[str, Any]:
             raise HealthCheckError(
                 f"warm-up output '{name}': relative L2 error {rel:.4g} exceeds {max_l2}"
             )
-        if out.ndim >= 2 and out.shape[-1] > 1:
+        if min_agree is not None and out.ndim >= 2 and out.shape[-1] > 1:
             agree = float(np.mean(out.argmax(-1) == ref.argmax(-1)))
             figures[f"{name}.top1_agreement"] = agree
             if agree < min_agree:

@@ -80,6 +80,7 @@ class HybridResult:
     ``degraded`` is True when a better answer was wanted but not available (the cloud failed or
     the deadline left no time), so the application can treat the answer with care. Times are in
     seconds. ``errors`` maps a region name to what went wrong there, when anything did.
+    ``version`` is the manifest version of the local model the request ran on.
     """
 
     outputs: dict[str, np.ndarray]
@@ -95,6 +96,14 @@ class HybridResult:
     labels: tuple[str, ...] = ()
     score_output: str | None = None
     score_kind: str = "logits"
+    #: Manifest version of the local model bound to this request (the one that ran, or that
+    #: validated the inputs for the cloud; "" for a cloud-only client), so a caller knows which
+    #: version answered even while ``swap_model`` replaces the model.
+    version: str = ""
+    #: The local model's outputs when it ran but the cloud's answer was returned (low
+    #: confidence), for hard-example capture; None otherwise (``outputs`` are then the local ones
+    #: when ``source == "edge"``).
+    local_outputs: dict[str, np.ndarray] | None = None
 
     @property
     def region(self) -> str | None:
@@ -169,6 +178,7 @@ class _Slot:
         "score_kind",
         "score_output",
         "threshold",
+        "version",
     )
 
     def __init__(
@@ -187,6 +197,7 @@ class _Slot:
         self.score_output = manifest.score_output if manifest.confidence != "none" else None
         self.score_kind = manifest.confidence
         self.local_ewma = 0.0
+        self.version = manifest.version
 
 
 class HybridClient:
@@ -392,15 +403,16 @@ class HybridClient:
             policy = CustomConfidence(spec)
         else:
             raise ConfigError(f"confidence must be a name, a policy or a function, got {spec!r}")
-        t = self._threshold
+        return _Slot(backend, manifest, policy, self._threshold_for(manifest, self._threshold))
+
+    @staticmethod
+    def _threshold_for(manifest: Manifest, t: float | Mapping[str, float] | None) -> float:
         if isinstance(t, Mapping):
             default = t.get("*", manifest.metadata.get("confidence_threshold", DEFAULT_THRESHOLD))
-            threshold = float(t.get(manifest.name, default))
-        elif t is None:
-            threshold = float(manifest.metadata.get("confidence_threshold", DEFAULT_THRESHOLD))
-        else:
-            threshold = float(t)
-        return _Slot(backend, manifest, policy, threshold)
+            return float(t.get(manifest.name, default))
+        if t is None:
+            return float(manifest.metadata.get("confidence_threshold", DEFAULT_THRESHOLD))
+        return float(t)
 
     # -- model swap -----------------------------------------------------------------------------
 
@@ -419,6 +431,48 @@ class HybridClient:
         slot = self._slot
         return None if slot is None else slot.threshold
 
+    @property
+    def mode(self) -> Mode:
+        """The routing mode new requests use when ``infer`` is given none (``set_policy``)."""
+        return self._mode
+
+    def set_policy(
+        self,
+        *,
+        mode: Mode | str | None = None,
+        threshold: float | Mapping[str, float] | None = None,
+    ) -> None:
+        """Change the routing policy for new requests; ``None`` leaves that part unchanged.
+
+        For a fleet controller or an operator changing the policy of a running client: both
+        values are validated before anything changes (a bad one is a ``ConfigError`` naming
+        it), then applied together under the client's lock to the active model and remembered
+        for models swapped in later, exactly like the constructor's ``mode``/``threshold``.
+        Requests already running keep the policy they started with.
+        """
+        new_mode = self._mode if mode is None else parse_mode(mode)
+        if threshold is not None:
+            items = threshold.items() if isinstance(threshold, Mapping) else [("", threshold)]
+            for name, value in items:
+                what = f"threshold for '{name}'" if name else "threshold"
+                if (
+                    isinstance(value, bool)
+                    or not isinstance(value, int | float)
+                    or not 0.0 <= float(value) <= 1.0
+                ):
+                    raise ConfigError(f"{what} must be a number in [0, 1], got {value!r}")
+            if isinstance(threshold, Mapping):
+                threshold = {str(k): float(v) for k, v in threshold.items()}
+            else:
+                threshold = float(threshold)
+        with self._lock:
+            self._mode = new_mode
+            if threshold is not None:
+                self._threshold = threshold
+                slot = self._slot
+                if slot is not None:
+                    slot.threshold = self._threshold_for(slot.manifest, threshold)
+
     def swap_model(self, backend: Backend, manifest: Manifest) -> Backend | None:
         """Make ``backend`` the model for new requests; return the old one (not closed).
 
@@ -427,6 +481,8 @@ class HybridClient:
         """
         new = self._make_slot(backend, manifest)
         with self._lock:
+            # set_policy may have run since _make_slot read the threshold.
+            new.threshold = self._threshold_for(manifest, self._threshold)
             old = self._slot
             self._slot = new
             if old is not None:
@@ -560,6 +616,7 @@ class HybridClient:
             labels=slot.labels if slot is not None else (),
             score_output=slot.score_output if slot is not None else None,
             score_kind=slot.score_kind if slot is not None else "logits",
+            version=slot.version if slot is not None else "",
             **kw,
         )
 
@@ -591,6 +648,7 @@ class HybridClient:
                 slot.labels,
                 slot.score_output,
                 slot.score_kind,
+                slot.version,
             )
         dl = Deadline(seconds, clock=clock, start=start)
         if not self.selector.regions:
@@ -605,7 +663,7 @@ class HybridClient:
             )  # fmt: skip
         out = self.selector.route(self._requester(slot, feed), dl)
         if out.response is not None:
-            return self._cloud_result(slot, out, Reason.LOW_CONFIDENCE, local)
+            return self._cloud_result(slot, out, Reason.LOW_CONFIDENCE, local, outputs)
         return self._result(
             slot,
             outputs,
@@ -739,7 +797,12 @@ class HybridClient:
         return make
 
     def _cloud_result(
-        self, slot: _Slot | None, out: CloudOutcome, reason: Reason, local: float
+        self,
+        slot: _Slot | None,
+        out: CloudOutcome,
+        reason: Reason,
+        local: float,
+        local_outputs: dict[str, np.ndarray] | None = None,
     ) -> HybridResult:
         assert out.response is not None
         assert out.region is not None
@@ -759,6 +822,7 @@ class HybridClient:
             local_time=local,
             cloud_time=out.cloud_time,
             errors=out.errors,
+            local_outputs=local_outputs,
         )
 
     # -- batches --------------------------------------------------------------------------------
@@ -874,6 +938,7 @@ class HybridClient:
                 results[i] = self._row(
                     slot, cloud.outputs, j, cloud.source, Reason.LOW_CONFIDENCE, ccloud,
                     local_time=per_row_local, cloud_time=out.cloud_time, errors=out.errors,
+                    local_outputs={k: v[i : i + 1] for k, v in outputs.items()},
                 )  # fmt: skip
             return results
         reason = Reason.DEADLINE if out.deadline_hit else Reason.CLOUD_FAILED
@@ -919,6 +984,10 @@ class HybridClient:
                     labels=result.labels,
                     score_output=result.score_output,
                     score_kind=result.score_kind,
+                    version=result.version,
+                    local_outputs=None
+                    if result.local_outputs is None
+                    else {k: v[i : i + 1] for k, v in result.local_outputs.items()},
                 )
             )
         return out
