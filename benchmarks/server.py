@@ -246,11 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     base, base_cpu = _ort_batch_rate(onnx, x[:1], 32, seconds)
     print(
-        f"in-process onnxruntime, batch 32:        {base:10.1f} rows/s   (baseline)  "
+        f"in-process onnxruntime, batch 32:        {base:10.1f} rows/s   (baseline, first run)  "
         f"CPU {1000 * base_cpu:6.3f} ms/row"
     )
+    core_on = 0.0
     for mbs in (32, 1):
         rate, mean_batch, cpu = _core_rate(repo, name, x, clients, seconds, mbs)
+        if mbs == 32:
+            core_on = rate
         print(
             f"ServingCore alone (no HTTP), max batch {mbs:2d}: {rate:10.1f} req/s   "
             f"{rate / base:6.3f}x baseline  mean batch {mean_batch:5.1f}  "
@@ -270,9 +273,20 @@ def main(argv: list[str] | None = None) -> int:
             f"mean batch {r['mean_batch']:5.1f}  CPU/req server {r['server_cpu_ms']:6.3f} ms "
             f"clients {r['client_cpu_ms']:6.3f} ms  errors {r['errors']} {r['first_error']}"
         )
+    # The machine is shared: measure the baseline again and keep the better run, so a baseline
+    # that happened to be slowed down cannot flatter the server.
+    base2, base_cpu2 = _ort_batch_rate(onnx, x[:1], 32, seconds)
+    print(
+        f"in-process onnxruntime, batch 32:        {base2:10.1f} rows/s   (baseline, second run)  "
+        f"CPU {1000 * base_cpu2:6.3f} ms/row"
+    )
+    if base2 > base:
+        base = base2
+    base_cpu = min(base_cpu, base_cpu2)
     on, off = results["batching on (max 32)"], results["batching off (max 1)"]
     eff = base_cpu * 1000 / on["server_cpu_ms"]
     print(f"batching on / off:                       {on['rps'] / off['rps']:6.2f}x")
+    print(f"ServingCore, batching on / baseline:     {core_on / base:6.3f}x")
     print(f"batching on / in-process batch 32:       {on['rps'] / base:6.3f}x  (goal >= 0.8x)")
     print(
         f"CPU efficiency, batching on:             {eff:6.3f}x  (baseline CPU per row / server "

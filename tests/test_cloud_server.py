@@ -256,6 +256,36 @@ def test_unknown_model_is_404(client: httpx.Client) -> None:
     assert r.json() == {"error": "model 'resnet' is not in this repository (models: digits_cloud)"}
 
 
+def test_infer_fast_path_resolves_versions_and_falls_back_to_the_router(
+    client: httpx.Client, x: np.ndarray, reference: np.ndarray
+) -> None:
+    # The infer route is matched ahead of Starlette's router: versions, unknown versions and
+    # near-miss paths must behave exactly as the routed endpoints do.
+    body = {
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": "FP32",
+                "shape": [1, 1, 8, 8],
+                "data": x[:1].ravel().tolist(),
+            }
+        ]
+    }
+    r = client.post(f"/v2/models/{MODEL}/versions/1/infer", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["model_version"] == "1"
+    np.testing.assert_allclose(r.json()["outputs"][0]["data"], reference[0], rtol=1e-4, atol=1e-5)
+    r = client.post(f"/v2/models/{MODEL}/versions/7/infer", json=body)
+    assert r.status_code == 404
+    assert "no version '7'" in r.json()["error"]
+    r = client.post(f"/v2/models/{MODEL}/versions/1/infer/extra", json=body)
+    assert r.status_code == 404
+    assert "error" in r.json()
+    r = client.put(f"/v2/models/{MODEL}/infer", json=body)
+    assert r.status_code == 405
+    assert "error" in r.json()
+
+
 def test_metrics_exposed(client: httpx.Client, server: InProcessServer, x: np.ndarray) -> None:
     before = _metric(
         client.get("/metrics").text, "edgecloud_cloud_requests_total", model=MODEL, status="200"

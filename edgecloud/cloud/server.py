@@ -23,6 +23,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -55,6 +56,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 REGION_HEADER = "X-Edgecloud-Region"
 _OFFLOAD_BYTES = 256 * 1024  # bodies above this are decoded/encoded off the event loop
+# The infer routes, matched before Starlette's middleware and router (see create_app).
+_INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 
 Handler = Callable[["Request"], Awaitable["Response"]]
 
@@ -170,6 +173,20 @@ class _Metrics:
         info = prom.Info("edgecloud_cloud", "Cloud region server", registry=r)
         info.info({"region": region, "version": _edgecloud_version})
         core.add_listener(self.on_batch)
+        self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+    def observe_request(self, model: str, status: int, seconds: float) -> None:
+        """Count one request; the labelled children are cached (``labels()`` takes a lock and
+        builds a key on every call, a measurable share of a small request's CPU)."""
+        children = self._request_children.get((model, status))
+        if children is None:
+            children = (
+                self.requests.labels(model, str(status)),
+                self.latency.labels(model),
+            )
+            self._request_children[(model, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def on_batch(self, ev: BatchEvent) -> None:
         self.batch_rows.labels(ev.model).observe(ev.rows)
@@ -197,7 +214,7 @@ def create_app(
     require("starlette", "cloud", "the cloud server")
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
-    from starlette.requests import ClientDisconnect
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import Response
     from starlette.routing import Route
 
@@ -206,6 +223,7 @@ def create_app(
     if latency_ms < 0:
         raise ConfigError(f"latency_ms must be >= 0, got {latency_ms}")
     metrics = _Metrics(core, region)
+    known_models = frozenset(core.models())
     expected_auth = f"Bearer {token}".encode() if token else None
     delay = latency_ms / 1000.0
     base_headers = {REGION_HEADER: region}
@@ -310,9 +328,8 @@ def create_app(
             status = status_for(exc)
             return error(status, str(exc))
         finally:
-            label = name if name in core.repository.models() else "_unknown"
-            metrics.requests.labels(label, str(status)).inc()
-            metrics.latency.labels(label).observe(time.perf_counter() - t0)
+            label = name if name in known_models else "_unknown"
+            metrics.observe_request(label, status, time.perf_counter() - t0)
 
     async def _infer(request: Request, name: str, version: str | None) -> Response:
         body = await read_body(request)
@@ -369,7 +386,30 @@ def create_app(
         status = int(getattr(exc, "status_code", 404))
         return error(status, f"{request.method} {request.url.path}: {getattr(exc, 'detail', '')}")
 
-    app = Starlette(routes=routes, exception_handlers={404: not_routed, 405: not_routed})
+    infer_handler = endpoint(infer)
+
+    class _App(Starlette):
+        """Starlette, except that infer requests skip its middleware stack and router.
+
+        Inference is the one route that runs at thousands of requests per second; the two error
+        middlewares and the scan of ten routes cost about as much CPU as decoding the request.
+        Nothing is lost: ``endpoint`` already turns every exception into a V2 error body.
+        """
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
+                m = _INFER_PATH.fullmatch(scope["path"])
+                if m is not None:
+                    scope["app"] = self
+                    scope["path_params"] = (
+                        {"name": m[1], "version": m[2]} if m[2] else {"name": m[1]}
+                    )
+                    response = await infer_handler(Request(scope, receive, send))
+                    await response(scope, receive, send)
+                    return
+            await super().__call__(scope, receive, send)
+
+    app = _App(routes=routes, exception_handlers={404: not_routed, 405: not_routed})
     app.state.core = core
     app.state.metrics = metrics
     return app
