@@ -34,6 +34,18 @@ ensure_mosquitto() {
   fi
 }
 
+ensure_postgres() {
+  # The fleet store's PostgreSQL tests run a throwaway cluster (tests/fixtures/postgres.py).
+  if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    return 0
+  fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing postgresql (Debian package) for the fleet store tests ..."
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null \
+      || echo "warning: could not install postgresql; its store tests will be skipped" >&2
+  fi
+}
+
 cmd=${1:-help}
 shift || true
 case "$cmd" in
@@ -45,6 +57,7 @@ case "$cmd" in
   test)
     ensure_venv "dev,samples"
     ensure_mosquitto
+    ensure_postgres
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
   lint)

@@ -1,7 +1,8 @@
 """The ``FleetStore`` contract, run against every implementation that can run here.
 
-SQLite always; the SQLAlchemy store on a SQLite URL when SQLAlchemy is installed; PostgreSQL
-only when ``EDGECLOUD_TEST_POSTGRES_URL`` names a reachable server (skipped otherwise).
+SQLite always; the SQLAlchemy store on a SQLite URL; PostgreSQL on the server that
+``EDGECLOUD_TEST_POSTGRES_URL`` names, or else on a throwaway local cluster
+(tests/fixtures/postgres.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from edgecloud.fleet.store import (
     SqliteFleetStore,
     open_store,
 )
+from tests.fixtures.postgres import postgres_bin, running_postgres
 
 
 def _kinds() -> list[object]:
@@ -42,12 +44,24 @@ def _kinds() -> list[object]:
         pytest.param(
             "postgresql",
             marks=pytest.mark.skipif(
-                not (available("sqlalchemy") and os.environ.get("EDGECLOUD_TEST_POSTGRES_URL")),
-                reason="set EDGECLOUD_TEST_POSTGRES_URL to a PostgreSQL server to run",
+                not available("sqlalchemy")
+                or not (os.environ.get("EDGECLOUD_TEST_POSTGRES_URL") or postgres_bin()),
+                reason="needs SQLAlchemy and PostgreSQL (./dev.sh test installs both)",
             ),
         )
     )
     return kinds
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """EDGECLOUD_TEST_POSTGRES_URL when set, else a throwaway local cluster."""
+    url = os.environ.get("EDGECLOUD_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    with running_postgres() as pg:
+        yield pg.url
 
 
 @pytest.fixture(params=_kinds())
@@ -59,10 +73,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FleetStore
     elif kind == "sqlalchemy-sqlite":
         s = SqlAlchemyFleetStore(f"sqlite:///{tmp_path / 'fleet-sa.sqlite'}")
     else:
-        try:
-            s = SqlAlchemyFleetStore(os.environ["EDGECLOUD_TEST_POSTGRES_URL"])
-        except FleetError as exc:
-            pytest.skip(f"PostgreSQL not reachable: {exc}")
+        s = SqlAlchemyFleetStore(request.getfixturevalue("postgres_url"))
         import sqlalchemy as sa
 
         with s._engine.begin() as conn:  # a clean slate
@@ -171,3 +182,20 @@ def test_unwritable_sqlite_path_is_a_clear_error(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(FleetError, match="cannot open it"):
         SqliteFleetStore(blocker / "sub" / "fleet.sqlite")
+
+
+@pytest.mark.skipif(
+    not (available("sqlalchemy") and available("psycopg") and postgres_bin()),
+    reason="needs SQLAlchemy, psycopg and PostgreSQL (./dev.sh test installs them)",
+)
+def test_plain_postgresql_url_uses_psycopg3(postgres_url: str) -> None:
+    """Users write ``postgresql://``; with psycopg 3 installed that must just work."""
+    plain = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    s = open_store(plain)
+    try:
+        assert isinstance(s, SqlAlchemyFleetStore)
+        assert s.url.startswith("postgresql+psycopg://")
+        s.save_shadow(Shadow("plain", 1, {}), expected_version=0)
+        assert any(x.device_id == "plain" for x in s.load_shadows())
+    finally:
+        s.close()

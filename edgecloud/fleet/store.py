@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from edgecloud._deps import require
+from edgecloud._deps import available, require
 from edgecloud.errors import ConfigError, FleetError, MissingDependencyError
 from edgecloud.fleet.jobs import Execution, Job
 from edgecloud.fleet.registry import Device, Shadow
@@ -169,6 +169,18 @@ class SqliteFleetStore:
             self._db.close()
 
 
+def _with_driver(url: str) -> str:
+    """``postgresql://`` means psycopg2 to SQLAlchemy; use psycopg 3 when only it is installed.
+
+    The ``[postgres]`` extra installs psycopg 3, and a user should not have to know SQLAlchemy's
+    dialect+driver spelling to point the controller at a database.
+    """
+    for plain in ("postgresql://", "postgres://"):
+        if url.startswith(plain) and not available("psycopg2") and available("psycopg"):
+            return "postgresql+psycopg://" + url[len(plain) :]
+    return url
+
+
 class SqlAlchemyFleetStore:
     """The same tables through SQLAlchemy Core, for PostgreSQL (``postgresql://...``).
 
@@ -180,18 +192,18 @@ class SqlAlchemyFleetStore:
     def __init__(self, url: str) -> None:
         sa = require("sqlalchemy", "postgres", "needed for a database URL as the fleet store")
         self._sa = sa
-        self.url = url
+        given, self.url = url, _with_driver(url)
         try:
-            self._engine = sa.create_engine(url, pool_pre_ping=True)
+            self._engine = sa.create_engine(self.url, pool_pre_ping=True)
             with self._engine.begin() as conn:
                 for stmt in _SCHEMA:
                     conn.execute(sa.text(stmt))
         except ImportError as exc:  # the URL's database driver (psycopg, ...) is missing
             raise MissingDependencyError(
-                exc.name or "the database driver", "postgres", f"needed for {_redact(url)}"
+                exc.name or "the database driver", "postgres", f"needed for {_redact(given)}"
             ) from exc
         except Exception as exc:  # SQLAlchemy's DBAPIError tree, driver import errors
-            raise FleetError(f"fleet database {_redact(url)}: cannot open it: {exc}") from exc
+            raise FleetError(f"fleet database {_redact(given)}: cannot open it: {exc}") from exc
 
     def _upsert(self, table: str, keys: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
         if not rows:
