@@ -415,6 +415,63 @@ def create_app(
     return app
 
 
+class _WriteCoalescer:
+    """An asyncio transport proxy that sends everything written in one loop iteration at once.
+
+    uvicorn writes a response's status line and headers, then its body, as two ``write`` calls:
+    two send syscalls and two TCP segments for every small V2 response, roughly a sixth of the
+    server's CPU per request on loopback. Buffering until the end of the current loop iteration
+    joins them without delaying anything past that iteration.
+    """
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._buffer: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._buffer:
+            self._loop.call_soon(self._flush)
+        self._buffer.append(bytes(data))
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        data = self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer)
+        self._buffer.clear()
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def _http_protocol() -> Any:
+    """uvicorn's httptools protocol with coalesced writes; "auto" when httptools is missing."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return "auto"
+
+    class _CoalescingHttpToolsProtocol(HttpToolsProtocol):
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(_WriteCoalescer(transport, self.loop))  # type: ignore[arg-type]
+
+    return _CoalescingHttpToolsProtocol
+
+
 class CloudServer:
     """A V2 server on a uvicorn thread: ``start()`` returns once it accepts connections.
 
@@ -459,6 +516,7 @@ class CloudServer:
         self.port: int = self._sock.getsockname()[1]
         config = uvicorn.Config(
             self.app,
+            http=_http_protocol(),
             log_level=log_level,
             lifespan="off",
             access_log=False,
