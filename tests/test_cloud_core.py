@@ -374,3 +374,33 @@ def test_mixed_sizes_and_output_lists_split_back_exactly(
         stats = c.stats()
         assert max(stats["batch_rows"]) <= 8
         assert stats["max_requests_per_batch"] > 1
+
+
+def test_batches_grow_with_load_even_without_a_queue_delay(
+    tmp_path: Path, cloud_onnx: Path, val: tuple[np.ndarray, np.ndarray]
+) -> None:
+    # Adaptive batching: with max_queue_delay 0 an idle batcher runs the first request at once,
+    # but everything that queues while a batch runs forms the next batch. The first batch is
+    # held (its listener blocks) until 70 requests are queued, so the batch sizes are exact.
+    x, _ = val
+    reference = ort.InferenceSession(str(cloud_onnx)).run(None, {"input": x[:71]})[0]
+    repo = make_repository(tmp_path, {MODEL: cloud_onnx})
+    release = threading.Event()
+    entered = threading.Event()
+    with ServingCore(repo, max_batch_size=32, max_queue_delay_ms=0.0) as c:
+
+        def hold(_event: object) -> None:
+            if not entered.is_set():
+                entered.set()
+                release.wait(30)
+
+        c.add_listener(hold)
+        first = c.submit(InferRequest(MODEL, {"input": x[:1]}))
+        assert entered.wait(30)
+        futures = [c.submit(InferRequest(MODEL, {"input": x[i : i + 1]})) for i in range(1, 71)]
+        assert c.queue_depth(MODEL) == 70
+        release.set()
+        outs = [f.result(timeout=60).outputs["logits"] for f in [first, *futures]]
+        stats = c.stats()
+    assert stats["batch_requests"] == {1: 1, 6: 1, 32: 2}
+    np.testing.assert_allclose(np.concatenate(outs), reference, rtol=1e-4, atol=1e-5)

@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import queue
 import re
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,7 +306,12 @@ class _ModelWorker:
         self.batchable = all(
             s.shape and isinstance(s.shape[0], str) for s in (*entry.inputs, *entry.outputs)
         )
-        self.queue: queue.Queue[_Item | None] = queue.Queue(maxsize=core.max_queue)
+        # A deque under one condition rather than queue.Queue: the batcher takes everything that
+        # is waiting in one lock hold instead of one lock round trip (and notify) per request.
+        self._items: deque[_Item | None] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._specs = {s.name: s for s in entry.inputs}
+        self._first_input = entry.inputs[0].name if entry.inputs else ""
         self.thread = threading.Thread(
             target=self._run, name=f"batcher-{entry.name}-{entry.version}", daemon=True
         )
@@ -315,9 +319,9 @@ class _ModelWorker:
 
     # -- validation, in the caller's thread so bad input never occupies the queue
     def validate(self, request: InferRequest) -> tuple[dict[str, np.ndarray], int, tuple[Any, ...]]:
-        specs = {s.name: s for s in self.entry.inputs}
+        specs = self._specs
         model = f"model '{self.entry.name}'"
-        unknown = sorted(set(request.inputs) - set(specs))
+        unknown = sorted(set(request.inputs) - specs.keys())
         if unknown:
             raise InputError(
                 f"{model} has no input '{unknown[0]}' (inputs: {', '.join(specs)})",
@@ -356,7 +360,7 @@ class _ModelWorker:
                     raise ShapeError(
                         f"{model} input '{name}': batch dimension is 0", input_name=name
                     )
-                if name == self.entry.inputs[0].name:
+                if name == self._first_input:
                     rows = int(arr.shape[0])
                 elif arr.shape[0] != rows:
                     raise ShapeError(
@@ -374,21 +378,31 @@ class _ModelWorker:
         feed, rows, key = self.validate(request)
         fut: concurrent.futures.Future[InferResponse] = concurrent.futures.Future()
         item = _Item(request, feed, rows, key, fut, deadline)
-        try:
-            self.queue.put_nowait(item)
-        except queue.Full:
-            raise OverloadedError(
-                f"model '{self.entry.name}' is overloaded: {self.core.max_queue} requests are "
-                "already queued"
-            ) from None
+        with self._cond:
+            if len(self._items) >= self.core.max_queue:
+                raise OverloadedError(
+                    f"model '{self.entry.name}' is overloaded: {self.core.max_queue} requests are "
+                    "already queued"
+                )
+            self._items.append(item)
+            self._cond.notify()
         return fut
+
+    def queue_depth(self) -> int:
+        return sum(1 for it in tuple(self._items) if it is not None)
 
     # -- the batcher thread
     def _run(self) -> None:
         pending: list[_Item] = []  # taken from the queue but incompatible with the last batch
         limit = self.core.max_batch_size if self.batchable else 1
         while True:
-            first = pending.pop(0) if pending else self.queue.get()
+            if pending:
+                first: _Item | None = pending.pop(0)
+            else:
+                with self._cond:
+                    while not self._items:
+                        self._cond.wait()
+                    first = self._items.popleft()
             if first is None:
                 break
             batch = [first]
@@ -403,26 +417,25 @@ class _ModelWorker:
             pending = keep
             until = first.enqueued + self.core.max_queue_delay
             stop = False
-            while rows < limit:
-                remaining = until - time.monotonic()
-                try:
-                    nxt = (
-                        self.queue.get(timeout=remaining)
-                        if remaining > 0
-                        else self.queue.get_nowait()
-                    )
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                if nxt.key == first.key and rows + nxt.rows <= limit:
-                    batch.append(nxt)
-                    rows += nxt.rows
-                else:
-                    pending.append(nxt)
-                    if len(pending) >= limit:
+            # Requests that queued while the previous batch ran are taken at once (no waiting:
+            # ``until`` has passed), so batches grow with the load, as Triton's dynamic batcher's.
+            with self._cond:
+                while rows < limit and len(pending) < limit:
+                    if not self._items:
+                        remaining = until - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        self._cond.wait(remaining)
+                        continue
+                    nxt = self._items.popleft()
+                    if nxt is None:
+                        stop = True
                         break
+                    if nxt.key == first.key and rows + nxt.rows <= limit:
+                        batch.append(nxt)
+                        rows += nxt.rows
+                    else:
+                        pending.append(nxt)
             try:
                 self._execute(batch)
             except Exception as exc:  # a bug here must not leave callers waiting forever
@@ -493,20 +506,15 @@ class _ModelWorker:
         self.core._record(event)
 
     def close(self) -> None:
-        while True:
-            try:
-                self.queue.put(None, timeout=0.1)
-                break
-            except queue.Full:
-                if not self.thread.is_alive():
-                    break
+        with self._cond:
+            self._items.append(None)
+            self._cond.notify()
         self.thread.join(timeout=10)
         # Anything still queued after the stop marker never ran.
-        while True:
-            try:
-                item = self.queue.get_nowait()
-            except queue.Empty:
-                break
+        with self._cond:
+            left = list(self._items)
+            self._items.clear()
+        for item in left:
             if item is not None and item.future.set_running_or_notify_cancel():
                 item.future.set_exception(RuntimeBackendError("server is shutting down"))
 
@@ -616,7 +624,7 @@ class ServingCore:
         """Requests waiting (not yet running), for one model or all."""
         with self._lock:
             workers = list(self._workers.values())
-        return sum(w.queue.qsize() for w in workers if name is None or w.entry.name == name)
+        return sum(w.queue_depth() for w in workers if name is None or w.entry.name == name)
 
     def add_listener(self, fn: Callable[[BatchEvent], None]) -> None:
         """Call ``fn(event)`` after every batch, in the batcher thread (keep it fast)."""
