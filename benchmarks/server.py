@@ -74,13 +74,11 @@ def _core_rate(
     done = [0] * clients
     stop = threading.Event()
     with ServingCore(repo, max_batch_size=mbs, max_queue_delay_ms=2.0) as core:
-        core.infer(InferRequest(model, {"input": x[:1]}), timeout=60)
+        core.infer(InferRequest(model, {"input": x[0]}), timeout=60)
 
         def run(k: int) -> None:
             while not stop.is_set():
-                core.infer(
-                    InferRequest(model, {"input": x[k % len(x) : k % len(x) + 1]}), timeout=60
-                )
+                core.infer(InferRequest(model, {"input": x[k % len(x)]}), timeout=60)
                 done[k] += 1
 
         threads = [threading.Thread(target=run, args=(k,)) for k in range(clients)]
@@ -130,7 +128,7 @@ def _client_proc(
 
     def run(slot: int, k: int) -> None:
         with HttpTransport(url, region="bench", max_connections=1) as t:
-            t.infer(InferRequest(model, {"input": x[:1]}), timeout=60)  # connect + warm
+            t.infer(InferRequest(model, {"input": x[0]}), timeout=60)  # connect + warm
             barrier.wait()
             go.wait()
             i = k
@@ -138,7 +136,7 @@ def _client_proc(
                 j = i % len(x)
                 t0 = time.perf_counter()
                 try:
-                    t.infer(InferRequest(model, {"input": x[j : j + 1]}), timeout=60)
+                    t.infer(InferRequest(model, {"input": x[j]}), timeout=60)
                     lat[slot].append(time.perf_counter() - t0)
                 except Exception as exc:
                     errors.append(f"{type(exc).__name__}: {exc}")
@@ -220,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         "--client-procs", type=int, default=2, help="load-generator processes (default 2)"
     )
     p.add_argument("--seconds", type=float)
+    p.add_argument(
+        "--rows", type=int, default=1, help="rows per request (default 1; ratios count rows)"
+    )
     p.add_argument("--model", choices=["digits_cloud", "resnet18"], default="digits_cloud")
     args = p.parse_args(argv)
     seconds = args.seconds or (3.0 if args.quick else 15.0)
@@ -240,8 +241,13 @@ def main(argv: list[str] | None = None) -> int:
         x = np.load(ROOT / "samples" / "data" / "cloud_val.npz")["input"]
     name = args.model
     repo = make_repository(tmp, {name: onnx})
+    rows = max(1, args.rows)
+    # Requests: xs[i] is one request of ``rows`` rows (samples repeated if there are too few).
+    xr = np.resize(x, (max(len(x), rows), *x.shape[1:]))
+    xs = xr[: len(xr) // rows * rows].reshape(len(xr) // rows, rows, *x.shape[1:])
     print(
-        f"model {name}; {clients} clients in {procs} load-generator processes, batch-1 requests, "
+        f"model {name}; {clients} clients in {procs} load-generator processes, "
+        f"{rows}-row requests, "
         f"{seconds:g} s per phase; {os.cpu_count()} CPUs"
     )
     base, base_cpu = _ort_batch_rate(onnx, x[:1], 32, seconds)
@@ -251,12 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     core_on = 0.0
     for mbs in (32, 1):
-        rate, mean_batch, cpu = _core_rate(repo, name, x, clients, seconds, mbs)
+        rate, mean_batch, cpu = _core_rate(repo, name, xs, clients, seconds, mbs)
         if mbs == 32:
             core_on = rate
         print(
             f"ServingCore alone (no HTTP), max batch {mbs:2d}: {rate:10.1f} req/s   "
-            f"{rate / base:6.3f}x baseline  mean batch {mean_batch:5.1f}  "
+            f"{rate * rows / base:6.3f}x baseline  mean batch {mean_batch:5.1f}  "
             f"process CPU {1000 * cpu:6.3f} ms/req (client threads included)"
         )
     results: dict[str, dict[str, Any]] = {}
@@ -265,10 +271,11 @@ def main(argv: list[str] | None = None) -> int:
             repo, region="bench", max_batch_size=mbs, max_queue_delay_ms=2.0
         ) as srv:
             pid = srv.proc.pid  # type: ignore[union-attr]
-            r = _load(srv.url, name, x, clients, procs, seconds, pid)
+            r = _load(srv.url, name, xs, clients, procs, seconds, pid)
         results[label] = r
         print(
-            f"server, {label}:   {r['rps']:10.1f} req/s    {r['rps'] / base:6.3f}x baseline  "
+            f"server, {label}:   {r['rps']:10.1f} req/s    "
+            f"{r['rps'] * rows / base:6.3f}x baseline  "
             f"p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  "
             f"mean batch {r['mean_batch']:5.1f}  CPU/req server {r['server_cpu_ms']:6.3f} ms "
             f"clients {r['client_cpu_ms']:6.3f} ms  errors {r['errors']} {r['first_error']}"
@@ -284,10 +291,12 @@ def main(argv: list[str] | None = None) -> int:
         base = base2
     base_cpu = min(base_cpu, base_cpu2)
     on, off = results["batching on (max 32)"], results["batching off (max 1)"]
-    eff = base_cpu * 1000 / on["server_cpu_ms"]
+    eff = base_cpu * rows * 1000 / on["server_cpu_ms"]
     print(f"batching on / off:                       {on['rps'] / off['rps']:6.2f}x")
-    print(f"ServingCore, batching on / baseline:     {core_on / base:6.3f}x")
-    print(f"batching on / in-process batch 32:       {on['rps'] / base:6.3f}x  (goal >= 0.8x)")
+    print(f"ServingCore, batching on / baseline:     {core_on * rows / base:6.3f}x")
+    print(
+        f"batching on / in-process batch 32:       {on['rps'] * rows / base:6.3f}x  (goal >= 0.8x)"
+    )
     print(
         f"CPU efficiency, batching on:             {eff:6.3f}x  (baseline CPU per row / server "
         "CPU per request: the ratio on cores of the server's own)"
