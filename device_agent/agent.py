@@ -152,6 +152,8 @@ class Agent:
         self._started = time.time()
         # One installation at a time, also against a job the watchdog abandoned mid-way.
         self._install = threading.Lock()
+        # A failed desired state waiting for its next attempt: (state, time.monotonic() due).
+        self._desired_retry: tuple[DesiredState, float] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> Agent:
@@ -602,10 +604,16 @@ class Agent:
     # -- jobs --------------------------------------------------------------------------------
     def _worker_loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                kind, item = self._work.get(timeout=0.2)
-            except queue.Empty:
-                continue
+            retry = self._desired_retry
+            item: Any
+            if retry is not None and time.monotonic() >= retry[1]:
+                self._desired_retry = None
+                kind, item = "desired", retry[0]
+            else:
+                try:
+                    kind, item = self._work.get(timeout=0.2)
+                except queue.Empty:
+                    continue
             try:
                 if kind == "job":
                     self._handle_job(item)
@@ -830,10 +838,22 @@ class Agent:
         return sorted(set(doc) - {"mode", "threshold"})
 
     def _handle_desired(self, desired: DesiredState) -> None:
-        """Act on the delta between desired and actual, then report what we run."""
+        """Act on the delta between desired and actual, then report what we run.
+
+        A retained desired state comes again on every reconnect. A model version that was
+        reached (or a malformed document) is not acted on again until the controller bumps the
+        state's version; one whose deployment failed is tried again, like an AWS IoT device
+        would: ``jobs.desired_retries`` more times, after ``desired_retry_delay_s`` growing by
+        ``desired_retry_backoff``, on its own or when the state comes again once the delay has
+        passed. Meanwhile the reported state carries ``error`` and ``retry``.
+        """
         acted = self.queue.get("desired_version")
+        failure = self._desired_failure(desired.version)
+        if self._desired_retry is not None and self._desired_retry[0].version != desired.version:
+            self._desired_retry = None  # a newer desired state supersedes the pending retry
         error = ""
         ignored: list[str] = []
+        retry: dict[str, Any] | None = None
         model = desired.state.get("model")
         policy = desired.state.get("policy")
         try:
@@ -845,27 +865,18 @@ class Agent:
                 if not isinstance(model, Mapping):
                     raise _Rejected("desired state: 'model' must be an object")
                 want = model.get("version")
-                done_before = acted is not None and int(acted) >= desired.version
-                # A retained desired state comes again on every reconnect: a version already
-                # acted on (deployed or failed) is not retried until the controller changes it.
-                if want != self.active_version and not done_before:
-                    url = model.get("package_url")
-                    if not isinstance(url, str) or not isinstance(want, str):
-                        raise _Rejected(
-                            "desired state: model needs string 'version' and 'package_url'"
-                        )
-                    outcome = self._run_watched(
-                        lambda cancel, step: self._deploy(
-                            url, model.get("sha256"), want, model.get("name"),
-                            f"shadow-{desired.version}:{url}", cancel, step,
-                        ),
-                        self.config.job_step_timeout_s,
-                    )
-                    self.store.discard_download(f"shadow-{desired.version}:{url}")
-                    if outcome.status != ExecutionState.SUCCEEDED:
-                        error = f"{outcome.status.value}: {outcome.reason}"
+                if want == self.active_version:
+                    failure = None
+                elif failure is not None:
+                    error, retry = self._desired_retry_due(desired, failure)
+                    if retry is None:  # due now
+                        failure, error, retry = self._desired_deploy(desired, model, failure)
+                elif acted is None or int(acted) < desired.version:
+                    failure, error, retry = self._desired_deploy(desired, model, None)
         except (_Rejected, EdgeCloudError) as exc:
             error = str(exc)
+        if failure is None:
+            self.queue.set("desired_failure", "")
         if error:
             self._note_error(f"desired state {desired.version}: {error}")
         self.queue.set("desired_version", str(desired.version))
@@ -876,6 +887,8 @@ class Agent:
         }
         if error:
             state["error"] = error
+        if retry is not None:
+            state["retry"] = retry
         if ignored:
             state["policy_ignored"] = ignored
         self.queue.put(
@@ -884,6 +897,67 @@ class Agent:
             retain=True,
         )
         self._wake.set()
+
+    def _desired_failure(self, version: int) -> dict[str, Any] | None:
+        """The journaled failure of desired state ``version`` (survives a restart), if any."""
+        raw = self.queue.get("desired_failure")
+        try:
+            d = json.loads(raw) if raw else None
+        except ValueError:
+            return None
+        return d if isinstance(d, dict) and d.get("version") == version else None
+
+    def _desired_retry_due(
+        self, desired: DesiredState, failure: Mapping[str, Any]
+    ) -> tuple[str, dict[str, Any] | None]:
+        """(error, retry info) while a failed desired state waits; retry None when due now."""
+        error = str(failure.get("error", ""))
+        attempts = int(failure.get("attempts", 1))
+        total = self.config.desired_retries + 1
+        if attempts >= total:
+            return error, {"attempts": attempts, "max_attempts": total, "gave_up": True}
+        wait = float(failure.get("next_at", 0.0)) - time.time()
+        if wait <= 0:
+            return error, None
+        self._desired_retry = (desired, time.monotonic() + wait)
+        return error, {"attempts": attempts, "max_attempts": total, "next_in_s": round(wait, 3)}
+
+    def _desired_deploy(
+        self,
+        desired: DesiredState,
+        model: Mapping[str, Any],
+        failure: Mapping[str, Any] | None,
+    ) -> tuple[dict[str, Any] | None, str, dict[str, Any] | None]:
+        """One attempt at the desired model; returns (failure record, error, retry info)."""
+        want = model.get("version")
+        url = model.get("package_url")
+        if not isinstance(url, str) or not isinstance(want, str):
+            raise _Rejected("desired state: model needs string 'version' and 'package_url'")
+        key = f"shadow-{desired.version}:{url}"
+        outcome = self._run_watched(
+            lambda cancel, step: self._deploy(
+                url, model.get("sha256"), want, model.get("name"), key, cancel, step,
+            ),
+            self.config.job_step_timeout_s,
+        )
+        self.store.discard_download(key)
+        if outcome.status == ExecutionState.SUCCEEDED:
+            self._desired_retry = None
+            return None, "", None
+        error = f"{outcome.status.value}: {outcome.reason}"
+        attempts = int(failure.get("attempts", 0)) + 1 if failure else 1
+        total = self.config.desired_retries + 1
+        record: dict[str, Any] = {"version": desired.version, "attempts": attempts, "error": error}
+        if attempts >= total:
+            retry: dict[str, Any] = {"attempts": attempts, "max_attempts": total, "gave_up": True}
+        else:
+            c = self.config
+            delay = c.desired_retry_delay_s * c.desired_retry_backoff ** (attempts - 1)
+            record["next_at"] = time.time() + delay
+            self._desired_retry = (desired, time.monotonic() + delay)
+            retry = {"attempts": attempts, "max_attempts": total, "next_in_s": round(delay, 3)}
+        self.queue.set("desired_failure", json.dumps(record))
+        return record, error, retry
 
     def _note_error(self, message: str) -> None:
         log.warning("%s", message)

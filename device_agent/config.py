@@ -145,6 +145,11 @@ class AgentConfig:
     queue: QueueConfig = field(default_factory=QueueConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     job_step_timeout_s: float = 300.0
+    #: A desired-state model version that failed is tried again this many times (0: never),
+    #: after ``desired_retry_delay_s`` then growing by ``desired_retry_backoff`` each time.
+    desired_retries: int = 3
+    desired_retry_delay_s: float = 30.0
+    desired_retry_backoff: float = 2.0
     source: Path | None = None
 
     @property
@@ -319,7 +324,9 @@ class AgentConfig:
             max_bytes=int(ca.number("max_mb", 64, lo=0.001) * _MB),
         )
         jo = r.section("jobs", required=False)
-        jo.known("step_timeout_s")
+        jo.known(
+            "step_timeout_s", "desired_retries", "desired_retry_delay_s", "desired_retry_backoff"
+        )
         return cls(
             device=device,
             broker=broker,
@@ -331,6 +338,9 @@ class AgentConfig:
             queue=queue,
             capture=capture,
             job_step_timeout_s=jo.number("step_timeout_s", 300.0, lo=0.1),
+            desired_retries=int(jo.number("desired_retries", 3, lo=0, hi=100, integer=True)),
+            desired_retry_delay_s=jo.number("desired_retry_delay_s", 30.0, lo=0.01),
+            desired_retry_backoff=jo.number("desired_retry_backoff", 2.0, lo=1.0, hi=100.0),
         )
 
 

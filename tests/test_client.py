@@ -520,3 +520,122 @@ def test_breaker_instance_is_per_region(make_client: Factory) -> None:
     a, b = client.selector.regions
     assert isinstance(a.breaker, CircuitBreaker)
     assert a.breaker is not b.breaker
+
+
+def test_set_policy_is_validated_and_applies_to_active_and_later_models(
+    tmp_path: Path, make_client: Factory, data: dict[str, np.ndarray],
+    sure_and_unsure: tuple[int, int],
+) -> None:
+    client, fakes = make_client(threshold=0.9)
+    sure, unsure = sure_and_unsure
+    assert client.mode == "edge_first"
+    assert client.infer(row(data, sure)).reason == "confident"
+    # a threshold above every confidence sends even the sure row to the cloud
+    client.set_policy(threshold=1.0)
+    assert client.threshold == 1.0
+    assert client.infer(row(data, sure)).reason == "low_confidence"
+    client.set_policy(mode="edge_only")
+    assert client.mode == "edge_only"
+    assert client.threshold == 1.0  # None leaves the other part unchanged
+    r = client.infer(row(data, unsure))
+    assert (r.source, r.reason) == ("edge", "forced")
+    n = len(fakes[0].requests) + len(fakes[1].requests)
+    for bad, match in (
+        ({"threshold": 1.5}, r"threshold must be a number in \[0, 1\], got 1.5"),
+        ({"threshold": float("nan")}, "got nan"),
+        ({"threshold": True}, "got True"),
+        ({"threshold": {"digits_edge": -0.1}}, "threshold for 'digits_edge'.*got -0.1"),
+        ({"mode": "edge_sometimes", "threshold": 0.1}, "edge_sometimes"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            client.set_policy(**bad)  # type: ignore[arg-type]
+    # nothing changed by a refused policy (not even the valid threshold given with a bad mode)
+    assert (client.mode, client.threshold) == ("edge_only", 1.0)
+    client.set_policy(mode="edge_first", threshold={"digits_edge_v2": 0.0, "*": 1.0})
+    assert client.threshold == 1.0
+    # a model swapped in later gets the policy too (its own entry of the mapping)
+    pkg2, pub2 = make_package(tmp_path / "v2", name="digits_edge_v2", version="2.0.0")
+    new = load_backend(pkg2, public_key=pub2)
+    assert new.manifest is not None
+    old = client.swap_model(new, new.manifest)
+    assert old is not None
+    assert client.threshold == 0.0
+    r = client.infer(row(data, unsure))
+    assert (r.reason, r.version, r.model) == ("confident", "2.0.0", "digits_edge_v2")
+    assert len(fakes[0].requests) + len(fakes[1].requests) == n
+    client.wait_drained(old, 5.0)
+    old.close()
+    new.close()
+
+
+def test_result_version_and_local_outputs(
+    make_client: Factory, cloud_session: ort.InferenceSession, data: dict[str, np.ndarray],
+    sure_and_unsure: tuple[int, int],
+) -> None:
+    client, _ = make_client()
+    sure, unsure = sure_and_unsure
+    edge = client.infer(row(data, sure))
+    assert edge.version == "1"  # the package's manifest version
+    assert edge.local_outputs is None
+    cloud = client.infer(row(data, unsure))
+    assert cloud.region is not None
+    assert cloud.version == "1"
+    assert cloud.local_outputs is not None
+    # what the local model said, not the cloud's answer
+    local = client.infer(row(data, unsure), mode="edge_only").outputs["logits"]
+    np.testing.assert_allclose(cloud.local_outputs["logits"], local, rtol=1e-6)
+    assert not np.allclose(cloud.local_outputs["logits"], cloud.outputs["logits"])
+    batch = client.infer_batch({"input": data["input"][[sure, unsure]]})
+    assert [b.version for b in batch] == ["1", "1"]
+    assert batch[0].local_outputs is None
+    assert batch[1].local_outputs is not None
+    np.testing.assert_allclose(batch[1].local_outputs["logits"], local, rtol=1e-6)
+    f = OrtRegion("r0", cloud_session)
+    region = Region("r0", f, model="digits_cloud", cloud_inputs=reshape_adapter((1, 8, 8)))
+    with HybridClient(regions=[region], probe_interval=None) as cloud_only:
+        assert cloud_only.infer(row(data, 0)).version == ""
+
+
+def test_set_policy_concurrent_with_requests_and_swaps(
+    tmp_path: Path, pkg: tuple[Path, Path], data: dict[str, np.ndarray]
+) -> None:
+    a = load_backend(pkg[0], public_key=pkg[1])
+    pkg2, pub2 = make_package(tmp_path / "v2", name="digits_edge_v2", version="2")
+    b = load_backend(pkg2, public_key=pub2)
+    assert a.manifest is not None
+    assert b.manifest is not None
+    client = HybridClient(backend=a, manifest=a.manifest, max_concurrency=4, threshold=0.5)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def requests() -> None:
+        while not stop.is_set():
+            try:
+                client.infer(row(data, 3), deadline=5.0)
+            except BaseException as exc:
+                errors.append(exc)
+
+    def swaps() -> None:
+        for i in range(30):
+            be = b if i % 2 == 0 else a
+            assert be.manifest is not None
+            old = client.swap_model(be, be.manifest)
+            assert old is not None
+            client.wait_drained(old, 5.0)
+
+    threads = [threading.Thread(target=requests) for _ in range(2)]
+    threads.append(threading.Thread(target=swaps))
+    for t in threads:
+        t.start()
+    for i in range(200):
+        client.set_policy(threshold=i / 200)
+    client.set_policy(threshold=0.25)
+    threads[-1].join(30)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert errors == []
+    assert client.threshold == 0.25  # the last policy won, whatever swapped meanwhile
+    client.close()
+    a.close()
+    b.close()
