@@ -76,7 +76,11 @@ class DurableQueue:
         max_rows: int = 10_000,
         max_bytes: int = 16 * 1024 * 1024,
         hard_cap_rows: int = 50_000,
+        fsync: bool = True,
     ) -> None:
+        """``fsync=False`` (SQLite ``synchronous=NORMAL`` in WAL mode) syncs only at checkpoints:
+        a power cut may lose the last records but never corrupts the file. For flash that must
+        not be worn by one fsync per telemetry record; the agent keeps the default."""
         self.path = Path(path)
         self.max_rows = max_rows
         self.max_bytes = max_bytes
@@ -88,7 +92,7 @@ class DurableQueue:
                 str(self.path), check_same_thread=False, isolation_level=None, timeout=10.0
             )
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the agent queue {self.path}: {exc}") from exc

@@ -627,13 +627,15 @@ def test_set_policy_concurrent_with_requests_and_swaps(
     threads.append(threading.Thread(target=swaps))
     for t in threads:
         t.start()
-    for i in range(200):
-        client.set_policy(threshold=i / 200)
-    client.set_policy(threshold=0.25)
-    threads[-1].join(30)
-    stop.set()
-    for t in threads:
-        t.join(10)
+    try:
+        for i in range(200):
+            client.set_policy(threshold=i / 200)
+        client.set_policy(threshold=0.25)
+        threads[-1].join(30)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
     assert errors == []
     assert client.threshold == 0.25  # the last policy won, whatever swapped meanwhile
     client.close()
