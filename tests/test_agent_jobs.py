@@ -145,7 +145,8 @@ def test_tampered_and_unhealthy_packages_leave_old_version_serving(
     assert "warm-up" in done["reason"]
     assert agent.active_version == "1.0.0"
     assert agent.infer({"input": val_inputs(2)}).version == "1.0.0"
-    # a failed deployment overwrote the idle slot: rollback must refuse, not activate it
+    # only 1.0.0 was ever installed and the failed package never reached a slot: there is no
+    # previous version, so rollback must refuse rather than activate anything
     send_job(observer, DEV, "rb", "rollback")
     assert observer.wait_job("rb")["status"] == "FAILED"
     assert agent.active_version == "1.0.0"
