@@ -7,7 +7,8 @@ so passing one skips the second check.
 Automatic variant choice, first that fits wins:
 
 1. a TensorRT engine whose TensorRT version and compute capability match this GPU;
-2. an INT8 ONNX variant (fast on CPUs with VNNI and on GPUs alike);
+2. an INT8 ONNX variant (fast on CPUs with VNNI and on GPUs alike) — on a CPU-only device, not
+   one that the converter measured slower than FP32 at batch 1 and 32 (tiny models);
 3. an FP16 ONNX variant, only when a GPU execution provider is present (FP16 is slow on CPU);
 4. an FP32 ONNX variant;
 5. any ONNX variant left whose target does not demand a GPU we lack.
@@ -38,6 +39,14 @@ _GPU_TARGETS = ("gpu", "cuda", "jetson", "tensorrt", "nvidia")
 
 def _needs_gpu(v: Variant) -> bool:
     return v.format == "tensorrt" or v.target.lower().startswith(_GPU_TARGETS)
+
+
+def _measured_slower_on_cpu(v: Variant) -> bool:
+    if v.precision.lower() != "int8":
+        return False
+    speedups = [v.metrics.get(k) for k in ("speedup_b1", "speedup_b32")]
+    known = [x for x in speedups if isinstance(x, int | float)]
+    return bool(known) and all(x < 1.0 for x in known)
 
 
 def select_variant(
@@ -81,6 +90,11 @@ def select_variant(
         if matching:
             return matching[0]
     onnx = [v for v in usable if v.format == "onnx" and (has_gpu or not _needs_gpu(v))]
+    if not has_gpu:
+        # The converter times every variant against FP32 on the CPU; an INT8 variant it measured
+        # slower at both batch sizes (tiny models, where quantize/dequantize costs more than the
+        # integer kernels save) would only make the device slower: prefer the float one.
+        onnx = [v for v in onnx if not _measured_slower_on_cpu(v)] or onnx
     order = ["int8", "fp16", "fp32"] if has_gpu else ["int8", "fp32"]
     for precision in order:
         for v in onnx:
