@@ -138,6 +138,32 @@ class _Common:
             headers["Authorization"] = f"Bearer {token}"
         return headers
 
+    def _client_options(
+        self,
+        endpoint: str,
+        region: str,
+        token: str | None,
+        model_version: str | None,
+        binary_threshold: int,
+        connect_timeout: float,
+        max_connections: int,
+        verify: bool | str,
+    ) -> dict[str, Any]:
+        """One httpx configuration for the sync and async clients, so the two cannot drift."""
+        headers = self._setup(
+            endpoint, region, token, model_version, binary_threshold, connect_timeout
+        )
+        return {
+            "base_url": self.endpoint,
+            "headers": headers,
+            "limits": httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            "timeout": httpx.Timeout(30.0, connect=connect_timeout),
+            "verify": verify,
+            "trust_env": False,
+        }
+
     def _build(self, request: InferRequest, timeout: float) -> tuple[str, bytes, dict[str, str]]:
         version = request.version or self.model_version
         if self.propagate_deadline and "timeout" not in request.parameters and timeout > 0:
@@ -210,19 +236,18 @@ class HttpTransport(_Common, Transport):
         verify: bool | str = True,
         propagate_deadline: bool = True,
     ) -> None:
-        headers = self._setup(
-            endpoint, region, token, model_version, binary_threshold, connect_timeout
-        )
         self.propagate_deadline = propagate_deadline
         self._client = httpx.Client(
-            base_url=self.endpoint,
-            headers=headers,
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-            timeout=httpx.Timeout(30.0, connect=connect_timeout),
-            verify=verify,
-            trust_env=False,
+            **self._client_options(
+                endpoint,
+                region,
+                token,
+                model_version,
+                binary_threshold,
+                connect_timeout,
+                max_connections,
+                verify,
+            )
         )
 
     def infer(self, request: InferRequest, *, timeout: float) -> InferResponse:
@@ -288,19 +313,18 @@ class AsyncHttpTransport(_Common):
         verify: bool | str = True,
         propagate_deadline: bool = True,
     ) -> None:
-        headers = self._setup(
-            endpoint, region, token, model_version, binary_threshold, connect_timeout
-        )
         self.propagate_deadline = propagate_deadline
         self._client = httpx.AsyncClient(
-            base_url=self.endpoint,
-            headers=headers,
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-            timeout=httpx.Timeout(30.0, connect=connect_timeout),
-            verify=verify,
-            trust_env=False,
+            **self._client_options(
+                endpoint,
+                region,
+                token,
+                model_version,
+                binary_threshold,
+                connect_timeout,
+                max_connections,
+                verify,
+            )
         )
 
     async def ainfer(self, request: InferRequest, *, timeout: float) -> InferResponse:
