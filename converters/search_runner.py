@@ -30,7 +30,7 @@ from converters.quantize import (
     StaticInt8Settings,
     _qtype,
     calibration_cache_name,
-    dynamic_exclusions,
+    quantize_dynamic_int8,
     quiet_quantizer_logs,
     resolve_exclusions,
 )
@@ -68,25 +68,9 @@ class TrialQuantizer:
         return self._static(candidate.settings, dst)
 
     def _dynamic(self, s: DynamicInt8Settings, dst: Path) -> Path:
-        """Dynamic INT8; exclusions also reach Gemm nodes (``dynamic_exclusions``)."""
-        from onnxruntime.quantization import quantize_dynamic
-
-        expanded = dynamic_exclusions(self.src, s.exclude_nodes, s.exclude_ops)
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                quantize_dynamic(
-                    str(self.src),
-                    str(dst),
-                    per_channel=s.per_channel,
-                    reduce_range=s.reduce_range,
-                    weight_type=_qtype(s.weight_type),
-                    nodes_to_exclude=expanded or None,
-                )
-        except (ConfigError, ConversionError):
-            raise
-        except Exception as exc:
-            raise ConversionError(f"dynamic INT8 quantization of {self.src} failed: {exc}") from exc
-        return dst
+        """The converter's own dynamic INT8 (exclusions reach Gemm nodes), kept quiet per trial."""
+        with contextlib.redirect_stderr(io.StringIO()):
+            return quantize_dynamic_int8(self.src, dst, s)
 
     def cache_path(self, s: StaticInt8Settings) -> Path:
         return self.cache_dir / calibration_cache_name(s)
