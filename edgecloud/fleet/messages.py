@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from edgecloud.errors import FleetError
 
@@ -167,8 +167,32 @@ class ExecutionUpdate:
         )
 
 
+_S = TypeVar("_S", bound="_ShadowDocument")
+
+
 @dataclass(frozen=True)
-class DesiredState:
+class _ShadowDocument:
+    """The shape both halves of a shadow share: a version, a state document, a timestamp."""
+
+    version: int
+    state: dict[str, Any]
+    ts: float = 0.0
+
+    _WHAT: ClassVar[str] = "shadow document"
+
+    @classmethod
+    def parse(cls: type[_S], payload: bytes | str) -> _S:
+        what = cls._WHAT
+        d = loads(payload, what)
+        return cls(
+            version=int(_get(d, "version", int, what)),
+            state=_get(d, "state", dict, what),
+            ts=float(d.get("ts", 0.0)),
+        )
+
+
+@dataclass(frozen=True)
+class DesiredState(_ShadowDocument):
     """Controller -> device, retained on ``shadow/desired``.
 
     ``version`` increases with every change (optimistic concurrency: the controller refuses an
@@ -177,38 +201,14 @@ class DesiredState:
     this and its reported state.
     """
 
-    version: int
-    state: dict[str, Any]
-    ts: float = 0.0
-
-    @classmethod
-    def parse(cls, payload: bytes | str) -> DesiredState:
-        what = "desired state"
-        d = loads(payload, what)
-        return cls(
-            version=int(_get(d, "version", int, what)),
-            state=_get(d, "state", dict, what),
-            ts=float(d.get("ts", 0.0)),
-        )
+    _WHAT: ClassVar[str] = "desired state"
 
 
 @dataclass(frozen=True)
-class ReportedState:
+class ReportedState(_ShadowDocument):
     """Device -> controller, retained on ``shadow/reported``: what the device actually runs."""
 
-    version: int
-    state: dict[str, Any]
-    ts: float = 0.0
-
-    @classmethod
-    def parse(cls, payload: bytes | str) -> ReportedState:
-        what = "reported state"
-        d = loads(payload, what)
-        return cls(
-            version=int(_get(d, "version", int, what)),
-            state=_get(d, "state", dict, what),
-            ts=float(d.get("ts", 0.0)),
-        )
+    _WHAT: ClassVar[str] = "reported state"
 
 
 @dataclass(frozen=True)
