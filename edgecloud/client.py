@@ -694,22 +694,7 @@ class HybridClient:
                 f"{wait:.3f} s) and no cloud region answered: "
                 + ("; ".join(f"{n}: {e}" for n, e in errors.items()) or "no regions configured")
             )
-        outputs, local = self._run_local(slot, feed)
-        if not self.selector.regions:
-            reason = Reason.NO_REGIONS
-        else:
-            reason = Reason.DEADLINE if deadline_hit or dl.expired() else Reason.CLOUD_FAILED
-        return self._result(
-            slot,
-            outputs,
-            "edge",
-            reason,
-            self._score(slot, outputs),
-            degraded=True,
-            local_time=local,
-            cloud_time=cloud_time,
-            errors=errors,
-        )
+        return self._degraded(slot, feed, errors, cloud_time, deadline_hit or dl.expired())
 
     def _edge(
         self, slot: _Slot, feed: dict[str, np.ndarray], dl: Deadline, reason: Reason, *, wait: bool
@@ -755,6 +740,20 @@ class HybridClient:
                 "no cloud region answered and no local slot became free: "
                 + "; ".join(f"{n}: {e}" for n, e in errors.items())
             )
+        return self._degraded(slot, feed, errors, cloud_time, deadline_hit)
+
+    def _degraded(
+        self,
+        slot: _Slot,
+        feed: dict[str, np.ndarray],
+        errors: dict[str, EdgeCloudError],
+        cloud_time: float,
+        deadline_hit: bool,
+    ) -> HybridResult:
+        """The local answer, marked degraded, once the cloud was wanted and did not answer.
+
+        The caller holds a local capacity slot.
+        """
         outputs, local = self._run_local(slot, feed)
         if not self.selector.regions:
             reason = Reason.NO_REGIONS
