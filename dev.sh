@@ -63,6 +63,7 @@ case "$cmd" in
   lint)
     ensure_venv dev
     "$VENV/bin/ruff" check .
+    "$VENV/bin/ruff" format --check .
     "$VENV/bin/mypy"
     ;;
   bench)

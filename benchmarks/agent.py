@@ -209,14 +209,20 @@ def main(argv: list[str] | None = None) -> int:
 
         body = {
             "inputs": [
-                {"name": "input", "datatype": "FP32", "shape": [1, 64],
-                 "data": feed["input"].ravel().tolist()}
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": [1, 64],
+                    "data": feed["input"].ravel().tolist(),
+                }
             ]
         }
         assert agent.endpoint is not None
         repo = make_repository(tmp, {"digits": EDGE_ONNX})
-        with running_cloud_server(repo, max_queue_delay_ms=0.0, threads=1) as cloud, \
-                httpx.Client(timeout=10.0) as http:
+        with (
+            running_cloud_server(repo, max_queue_delay_ms=0.0, threads=1) as cloud,
+            httpx.Client(timeout=10.0) as http,
+        ):
             urls = {
                 "agent endpoint": f"{agent.endpoint.url}/v2/models/digits/infer",
                 "cloud server": f"{cloud.url}/v2/models/digits/infer",

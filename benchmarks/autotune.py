@@ -64,8 +64,11 @@ def _synthetic(n: int, seed: int) -> Any:
     from converters.data import Dataset
 
     rng = np.random.default_rng(seed)
-    return Dataset({"input": rng.standard_normal((n, 3, 224, 224), dtype=np.float32)}, None,
-                   f"synthetic normal 3x224x224 (seed {seed})")
+    return Dataset(
+        {"input": rng.standard_normal((n, 3, 224, 224), dtype=np.float32)},
+        None,
+        f"synthetic normal 3x224x224 (seed {seed})",
+    )
 
 
 def _resnet_scenario(work: Path) -> Scenario:
@@ -80,20 +83,52 @@ def _resnet_scenario(work: Path) -> Scenario:
     sys.modules[spec.name] = mod  # its dataclasses look their module up
     spec.loader.exec_module(mod)
     path = Path(mod.build_resnet18(work / "resnet18.onnx", seed=0))
-    return Scenario("ResNet-18 224 static, default fails (rel. L2)", path, "synthetic224",
-                    "regression", "auto", True, latency_batch=1, budget="12,600s",
-                    max_isolated=12)
+    return Scenario(
+        "ResNet-18 224 static, default fails (rel. L2)",
+        path,
+        "synthetic224",
+        "regression",
+        "auto",
+        True,
+        latency_batch=1,
+        budget="12,600s",
+        max_isolated=12,
+    )
 
 
 SCENARIOS = [
-    Scenario("encoder, default fails (rel. L2)", MODELS / "digits_encoder.onnx", "edge",
-             "regression", "auto", True),
-    Scenario("encoder, default passes (accuracy)", MODELS / "digits_encoder.onnx", "edge",
-             "classification", "auto", False),
-    Scenario("CNN static, default fails (rel. L2)", MODELS / "digits_cloud.onnx", "cloud",
-             "regression", "auto", True),
-    Scenario("MLP dynamic, default fails (rel. L2)", MODELS / "digits_edge.onnx", "edge",
-             "regression", "dynamic", True),
+    Scenario(
+        "encoder, default fails (rel. L2)",
+        MODELS / "digits_encoder.onnx",
+        "edge",
+        "regression",
+        "auto",
+        True,
+    ),
+    Scenario(
+        "encoder, default passes (accuracy)",
+        MODELS / "digits_encoder.onnx",
+        "edge",
+        "classification",
+        "auto",
+        False,
+    ),
+    Scenario(
+        "CNN static, default fails (rel. L2)",
+        MODELS / "digits_cloud.onnx",
+        "cloud",
+        "regression",
+        "auto",
+        True,
+    ),
+    Scenario(
+        "MLP dynamic, default fails (rel. L2)",
+        MODELS / "digits_edge.onnx",
+        "edge",
+        "regression",
+        "dynamic",
+        True,
+    ),
 ]
 
 
@@ -103,17 +138,27 @@ def _default_conversion(sc: Scenario, work: Path, threads: int) -> dict[str, Any
     from converters.search_space import candidates
 
     t0 = time.perf_counter()  # a whole conversion: checks, pre-processing, reference, default
-    ctx = prepare(sc.model, sc.calib(), sc.val(),
-                  work_dir=work, task=sc.task, int8=sc.int8,  # type: ignore[arg-type]
-                  threads=threads, latency_batch=sc.latency_batch)
+    ctx = prepare(
+        sc.model,
+        sc.calib(),
+        sc.val(),
+        work_dir=work,
+        task=sc.task,
+        int8=sc.int8,  # type: ignore[arg-type]
+        threads=threads,
+        latency_batch=sc.latency_batch,
+    )
     cands = candidates(ctx.profile, ctx.families)
     path = ctx.quantizer.quantize(cands[0], work / "default.onnx")
     ev = ctx.evaluator.evaluate(path)
     seconds = time.perf_counter() - t0
     losses = [ev.loss_pct]
     for i, c in enumerate(cands[1:], 1):  # the best full-INT8 loss sets the tight tolerance
-        losses.append(ctx.evaluator.evaluate(
-            ctx.quantizer.quantize(c, work / f"full-{i}.onnx"), latency=False).loss_pct)
+        losses.append(
+            ctx.evaluator.evaluate(
+                ctx.quantizer.quantize(c, work / f"full-{i}.onnx"), latency=False
+            ).loss_pct
+        )
     return {
         "label": cands[0].label,
         "loss": ev.loss_pct,
@@ -141,8 +186,7 @@ def _interleaved_latency(paths: list[Path], sc: Scenario, threads: int, rounds: 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
-    sessions = [ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
-                for p in paths]
+    sessions = [ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for p in paths]
     for s in sessions:
         s.run(None, {"input": x})
     per: list[list[float]] = [[] for _ in paths]
@@ -166,20 +210,28 @@ def _no_reuse_seconds(sc: Scenario, result: Any, work: Path, threads: int) -> fl
     static = [t for t in result.trials if t.family == "static"]
     if len(static) < 2:
         return None
-    ctx = prepare(sc.model, sc.calib(), sc.val(),
-                  work_dir=work, task=sc.task, int8="static", threads=threads,
-                  latency_batch=sc.latency_batch)
+    ctx = prepare(
+        sc.model,
+        sc.calib(),
+        sc.val(),
+        work_dir=work,
+        task=sc.task,
+        int8="static",
+        threads=threads,
+        latency_batch=sc.latency_batch,
+    )
     t0 = time.perf_counter()
     for i, t in enumerate(static):
         s = dict(t.settings)
         s.pop("family")
         settings = StaticInt8Settings(
-            calib_method=s["calib_method"], per_channel=s["per_channel"],
-            activation_type=s["activation_type"], weight_type=s["weight_type"],
-            reduce_range=s["reduce_range"], exclude_nodes=tuple(s["exclude_nodes"]),
-            extra_options=(
-                {"ActivationSymmetric": True} if s["activation_type"] == "int8" else {}
-            ),
+            calib_method=s["calib_method"],
+            per_channel=s["per_channel"],
+            activation_type=s["activation_type"],
+            weight_type=s["weight_type"],
+            reduce_range=s["reduce_range"],
+            exclude_nodes=tuple(s["exclude_nodes"]),
+            extra_options=({"ActivationSymmetric": True} if s["activation_type"] == "int8" else {}),
         )
         for f in ctx.quantizer.cache_dir.glob("*.json"):
             f.unlink()
@@ -206,10 +258,18 @@ def run(quick: bool, threads: int, resnet: bool = False) -> list[dict[str, Any]]
             tolerance = 0.8 * base["best_full_loss"] if sc.tight else 1.0
             t0 = time.perf_counter()
             result = autotune(
-                sc.model, sc.calib(), sc.val(),
-                tolerance=tolerance, task=sc.task, int8=sc.int8,  # type: ignore[arg-type]
-                budget=sc.budget, threads=threads, check=False, work_dir=work / "search",
-                latency_batch=sc.latency_batch, max_isolated=sc.max_isolated,
+                sc.model,
+                sc.calib(),
+                sc.val(),
+                tolerance=tolerance,
+                task=sc.task,
+                int8=sc.int8,  # type: ignore[arg-type]
+                budget=sc.budget,
+                threads=threads,
+                check=False,
+                work_dir=work / "search",
+                latency_batch=sc.latency_batch,
+                max_isolated=sc.max_isolated,
             )
             wall = time.perf_counter() - t0
             static_trials = sum(t.family == "static" for t in result.trials)
@@ -220,28 +280,36 @@ def run(quick: bool, threads: int, resnet: bool = False) -> list[dict[str, Any]]
             ch = result.chosen
             if ch is not None and ch.path is not None:
                 fp32_ms, default_ms, chosen_ms = _interleaved_latency(
-                    [base["fp32"], base["path"], ch.path], sc, threads,
+                    [base["fp32"], base["path"], ch.path],
+                    sc,
+                    threads,
                     5 if quick or sc.latency_batch == 1 else 30,
                 )
                 base["fp32_latency"], base["latency"] = fp32_ms, default_ms
                 ch = replace(ch, latency_ms=chosen_ms)
-            rows.append({
-                "scenario": sc.name,
-                "default": base,
-                "tolerance": tolerance,
-                "trials": len(result.trials),
-                "passed": result.passed,
-                "wall": wall,
-                "chosen": None if ch is None else {
-                    "label": ch.label, "float_nodes": len(ch.excluded), "loss": ch.loss_pct,
-                    "latency": ch.latency_ms,
-                },
-                "calibrations": result.calibrations,
-                "static_trials": static_trials,
-                "static_seconds_reuse": with_reuse,
-                "static_seconds_no_reuse": no_reuse,
-                "latency_batch": sc.latency_batch,
-            })
+            rows.append(
+                {
+                    "scenario": sc.name,
+                    "default": base,
+                    "tolerance": tolerance,
+                    "trials": len(result.trials),
+                    "passed": result.passed,
+                    "wall": wall,
+                    "chosen": None
+                    if ch is None
+                    else {
+                        "label": ch.label,
+                        "float_nodes": len(ch.excluded),
+                        "loss": ch.loss_pct,
+                        "latency": ch.latency_ms,
+                    },
+                    "calibrations": result.calibrations,
+                    "static_trials": static_trials,
+                    "static_seconds_reuse": with_reuse,
+                    "static_seconds_no_reuse": no_reuse,
+                    "latency_batch": sc.latency_batch,
+                }
+            )
     build.cleanup()
     return rows
 
@@ -277,8 +345,12 @@ def report(rows: list[dict[str, Any]], threads: int) -> str:
         )
     reuse = [r for r in rows if r["static_seconds_no_reuse"]]
     if reuse:
-        lines += ["", "| scenario | static trials | calibration runs | static trial time with "
-                  "reuse s | without reuse s | ratio |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| scenario | static trials | calibration runs | static trial time with "
+            "reuse s | without reuse s | ratio |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in reuse:
             lines.append(
                 f"| {r['scenario']} | {r['static_trials']} | {r['calibrations']} | "
@@ -292,8 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="encoder scenario only (for tests)")
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
-    ap.add_argument("--resnet", action="store_true",
-                    help="add a ResNet-18 at 224x224 (random weights, synthetic data; minutes)")
+    ap.add_argument(
+        "--resnet",
+        action="store_true",
+        help="add a ResNet-18 at 224x224 (random weights, synthetic data; minutes)",
+    )
     args = ap.parse_args(argv)
     rows = run(args.quick, args.threads, args.resnet)
     print(report(rows, args.threads))

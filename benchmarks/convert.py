@@ -74,7 +74,12 @@ def _feed(x: np.ndarray, batch: int) -> dict[str, np.ndarray]:
 
 
 def _interleaved(
-    rows: list[Row], x: np.ndarray, threads: int, batch: int, rounds: int, budget_s: float,
+    rows: list[Row],
+    x: np.ndarray,
+    threads: int,
+    batch: int,
+    rounds: int,
+    budget_s: float,
     skip: Callable[[Row], bool],
 ) -> None:
     active = [r for r in rows if not skip(r)]
@@ -95,7 +100,7 @@ def _interleaved(
 
 def _outputs(path: Path, x: np.ndarray) -> np.ndarray:
     sess = _session(path, 2)
-    return np.concatenate([sess.run(None, {"input": x[i:i + 8]})[0] for i in range(0, len(x), 8)])
+    return np.concatenate([sess.run(None, {"input": x[i : i + 8]})[0] for i in range(0, len(x), 8)])
 
 
 def _quality(out: np.ndarray, labels: np.ndarray | None, ref: np.ndarray) -> tuple[float, float]:
@@ -106,8 +111,9 @@ def _quality(out: np.ndarray, labels: np.ndarray | None, ref: np.ndarray) -> tup
     return float((out.argmax(1) == ref.argmax(1)).mean()), rel
 
 
-def _build_variants(model: str, src: Path, work: Path, calib: np.ndarray, resnet: bool
-                    ) -> list[Row]:
+def _build_variants(
+    model: str, src: Path, work: Path, calib: np.ndarray, resnet: bool
+) -> list[Row]:
     from converters.data import ArrayCalibrationReader, Dataset
     from converters.model import preprocess, slim_variant
     from converters.quantize import (
@@ -124,16 +130,35 @@ def _build_variants(model: str, src: Path, work: Path, calib: np.ndarray, resnet
     reader = ArrayCalibrationReader(Dataset({"input": calib}, None, "calib"), batch_size=8)
     made: list[tuple[str, Path, str]] = [("fp32", fp32, "")]
     made.append(("fp16", convert_fp16(fp32, d / "fp16.onnx"), "meant for GPUs"))
-    made.append(("int8 static u8s8 pc", quantize_static_int8(
-        fp32, d / "u8s8.onnx", reader, StaticInt8Settings()), "default"))
-    made.append(("int8 static s8s8 pc", quantize_static_int8(
-        fp32, d / "s8s8.onnx", reader, StaticInt8Settings(activation_type="int8")), ""))
+    made.append(
+        (
+            "int8 static u8s8 pc",
+            quantize_static_int8(fp32, d / "u8s8.onnx", reader, StaticInt8Settings()),
+            "default",
+        )
+    )
+    made.append(
+        (
+            "int8 static s8s8 pc",
+            quantize_static_int8(
+                fp32, d / "s8s8.onnx", reader, StaticInt8Settings(activation_type="int8")
+            ),
+            "",
+        )
+    )
     if resnet:
-        made.append(("int8 static u8s8 pt", quantize_static_int8(
-            fp32, d / "u8s8pt.onnx", reader, StaticInt8Settings(per_channel=False)),
-            "per-tensor"))
-    made.append(("int8 dynamic", quantize_dynamic_int8(
-        fp32, d / "dyn.onnx", DynamicInt8Settings()), ""))
+        made.append(
+            (
+                "int8 static u8s8 pt",
+                quantize_static_int8(
+                    fp32, d / "u8s8pt.onnx", reader, StaticInt8Settings(per_channel=False)
+                ),
+                "per-tensor",
+            )
+        )
+    made.append(
+        ("int8 dynamic", quantize_dynamic_int8(fp32, d / "dyn.onnx", DynamicInt8Settings()), "")
+    )
     rows = []
     for name, path, note in made:
         slim_variant(path)
@@ -149,19 +174,25 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.convert", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="sample models only, few rounds")
     ap.add_argument("--threads", default="1,2", help="intra_op_num_threads values (default 1,2)")
-    ap.add_argument("--models", default="edge,cloud,resnet",
-                    help="which of edge,cloud,resnet (default all; --quick: edge,cloud)")
+    ap.add_argument(
+        "--models",
+        default="edge,cloud,resnet",
+        help="which of edge,cloud,resnet (default all; --quick: edge,cloud)",
+    )
     ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--no-search", dest="search", action="store_false",
-                    help="skip the accuracy-search section")
+    ap.add_argument(
+        "--no-search", dest="search", action="store_false", help="skip the accuracy-search section"
+    )
     args = ap.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",") if t]
     rounds_small = args.rounds or (10 if args.quick else 60)
     rounds_big = args.rounds or 12
     t_start = time.perf_counter()
     samples = ROOT / "samples"
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
-          f"{platform.python_version()}, onnxruntime {__import__('onnxruntime').__version__}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}, onnxruntime {__import__('onnxruntime').__version__}"
+    )
     models: list[tuple[str, Path, np.ndarray, np.ndarray, np.ndarray | None, bool]] = []
     chosen = set(args.models.split(","))
     if args.quick:
@@ -171,8 +202,16 @@ def main(argv: list[str] | None = None) -> int:
             continue
         calib = np.load(samples / f"data/{role}_calib.npz")["input"]
         val = np.load(samples / f"data/{role}_val.npz")
-        models.append((f"digits_{role}", samples / f"models/digits_{role}.onnx", calib,
-                       val["input"], val["labels"], False))
+        models.append(
+            (
+                f"digits_{role}",
+                samples / f"models/digits_{role}.onnx",
+                calib,
+                val["input"],
+                val["labels"],
+                False,
+            )
+        )
     with tempfile.TemporaryDirectory(prefix="bench-convert-") as tmp:
         work = Path(tmp)
         if "resnet" in chosen:
@@ -181,8 +220,16 @@ def main(argv: list[str] | None = None) -> int:
             src = ROOT / "build/resnet18_random.onnx"
             if not src.exists():
                 build_resnet18(src, seed=0)
-            models.append(("resnet18_224", src, make_inputs(32, seed=11), make_inputs(32, seed=12),
-                           None, True))
+            models.append(
+                (
+                    "resnet18_224",
+                    src,
+                    make_inputs(32, seed=11),
+                    make_inputs(32, seed=12),
+                    None,
+                    True,
+                )
+            )
         all_rows: list[Row] = []
         for name, src, calib, val_x, labels, big in models:
             print(f"\n## {name}: building variants ...", flush=True)
@@ -195,19 +242,30 @@ def main(argv: list[str] | None = None) -> int:
                 r.quality_kind = "accuracy" if labels is not None else "top1 agreement"
             one = val_x[:1]
             for t in threads:
-                _interleaved(rows, one, t, 1, rounds_big if big else rounds_small,
-                             60.0 if big else 10.0, skip=lambda r: False)
+                _interleaved(
+                    rows,
+                    one,
+                    t,
+                    1,
+                    rounds_big if big else rounds_small,
+                    60.0 if big else 10.0,
+                    skip=lambda r: False,
+                )
                 fp32_b1 = statistics.median(rows[0].lat[(t, 1)])
 
-                def too_slow(
-                    r: Row, t: int = t, fp32_b1: float = fp32_b1, big: bool = big
-                ) -> bool:
+                def too_slow(r: Row, t: int = t, fp32_b1: float = fp32_b1, big: bool = big) -> bool:
                     # ConvInteger at batch 32 would take minutes; batch 1 already tells the story
                     return big and statistics.median(r.lat[(t, 1)]) > 3 * fp32_b1
 
-                _interleaved(rows, val_x[:32], t, 32, max(3, (rounds_big if big else
-                                                              rounds_small) // 3),
-                             90.0 if big else 10.0, skip=too_slow)
+                _interleaved(
+                    rows,
+                    val_x[:32],
+                    t,
+                    32,
+                    max(3, (rounds_big if big else rounds_small) // 3),
+                    90.0 if big else 10.0,
+                    skip=too_slow,
+                )
             _print(rows, threads)
             all_rows += rows
         if args.search:
@@ -228,24 +286,30 @@ def _search_section(work: Path, threads: int, rounds: int) -> None:
     samples = ROOT / "samples"
     model = samples / "models/digits_encoder.onnx"
     common: dict[str, Any] = dict(
-        calib=samples / "data/edge_calib.npz", val=samples / "data/edge_val.npz",
-        task="regression", latency_runs=5, threads=threads,
+        calib=samples / "data/edge_calib.npz",
+        val=samples / "data/edge_val.npz",
+        task="regression",
+        latency_runs=5,
+        threads=threads,
     )
     print("\n## digits_encoder: edgecloud convert with the accuracy search", flush=True)
     convert(model, work / "warm", ConvertOptions(**common))  # imports, first sessions
     runs: list[tuple[str, Any, float]] = []
     t0 = time.perf_counter()
-    base = convert(model, work / "default", ConvertOptions(
-        int8=("dynamic",), tolerance=100.0, search_on_failure=False, **common))
+    base = convert(
+        model,
+        work / "default",
+        ConvertOptions(int8=("dynamic",), tolerance=100.0, search_on_failure=False, **common),
+    )
     runs.append(("--int8 dynamic (default settings)", base, time.perf_counter() - t0))
     default = base.variant("int8_dynamic")
     assert default.gate is not None
     tolerance = 0.8 * default.gate.drop_pct
-    for label, int8 in (("--int8 dynamic, search on failure", "dynamic"),
-                        ("--int8 auto", "auto")):
+    for label, int8 in (("--int8 dynamic, search on failure", "dynamic"), ("--int8 auto", "auto")):
         t0 = time.perf_counter()
-        rep = convert(model, work / int8, ConvertOptions(
-            int8=(int8,), tolerance=tolerance, **common))  # type: ignore[arg-type]
+        rep = convert(
+            model, work / int8, ConvertOptions(int8=(int8,), tolerance=tolerance, **common)
+        )  # type: ignore[arg-type]
         runs.append((label, rep, time.perf_counter() - t0))
     # one interleaved latency measurement of every variant, so the ratios share the CPU's noise
     rows = [Row("fp32", "fp32", work / "default/fp32.onnx")]
@@ -257,33 +321,43 @@ def _search_section(work: Path, threads: int, rounds: int) -> None:
     med = {r.variant: statistics.median(r.lat[(threads, 32)]) for r in rows}
     fp32_ms = med["fp32"]
     default_ms = med[runs[0][0]]
-    print(f"tolerance {tolerance:.3f} % rel. L2 (80 % of the default's loss), threads={threads}, "
-          f"batch 32, FP32 {fp32_ms:.3f} ms")
-    print("| convert | trials | wall s | x default convert | rel. L2 % | verdict | b32 ms | "
-          "x FP32 | x default variant |")
+    print(
+        f"tolerance {tolerance:.3f} % rel. L2 (80 % of the default's loss), threads={threads}, "
+        f"batch 32, FP32 {fp32_ms:.3f} ms"
+    )
+    print(
+        "| convert | trials | wall s | x default convert | rel. L2 % | verdict | b32 ms | "
+        "x FP32 | x default variant |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for label, rep, wall in runs:
         v = rep.variants[1]
         found = rep.searches.get(v.name)
         ms = med[label]
-        print(f"| {label} | {len(found.trials) if found else 1} | {wall:.2f} | "
-              f"x{wall / runs[0][2]:.1f} | {v.gate.drop_pct if v.gate else float('nan'):.3f} | "
-              f"{v.verdict} | {ms:.3f} | {fp32_ms / ms:.2f}x | {default_ms / ms:.2f}x |")
+        print(
+            f"| {label} | {len(found.trials) if found else 1} | {wall:.2f} | "
+            f"x{wall / runs[0][2]:.1f} | {v.gate.drop_pct if v.gate else float('nan'):.3f} | "
+            f"{v.verdict} | {ms:.3f} | {fp32_ms / ms:.2f}x | {default_ms / ms:.2f}x |"
+        )
     sys.stdout.flush()
 
 
 def _print(rows: list[Row], threads: list[int]) -> None:
     base = rows[0]
-    head = (f"| {'model':<13} | {'variant':<20} | {'size MB':>8} | {'vs fp32':>7} | "
-            f"{'quality':>16} | {'rel L2':>7} |")
+    head = (
+        f"| {'model':<13} | {'variant':<20} | {'size MB':>8} | {'vs fp32':>7} | "
+        f"{'quality':>16} | {'rel L2':>7} |"
+    )
     for t in threads:
         head += f" b1 ms t{t} | b1 x t{t} | b32 ms t{t} | b32 x t{t} |"
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for r in rows:
-        line = (f"| {r.model:<13} | {r.variant:<20} | {r.size / 1e6:>8.3f} | "
-                f"{r.size / base.size:>7.2f} | {r.quality_kind[:8]} {_fmt(r.quality, '.4f'):>7} | "
-                f"{_fmt(r.rel_l2, '.4f'):>7} |")
+        line = (
+            f"| {r.model:<13} | {r.variant:<20} | {r.size / 1e6:>8.3f} | "
+            f"{r.size / base.size:>7.2f} | {r.quality_kind[:8]} {_fmt(r.quality, '.4f'):>7} | "
+            f"{_fmt(r.rel_l2, '.4f'):>7} |"
+        )
         for t in threads:
             for b in (1, 32):
                 lat = r.lat.get((t, b))

@@ -235,11 +235,25 @@ def run(n: int, head: bool, budget: float) -> dict[str, Any]:
 
             port = free_port()
             ctl_proc = subprocess.Popen(
-                [sys.executable, "-m", "edgecloud", "fleet", "serve", "--broker", broker.url,
-                 "--db", str(tmp / "fleet.sqlite"), "--packages", str(tmp / "packages"),
-                 "--http-port", str(port)],
-                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                stdout=subprocess.DEVNULL, stderr=open(tmp / "controller.log", "wb"),
+                [
+                    sys.executable,
+                    "-m",
+                    "edgecloud",
+                    "fleet",
+                    "serve",
+                    "--broker",
+                    broker.url,
+                    "--db",
+                    str(tmp / "fleet.sqlite"),
+                    "--packages",
+                    str(tmp / "packages"),
+                    "--http-port",
+                    str(port),
+                ],
+                cwd=ROOT,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                stdout=subprocess.DEVNULL,
+                stderr=open(tmp / "controller.log", "wb"),
             )
             client = ControllerClient(f"http://127.0.0.1:{port}", timeout=30)
             t1 = time.monotonic()
@@ -292,8 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  agents connected              {r['connect_s']:7.2f} s")
     print(f"  registry saw all online       {r['registry_s']:7.2f} s")
     print(f"  raw MQTT floor (no controller) {r['floor_s']:6.2f} s")
-    print(f"  deploy -> all SUCCEEDED       {r['deploy_s']:7.2f} s   "
-          f"({r['succeeded']}/{n} SUCCEEDED, job {r['status']}; goal <= {goal:.1f} s)")
+    print(
+        f"  deploy -> all SUCCEEDED       {r['deploy_s']:7.2f} s   "
+        f"({r['succeeded']}/{n} SUCCEEDED, job {r['status']}; goal <= {goal:.1f} s)"
+    )
     print(f"  ratio to the raw floor        {r['deploy_s'] / max(r['floor_s'], 1e-9):7.1f}x")
     if args.head:
         print(f"  HEAD requests answered        {r['heads']:7d}")

@@ -230,17 +230,30 @@ class SearchResult:
             ),
         )
         for col, just in (
-            ("#", "right"), ("settings", "left"), ("float nodes", "right"), (metric, "right"),
-            ("loss %", "right"), ("pass", "center"), ("latency ms", "right"),
-            ("x FP32", "right"), ("size KB", "right"), ("s", "right"),
+            ("#", "right"),
+            ("settings", "left"),
+            ("float nodes", "right"),
+            (metric, "right"),
+            ("loss %", "right"),
+            ("pass", "center"),
+            ("latency ms", "right"),
+            ("x FP32", "right"),
+            ("size KB", "right"),
+            ("s", "right"),
         ):
             t.add_column(col, justify=just)  # type: ignore[arg-type]
         for tr in self.trials:
             mark = "*" if self.chosen is not None and tr.index == self.chosen.index else ""
             t.add_row(
-                f"{mark}{tr.index}", tr.label, str(len(tr.excluded)), f"{tr.value:.4f}",
-                f"{tr.loss_pct:.2f}", "yes" if tr.passed else "no", _ms(tr.latency_ms),
-                "-" if tr.speedup is None else f"{tr.speedup:.2f}", f"{tr.size / 1024:.1f}",
+                f"{mark}{tr.index}",
+                tr.label,
+                str(len(tr.excluded)),
+                f"{tr.value:.4f}",
+                f"{tr.loss_pct:.2f}",
+                "yes" if tr.passed else "no",
+                _ms(tr.latency_ms),
+                "-" if tr.speedup is None else f"{tr.speedup:.2f}",
+                f"{tr.size / 1024:.1f}",
                 f"{tr.seconds:.2f}",
             )
         return t
@@ -306,11 +319,15 @@ def prepare(
     if int8 not in ("auto", "static", "dynamic"):
         raise ConfigError(f"--int8 {int8!r}: expected auto, static or dynamic")
     info = inspect_model(model_path, need_quant_opset=True)
-    calib_ds = calib if isinstance(calib, Dataset) else load_dataset(
-        Path(calib), info.inputs, what="calibration data"
+    calib_ds = (
+        calib
+        if isinstance(calib, Dataset)
+        else load_dataset(Path(calib), info.inputs, what="calibration data")
     )
-    val_ds = val if isinstance(val, Dataset) else load_dataset(
-        Path(val), info.inputs, what="validation data"
+    val_ds = (
+        val
+        if isinstance(val, Dataset)
+        else load_dataset(Path(val), info.inputs, what="validation data")
     )
     work_dir.mkdir(parents=True, exist_ok=True)
     fp32 = model_path if preprocessed else preprocess(model_path, work_dir / "fp32.onnx")
@@ -325,8 +342,13 @@ def prepare(
         fp32, ArrayCalibrationReader(calib_ds, batch_size=calib_batch_size), work_dir / "calib"
     )
     evaluator = TrialEvaluator(
-        fp32, val_ds, task=resolved, tolerance_pct=tolerance_pct, score_output=score_output,
-        threads=threads, latency_batch=latency_batch,
+        fp32,
+        val_ds,
+        task=resolved,
+        tolerance_pct=tolerance_pct,
+        score_output=score_output,
+        threads=threads,
+        latency_batch=latency_batch,
     )
     return SearchContext(
         model_path, fp32, resolved, profile, families, quantizer, evaluator, work_dir
@@ -397,7 +419,8 @@ def _choose(trials: list[Trial]) -> Trial | None:
         return min(passing, key=lambda t: (len(t.excluded), t.index))
     fastest = min(t.latency_ms for t in timed if t.latency_ms is not None)
     ties = [
-        t for t in timed
+        t
+        for t in timed
         if t.latency_ms is not None and t.latency_ms <= fastest * (1 + TIE_FRACTION)
     ]
     return min(ties, key=lambda t: (len(t.excluded), t.index))
@@ -446,8 +469,16 @@ def autotune(
     with tempfile.TemporaryDirectory(prefix="edgecloud-autotune-") as tmp:
         wd = Path(work_dir) if work_dir is not None else Path(tmp)
         ctx = prepare(
-            model_path, calib, val, work_dir=wd, task=task, tolerance_pct=tolerance, int8=int8,
-            preprocessed=preprocessed, score_output=score_output, threads=threads,
+            model_path,
+            calib,
+            val,
+            work_dir=wd,
+            task=task,
+            tolerance_pct=tolerance,
+            int8=int8,
+            preprocessed=preprocessed,
+            score_output=score_output,
+            threads=threads,
             latency_batch=latency_batch,
         )
         result = SearchResult(
@@ -475,9 +506,7 @@ def autotune(
         result.warnings += _warnings(result)
         result.calibrations = ctx.quantizer.calibrations
         result.seconds = time.monotonic() - started
-        emit = result.chosen if result.chosen is not None else (
-            result.best if emit_best else None
-        )
+        emit = result.chosen if result.chosen is not None else (result.best if emit_best else None)
         if emit is not None and output is not None and emit.path is not None:
             output = Path(output)
             output.parent.mkdir(parents=True, exist_ok=True)
@@ -532,9 +561,15 @@ def _search(s: _Search, *, exhaustive: bool, max_isolated: int) -> None:
     base = full[best.index - 1]
     deadline = None if s.budget.seconds is None else s.started + s.budget.seconds
     sens = measure_sensitivity(
-        ctx.quantizer, ctx.evaluator, base, ctx.work_dir / "sensitivity",
-        full_variant=best.path, full_loss_pct=best.loss_pct, max_isolated=max_isolated,
-        deadline=deadline, reporter=s.reporter,
+        ctx.quantizer,
+        ctx.evaluator,
+        base,
+        ctx.work_dir / "sensitivity",
+        full_variant=best.path,
+        full_loss_pct=best.loss_pct,
+        max_isolated=max_isolated,
+        deadline=deadline,
+        reporter=s.reporter,
     )
     sens.model = str(ctx.source)
     s.result.sensitivity = sens
@@ -575,7 +610,10 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep trying settings after the first passing one and keep the fastest",
     )
     parser.add_argument(
-        "--search-report", type=Path, default=None, metavar="JSON",
+        "--search-report",
+        type=Path,
+        default=None,
+        metavar="JSON",
         help="write every trial of the INT8 search to this JSON file",
     )
 
@@ -623,9 +661,15 @@ def run_inspect_quant(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     reporter: Reporter = NullReporter() if args.json else RichReporter(err)
     report = inspect_quant(
-        args.model, args.calib, args.val, family=args.int8, task=args.task,
-        tolerance_pct=args.tolerance, isolated=not args.no_isolated,
-        max_isolated=args.max_nodes, reporter=reporter,
+        args.model,
+        args.calib,
+        args.val,
+        family=args.int8,
+        task=args.task,
+        tolerance_pct=args.tolerance,
+        isolated=not args.no_isolated,
+        max_isolated=args.max_nodes,
+        reporter=reporter,
     )
     if args.json:
         sys.stdout.write(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
@@ -654,11 +698,19 @@ def run_search_for_convert(
     report is written) when nothing passes.
     """
     result = autotune(
-        model_path, calib, val, tolerance=tolerance,
-        budget=getattr(args, "search_budget", "20"), int8=int8, task=task, output=output,
+        model_path,
+        calib,
+        val,
+        tolerance=tolerance,
+        budget=getattr(args, "search_budget", "20"),
+        int8=int8,
+        task=task,
+        output=output,
         report=getattr(args, "search_report", None),
         exhaustive=bool(getattr(args, "search_exhaustive", False)),
-        preprocessed=preprocessed, check=False, reporter=reporter,
+        preprocessed=preprocessed,
+        check=False,
+        reporter=reporter,
     )
     if reporter is not None and not isinstance(reporter, NullReporter):
         from rich.console import Console
@@ -679,9 +731,19 @@ def _run_search_cli(args: argparse.Namespace) -> int:
 
     reporter: Reporter = NullReporter() if args.json else RichReporter(Console(stderr=True))
     result = autotune(
-        args.model, args.calib, args.val, tolerance=args.tolerance, budget=args.search_budget,
-        int8=args.int8, task=args.task, output=args.out, report=args.search_report,
-        exhaustive=args.search_exhaustive, threads=args.threads, check=False, reporter=reporter,
+        args.model,
+        args.calib,
+        args.val,
+        tolerance=args.tolerance,
+        budget=args.search_budget,
+        int8=args.int8,
+        task=args.task,
+        output=args.out,
+        report=args.search_report,
+        exhaustive=args.search_exhaustive,
+        threads=args.threads,
+        check=False,
+        reporter=reporter,
     )
     if args.json:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2, default=str) + "\n")

@@ -457,17 +457,15 @@ def _run(
         jobs.append(("int8_dynamic", "int8", dynamic.describe()))
     if "auto" in opts.int8:
         jobs.append(("int8_auto", "int8", {}))
-    calib_used = (
-        calib.take(opts.calib_samples or len(calib)) if calib is not None else None
-    )
+    calib_used = calib.take(opts.calib_samples or len(calib)) if calib is not None else None
     # Calibration ranges shared by the static variant and every search (one run per method).
     calib_cache = work / "calibration"
     calib_cache.mkdir()
     searches: dict[str, SearchResult] = {}
 
-    def search(family: Literal["auto", "static", "dynamic"], name: str, dst: Path) -> dict[
-        str, Any
-    ]:
+    def search(
+        family: Literal["auto", "static", "dynamic"], name: str, dst: Path
+    ) -> dict[str, Any]:
         """Run the accuracy search for variant ``name``; its chosen (or best) file goes to dst."""
         from converters.autotune import autotune
 
@@ -477,10 +475,22 @@ def _run(
             for f in calib_cache.glob("*.json"):
                 shutil.copyfile(f, wd / "calib" / f.name)
         result = autotune(
-            fp32, calib_used or val, val, preprocessed=True, int8=family,
-            tolerance=opts.tolerance, task=task, score_output=score, output=dst,
-            budget=opts.search_budget, threads=opts.threads or 1, check=False,
-            emit_best=True, exhaustive=opts.search_exhaustive, work_dir=wd, reporter=rep,
+            fp32,
+            calib_used or val,
+            val,
+            preprocessed=True,
+            int8=family,
+            tolerance=opts.tolerance,
+            task=task,
+            score_output=score,
+            output=dst,
+            budget=opts.search_budget,
+            threads=opts.threads or 1,
+            check=False,
+            emit_best=True,
+            exhaustive=opts.search_exhaustive,
+            work_dir=wd,
+            reporter=rep,
         )
         result.model = str(info.path)  # the user's model, not the pre-processed copy
         for f in (wd / "calib").glob("*.json"):
@@ -502,8 +512,20 @@ def _run(
 
     def evaluate(name: str, path: Path, settings: dict[str, Any]) -> VariantReport:
         return _evaluate(
-            name, "int8" if name.startswith("int8") else name, path, settings, opts, rep, val,
-            reference, eval_labels, task, score, ref_b1, ref_b32, info,
+            name,
+            "int8" if name.startswith("int8") else name,
+            path,
+            settings,
+            opts,
+            rep,
+            val,
+            reference,
+            eval_labels,
+            task,
+            score,
+            ref_b1,
+            ref_b32,
+            info,
         )
 
     for name, _precision, settings in jobs:

@@ -113,9 +113,7 @@ def _qtype(name: str) -> Any:
     return {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[name]
 
 
-def resolve_exclusions(
-    model_path: Path, nodes: Sequence[str], ops: Sequence[str]
-) -> list[str]:
+def resolve_exclusions(model_path: Path, nodes: Sequence[str], ops: Sequence[str]) -> list[str]:
     """Node names to keep in float: the named nodes plus every node of the named op types.
 
     Unknown names are refused rather than ignored: a typo would otherwise silently quantize the

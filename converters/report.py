@@ -22,8 +22,19 @@ def render_table(report: ConversionReport) -> Any:
     from rich.table import Table
 
     t = Table(title=f"edgecloud convert: {report.source} (tolerance {report.tolerance:g} %)")
-    for col in ("variant", "precision", "size", "vs fp32", "metric", "top-1 agree",
-                "b1 ms", "b1 speedup", "b32 ms", "b32 speedup", "verdict"):
+    for col in (
+        "variant",
+        "precision",
+        "size",
+        "vs fp32",
+        "metric",
+        "top-1 agree",
+        "b1 ms",
+        "b1 speedup",
+        "b32 ms",
+        "b32 speedup",
+        "verdict",
+    ):
         t.add_column(col, justify="left" if col in ("variant", "verdict", "metric") else "right")
     for v in report.variants:
         m = v.metrics
@@ -43,8 +54,16 @@ def render_table(report: ConversionReport) -> Any:
         if v.warnings:
             verdict += f" [yellow]({len(v.warnings)} warning{'s' * (len(v.warnings) > 1)})[/yellow]"
         t.add_row(
-            v.name, v.precision, f"{v.size:,}", f"{100 * v.size_ratio:.1f} %", metric, agree,
-            _ms(v.latency_ms_b1), _x(v.speedup_b1), _ms(v.latency_ms_b32), _x(v.speedup_b32),
+            v.name,
+            v.precision,
+            f"{v.size:,}",
+            f"{100 * v.size_ratio:.1f} %",
+            metric,
+            agree,
+            _ms(v.latency_ms_b1),
+            _x(v.speedup_b1),
+            _ms(v.latency_ms_b32),
+            _x(v.speedup_b32),
             verdict,
         )
     return t

@@ -51,8 +51,9 @@ class Candidate:
     def with_exclusions(self, nodes: tuple[str, ...]) -> Candidate:
         excluded = tuple(dict.fromkeys(self.settings.exclude_nodes + nodes))
         suffix = f" + {len(nodes)} float" if nodes else ""
-        return Candidate(self.family, replace(self.settings, exclude_nodes=excluded),
-                         self.label + suffix)
+        return Candidate(
+            self.family, replace(self.settings, exclude_nodes=excluded), self.label + suffix
+        )
 
     def describe(self) -> dict[str, Any]:
         return {"family": self.family, **self.settings.describe()}
@@ -110,9 +111,7 @@ def _static(label: str, **kw: Any) -> Candidate:
 
 def _symmetric(label: str, **kw: Any) -> Candidate:
     # signed activations with a zero point of 0: the S8S8 kernels; robust to ranges centred on 0
-    return _static(
-        label, activation_type="int8", extra_options={"ActivationSymmetric": True}, **kw
-    )
+    return _static(label, activation_type="int8", extra_options={"ActivationSymmetric": True}, **kw)
 
 
 def candidates(

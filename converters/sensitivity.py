@@ -99,9 +99,14 @@ class SensitivityReport:
             ),
         )
         for col, just in (
-            ("#", "right"), ("node", "left"), ("op", "left"), ("isolated rel.L2", "right"),
-            (f"isolated loss % ({self.metric})", "right"), ("SQNR dB", "right"),
-            ("weight dB", "right"), ("output dB", "right"),
+            ("#", "right"),
+            ("node", "left"),
+            ("op", "left"),
+            ("isolated rel.L2", "right"),
+            (f"isolated loss % ({self.metric})", "right"),
+            ("SQNR dB", "right"),
+            ("weight dB", "right"),
+            ("output dB", "right"),
         ):
             t.add_column(col, justify=just)  # type: ignore[arg-type]
 
@@ -110,8 +115,13 @@ class SensitivityReport:
 
         for i, n in enumerate(self.nodes[:limit] if limit else self.nodes, 1):
             t.add_row(
-                str(i), n.name, n.op_type, f(n.isolated_error, ".4f"),
-                f(n.isolated_loss_pct, ".2f"), f(n.sqnr_db, ".1f"), f(n.weight_sqnr_db, ".1f"),
+                str(i),
+                n.name,
+                n.op_type,
+                f(n.isolated_error, ".4f"),
+                f(n.isolated_loss_pct, ".2f"),
+                f(n.sqnr_db, ".1f"),
+                f(n.weight_sqnr_db, ".1f"),
                 f(n.output_sqnr_db, ".1f"),
             )
         return t
@@ -289,6 +299,7 @@ def measure_sensitivity(
             sq = sqnr_by_node(src, Path(full), evaluator.val, work_dir, samples=n)
     order = [n for n, _ in nodes]
     if sq:  # measure the worst-SQNR nodes first, so a cap or a deadline keeps the likely culprits
+
         def worst_first(name: str) -> float:
             db = sq.get(name, (None, None, None))[0]
             return math.inf if db is None else db
@@ -332,9 +343,14 @@ def measure_sensitivity(
             )
         )
     result.sort(key=NodeSensitivity.sort_key)
-    gate_metric = "rel_l2" if evaluator.task == "regression" else (
-        "accuracy" if evaluator.val.labels is not None and evaluator.task == "classification"
-        else ("top1_agreement" if evaluator.task == "classification" else "cosine")
+    gate_metric = (
+        "rel_l2"
+        if evaluator.task == "regression"
+        else (
+            "accuracy"
+            if evaluator.val.labels is not None and evaluator.task == "classification"
+            else ("top1_agreement" if evaluator.task == "classification" else "cosine")
+        )
     )
     return SensitivityReport(
         model=str(src),
@@ -374,15 +390,27 @@ def inspect_quant(
     with tempfile.TemporaryDirectory(prefix="edgecloud-inspect-") as tmp:
         wd = Path(work_dir) if work_dir is not None else Path(tmp)
         ctx = prepare(
-            model_path, calib, val, work_dir=wd, task=task, tolerance_pct=tolerance_pct,
-            int8=family, preprocessed=False,
+            model_path,
+            calib,
+            val,
+            work_dir=wd,
+            task=task,
+            tolerance_pct=tolerance_pct,
+            int8=family,
+            preprocessed=False,
         )
         cand = candidates(ctx.profile, ctx.families)[0]
         full = ctx.quantizer.quantize(cand, wd / "inspect-full.onnx")
         full_eval = ctx.evaluator.evaluate(full, latency=False)
         report = measure_sensitivity(
-            ctx.quantizer, ctx.evaluator, cand, wd, full_variant=full,
-            full_loss_pct=full_eval.loss_pct, isolated=isolated, max_isolated=max_isolated,
+            ctx.quantizer,
+            ctx.evaluator,
+            cand,
+            wd,
+            full_variant=full,
+            full_loss_pct=full_eval.loss_pct,
+            isolated=isolated,
+            max_isolated=max_isolated,
             reporter=reporter,
         )
         report.model = str(model_path)

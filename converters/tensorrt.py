@@ -486,9 +486,7 @@ def build_variants(
                         chunks.setdefault(k, []).append(v[:n])
                     adv(n)
             latency = {
-                b: _latency_ms(backend, val, b, opts.latency_runs)
-                for b in (1, 32)
-                if lo <= b <= hi
+                b: _latency_ms(backend, val, b, opts.latency_runs) for b in (1, 32) if lo <= b <= hi
             }
         finally:
             backend.close()

@@ -145,11 +145,11 @@ def compare(
         norms = np.linalg.norm(r2, axis=1) * np.linalg.norm(g2, axis=1)
         cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 1.0)
         ref_norm = float(np.linalg.norm(r2))
-        rel_l2 = float(np.linalg.norm(r2 - g2) / ref_norm) if ref_norm > 0 else float(
-            np.linalg.norm(g2)
+        rel_l2 = (
+            float(np.linalg.norm(r2 - g2) / ref_norm) if ref_norm > 0 else float(np.linalg.norm(g2))
         )
     max_abs = 0.0
-    for k, v in (reference.items() if not nonfinite else ()):
+    for k, v in reference.items() if not nonfinite else ():
         a = np.asarray(v, dtype=np.float64)
         b = np.asarray(candidate[k], dtype=np.float64)
         if a.shape == b.shape and a.size:

@@ -108,7 +108,9 @@ class Agent:
         self.store = ModelStore(root, key, min_free_bytes=config.store.min_free_bytes)
         q = config.queue
         self.queue = DurableQueue(
-            root / "agent.db", max_rows=q.max_rows, max_bytes=q.max_bytes,
+            root / "agent.db",
+            max_rows=q.max_rows,
+            max_bytes=q.max_bytes,
             hard_cap_rows=q.hard_cap_rows,
         )
         self.metrics = Metrics()
@@ -126,8 +128,11 @@ class Agent:
         if config.capture.enabled:
             c = config.capture
             self.capture = HardExampleStore(
-                root / "capture.db", threshold=c.threshold, sample_rate=c.sample_rate,
-                max_count=c.max_count, max_bytes=c.max_bytes,
+                root / "capture.db",
+                threshold=c.threshold,
+                sample_rate=c.sample_rate,
+                max_count=c.max_count,
+                max_bytes=c.max_bytes,
             )
             self.client.on_answer.append(self._capture)
         self.endpoint: LocalEndpoint | None = None
@@ -294,8 +299,10 @@ class Agent:
         old = self.client.swap_model(backend, pkg.manifest)
         if old is not None:
             threading.Thread(
-                target=self.client.retire, args=(old, self.config.endpoint.timeout_s * 2),
-                name="agent-retire", daemon=True,
+                target=self.client.retire,
+                args=(old, self.config.endpoint.timeout_s * 2),
+                name="agent-retire",
+                daemon=True,
             ).start()
         self._publish_status()
 
@@ -383,8 +390,10 @@ class Agent:
         self.connects += 1
         log.info("connected to %s (connection %d)", self.config.broker.url, self.connects)
         client.subscribe(
-            [(self.topics.jobs_notify(self.device_id), 1),
-             (self.topics.shadow_desired(self.device_id), 1)]
+            [
+                (self.topics.jobs_notify(self.device_id), 1),
+                (self.topics.shadow_desired(self.device_id), 1),
+            ]
         )
         client.publish(self.topics.status(self.device_id), self._status(True), qos=1, retain=True)
         with self._lock:
@@ -457,7 +466,9 @@ class Agent:
             if item[0] == "job":
                 job: JobNotification = item[1]
                 self._report(
-                    job.job_id, job.execution_number, ExecutionState.REJECTED,
+                    job.job_id,
+                    job.execution_number,
+                    ExecutionState.REJECTED,
                     "agent busy: too many pending jobs",
                 )
             else:
@@ -514,8 +525,13 @@ class Agent:
         def build(seq: int) -> bytes:
             return dumps(
                 ExecutionUpdate(
-                    job_id=job_id, device_id=self.device_id, status=status, seq=seq,
-                    ts=time.time(), reason=reason, details=dict(details or {}),
+                    job_id=job_id,
+                    device_id=self.device_id,
+                    status=status,
+                    seq=seq,
+                    ts=time.time(),
+                    reason=reason,
+                    details=dict(details or {}),
                     execution_number=execution_number,
                 )
             )
@@ -527,8 +543,12 @@ class Agent:
         d = self.config.device
         return dumps(
             StatusMessage(
-                device_id=self.device_id, online=online, ts=time.time(), group=d.group,
-                model_version=self.active_version, agent_version=AGENT_VERSION,
+                device_id=self.device_id,
+                online=online,
+                ts=time.time(),
+                group=d.group,
+                model_version=self.active_version,
+                agent_version=AGENT_VERSION,
                 labels=dict(d.labels),
             )
         )
@@ -595,8 +615,13 @@ class Agent:
         try:
             cloud = outcome.outputs if outcome.route == "cloud" else None
             self.capture.offer(
-                inputs, outcome.edge_outputs or {}, confidence=outcome.edge_confidence,
-                model=outcome.model, version=outcome.version, route=outcome.route, cloud=cloud,
+                inputs,
+                outcome.edge_outputs or {},
+                confidence=outcome.edge_confidence,
+                model=outcome.model,
+                version=outcome.version,
+                route=outcome.route,
+                cloud=cloud,
             )
         except Exception as exc:  # capture must never fail a request
             log.warning("hard-example capture failed: %s", exc)
@@ -631,8 +656,11 @@ class Agent:
             # report the same outcome again, do not redo the work.
             res = json.loads(prior[2] or "{}")
             self._report(
-                job.job_id, job.execution_number, ExecutionState(prior[0]),
-                res.get("reason", ""), {**res.get("details", {}), "repeated": True},
+                job.job_id,
+                job.execution_number,
+                ExecutionState(prior[0]),
+                res.get("reason", ""),
+                {**res.get("details", {}), "repeated": True},
             )
             return
         note = dumps(job).decode()
@@ -653,7 +681,10 @@ class Agent:
         )
         self.queue.prune_jobs()
         self._report(
-            job.job_id, job.execution_number, outcome.status, outcome.reason,
+            job.job_id,
+            job.execution_number,
+            outcome.status,
+            outcome.reason,
             outcome.details,
         )
 
@@ -705,9 +736,13 @@ class Agent:
             step[0] = "policy"
             ignored = self._apply_policy(doc)
             return JobOutcome(
-                ExecutionState.SUCCEEDED, "",
-                {"mode": self.client.mode.value, "threshold": self.client.threshold,
-                 "ignored": ignored},
+                ExecutionState.SUCCEEDED,
+                "",
+                {
+                    "mode": self.client.mode.value,
+                    "threshold": self.client.threshold,
+                    "ignored": ignored,
+                },
             )
         if job.operation == "rollback":
             return self._rollback(doc.get("version"), cancel, step)
@@ -724,8 +759,13 @@ class Agent:
             self._check(cancel, step, "download")
             self.store.check_space(size)  # refuse before the first byte, not halfway
         return self._deploy(
-            url, doc.get("sha256"), doc.get("version"), doc.get("model"), f"{key}:{url}",
-            cancel, step,
+            url,
+            doc.get("sha256"),
+            doc.get("version"),
+            doc.get("model"),
+            f"{key}:{url}",
+            cancel,
+            step,
         )
 
     def _check(self, cancel: threading.Event, step: list[str], name: str) -> None:
@@ -748,7 +788,10 @@ class Agent:
             return JobOutcome(ExecutionState.SUCCEEDED, "already active", {"version": version})
         self._check(cancel, step, "download")
         archive = self.store.fetch(
-            url, key, sha256=sha256, timeout=self.config.store.download_timeout_s,
+            url,
+            key,
+            sha256=sha256,
+            timeout=self.config.store.download_timeout_s,
             cancelled=cancel.is_set,
         )
         self._check(cancel, step, "verify")
@@ -785,13 +828,12 @@ class Agent:
             self._install.release()
         self.store.cleanup_downloads()
         return JobOutcome(
-            ExecutionState.SUCCEEDED, "",
+            ExecutionState.SUCCEEDED,
+            "",
             {"model": man.name, "version": man.version, "slot": slot, "health": figures},
         )
 
-    def _rollback(
-        self, version: Any, cancel: threading.Event, step: list[str]
-    ) -> JobOutcome:
+    def _rollback(self, version: Any, cancel: threading.Event, step: list[str]) -> JobOutcome:
         self._check(cancel, step, "rollback")
         p = self.store.pointer()
         if p is None or p.previous is None:
@@ -812,7 +854,8 @@ class Agent:
             backend.close()
             raise
         return JobOutcome(
-            ExecutionState.SUCCEEDED, "",
+            ExecutionState.SUCCEEDED,
+            "",
             {"version": pkg.manifest.version, "slot": p.previous, "from": p.version},
         )
 
@@ -892,7 +935,8 @@ class Agent:
         if ignored:
             state["policy_ignored"] = ignored
         self.queue.put(
-            "state", self.topics.shadow_reported(self.device_id),
+            "state",
+            self.topics.shadow_reported(self.device_id),
             dumps(ReportedState(version=desired.version, state=state, ts=time.time())),
             retain=True,
         )
@@ -936,7 +980,13 @@ class Agent:
         key = f"shadow-{desired.version}:{url}"
         outcome = self._run_watched(
             lambda cancel, step: self._deploy(
-                url, model.get("sha256"), want, model.get("name"), key, cancel, step,
+                url,
+                model.get("sha256"),
+                want,
+                model.get("name"),
+                key,
+                cancel,
+                step,
             ),
             self.config.job_step_timeout_s,
         )

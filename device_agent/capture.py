@@ -78,7 +78,13 @@ class HardExampleStore:
         if self._rng.random() >= self.sample_rate:
             return False
         row = (
-            time.time(), model, version, float(confidence), route, _npz(inputs), _npz(edge),
+            time.time(),
+            model,
+            version,
+            float(confidence),
+            route,
+            _npz(inputs),
+            _npz(edge),
             _npz(cloud) if cloud else b"",
         )
         with self._lock:
@@ -127,8 +133,14 @@ class HardExampleStore:
             name = f"{r[0]:08d}.npz"
             np.savez(out_dir / name, **arrays)  # type: ignore[arg-type]
             index.append(
-                {"file": name, "ts": r[1], "model": r[2], "version": r[3], "confidence": r[4],
-                 "route": r[5]}
+                {
+                    "file": name,
+                    "ts": r[1],
+                    "model": r[2],
+                    "version": r[3],
+                    "confidence": r[4],
+                    "route": r[5],
+                }
             )
         p = out_dir / "index.json"
         p.write_text(json.dumps(index, indent=1))

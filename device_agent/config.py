@@ -9,13 +9,12 @@ and its keys can be moved together.
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
-
-import tomllib
 
 from edgecloud.errors import ConfigError
 from edgecloud.topics import DEFAULT_PREFIX, Topics, check_segment
@@ -100,8 +99,12 @@ class RegionConfig:
     def as_client_region(self) -> dict[str, object]:
         """The mapping ``HybridClient(regions=...)`` takes."""
         return {
-            "name": self.name, "endpoint": self.endpoint, "priority": self.priority,
-            "model": self.model, "version": self.version, "timeout": self.timeout_s,
+            "name": self.name,
+            "endpoint": self.endpoint,
+            "priority": self.priority,
+            "model": self.model,
+            "version": self.version,
+            "timeout": self.timeout_s,
             "cloud_input_shape": list(self.cloud_input_shape) if self.cloud_input_shape else None,
         }
 
@@ -162,8 +165,16 @@ class AgentConfig:
         base = base_dir or Path.cwd()
         r = _Reader(d, "", base)
         r.known(
-            "device", "broker", "store", "policy", "regions", "telemetry", "endpoint", "queue",
-            "capture", "jobs",
+            "device",
+            "broker",
+            "store",
+            "policy",
+            "regions",
+            "telemetry",
+            "endpoint",
+            "queue",
+            "capture",
+            "jobs",
         )
         dev = r.section("device")
         dev.known("id", "group", "labels")
@@ -177,8 +188,16 @@ class AgentConfig:
 
         br = r.section("broker")
         br.known(
-            "url", "username", "password", "ca", "cert", "key", "keepalive", "topic_prefix",
-            "reconnect_min_s", "reconnect_max_s",
+            "url",
+            "username",
+            "password",
+            "ca",
+            "cert",
+            "key",
+            "keepalive",
+            "topic_prefix",
+            "reconnect_min_s",
+            "reconnect_max_s",
         )
         url = br.string("url")
         u = urlsplit(url)
@@ -247,7 +266,12 @@ class AgentConfig:
                 raise ConfigError(f"regions[{i}]: expected a table")
             rr = _Reader(reg, f"regions[{i}].", base)
             rr.known(
-                "name", "endpoint", "priority", "model", "version", "timeout_s",
+                "name",
+                "endpoint",
+                "priority",
+                "model",
+                "version",
+                "timeout_s",
                 "cloud_input_shape",
             )
             name = rr.string("name")

@@ -175,9 +175,7 @@ class DurableQueue:
             self._drop(int(row[0]), "telemetry")
             n, b = n - 1, b - int(row[1])
         while n > self.hard_cap_rows:
-            row = self._db.execute(
-                "SELECT id, kind FROM outbox ORDER BY id LIMIT 1"
-            ).fetchone()
+            row = self._db.execute("SELECT id, kind FROM outbox ORDER BY id LIMIT 1").fetchone()
             self._drop(int(row[0]), str(row[1]))
             n -= 1
 
@@ -226,7 +224,12 @@ class DurableQueue:
         return None if row is None else (str(row[0]), str(row[1]), str(row[2]))
 
     def job_put(
-        self, key: str, job_id: str, execution_number: int, status: str, notification: str,
+        self,
+        key: str,
+        job_id: str,
+        execution_number: int,
+        status: str,
+        notification: str,
         result: str = "",
     ) -> None:
         with self._lock:

@@ -100,9 +100,13 @@ class _Handler(BaseHTTPRequestHandler):
             ready = client.manifest is not None
             self._json({"ready": ready}, 200 if ready else 503)
         elif path == "/v2":
-            self._json({"name": "edgecloud-agent", "version": ep.agent_version, "extensions": [
-                "binary_tensor_data"
-            ]})
+            self._json(
+                {
+                    "name": "edgecloud-agent",
+                    "version": ep.agent_version,
+                    "extensions": ["binary_tensor_data"],
+                }
+            )
         elif path == "/metrics":
             self._send(200, ep.metrics_text().encode(), "text/plain; version=0.0.4")
         else:
@@ -180,13 +184,17 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             outputs = {n: outputs[n] for n in req.outputs}
         params: dict[str, Any] = {
-            "route": outcome.route, "source": outcome.result.source,
+            "route": outcome.route,
+            "source": outcome.result.source,
             "reason": str(outcome.result.reason),
         }
         if outcome.confidence is not None:
             params["confidence"] = outcome.confidence
         resp = InferResponse(
-            model=outcome.model, version=outcome.version, id=req.id, outputs=outputs,
+            model=outcome.model,
+            version=outcome.version,
+            id=req.id,
+            outputs=outputs,
             parameters=params,
         )
         data, header_len = encode_response(resp, binary=wants_binary_outputs(req))
@@ -278,8 +286,10 @@ class LocalEndpoint:
 
     def start(self) -> LocalEndpoint:
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-            name="agent-endpoint", daemon=True,
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name="agent-endpoint",
+            daemon=True,
         )
         self._thread.start()
         return self

@@ -127,8 +127,10 @@ class ModelStore:
         """Point ``active`` at ``slot`` (atomic); the old active slot becomes ``previous``."""
         with self._lock:
             old = self.pointer()
-            prev = old.slot if old is not None and old.slot != slot else (
-                old.previous if old is not None else None
+            prev = (
+                old.slot
+                if old is not None and old.slot != slot
+                else (old.previous if old is not None else None)
             )
             new = Pointer(slot, prev, pkg.manifest.name, pkg.manifest.version)
             _atomic_write(self.pointer_path, json.dumps(new.__dict__).encode())
@@ -421,9 +423,7 @@ def health_check(backend: Backend, pkg: ModelPackage) -> dict[str, Any]:
         path = pkg.root / str(file)
         with np.load(path, allow_pickle=False) as npz:
             in_keys = [str(x) for x in w.get("inputs") or [f"input.{s.name}" for s in m.inputs]]
-            out_keys = [
-                str(x) for x in w.get("outputs") or [f"output.{s.name}" for s in m.outputs]
-            ]
+            out_keys = [str(x) for x in w.get("outputs") or [f"output.{s.name}" for s in m.outputs]]
             missing = [k for k in (*in_keys, *out_keys) if k not in npz.files]
             if missing:
                 raise HealthCheckError(

@@ -27,7 +27,6 @@ works from any working directory.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -213,12 +212,8 @@ def parse_config(
 
 def load_config(path: Path | str) -> ClientConfig:
     """Read and check a TOML config file."""
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - Python 3.10
-        from edgecloud._deps import require
+    import tomllib
 
-        tomllib = require("tomli", "dev", "TOML config files on Python 3.10")
     p = Path(path)
     try:
         raw = p.read_bytes()

@@ -149,8 +149,9 @@ def to_onnx(model) -> object:  # type: ignore[no-untyped-def]
         def heads(t: str, name: str) -> str:
             return node("Reshape", [t, "shape_heads"], f"{name}/Reshape")
 
-        q = heads(node("Mul", [linear(h, layer.q, f"{p}.q"), "attn_scale"], f"{p}.q/Scale"),
-                  f"{p}.q")
+        q = heads(
+            node("Mul", [linear(h, layer.q, f"{p}.q"), "attn_scale"], f"{p}.q/Scale"), f"{p}.q"
+        )
         k = heads(linear(h, layer.k, f"{p}.k"), f"{p}.k")
         v = heads(linear(h, layer.v, f"{p}.v"), f"{p}.v")
         qt = node("Transpose", [q], f"{p}.q/Transpose", perm=[0, 2, 1, 3])
@@ -164,9 +165,14 @@ def to_onnx(model) -> object:  # type: ignore[no-untyped-def]
         res = node("Add", [h, linear(ctx, layer.o, f"{p}.o")], f"{p}.attn/Residual")
         h = node(
             "LayerNormalization",
-            [res, init(f"{p}.ln1.weight", w(layer.ln1.weight)),
-             init(f"{p}.ln1.bias", w(layer.ln1.bias))],
-            f"{p}.ln1", axis=-1, epsilon=float(layer.ln1.eps),
+            [
+                res,
+                init(f"{p}.ln1.weight", w(layer.ln1.weight)),
+                init(f"{p}.ln1.bias", w(layer.ln1.bias)),
+            ],
+            f"{p}.ln1",
+            axis=-1,
+            epsilon=float(layer.ln1.eps),
         )
         f = linear(h, layer.fc1, f"{p}.fc1")
         g = node("Div", [f, "sqrt2"], f"{p}.gelu/Div")
@@ -177,9 +183,14 @@ def to_onnx(model) -> object:  # type: ignore[no-untyped-def]
         res = node("Add", [h, linear(g, layer.fc2, f"{p}.fc2")], f"{p}.mlp/Residual")
         h = node(
             "LayerNormalization",
-            [res, init(f"{p}.ln2.weight", w(layer.ln2.weight)),
-             init(f"{p}.ln2.bias", w(layer.ln2.bias))],
-            f"{p}.ln2", axis=-1, epsilon=float(layer.ln2.eps),
+            [
+                res,
+                init(f"{p}.ln2.weight", w(layer.ln2.weight)),
+                init(f"{p}.ln2.bias", w(layer.ln2.bias)),
+            ],
+            f"{p}.ln2",
+            axis=-1,
+            epsilon=float(layer.ln2.eps),
         )
     pooled = node("ReduceMean", [h], "pool", axes=[1], keepdims=0)
     logits = linear(pooled, model.head, "head")

@@ -16,7 +16,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_agent_benchmark_quick_run() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.agent", "--quick"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout

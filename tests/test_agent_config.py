@@ -17,8 +17,11 @@ from tests.test_agent_util import ROOT, Keys, write_config
 def base(tmp_path: Path) -> Path:
     keys = Keys(tmp_path)
     return write_config(
-        tmp_path / "agent.toml", device="dev-1", broker_url="mqtt://127.0.0.1:1883",
-        store=tmp_path / "store", public_key=keys.public,
+        tmp_path / "agent.toml",
+        device="dev-1",
+        broker_url="mqtt://127.0.0.1:1883",
+        store=tmp_path / "store",
+        public_key=keys.public,
     )
 
 
@@ -61,9 +64,9 @@ def test_valid_config_loads_with_defaults(base: Path, tmp_path: Path) -> None:
         ("[jobs]", '[[regions]]\nname = "eu"\nendpoint = "ftp://x"\n[jobs]', "regions[0].endpoint"),
         ("[jobs]", "[capture]\nsample_rate = 2\n[jobs]", "capture.sample_rate"),
         ("[jobs]", "[surprise]\n[jobs]", "surprise"),
-        ('keepalive = 5', 'keepalive = 5\ncert = "c.pem"', "broker.cert"),
+        ("keepalive = 5", 'keepalive = 5\ncert = "c.pem"', "broker.cert"),
         ('url = "mqtt://127.0.0.1:1883"', 'url = "mqtt://u:p@h:1883"', "broker.url"),
-        ('keepalive = 5', 'keepalive = 5\ntopic_prefix = "a/#"', "broker.topic_prefix"),
+        ("keepalive = 5", 'keepalive = 5\ntopic_prefix = "a/#"', "broker.topic_prefix"),
     ],
 )
 def test_bad_values_name_the_key(base: Path, old: str, new: str, named: str) -> None:
@@ -90,7 +93,10 @@ def test_cli_reports_config_errors_with_exit_code_2(base: Path) -> None:
     base.write_text(base.read_text().replace("keepalive = 5", "keepalive = true"))
     out = subprocess.run(
         [sys.executable, "-m", "device_agent", "--config", str(base)],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 2
     assert "broker.keepalive" in out.stderr

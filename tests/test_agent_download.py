@@ -122,8 +122,13 @@ def test_interrupted_download_resumes_with_range(
     archive = make_package(tmp_path, keys, "1.0.0")
     data = archive.read_bytes()
     server = PackageServer({"pkg.tar.gz": data}, cut_first=True)
-    cfg = write_config(tmp_path / "agent.toml", device="dev-dl", broker_url=mosquitto.url,
-                       store=tmp_path / "store", public_key=keys.public)
+    cfg = write_config(
+        tmp_path / "agent.toml",
+        device="dev-dl",
+        broker_url=mosquitto.url,
+        store=tmp_path / "store",
+        public_key=keys.public,
+    )
     agent = start_agent(cfg)
     try:
         send_job(observer, "dev-dl", "dl-1", "deploy", package_url=server.url("pkg.tar.gz"))
@@ -159,8 +164,14 @@ def test_hung_download_is_abandoned_and_next_job_runs(
     tmp_path: Path, keys: Keys, mosquitto: MosquittoBroker, observer: Observer
 ) -> None:
     server = PackageServer({})
-    cfg = write_config(tmp_path / "agent.toml", device="dev-wd", broker_url=mosquitto.url,
-                       store=tmp_path / "store", public_key=keys.public, step_timeout_s=1.5)
+    cfg = write_config(
+        tmp_path / "agent.toml",
+        device="dev-wd",
+        broker_url=mosquitto.url,
+        store=tmp_path / "store",
+        public_key=keys.public,
+        step_timeout_s=1.5,
+    )
     agent = start_agent(cfg)
     try:
         send_job(observer, "dev-wd", "hang", "deploy", package_url=server.url("hang"))

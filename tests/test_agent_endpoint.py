@@ -41,8 +41,11 @@ DEV = "dev-ep"
 def setup(tmp_path: Path, mosquitto: MosquittoBroker) -> Iterator[tuple[Agent, Observer, Keys]]:
     keys = Keys(tmp_path)
     cfg = write_config(
-        tmp_path / "agent.toml", device=DEV, broker_url=mosquitto.url,
-        store=tmp_path / "store", public_key=keys.public,
+        tmp_path / "agent.toml",
+        device=DEV,
+        broker_url=mosquitto.url,
+        store=tmp_path / "store",
+        public_key=keys.public,
         extra=(
             "[capture]\nenabled = true\nthreshold = 0.9\nmax_count = 5\n"
             "[policy]\nthreshold = 0.0\nmax_concurrency = 2\n"
@@ -50,8 +53,7 @@ def setup(tmp_path: Path, mosquitto: MosquittoBroker) -> Iterator[tuple[Agent, O
     )
     obs = Observer(mosquitto.host, mosquitto.port)
     agent = Agent(load_config(cfg)).start()
-    send_job(obs, DEV, "v1", "deploy",
-             package_url=make_package(tmp_path, keys, "1.0.0").as_uri())
+    send_job(obs, DEV, "v1", "deploy", package_url=make_package(tmp_path, keys, "1.0.0").as_uri())
     assert obs.wait_job("v1")["status"] == "SUCCEEDED"
     yield agent, obs, keys
     agent.stop()
@@ -72,8 +74,12 @@ def test_v2_json_binary_metadata_errors_and_metrics(
         assert meta["versions"] == ["1.0.0"]
         assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
         # JSON
-        body = {"id": "r1", "inputs": [{"name": "input", "shape": [3, 64], "datatype": "FP32",
-                                        "data": x.ravel().tolist()}]}
+        body = {
+            "id": "r1",
+            "inputs": [
+                {"name": "input", "shape": [3, 64], "datatype": "FP32", "data": x.ravel().tolist()}
+            ],
+        }
         r = c.post("/v2/models/digits/infer", json=body)
         assert r.status_code == 200, r.text
         d = r.json()
@@ -87,14 +93,16 @@ def test_v2_json_binary_metadata_errors_and_metrics(
         data, hl = encode_request(
             InferRequest("digits", {"input": x}), binary=True, binary_outputs=True
         )
-        r = c.post("/v2/models/digits/versions/1.0.0/infer", content=data,
-                   headers={HEADER_LENGTH: str(hl)})
+        r = c.post(
+            "/v2/models/digits/versions/1.0.0/infer", content=data, headers={HEADER_LENGTH: str(hl)}
+        )
         assert r.status_code == 200, r.text
         resp = decode_response(r.content, int(r.headers[HEADER_LENGTH]))
         np.testing.assert_allclose(resp.outputs["logits"], want, rtol=1e-5, atol=1e-5)
         # errors name what is wrong
-        bad = {"inputs": [{"name": "input", "shape": [1, 63], "datatype": "FP32",
-                           "data": [0.0] * 63}]}
+        bad = {
+            "inputs": [{"name": "input", "shape": [1, 63], "datatype": "FP32", "data": [0.0] * 63}]
+        }
         r = c.post("/v2/models/digits/infer", json=bad)
         assert r.status_code == 400
         assert "input 'input'" in r.json()["error"]
@@ -105,8 +113,11 @@ def test_v2_json_binary_metadata_errors_and_metrics(
         assert r.status_code == 404
         r = c.post("/v2/models/digits/infer", content=b"{oops")
         assert r.status_code == 400
-        nan = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
-                           "data": [float("nan")] * 64}]}
+        nan = {
+            "inputs": [
+                {"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [float("nan")] * 64}
+            ]
+        }
         r = c.post("/v2/models/digits/infer", content=json.dumps(nan).encode())
         assert r.status_code == 400
         assert "NaN" in r.json()["error"]
@@ -134,8 +145,11 @@ def test_unix_socket_endpoint(tmp_path: Path, mosquitto: MosquittoBroker) -> Non
     keys = Keys(tmp_path)
     sock = tmp_path / "agent.sock"
     cfg = write_config(
-        tmp_path / "agent.toml", device="dev-sock", broker_url=mosquitto.url,
-        store=tmp_path / "store", public_key=keys.public,
+        tmp_path / "agent.toml",
+        device="dev-sock",
+        broker_url=mosquitto.url,
+        store=tmp_path / "store",
+        public_key=keys.public,
     )
     cfg.write_text(cfg.read_text().replace("[endpoint]\n", f'[endpoint]\nsocket = "{sock}"\n'))
     with Agent(load_config(cfg)) as agent:
@@ -149,8 +163,9 @@ def test_unix_socket_endpoint(tmp_path: Path, mosquitto: MosquittoBroker) -> Non
     assert not sock.exists()
 
 
-def test_hard_examples_are_captured_bounded(setup: tuple[Agent, Observer, Keys],
-                                            tmp_path: Path) -> None:
+def test_hard_examples_are_captured_bounded(
+    setup: tuple[Agent, Observer, Keys], tmp_path: Path
+) -> None:
     agent, _, _ = setup
     assert agent.capture is not None
     x = val_inputs(64)
@@ -168,8 +183,19 @@ def test_hard_examples_are_captured_bounded(setup: tuple[Agent, Observer, Keys],
     # the same through the CLI, as an operator would on the device
     from edgecloud.cli.main import main as cli_main
 
-    assert cli_main(["agent", "hard-examples", "--config", str(tmp_path / "agent.toml"),
-                     "--out", str(tmp_path / "cli-export")]) == 0
+    assert (
+        cli_main(
+            [
+                "agent",
+                "hard-examples",
+                "--config",
+                str(tmp_path / "agent.toml"),
+                "--out",
+                str(tmp_path / "cli-export"),
+            ]
+        )
+        == 0
+    )
     assert len(json.loads((tmp_path / "cli-export" / "index.json").read_text())) == len(listed)
 
 
@@ -178,8 +204,11 @@ def test_atomic_swap_under_load(setup: tuple[Agent, Observer, Keys], tmp_path: P
     assert agent.endpoint is not None
     v2 = make_package(tmp_path, keys, "2.0.0")
     x = val_inputs(1)
-    body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
-                        "data": x.ravel().tolist()}]}
+    body = {
+        "inputs": [
+            {"name": "input", "shape": [1, 64], "datatype": "FP32", "data": x.ravel().tolist()}
+        ]
+    }
     seen: dict[str, int] = {}
     failures: list[Any] = []
     stop = threading.Event()
@@ -232,8 +261,11 @@ def test_low_confidence_goes_to_a_real_cloud_region_and_degrades_without_it(
     obs = Observer(mosquitto.host, mosquitto.port)
     with running_cloud_server(repo, region="near", subprocess=False, threads=1) as server:
         cfg = write_config(
-            tmp_path / "agent.toml", device="dev-cloud", broker_url=mosquitto.url,
-            store=tmp_path / "store", public_key=keys.public,
+            tmp_path / "agent.toml",
+            device="dev-cloud",
+            broker_url=mosquitto.url,
+            store=tmp_path / "store",
+            public_key=keys.public,
             extra=(
                 "[policy]\nthreshold = 0.9\ndeadline_s = 5.0\n"
                 "[capture]\nenabled = true\nthreshold = 0.9\n"
@@ -243,8 +275,13 @@ def test_low_confidence_goes_to_a_real_cloud_region_and_degrades_without_it(
         )
         agent = Agent(load_config(cfg)).start()
         try:
-            send_job(obs, "dev-cloud", "v1", "deploy",
-                     package_url=make_package(tmp_path, keys, "1.0.0").as_uri())
+            send_job(
+                obs,
+                "dev-cloud",
+                "v1",
+                "deploy",
+                package_url=make_package(tmp_path, keys, "1.0.0").as_uri(),
+            )
             assert obs.wait_job("v1")["status"] == "SUCCEEDED"
             x = val_inputs(60)
             routes = [agent.infer({"input": x[i : i + 1]}).route for i in range(60)]
@@ -290,8 +327,11 @@ def test_endpoint_that_cannot_listen_is_a_config_error(tmp_path: Path) -> None:
     busy = socket.create_server(("127.0.0.1", 0))
     try:
         cfg = write_config(
-            tmp_path / "agent.toml", device="dev-busy", broker_url="mqtt://127.0.0.1:1",
-            store=tmp_path / "store", public_key=keys.public,
+            tmp_path / "agent.toml",
+            device="dev-busy",
+            broker_url="mqtt://127.0.0.1:1",
+            store=tmp_path / "store",
+            public_key=keys.public,
             endpoint_port=busy.getsockname()[1],
         )
         with pytest.raises(ConfigError, match=r"endpoint: cannot listen on 127\.0\.0\.1:\d+"):
@@ -301,9 +341,7 @@ def test_endpoint_that_cannot_listen_is_a_config_error(tmp_path: Path) -> None:
     # a socket path that is a regular file is refused, and the file is left alone
     victim = tmp_path / "important.txt"
     victim.write_text("keep me")
-    cfg.write_text(
-        cfg.read_text().replace("[endpoint]\n", f'[endpoint]\nsocket = "{victim}"\n')
-    )
+    cfg.write_text(cfg.read_text().replace("[endpoint]\n", f'[endpoint]\nsocket = "{victim}"\n'))
     with pytest.raises(ConfigError, match="is not a socket"):
         Agent(load_config(cfg)).start()
     assert victim.read_text() == "keep me"

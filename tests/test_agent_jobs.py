@@ -35,8 +35,13 @@ def _config(
     tmp_path: Path, mosquitto: MosquittoBroker, keys: Keys, extra: str = "", **kw: Any
 ) -> Path:
     return write_config(
-        tmp_path / "agent.toml", device=DEV, broker_url=mosquitto.url, store=tmp_path / "store",
-        public_key=keys.public, extra=extra, **kw
+        tmp_path / "agent.toml",
+        device=DEV,
+        broker_url=mosquitto.url,
+        store=tmp_path / "store",
+        public_key=keys.public,
+        extra=extra,
+        **kw,
     )
 
 
@@ -133,8 +138,9 @@ def test_tampered_and_unhealthy_packages_leave_old_version_serving(
     assert done["status"] == "REJECTED"
     assert "signed by key" in done["reason"]
 
-    wrong_sha = _deploy(observer, "bad-archive-sha", make_package(tmp_path, keys, "2.0.2"),
-                        sha256="0" * 64)
+    wrong_sha = _deploy(
+        observer, "bad-archive-sha", make_package(tmp_path, keys, "2.0.2"), sha256="0" * 64
+    )
     assert wrong_sha["status"] == "REJECTED"
     assert "sha256" in wrong_sha["reason"]
 
@@ -180,8 +186,11 @@ def test_malformed_messages_rejected_agent_keeps_running(
     send_job(observer, DEV, "j-no-url", "deploy")
     send_job(observer, DEV, "j-bad-policy", "policy", mode="edge_first", threshold=float("nan"))
     observer.publish(f"edgecloud/devices/{DEV}/shadow/desired", b"[1,2]", retain=True)
-    for jid, word in (("j-bad-op", "operation"), ("j-no-url", "package_url"),
-                      ("j-bad-policy", "threshold")):
+    for jid, word in (
+        ("j-bad-op", "operation"),
+        ("j-no-url", "package_url"),
+        ("j-bad-policy", "threshold"),
+    ):
         done = observer.wait_job(jid)
         assert done["status"] == "REJECTED", done
         assert word in done["reason"], done
@@ -193,7 +202,6 @@ def test_malformed_messages_rejected_agent_keeps_running(
     assert agent.client.threshold == 0.3
 
 
-
 def test_desired_state_delta_is_acted_on_and_reported(
     tmp_path: Path, keys: Keys, observer: Observer, agent_factory: Any
 ) -> None:
@@ -202,15 +210,19 @@ def test_desired_state_delta_is_acted_on_and_reported(
     desired = f"edgecloud/devices/{DEV}/shadow/desired"
     observer.publish(
         desired,
-        {"version": 3, "state": {
-            "model": {"name": "digits", "version": "1.0.0", "package_url": v1.as_uri()},
-            "policy": {"mode": "edge_only", "threshold": 0.42, "deadline": 2},
-        }},
+        {
+            "version": 3,
+            "state": {
+                "model": {"name": "digits", "version": "1.0.0", "package_url": v1.as_uri()},
+                "policy": {"mode": "edge_only", "threshold": 0.42, "deadline": 2},
+            },
+        },
         retain=True,
     )
     reported = observer.wait(
         lambda: next((r for r in observer.json_on("/shadow/reported") if r["version"] == 3), None),
-        60, "reported state 3",
+        60,
+        "reported state 3",
     )
     assert reported["state"]["model"] == {"name": "digits", "version": "1.0.0"}
     assert reported["state"]["policy"] == {"mode": "edge_only", "threshold": 0.42}
@@ -220,13 +232,22 @@ def test_desired_state_delta_is_acted_on_and_reported(
     # a desired version that cannot be fetched: reported with the error, old model serving
     observer.publish(
         desired,
-        {"version": 4, "state": {"model": {"name": "digits", "version": "2.0.0",
-                                           "package_url": (tmp_path / "nope.tar.gz").as_uri()}}},
+        {
+            "version": 4,
+            "state": {
+                "model": {
+                    "name": "digits",
+                    "version": "2.0.0",
+                    "package_url": (tmp_path / "nope.tar.gz").as_uri(),
+                }
+            },
+        },
         retain=True,
     )
     reported = observer.wait(
         lambda: next((r for r in observer.json_on("/shadow/reported") if r["version"] == 4), None),
-        60, "reported state 4",
+        60,
+        "reported state 4",
     )
     assert "does not exist" in reported["state"]["error"]
     assert reported["state"]["model"]["version"] == "1.0.0"
@@ -256,8 +277,13 @@ def test_duplicate_delivery_runs_a_job_once(
 def test_refused_credentials_are_reported_and_agent_keeps_serving(tmp_path: Path) -> None:
     keys = Keys(tmp_path)
     with MosquittoBroker(allow_anonymous=False) as broker:
-        cfg = write_config(tmp_path / "agent.toml", device="dev-auth", broker_url=broker.url,
-                           store=tmp_path / "store", public_key=keys.public)
+        cfg = write_config(
+            tmp_path / "agent.toml",
+            device="dev-auth",
+            broker_url=broker.url,
+            store=tmp_path / "store",
+            public_key=keys.public,
+        )
         agent = Agent(load_config(cfg)).start()
         try:
             deadline = time.monotonic() + 15
@@ -283,21 +309,34 @@ def test_mutual_tls_and_device_acl(tmp_path: Path) -> None:
     with broker:
         cert, key = files.clients["dev-tls"]
         cfg = write_config(
-            tmp_path / "agent.toml", device="dev-tls", broker_url=broker.url,
-            store=tmp_path / "store", public_key=keys.public, interval=0.2,
+            tmp_path / "agent.toml",
+            device="dev-tls",
+            broker_url=broker.url,
+            store=tmp_path / "store",
+            public_key=keys.public,
+            interval=0.2,
         )
-        cfg.write_text(cfg.read_text().replace(
-            "keepalive = 5", f'keepalive = 5\nca = "{files.ca}"\ncert = "{cert}"\nkey = "{key}"'
-        ))
+        cfg.write_text(
+            cfg.read_text().replace(
+                "keepalive = 5", f'keepalive = 5\nca = "{files.ca}"\ncert = "{cert}"\nkey = "{key}"'
+            )
+        )
         ccert, ckey = files.clients["controller"]
         obs = Observer(broker.host, broker.port, tls=(files.ca, ccert, ckey))
         agent = Agent(load_config(cfg)).start()
         try:
-            send_job(obs, "dev-tls", "tls-1", "deploy",
-                     package_url=make_package(tmp_path, keys, "1.0.0").as_uri())
+            send_job(
+                obs,
+                "dev-tls",
+                "tls-1",
+                "deploy",
+                package_url=make_package(tmp_path, keys, "1.0.0").as_uri(),
+            )
             assert obs.wait_job("tls-1")["status"] == "SUCCEEDED"
-            obs.wait(lambda: len(obs.json_on("/devices/dev-tls/telemetry")) >= 2,
-                     what="telemetry over TLS")
+            obs.wait(
+                lambda: len(obs.json_on("/devices/dev-tls/telemetry")) >= 2,
+                what="telemetry over TLS",
+            )
             assert agent.last_error == ""
         finally:
             agent.stop()
@@ -308,12 +347,8 @@ def test_restart_with_a_damaged_active_slot_serves_the_previous_one(
     tmp_path: Path, keys: Keys, observer: Observer, agent_factory: Any
 ) -> None:
     agent = agent_factory()
-    assert _deploy(observer, "d1", make_package(tmp_path, keys, "1.0.0"))["status"] == (
-        "SUCCEEDED"
-    )
-    assert _deploy(observer, "d2", make_package(tmp_path, keys, "2.0.0"))["status"] == (
-        "SUCCEEDED"
-    )
+    assert _deploy(observer, "d1", make_package(tmp_path, keys, "1.0.0"))["status"] == ("SUCCEEDED")
+    assert _deploy(observer, "d2", make_package(tmp_path, keys, "2.0.0"))["status"] == ("SUCCEEDED")
     active = agent.store.pointer()
     assert active is not None
     agent.stop()

@@ -73,8 +73,13 @@ def test_last_will_marks_device_offline_when_killed(
     tmp_path: Path, mosquitto: MosquittoBroker, procs: list[AgentProcess]
 ) -> None:
     keys = Keys(tmp_path)
-    cfg = write_config(tmp_path / "agent.toml", device="dev-p1", broker_url=mosquitto.url,
-                       store=tmp_path / "store", public_key=keys.public)
+    cfg = write_config(
+        tmp_path / "agent.toml",
+        device="dev-p1",
+        broker_url=mosquitto.url,
+        store=tmp_path / "store",
+        public_key=keys.public,
+    )
     obs = Observer(mosquitto.host, mosquitto.port)
     try:
         p = AgentProcess(cfg, tmp_path / "agent.log", via_cli=True)
@@ -101,9 +106,14 @@ def test_restart_while_offline_keeps_the_queue(
     # The agent's link goes through a gate the test closes; broker and observer stay up.
     gate = TcpGate(mosquitto.port)
     keys = Keys(tmp_path)
-    cfg = write_config(tmp_path / "agent.toml", device="dev-p2",
-                       broker_url=f"mqtt://127.0.0.1:{gate.port}",
-                       store=tmp_path / "store", public_key=keys.public, interval=0.2)
+    cfg = write_config(
+        tmp_path / "agent.toml",
+        device="dev-p2",
+        broker_url=f"mqtt://127.0.0.1:{gate.port}",
+        store=tmp_path / "store",
+        public_key=keys.public,
+        interval=0.2,
+    )
     obs = Observer(mosquitto.host, mosquitto.port)
     try:
         p1 = AgentProcess(cfg, tmp_path / "agent.log")
@@ -118,8 +128,11 @@ def test_restart_while_offline_keeps_the_queue(
         procs.append(p2)
         time.sleep(1.0)  # the new process starts offline too
         gate.open_link()
-        obs.wait(lambda: len({r["seq"] for r in obs.json_on("/telemetry")}) >= 25, 60,
-                 "queued heartbeats after restart")
+        obs.wait(
+            lambda: len({r["seq"] for r in obs.json_on("/telemetry")}) >= 25,
+            60,
+            "queued heartbeats after restart",
+        )
         seqs = [r["seq"] for r in obs.json_on("/telemetry")]
         assert p2.terminate() == 0
     finally:
@@ -137,8 +150,13 @@ def test_killed_mid_download_resumes_after_restart(
     archive = make_package(tmp_path, keys, "1.0.0")
     data = archive.read_bytes()
     server = PackageServer({"pkg.tar.gz": data}, stall_first=True)
-    cfg = write_config(tmp_path / "agent.toml", device="dev-p3", broker_url=mosquitto.url,
-                       store=tmp_path / "store", public_key=keys.public)
+    cfg = write_config(
+        tmp_path / "agent.toml",
+        device="dev-p3",
+        broker_url=mosquitto.url,
+        store=tmp_path / "store",
+        public_key=keys.public,
+    )
     obs = Observer(mosquitto.host, mosquitto.port)
     try:
         p1 = AgentProcess(cfg, tmp_path / "agent.log")
@@ -147,9 +165,11 @@ def test_killed_mid_download_resumes_after_restart(
         send_job(obs, "dev-p3", "deploy-1", "deploy", package_url=server.url("pkg.tar.gz"))
         downloads = tmp_path / "store" / "downloads"
         obs.wait(
-            lambda: any(p.name.endswith(".part") and p.stat().st_size > 0
-                        for p in downloads.iterdir()),
-            30, "a partial download",
+            lambda: any(
+                p.name.endswith(".part") and p.stat().st_size > 0 for p in downloads.iterdir()
+            ),
+            30,
+            "a partial download",
         )
         p1.kill()
         server.release.set()
@@ -159,9 +179,12 @@ def test_killed_mid_download_resumes_after_restart(
         assert done["status"] == "SUCCEEDED", done["reason"]
         assert done["details"]["version"] == "1.0.0"
         obs.wait(
-            lambda: any(s["model_version"] == "1.0.0" and s["online"]
-                        for s in obs.json_on("/devices/dev-p3/status")),
-            30, "status naming the new version",
+            lambda: any(
+                s["model_version"] == "1.0.0" and s["online"]
+                for s in obs.json_on("/devices/dev-p3/status")
+            ),
+            30,
+            "status naming the new version",
         )
         assert p2.terminate() == 0
         obs.wait(lambda: _online(obs, "dev-p3", False), 10, "offline on clean stop")

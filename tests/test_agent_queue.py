@@ -72,9 +72,14 @@ def test_telemetry_survives_broker_outage_in_order(
     """
     keys = Keys(tmp_path)
     gate = TcpGate(mosquitto.port)
-    cfg = write_config(tmp_path / "agent.toml", device="dev-q",
-                       broker_url=f"mqtt://127.0.0.1:{gate.port}",
-                       store=tmp_path / "store", public_key=keys.public, interval=0.1)
+    cfg = write_config(
+        tmp_path / "agent.toml",
+        device="dev-q",
+        broker_url=f"mqtt://127.0.0.1:{gate.port}",
+        store=tmp_path / "store",
+        public_key=keys.public,
+        interval=0.1,
+    )
     obs = Observer(mosquitto.host, mosquitto.port)
     agent = start_agent(cfg)
     try:
@@ -105,7 +110,8 @@ def test_telemetry_survives_broker_outage_in_order(
         produced = agent.heartbeat()  # everything up to this one must arrive
         obs.wait(
             lambda: any(r["seq"] == produced for r in obs.json_on("/telemetry")),
-            timeout=30, what=f"telemetry seq {produced}",
+            timeout=30,
+            what=f"telemetry seq {produced}",
         )
         records = obs.json_on("/telemetry")
     finally:
@@ -129,8 +135,12 @@ def test_heartbeat_reports_dropped_records(tmp_path: Path) -> None:
 
     keys = Keys(tmp_path)
     cfg = write_config(
-        tmp_path / "agent.toml", device="dev-drop", broker_url=f"mqtt://127.0.0.1:{free_port()}",
-        store=tmp_path / "store", public_key=keys.public, extra="[queue]\nmax_rows = 10\n",
+        tmp_path / "agent.toml",
+        device="dev-drop",
+        broker_url=f"mqtt://127.0.0.1:{free_port()}",
+        store=tmp_path / "store",
+        public_key=keys.public,
+        extra="[queue]\nmax_rows = 10\n",
     )
     agent = Agent(load_config(cfg)).start()  # nobody listens on that port: stays offline
     try:

@@ -54,8 +54,12 @@ def agent_factory(tmp_path: Path, mosquitto: MosquittoBroker, keys: Keys) -> Ite
 
     def make(extra: str = "") -> Agent:
         cfg = write_config(
-            tmp_path / "agent.toml", device=DEV, broker_url=mosquitto.url,
-            store=tmp_path / "store", public_key=keys.public, extra=extra,
+            tmp_path / "agent.toml",
+            device=DEV,
+            broker_url=mosquitto.url,
+            store=tmp_path / "store",
+            public_key=keys.public,
+            extra=extra,
         )
         a = Agent(load_config(cfg)).start()
         agents.append(a)
@@ -90,12 +94,14 @@ def test_refused_and_failed_deploys_keep_the_previous_version_for_rollback(
 
     tampered = _deploy(observer, "bad-hash", make_package(tmp_path, keys, "3.0.0", tamper=True))
     assert tampered["status"] == "REJECTED"
-    unhealthy = _deploy(observer, "bad-health",
-                        make_package(tmp_path, keys, "4.0.0", bad_warmup=True))
+    unhealthy = _deploy(
+        observer, "bad-health", make_package(tmp_path, keys, "4.0.0", bad_warmup=True)
+    )
     assert unhealthy["status"] == "FAILED"
     assert "warm-up" in unhealthy["reason"]
-    wrong = _deploy(observer, "wrong-version", make_package(tmp_path, keys, "5.0.0"),
-                    version="5.0.1")
+    wrong = _deploy(
+        observer, "wrong-version", make_package(tmp_path, keys, "5.0.0"), version="5.0.1"
+    )
     assert wrong["status"] == "REJECTED"
     assert agent.store.pointer() == before  # pointer, previous included, untouched
     assert (agent.store.slot_path(before.previous) / "manifest.json").read_bytes() == (
@@ -163,14 +169,18 @@ def _regression_package(
     y_rec = (y * (1 + 1e-3 * rng.standard_normal(y.shape))).astype(np.float32)
     np.savez(work / "warmup.npz", **{"input.x": x, "output.y": y_rec})
     manifest = Manifest(
-        name="reg", version="1", task=task, confidence="none",
+        name="reg",
+        version="1",
+        task=task,
+        confidence="none",
         inputs=(TensorSpec("x", "float32", ("batch", 4)),),
         outputs=(TensorSpec("y", "float32", ("batch", 3)),),
         variants=(Variant("fp32", "model.onnx", "onnx", "fp32", "cpu", 0, ""),),
         warmup={"file": "warmup.npz", "max_rel_l2": 0.01, **(warmup_extra or {})},
     )
     write_package(
-        work / "pkg", manifest,
+        work / "pkg",
+        manifest,
         {"model.onnx": work / "model.onnx", "warmup.npz": work / "warmup.npz"},
         signing_key=load_private_key(keys.private),
     )
@@ -198,8 +208,7 @@ def test_health_check_of_a_regression_model_relies_on_relative_l2(
     finally:
         backend.close()
     # an explicit threshold is honoured for any task
-    strict = _regression_package(tmp_path / "s", keys, "regression",
-                                 {"min_top1_agreement": 0.99})
+    strict = _regression_package(tmp_path / "s", keys, "regression", {"min_top1_agreement": 0.99})
     backend = load_model(strict)
     try:
         with pytest.raises(HealthCheckError, match="top-1 agreement"):
@@ -221,8 +230,16 @@ def test_failed_desired_version_is_retried_with_backoff_and_bounded(
     agent = agent_factory(extra)
     desired = f"edgecloud/devices/{DEV}/shadow/desired"
     late = tmp_path / "late.tar.gz"  # published before the file exists (a CDN not yet synced)
-    observer.publish(desired, {"version": 5, "state": {"model": {
-        "name": "digits", "version": "2.0.0", "package_url": late.as_uri()}}}, retain=True)
+    observer.publish(
+        desired,
+        {
+            "version": 5,
+            "state": {
+                "model": {"name": "digits", "version": "2.0.0", "package_url": late.as_uri()}
+            },
+        },
+        retain=True,
+    )
     first = observer.wait(lambda: next(iter(_reported(observer, 5)), None), 30, "reported 5")
     assert "does not exist" in first["state"]["error"]
     assert first["state"]["retry"] == {"attempts": 1, "max_attempts": 3, "next_in_s": 0.5}
@@ -230,7 +247,8 @@ def test_failed_desired_version_is_retried_with_backoff_and_bounded(
     shutil.copyfile(make_package(tmp_path, keys, "2.0.0"), late)
     ok = observer.wait(
         lambda: next((r for r in _reported(observer, 5) if "error" not in r["state"]), None),
-        30, "reported 5 without error",
+        30,
+        "reported 5 without error",
     )
     assert ok["state"]["model"] == {"name": "digits", "version": "2.0.0"}
     assert "retry" not in ok["state"]
@@ -238,13 +256,23 @@ def test_failed_desired_version_is_retried_with_backoff_and_bounded(
 
     # never available: 3 attempts (0.5 s, then 1 s apart), then the device gives up
     never = tmp_path / "never.tar.gz"
-    observer.publish(desired, {"version": 6, "state": {"model": {
-        "name": "digits", "version": "3.0.0", "package_url": never.as_uri()}}}, retain=True)
+    observer.publish(
+        desired,
+        {
+            "version": 6,
+            "state": {
+                "model": {"name": "digits", "version": "3.0.0", "package_url": never.as_uri()}
+            },
+        },
+        retain=True,
+    )
     t0 = time.monotonic()
     gave_up = observer.wait(
-        lambda: next((r for r in _reported(observer, 6) if r["state"]["retry"].get("gave_up")),
-                     None),
-        30, "gave up on 6",
+        lambda: next(
+            (r for r in _reported(observer, 6) if r["state"]["retry"].get("gave_up")), None
+        ),
+        30,
+        "gave up on 6",
     )
     assert time.monotonic() - t0 >= 1.4
     assert gave_up["state"]["retry"] == {"attempts": 3, "max_attempts": 3, "gave_up": True}
@@ -269,9 +297,16 @@ def test_failed_desired_version_is_retried_when_it_comes_again_after_a_restart(
     extra = "desired_retries = 3\ndesired_retry_delay_s = 0.3\n"
     agent = agent_factory(extra)
     late = tmp_path / "late.tar.gz"
-    observer.publish(f"edgecloud/devices/{DEV}/shadow/desired", {"version": 9, "state": {
-        "model": {"name": "digits", "version": "1.0.0", "package_url": late.as_uri()}}},
-        retain=True)
+    observer.publish(
+        f"edgecloud/devices/{DEV}/shadow/desired",
+        {
+            "version": 9,
+            "state": {
+                "model": {"name": "digits", "version": "1.0.0", "package_url": late.as_uri()}
+            },
+        },
+        retain=True,
+    )
     observer.wait(lambda: _reported(observer, 9), 30, "reported 9")
     agent.stop()  # offline before the retry is due
     shutil.copyfile(make_package(tmp_path, keys, "1.0.0"), late)
@@ -280,6 +315,7 @@ def test_failed_desired_version_is_retried_when_it_comes_again_after_a_restart(
     observer.wait(lambda: again.active_version == "1.0.0", 30, "deployed after restart")
     ok = observer.wait(
         lambda: next((r for r in _reported(observer, 9) if "error" not in r["state"]), None),
-        30, "reported 9 without error",
+        30,
+        "reported 9 without error",
     )
     assert ok["state"]["model"]["version"] == "1.0.0"

@@ -73,8 +73,12 @@ def make_package(
         outputs=(TensorSpec("logits", "float32", ("batch", 10)),),
         variants=(Variant("fp32", "model.onnx", "onnx", "fp32", "cpu", 0, ""),),
         warmup={
-            "file": "warmup.npz", "inputs": ["input.input"], "outputs": ["output.logits"],
-            "compare_output": "logits", "min_top1_agreement": 0.99, "max_rel_l2": 1e-3,
+            "file": "warmup.npz",
+            "inputs": ["input.input"],
+            "outputs": ["output.logits"],
+            "compare_output": "logits",
+            "min_top1_agreement": 0.99,
+            "max_rel_l2": 1e-3,
         },
     )
     pkg = work / "pkg"
@@ -318,7 +322,11 @@ class Observer:
 def send_job(obs: Observer, device: str, job_id: str, operation: str, **document: Any) -> None:
     obs.publish(
         f"edgecloud/devices/{device}/jobs/notify",
-        {"job_id": job_id, "operation": operation, "document": document,
-         "execution_number": 1, "timeout_s": 120},
+        {
+            "job_id": job_id,
+            "operation": operation,
+            "document": document,
+            "execution_number": 1,
+            "timeout_s": 120,
+        },
     )
-

@@ -37,7 +37,11 @@ MLP = MODELS / "digits_edge.onnx"
 def _full_losses(model: Path, data: str, tmp: Path, *, task: str, int8: str) -> list[float]:
     """Loss (%) of every full-INT8 candidate the search would try first, measured directly."""
     ctx = prepare(
-        model, DATA / f"{data}_calib.npz", DATA / f"{data}_val.npz", work_dir=tmp, task=task,
+        model,
+        DATA / f"{data}_calib.npz",
+        DATA / f"{data}_val.npz",
+        work_dir=tmp,
+        task=task,
         int8=int8,  # type: ignore[arg-type]
     )
     out = []
@@ -101,7 +105,10 @@ def test_candidate_order_default_first_then_family() -> None:
 
 def test_first_passing_default_stops_the_search(tmp_path: Path) -> None:
     result = autotune(
-        ENCODER, DATA / "edge_calib.npz", DATA / "edge_val.npz", tolerance=2.0,
+        ENCODER,
+        DATA / "edge_calib.npz",
+        DATA / "edge_val.npz",
+        tolerance=2.0,
         output=tmp_path / "int8.onnx",
     )
     assert result.passed
@@ -119,8 +126,15 @@ def test_search_beats_a_failing_default_with_exclusions_on_the_encoder(tmp_path:
     out = tmp_path / "int8.onnx"
     report = tmp_path / "search.json"
     result = autotune(
-        ENCODER, DATA / "edge_calib.npz", DATA / "edge_val.npz", tolerance=tolerance,
-        task="regression", int8="dynamic", budget=20, output=out, report=report,
+        ENCODER,
+        DATA / "edge_calib.npz",
+        DATA / "edge_val.npz",
+        tolerance=tolerance,
+        task="regression",
+        int8="dynamic",
+        budget=20,
+        output=out,
+        report=report,
     )
     assert result.passed
     assert not result.trials[0].passed
@@ -152,8 +166,13 @@ def test_static_search_on_the_cnn_reuses_calibration(tmp_path: Path) -> None:
     losses = _full_losses(CNN, "cloud", tmp_path / "probe", task="regression", int8="static")
     tolerance = 0.8 * min(losses)
     result = autotune(
-        CNN, DATA / "cloud_calib.npz", DATA / "cloud_val.npz", tolerance=tolerance,
-        task="regression", budget=20, output=tmp_path / "int8.onnx",
+        CNN,
+        DATA / "cloud_calib.npz",
+        DATA / "cloud_val.npz",
+        tolerance=tolerance,
+        task="regression",
+        budget=20,
+        output=tmp_path / "int8.onnx",
     )
     assert result.passed
     assert result.families == ("static",)
@@ -170,8 +189,12 @@ def test_static_search_on_the_cnn_reuses_calibration(tmp_path: Path) -> None:
 
 def test_embedding_task_uses_mean_cosine(tmp_path: Path) -> None:
     result = autotune(
-        ENCODER, DATA / "edge_calib.npz", DATA / "edge_val.npz", tolerance=1.0,
-        task="embedding", int8="dynamic",
+        ENCODER,
+        DATA / "edge_calib.npz",
+        DATA / "edge_val.npz",
+        tolerance=1.0,
+        task="embedding",
+        int8="dynamic",
     )
     assert result.trials[0].metric == "cosine"
     assert 0.99 < result.trials[0].value <= 1.0
@@ -181,8 +204,14 @@ def test_budget_exhausted_fails_with_best_numbers_and_worst_layers(tmp_path: Pat
     report = tmp_path / "search.json"
     with pytest.raises(ValidationError) as info:
         autotune(
-            ENCODER, DATA / "edge_calib.npz", DATA / "edge_val.npz", tolerance=0.0,
-            task="regression", int8="dynamic", budget=Budget(trials=3), report=report,
+            ENCODER,
+            DATA / "edge_calib.npz",
+            DATA / "edge_val.npz",
+            tolerance=0.0,
+            task="regression",
+            int8="dynamic",
+            budget=Budget(trials=3),
+            report=report,
         )
     msg = str(info.value)
     assert "no INT8 variant of digits_encoder.onnx met the 0 % tolerance in 3 trial(s)" in msg
@@ -198,8 +227,13 @@ def test_budget_exhausted_fails_with_best_numbers_and_worst_layers(tmp_path: Pat
 
 def test_no_check_returns_the_failed_result(tmp_path: Path) -> None:
     result = autotune(
-        MLP, DATA / "edge_calib.npz", DATA / "edge_val.npz", tolerance=0.0, task="regression",
-        budget=1, check=False,
+        MLP,
+        DATA / "edge_calib.npz",
+        DATA / "edge_val.npz",
+        tolerance=0.0,
+        task="regression",
+        budget=1,
+        check=False,
     )
     assert isinstance(result, SearchResult)
     assert not result.passed
@@ -232,8 +266,15 @@ def _cli() -> argparse.ArgumentParser:
 
 def test_inspect_quant_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
     args = _cli().parse_args(
-        ["inspect-quant", str(CNN), "--calib", str(DATA / "cloud_calib.npz"),
-         "--val", str(DATA / "cloud_val.npz"), "--json"]
+        [
+            "inspect-quant",
+            str(CNN),
+            "--calib",
+            str(DATA / "cloud_calib.npz"),
+            "--val",
+            str(DATA / "cloud_val.npz"),
+            "--json",
+        ]
     )
     assert args.func(args) == 0
     doc = json.loads(capsys.readouterr().out)  # stdout is pure JSON (calibrator prints muted)
@@ -246,8 +287,16 @@ def test_inspect_quant_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_inspect_quant_cli_table(capsys: pytest.CaptureFixture[str]) -> None:
     args = _cli().parse_args(
-        ["inspect-quant", str(ENCODER), "--calib", str(DATA / "edge_calib.npz"),
-         "--val", str(DATA / "edge_val.npz"), "--limit", "5"]
+        [
+            "inspect-quant",
+            str(ENCODER),
+            "--calib",
+            str(DATA / "edge_calib.npz"),
+            "--val",
+            str(DATA / "edge_val.npz"),
+            "--limit",
+            "5",
+        ]
     )
     assert args.func(args) == 0
     out = capsys.readouterr().out
@@ -277,8 +326,13 @@ def test_benchmark_quick_runs_and_reports_ratios(capsys: pytest.CaptureFixture[s
 
 def test_time_budget_still_tries_the_default(tmp_path: Path) -> None:
     result = autotune(
-        MLP, DATA / "edge_calib.npz", DATA / "edge_val.npz", tolerance=0.0, task="regression",
-        budget="0.001s", check=False,
+        MLP,
+        DATA / "edge_calib.npz",
+        DATA / "edge_val.npz",
+        tolerance=0.0,
+        task="regression",
+        budget="0.001s",
+        check=False,
     )
     assert len(result.trials) == 1
     assert result.stopped_by_budget
@@ -287,8 +341,12 @@ def test_time_budget_still_tries_the_default(tmp_path: Path) -> None:
 
 def test_exhaustive_tries_every_setting_and_keeps_the_fastest(tmp_path: Path) -> None:
     result = autotune(
-        ENCODER, DATA / "edge_calib.npz", DATA / "edge_val.npz", tolerance=5.0,
-        exhaustive=True, work_dir=tmp_path,
+        ENCODER,
+        DATA / "edge_calib.npz",
+        DATA / "edge_val.npz",
+        tolerance=5.0,
+        exhaustive=True,
+        work_dir=tmp_path,
     )
     assert len(result.trials) == len(candidates("matmul", ("dynamic", "static")))
     assert all(t.passed for t in result.trials)
@@ -314,8 +372,14 @@ def test_table_and_cli_entry_point_for_convert(
     args = p.parse_args(["--search-budget", "3", "--search-report", str(tmp_path / "r.json")])
     with pytest.raises(ValidationError, match="in 3 trial"):
         run_search_for_convert(
-            args, ENCODER, DATA / "edge_calib.npz", DATA / "edge_val.npz",
-            tmp_path / "int8.onnx", int8="dynamic", tolerance=0.0, task="regression",
+            args,
+            ENCODER,
+            DATA / "edge_calib.npz",
+            DATA / "edge_val.npz",
+            tmp_path / "int8.onnx",
+            int8="dynamic",
+            tolerance=0.0,
+            task="regression",
             reporter=RichReporter(Console(stderr=True, width=200)),
         )
     err = capsys.readouterr().err
@@ -325,8 +389,13 @@ def test_table_and_cli_entry_point_for_convert(
     assert not (tmp_path / "int8.onnx").exists()  # nothing passed: nothing emitted
 
     ok = run_search_for_convert(
-        p.parse_args([]), ENCODER, DATA / "edge_calib.npz", DATA / "edge_val.npz",
-        tmp_path / "int8.onnx", int8="auto", tolerance=2.0,
+        p.parse_args([]),
+        ENCODER,
+        DATA / "edge_calib.npz",
+        DATA / "edge_val.npz",
+        tmp_path / "int8.onnx",
+        int8="auto",
+        tolerance=2.0,
     )
     assert ok.passed
     assert (tmp_path / "int8.onnx").is_file()
@@ -340,8 +409,16 @@ def test_table_and_cli_entry_point_for_convert(
 def test_emit_best_writes_the_lowest_loss_trial_when_nothing_passes(tmp_path: Path) -> None:
     out = tmp_path / "best.onnx"
     result = autotune(
-        MLP, DATA / "edge_calib.npz", DATA / "edge_val.npz", tolerance=0.0, task="regression",
-        int8="dynamic", budget=2, output=out, check=False, emit_best=True,
+        MLP,
+        DATA / "edge_calib.npz",
+        DATA / "edge_val.npz",
+        tolerance=0.0,
+        task="regression",
+        int8="dynamic",
+        budget=2,
+        output=out,
+        check=False,
+        emit_best=True,
     )
     assert not result.passed
     best = result.best
@@ -353,10 +430,22 @@ def test_emit_best_writes_the_lowest_loss_trial_when_nothing_passes(tmp_path: Pa
 
 def _trial(index: int, speedup: float | None, excluded: tuple[str, ...] = ()) -> Trial:
     return Trial(
-        index=index, label=f"t{index}", phase="exclusion" if excluded else "settings",
-        family="static", settings={}, excluded=excluded, passed=True, metric="rel_l2",
-        reference=0.0, value=0.001, loss_pct=0.1, rel_l2=0.001, cosine=1.0,
-        latency_ms=None if speedup is None else 1.0 / speedup, speedup=speedup, size=1,
+        index=index,
+        label=f"t{index}",
+        phase="exclusion" if excluded else "settings",
+        family="static",
+        settings={},
+        excluded=excluded,
+        passed=True,
+        metric="rel_l2",
+        reference=0.0,
+        value=0.001,
+        loss_pct=0.1,
+        rel_l2=0.001,
+        cosine=1.0,
+        latency_ms=None if speedup is None else 1.0 / speedup,
+        speedup=speedup,
+        size=1,
         seconds=0.1,
     )
 
@@ -364,9 +453,16 @@ def _trial(index: int, speedup: float | None, excluded: tuple[str, ...] = ()) ->
 def test_a_chosen_variant_no_faster_than_fp32_is_flagged() -> None:
     from converters.autotune import _warnings
 
-    base = {"model": "m.onnx", "task": "regression", "tolerance_pct": 1.0, "budget": "20",
-            "profile": "conv", "families": ("static",), "reference_latency_ms": 1.0,
-            "reference_size": 1}
+    base = {
+        "model": "m.onnx",
+        "task": "regression",
+        "tolerance_pct": 1.0,
+        "budget": "20",
+        "profile": "conv",
+        "families": ("static",),
+        "reference_latency_ms": 1.0,
+        "reference_size": 1,
+    }
     slow = SearchResult(**base, trials=[_trial(1, 0.98, ("a", "b"))])  # type: ignore[arg-type]
     slow.chosen = slow.trials[0]
     (msg,) = _warnings(slow)
@@ -380,18 +476,54 @@ def test_module_cli_search_and_errors(tmp_path: Path, capsys: pytest.CaptureFixt
     from converters.autotune import main
 
     out = tmp_path / "int8.onnx"
-    rc = main(["search", str(MLP), "--calib", str(DATA / "edge_calib.npz"),
-               "--val", str(DATA / "edge_val.npz"), "--out", str(out), "--json"])
+    rc = main(
+        [
+            "search",
+            str(MLP),
+            "--calib",
+            str(DATA / "edge_calib.npz"),
+            "--val",
+            str(DATA / "edge_val.npz"),
+            "--out",
+            str(out),
+            "--json",
+        ]
+    )
     assert rc == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["passed"] is True
     assert out.is_file()
-    rc = main(["search", str(MLP), "--calib", str(DATA / "cloud_calib.npz"),
-               "--val", str(DATA / "edge_val.npz"), "--out", str(out)])
+    rc = main(
+        [
+            "search",
+            str(MLP),
+            "--calib",
+            str(DATA / "cloud_calib.npz"),
+            "--val",
+            str(DATA / "edge_val.npz"),
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 2  # bad data: usage/input error, named on stderr
     assert "calibration data" in capsys.readouterr().err
-    rc = main(["search", str(MLP), "--calib", str(DATA / "edge_calib.npz"), "--val",
-               str(DATA / "edge_val.npz"), "--out", str(tmp_path / "x.onnx"), "--tolerance",
-               "0", "--task", "regression", "--search-budget", "2"])
+    rc = main(
+        [
+            "search",
+            str(MLP),
+            "--calib",
+            str(DATA / "edge_calib.npz"),
+            "--val",
+            str(DATA / "edge_val.npz"),
+            "--out",
+            str(tmp_path / "x.onnx"),
+            "--tolerance",
+            "0",
+            "--task",
+            "regression",
+            "--search-budget",
+            "2",
+        ]
+    )
     assert rc == 1  # refused
     assert "refused" in capsys.readouterr().out

@@ -523,7 +523,9 @@ def test_breaker_instance_is_per_region(make_client: Factory) -> None:
 
 
 def test_set_policy_is_validated_and_applies_to_active_and_later_models(
-    tmp_path: Path, make_client: Factory, data: dict[str, np.ndarray],
+    tmp_path: Path,
+    make_client: Factory,
+    data: dict[str, np.ndarray],
     sure_and_unsure: tuple[int, int],
 ) -> None:
     client, fakes = make_client(threshold=0.9)
@@ -569,7 +571,9 @@ def test_set_policy_is_validated_and_applies_to_active_and_later_models(
 
 
 def test_result_version_and_local_outputs(
-    make_client: Factory, cloud_session: ort.InferenceSession, data: dict[str, np.ndarray],
+    make_client: Factory,
+    cloud_session: ort.InferenceSession,
+    data: dict[str, np.ndarray],
     sure_and_unsure: tuple[int, int],
 ) -> None:
     client, _ = make_client()

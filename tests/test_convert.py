@@ -57,9 +57,9 @@ def test_fp16_agrees_with_fp32(cloud_report: ConversionReport) -> None:
     pkg = Path(cloud_report.package or "")
     model = onnx.load(str(pkg / "fp16.onnx"))
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    assert any(
-        t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer
-    ), "no FP16 weights in the FP16 variant"
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer), (
+        "no FP16 weights in the FP16 variant"
+    )
 
 
 def test_package_manifest_is_complete(cloud_report: ConversionReport, samples_dir: Path) -> None:
@@ -80,8 +80,16 @@ def test_package_manifest_is_complete(cloud_report: ConversionReport, samples_di
     int8 = m.variant("int8_static")
     assert int8.precision == "int8"
     assert int8.target == "cpu"
-    for key in ("top1_agreement", "accuracy", "cosine", "rel_l2", "max_abs_error",
-                "latency_ms_b1", "latency_ms_b32", "gate"):
+    for key in (
+        "top1_agreement",
+        "accuracy",
+        "cosine",
+        "rel_l2",
+        "max_abs_error",
+        "latency_ms_b1",
+        "latency_ms_b32",
+        "gate",
+    ):
         assert key in int8.metrics, key
     assert int8.extra["settings"]["per_channel"] is True
     assert m.metadata["onnx_metadata"]["role"] == "cloud"
@@ -134,8 +142,10 @@ def test_gate_refuses_with_tiny_tolerance(tmp_path: Path, samples_dir: Path) -> 
     assert f"dropped {int8.gate.drop_pct:.2f} %" in int8.gate.reason
     assert int8.gate.drop_pct > 0.1
     assert f"by {int8.gate.drop_pct - 0.1:.2f} percentage points" in int8.gate.reason
-    names = {v.name for v in verify_package(tmp_path / "pkg", None,
-                                            require_signature=False).manifest.variants}
+    names = {
+        v.name
+        for v in verify_package(tmp_path / "pkg", None, require_signature=False).manifest.variants
+    }
     assert names == {"fp32"}
     assert not (tmp_path / "pkg" / "int8_static.onnx").exists()
 
@@ -236,8 +246,11 @@ def test_validation_pieces_are_reusable(samples_dir: Path) -> None:
     m = compare(outs, outs, score_output="logits", task="classification", labels=data.labels)
     assert m.top1_agreement == 1.0
     assert m.rel_l2 == 0.0
-    noisy = {"logits": outs["logits"] + np.float32(5.0) * np.random.default_rng(1).normal(
-        size=outs["logits"].shape).astype(np.float32)}
+    noisy = {
+        "logits": outs["logits"]
+        + np.float32(5.0)
+        * np.random.default_rng(1).normal(size=outs["logits"].shape).astype(np.float32)
+    }
     bad = compare(outs, noisy, score_output="logits", task="classification", labels=data.labels)
     verdict = gate(bad, "classification", 1.0)
     assert not verdict.passed
@@ -248,8 +261,9 @@ def test_validation_pieces_are_reusable(samples_dir: Path) -> None:
     assert reg.metric == "rel_l2"
     assert "relative L2" in reg.reason
     nan = {"logits": np.full_like(outs["logits"], np.nan)}
-    nan_verdict = gate(compare(outs, nan, score_output="logits", task="classification"),
-                       "classification", 100.0)
+    nan_verdict = gate(
+        compare(outs, nan, score_output="logits", task="classification"), "classification", 100.0
+    )
     assert not nan_verdict.passed
     assert "NaN" in nan_verdict.reason
 

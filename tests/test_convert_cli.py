@@ -32,14 +32,35 @@ def signed(tmp_path_factory: pytest.TempPathFactory, samples_dir: Path) -> dict[
     assert r.returncode == 0, r.stderr
     pkg = d / "pkg"
     r = _cli(
-        "convert", samples_dir / "models/digits_cloud.onnx", "--out", pkg,
-        "--int8", "static", "--calib", samples_dir / "data/cloud_calib.npz",
-        "--val", samples_dir / "data/cloud_val.npz", "--sign", key,
-        "--name", "digits", "--version", "2", "--latency-runs", "3", "--json",
+        "convert",
+        samples_dir / "models/digits_cloud.onnx",
+        "--out",
+        pkg,
+        "--int8",
+        "static",
+        "--calib",
+        samples_dir / "data/cloud_calib.npz",
+        "--val",
+        samples_dir / "data/cloud_val.npz",
+        "--sign",
+        key,
+        "--name",
+        "digits",
+        "--version",
+        "2",
+        "--latency-runs",
+        "3",
+        "--json",
     )
     assert r.returncode == 0, r.stderr
-    return {"dir": d, "key": key, "pub": d / "signing.key.pub", "pkg": pkg, "stdout": r.stdout,
-            "stderr": r.stderr}  # type: ignore[dict-item]
+    return {
+        "dir": d,
+        "key": key,
+        "pub": d / "signing.key.pub",
+        "pkg": pkg,
+        "stdout": r.stdout,
+        "stderr": r.stderr,
+    }  # type: ignore[dict-item]
 
 
 def test_json_report_parses(signed: dict[str, Path]) -> None:
@@ -64,9 +85,7 @@ def test_signed_package_verifies(signed: dict[str, Path]) -> None:
     assert out["files"] == 3  # fp32.onnx, int8_static.onnx, warmup.npz
 
 
-def test_tampered_package_fails_naming_the_file(
-    signed: dict[str, Path], tmp_path: Path
-) -> None:
+def test_tampered_package_fails_naming_the_file(signed: dict[str, Path], tmp_path: Path) -> None:
     import shutil
 
     copy = tmp_path / "pkg"
@@ -86,10 +105,22 @@ def test_tampered_package_fails_naming_the_file(
 
 def test_table_and_exit_code_when_refused(tmp_path: Path, samples_dir: Path) -> None:
     r = _cli(
-        "convert", samples_dir / "models/digits_cloud.onnx", "--out", tmp_path / "pkg",
-        "--fp16", "--int8", "static", "--calib", samples_dir / "data/cloud_calib.npz",
-        "--val", samples_dir / "data/cloud_val.npz", "--tolerance", "0.1",
-        "--latency-runs", "3", "--no-search",
+        "convert",
+        samples_dir / "models/digits_cloud.onnx",
+        "--out",
+        tmp_path / "pkg",
+        "--fp16",
+        "--int8",
+        "static",
+        "--calib",
+        samples_dir / "data/cloud_calib.npz",
+        "--val",
+        samples_dir / "data/cloud_val.npz",
+        "--tolerance",
+        "0.1",
+        "--latency-runs",
+        "3",
+        "--no-search",
     )
     assert r.returncode == 1, r.stderr  # a variant was refused
     assert "refused int8_static (not written)" in " ".join(r.stdout.split())
@@ -103,8 +134,12 @@ def test_table_and_exit_code_when_refused(tmp_path: Path, samples_dir: Path) -> 
 def test_existing_output_needs_force(signed: dict[str, Path], samples_dir: Path) -> None:
     before = sorted(p.name for p in signed["pkg"].iterdir())
     r = _cli(
-        "convert", samples_dir / "models/digits_edge.onnx", "--out", signed["pkg"],
-        "--val", samples_dir / "data/edge_val.npz",
+        "convert",
+        samples_dir / "models/digits_edge.onnx",
+        "--out",
+        signed["pkg"],
+        "--val",
+        samples_dir / "data/edge_val.npz",
     )
     assert r.returncode == 2
     assert "already exists" in r.stderr
@@ -117,9 +152,18 @@ def test_force_replaces_and_leaves_no_temp_files(tmp_path: Path, samples_dir: Pa
     out.mkdir()
     (out / "stale.txt").write_text("old")
     r = _cli(
-        "convert", samples_dir / "models/digits_edge.onnx", "--out", out, "--force",
-        "--val", samples_dir / "data/edge_val.npz", "--int8", "dynamic", "--json",
-        "--latency-runs", "3",
+        "convert",
+        samples_dir / "models/digits_edge.onnx",
+        "--out",
+        out,
+        "--force",
+        "--val",
+        samples_dir / "data/edge_val.npz",
+        "--int8",
+        "dynamic",
+        "--json",
+        "--latency-runs",
+        "3",
     )
     assert r.returncode == 0, r.stderr
     assert not (out / "stale.txt").exists()
@@ -131,7 +175,10 @@ def test_force_replaces_and_leaves_no_temp_files(tmp_path: Path, samples_dir: Pa
 def test_benchmark_quick_runs_and_prints_ratios() -> None:
     r = subprocess.run(
         [sys.executable, "-m", "benchmarks.convert", "--quick", "--threads", "1", "--rounds", "3"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr
     rows = [line for line in r.stdout.splitlines() if line.startswith("| digits_")]
@@ -146,10 +193,23 @@ def test_benchmark_quick_runs_and_prints_ratios() -> None:
 def test_json_stays_clean_with_histogram_calibration(tmp_path: Path, samples_dir: Path) -> None:
     """onnxruntime's entropy/percentile calibrators print(); none of it may reach stdout."""
     r = _cli(
-        "convert", samples_dir / "models/digits_edge.onnx", "--out", tmp_path / "pkg",
-        "--int8", "static", "--calib", samples_dir / "data/edge_calib.npz",
-        "--calib-method", "percentile", "--calib-samples", "64",
-        "--val", samples_dir / "data/edge_val.npz", "--latency-runs", "3", "--json",
+        "convert",
+        samples_dir / "models/digits_edge.onnx",
+        "--out",
+        tmp_path / "pkg",
+        "--int8",
+        "static",
+        "--calib",
+        samples_dir / "data/edge_calib.npz",
+        "--calib-method",
+        "percentile",
+        "--calib-samples",
+        "64",
+        "--val",
+        samples_dir / "data/edge_val.npz",
+        "--latency-runs",
+        "3",
+        "--json",
     )
     assert r.returncode in (0, 1), r.stderr
     report = json.loads(r.stdout)

@@ -30,8 +30,9 @@ def _tiny(path: Path, opset: int = 17, external: bool = False) -> Path:
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 7
     if external:
-        onnx.save_model(m, str(path), save_as_external_data=True, location="w.bin",
-                        size_threshold=0)
+        onnx.save_model(
+            m, str(path), save_as_external_data=True, location="w.bin", size_threshold=0
+        )
     else:
         onnx.save(m, str(path))
     return path
@@ -51,16 +52,18 @@ def test_not_an_onnx_file(tmp_path: Path, samples_dir: Path) -> None:
 
 def test_missing_model_file(tmp_path: Path, samples_dir: Path) -> None:
     with pytest.raises(ConversionError, match="no such model file"):
-        convert(tmp_path / "nope.onnx", tmp_path / "pkg",
-                ConvertOptions(val=samples_dir / "data/edge_val.npz"))
+        convert(
+            tmp_path / "nope.onnx",
+            tmp_path / "pkg",
+            ConvertOptions(val=samples_dir / "data/edge_val.npz"),
+        )
 
 
 def test_opset_too_old_to_quantize(tmp_path: Path) -> None:
     model = _tiny(tmp_path / "old.onnx", opset=9)
     np.savez(tmp_path / "d.npz", x=np.ones((4, 4), np.float32))
     with pytest.raises(ConversionError) as e:
-        convert(model, tmp_path / "pkg",
-                ConvertOptions(int8=("dynamic",), val=tmp_path / "d.npz"))
+        convert(model, tmp_path / "pkg", ConvertOptions(int8=("dynamic",), val=tmp_path / "d.npz"))
     msg = str(e.value)
     assert "opset 9 is too old" in msg
     assert ">= 10" in msg
@@ -86,11 +89,18 @@ def test_model_over_2gb_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def test_calibration_data_name_mismatch(tmp_path: Path, samples_dir: Path) -> None:
     np.savez(tmp_path / "c.npz", pixels=np.zeros((4, 1, 8, 8), np.float32))
-    with pytest.raises(DataError, match=r"calibration data .*no array for model input\(s\) "
-                                        r"\['input'\]; unexpected array\(s\) \['pixels'\]"):
-        convert(samples_dir / "models/digits_cloud.onnx", tmp_path / "pkg",
-                ConvertOptions(int8=("static",), calib=tmp_path / "c.npz",
-                               val=samples_dir / "data/cloud_val.npz"))
+    with pytest.raises(
+        DataError,
+        match=r"calibration data .*no array for model input\(s\) "
+        r"\['input'\]; unexpected array\(s\) \['pixels'\]",
+    ):
+        convert(
+            samples_dir / "models/digits_cloud.onnx",
+            tmp_path / "pkg",
+            ConvertOptions(
+                int8=("static",), calib=tmp_path / "c.npz", val=samples_dir / "data/cloud_val.npz"
+            ),
+        )
     _no_leftovers(tmp_path, {"c.npz"})
 
 
@@ -108,26 +118,40 @@ def test_calibration_data_shape_and_dtype_mismatch(tmp_path: Path, samples_dir: 
 def test_empty_calibration_set(tmp_path: Path, samples_dir: Path) -> None:
     np.savez(tmp_path / "e.npz", input=np.zeros((0, 1, 8, 8), np.float32))
     with pytest.raises(DataError, match="is empty"):
-        convert(samples_dir / "models/digits_cloud.onnx", tmp_path / "pkg",
-                ConvertOptions(int8=("static",), calib=tmp_path / "e.npz",
-                               val=samples_dir / "data/cloud_val.npz"))
+        convert(
+            samples_dir / "models/digits_cloud.onnx",
+            tmp_path / "pkg",
+            ConvertOptions(
+                int8=("static",), calib=tmp_path / "e.npz", val=samples_dir / "data/cloud_val.npz"
+            ),
+        )
 
 
 def test_static_needs_calib_and_data_is_required(tmp_path: Path, samples_dir: Path) -> None:
     model = samples_dir / "models/digits_edge.onnx"
     with pytest.raises(ConfigError, match="--calib DATA"):
-        convert(model, tmp_path / "pkg",
-                ConvertOptions(int8=("static",), val=samples_dir / "data/edge_val.npz"))
+        convert(
+            model,
+            tmp_path / "pkg",
+            ConvertOptions(int8=("static",), val=samples_dir / "data/edge_val.npz"),
+        )
     with pytest.raises(ConfigError, match="--val DATA"):
         convert(model, tmp_path / "pkg", ConvertOptions(fp16=True))
 
 
 def test_unknown_exclusion_is_refused(tmp_path: Path, samples_dir: Path) -> None:
     with pytest.raises(ConfigError, match=r"no node named \['fc9'\].*conv1"):
-        convert(samples_dir / "models/digits_cloud.onnx", tmp_path / "pkg",
-                ConvertOptions(int8=("static",), calib=samples_dir / "data/cloud_calib.npz",
-                               val=samples_dir / "data/cloud_val.npz", exclude_nodes=("fc9",),
-                               latency_runs=2))
+        convert(
+            samples_dir / "models/digits_cloud.onnx",
+            tmp_path / "pkg",
+            ConvertOptions(
+                int8=("static",),
+                calib=samples_dir / "data/cloud_calib.npz",
+                val=samples_dir / "data/cloud_val.npz",
+                exclude_nodes=("fc9",),
+                latency_runs=2,
+            ),
+        )
     assert not (tmp_path / "pkg").exists()
 
 
@@ -136,8 +160,7 @@ def test_existing_output_refused_before_any_work(tmp_path: Path) -> None:
     (tmp_path / "pkg" / "keep.txt").write_text("mine")
     with pytest.raises(ConfigError, match="already exists; use --force"):
         # the model does not even exist: the output check comes first and costs nothing
-        convert(tmp_path / "nope.onnx", tmp_path / "pkg",
-                ConvertOptions(val=tmp_path / "nope.npz"))
+        convert(tmp_path / "nope.onnx", tmp_path / "pkg", ConvertOptions(val=tmp_path / "nope.npz"))
     assert (tmp_path / "pkg" / "keep.txt").read_text() == "mine"
 
 
@@ -148,8 +171,11 @@ def test_tensorrt_missing_fails_first(tmp_path: Path, samples_dir: Path) -> None
     if available("tensorrt"):
         pytest.skip("TensorRT is installed here")
     with pytest.raises(MissingDependencyError, match=r"pip install 'edgecloud\[trt\]'"):
-        convert(tmp_path / "nope.onnx", tmp_path / "pkg",
-                ConvertOptions(tensorrt=True, val=tmp_path / "nope.npz"))
+        convert(
+            tmp_path / "nope.onnx",
+            tmp_path / "pkg",
+            ConvertOptions(tensorrt=True, val=tmp_path / "nope.npz"),
+        )
 
 
 def test_cli_bad_inputs_exit_codes_without_traceback(tmp_path: Path, samples_dir: Path) -> None:
@@ -157,21 +183,37 @@ def test_cli_bad_inputs_exit_codes_without_traceback(tmp_path: Path, samples_dir
     bad.write_bytes(b"\x00\x01garbage")
 
     def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "edgecloud", "convert", *map(str, args)],
-                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "edgecloud", "convert", *map(str, args)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     r = run(bad, "--out", tmp_path / "p", "--val", samples_dir / "data/edge_val.npz")
     assert r.returncode == 1
     assert "is not an ONNX model" in r.stderr
     assert "Traceback" not in r.stderr
     np.savez(tmp_path / "c.npz", input=np.zeros((2, 63), np.float32))
-    r = run(samples_dir / "models/digits_edge.onnx", "--out", tmp_path / "p", "--val",
-            tmp_path / "c.npz")
+    r = run(
+        samples_dir / "models/digits_edge.onnx",
+        "--out",
+        tmp_path / "p",
+        "--val",
+        tmp_path / "c.npz",
+    )
     assert r.returncode == 2
     assert "dim 1: expected 64, got 63" in r.stderr
     assert "Traceback" not in r.stderr
-    r = run(samples_dir / "models/digits_edge.onnx", "--out", tmp_path / "p", "--tensorrt",
-            "--val", samples_dir / "data/edge_val.npz")
+    r = run(
+        samples_dir / "models/digits_edge.onnx",
+        "--out",
+        tmp_path / "p",
+        "--tensorrt",
+        "--val",
+        samples_dir / "data/edge_val.npz",
+    )
     from edgecloud._deps import available
 
     if not available("tensorrt"):

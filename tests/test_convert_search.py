@@ -31,7 +31,10 @@ pytestmark = pytest.mark.slow
 def _cli(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "edgecloud", *map(str, args)],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -48,11 +51,15 @@ def test_search_rescues_a_dynamic_variant_that_failed_the_gate(
 ) -> None:
     model = samples_dir / "models/digits_encoder.onnx"
     base = dict(
-        int8=("dynamic",), calib=samples_dir / "data/edge_calib.npz",
-        val=samples_dir / "data/edge_val.npz", task="regression", latency_runs=3,
+        int8=("dynamic",),
+        calib=samples_dir / "data/edge_calib.npz",
+        val=samples_dir / "data/edge_val.npz",
+        task="regression",
+        latency_runs=3,
     )
-    plain = convert(model, tmp_path / "plain", ConvertOptions(
-        tolerance=0.0, search_on_failure=False, **base))  # type: ignore[arg-type]
+    plain = convert(
+        model, tmp_path / "plain", ConvertOptions(tolerance=0.0, search_on_failure=False, **base)
+    )  # type: ignore[arg-type]
     first = plain.variant("int8_dynamic")
     assert first.verdict == "rejected"
     assert first.gate is not None
@@ -60,8 +67,11 @@ def test_search_rescues_a_dynamic_variant_that_failed_the_gate(
     assert default_loss > 0
     tolerance = 0.8 * default_loss  # the default settings fail this by construction
     report_path = tmp_path / "search.json"
-    rescued = convert(model, tmp_path / "pkg", ConvertOptions(
-        tolerance=tolerance, search_report=report_path, **base))  # type: ignore[arg-type]
+    rescued = convert(
+        model,
+        tmp_path / "pkg",
+        ConvertOptions(tolerance=tolerance, search_report=report_path, **base),
+    )  # type: ignore[arg-type]
     v = rescued.variant("int8_dynamic")
     assert v.verdict == "accepted", v.gate
     assert rescued.ok
@@ -74,8 +84,9 @@ def test_search_rescues_a_dynamic_variant_that_failed_the_gate(
     assert search["chosen"]["family"] == "dynamic"
     assert search["chosen"]["loss_pct"] <= tolerance
     # the packaged file really is that good, measured independently of the converter
-    independent = 100 * _rel_l2(model, tmp_path / "pkg/int8_dynamic.onnx",
-                                samples_dir / "data/edge_val.npz")
+    independent = 100 * _rel_l2(
+        model, tmp_path / "pkg/int8_dynamic.onnx", samples_dir / "data/edge_val.npz"
+    )
     assert independent <= tolerance * 1.01, (independent, tolerance)
     m = verify_package(tmp_path / "pkg", None, require_signature=False).manifest
     assert m.variant("int8_dynamic").extra["settings"]["search"]["passed"] is True
@@ -93,10 +104,14 @@ def test_int8_auto_on_the_cnn_reuses_the_static_calibration(
     tmp_path: Path, samples_dir: Path
 ) -> None:
     report = convert(
-        samples_dir / "models/digits_cloud.onnx", tmp_path / "pkg",
+        samples_dir / "models/digits_cloud.onnx",
+        tmp_path / "pkg",
         ConvertOptions(
-            int8=("static", "auto"), calib=samples_dir / "data/cloud_calib.npz",
-            val=samples_dir / "data/cloud_val.npz", tolerance=100.0, latency_runs=3,
+            int8=("static", "auto"),
+            calib=samples_dir / "data/cloud_calib.npz",
+            val=samples_dir / "data/cloud_val.npz",
+            tolerance=100.0,
+            latency_runs=3,
         ),
     )
     auto = report.variant("int8_auto")
@@ -124,8 +139,9 @@ def test_auto_needs_calibration_and_a_valid_budget(tmp_path: Path, samples_dir: 
     with pytest.raises(ConfigError, match="--int8 auto needs calibration data"):
         convert(model, tmp_path / "a", ConvertOptions(int8=("auto",), val=val))
     with pytest.raises(ConfigError, match="--search-budget 'lots'"):
-        convert(model, tmp_path / "b", ConvertOptions(
-            int8=("dynamic",), val=val, search_budget="lots"))
+        convert(
+            model, tmp_path / "b", ConvertOptions(int8=("dynamic",), val=val, search_budget="lots")
+        )
     with pytest.raises(ConfigError, match="'static', 'dynamic' or 'auto'"):
         convert(model, tmp_path / "c", ConvertOptions(int8=("fast",), val=val))  # type: ignore[arg-type]
     assert not (tmp_path / "a").exists()
@@ -135,19 +151,24 @@ def test_search_that_finds_nothing_refuses_with_the_best_numbers(
     tmp_path: Path, samples_dir: Path
 ) -> None:
     report = convert(
-        samples_dir / "models/digits_edge.onnx", tmp_path / "pkg",
+        samples_dir / "models/digits_edge.onnx",
+        tmp_path / "pkg",
         ConvertOptions(
-            int8=("auto",), calib=samples_dir / "data/edge_calib.npz",
-            val=samples_dir / "data/edge_val.npz", task="regression", tolerance=0.0,
-            latency_runs=3, search_budget="3", keep_rejected=True,
+            int8=("auto",),
+            calib=samples_dir / "data/edge_calib.npz",
+            val=samples_dir / "data/edge_val.npz",
+            task="regression",
+            tolerance=0.0,
+            latency_runs=3,
+            search_budget="3",
+            keep_rejected=True,
         ),
     )
     v = report.variant("int8_auto")
     assert v.verdict == "kept-rejected"
     assert v in report.rejected
     assert len(report.searches["int8_auto"].trials) == 3
-    assert any("no INT8 variant of digits_edge.onnx met the 0 % tolerance" in w
-               for w in v.warnings)
+    assert any("no INT8 variant of digits_edge.onnx met the 0 % tolerance" in w for w in v.warnings)
     m = verify_package(tmp_path / "pkg", None, require_signature=False).manifest
     assert m.variant("int8_auto").extra["rejected"] is True
 
@@ -166,8 +187,17 @@ def _quantized_gemms(path: Path) -> dict[str, bool]:
 
 def test_dynamic_exclusions_reach_gemm_nodes(tmp_path: Path, samples_dir: Path) -> None:
     """onnxruntime renames Gemm fc1 to fc1_MatMul before matching exclusions: both are passed."""
-    common = ("convert", samples_dir / "models/digits_edge.onnx", "--int8", "dynamic",
-              "--val", samples_dir / "data/edge_val.npz", "--latency-runs", "2", "--json")
+    common = (
+        "convert",
+        samples_dir / "models/digits_edge.onnx",
+        "--int8",
+        "dynamic",
+        "--val",
+        samples_dir / "data/edge_val.npz",
+        "--latency-runs",
+        "2",
+        "--json",
+    )
     r = _cli(*common, "--out", tmp_path / "none")
     assert r.returncode == 0, r.stderr
     assert _quantized_gemms(tmp_path / "none/int8_dynamic.onnx") == {"fc1": True, "fc2": True}
@@ -190,8 +220,17 @@ def _weight_scales(path: Path) -> list[tuple[int, ...]]:
 
 
 def test_per_channel_flag_reaches_dynamic_int8(tmp_path: Path, samples_dir: Path) -> None:
-    common = ("convert", samples_dir / "models/digits_edge.onnx", "--int8", "dynamic",
-              "--val", samples_dir / "data/edge_val.npz", "--latency-runs", "2", "--json")
+    common = (
+        "convert",
+        samples_dir / "models/digits_edge.onnx",
+        "--int8",
+        "dynamic",
+        "--val",
+        samples_dir / "data/edge_val.npz",
+        "--latency-runs",
+        "2",
+        "--json",
+    )
     r = _cli(*common, "--out", tmp_path / "pt")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
@@ -213,10 +252,26 @@ def test_cli_int8_auto_writes_the_search_report_and_table(
 ) -> None:
     report = tmp_path / "search.json"
     r = _cli(
-        "convert", samples_dir / "models/digits_encoder.onnx", "--out", tmp_path / "pkg",
-        "--int8", "auto", "--task", "regression", "--tolerance", "5",
-        "--calib", samples_dir / "data/edge_calib.npz", "--val", samples_dir / "data/edge_val.npz",
-        "--latency-runs", "2", "--search-report", report, "--search-budget", "5,60s",
+        "convert",
+        samples_dir / "models/digits_encoder.onnx",
+        "--out",
+        tmp_path / "pkg",
+        "--int8",
+        "auto",
+        "--task",
+        "regression",
+        "--tolerance",
+        "5",
+        "--calib",
+        samples_dir / "data/edge_calib.npz",
+        "--val",
+        samples_dir / "data/edge_val.npz",
+        "--latency-runs",
+        "2",
+        "--search-report",
+        report,
+        "--search-budget",
+        "5,60s",
     )
     assert r.returncode == 0, r.stderr
     flat = " ".join(r.stdout.split())
@@ -230,15 +285,24 @@ def test_cli_int8_auto_writes_the_search_report_and_table(
     assert 1 <= len(doc["trials"]) <= 5
     chosen = doc["trials"][doc["chosen"] - 1]
     assert chosen["loss_pct"] <= 5
-    independent = 100 * _rel_l2(samples_dir / "models/digits_encoder.onnx",
-                                tmp_path / "pkg/int8_auto.onnx", samples_dir / "data/edge_val.npz")
+    independent = 100 * _rel_l2(
+        samples_dir / "models/digits_encoder.onnx",
+        tmp_path / "pkg/int8_auto.onnx",
+        samples_dir / "data/edge_val.npz",
+    )
     assert independent == pytest.approx(chosen["loss_pct"], rel=1e-3, abs=1e-4)
 
 
 def test_convert_inspect_quant_end_to_end(samples_dir: Path) -> None:
-    args = ("convert", "inspect-quant", samples_dir / "models/digits_cloud.onnx",
-            "--calib", samples_dir / "data/cloud_calib.npz",
-            "--val", samples_dir / "data/cloud_val.npz")
+    args = (
+        "convert",
+        "inspect-quant",
+        samples_dir / "models/digits_cloud.onnx",
+        "--calib",
+        samples_dir / "data/cloud_calib.npz",
+        "--val",
+        samples_dir / "data/cloud_val.npz",
+    )
     r = _cli(*args, "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
@@ -255,8 +319,15 @@ def test_convert_inspect_quant_end_to_end(samples_dir: Path) -> None:
     assert r.returncode == 2
     assert "usage: edgecloud convert inspect-quant" in r.stderr
     assert "--calib" in r.stderr
-    r = _cli("convert", "inspect-quant", samples_dir / "nope.onnx", "--calib",
-             samples_dir / "data/cloud_calib.npz", "--val", samples_dir / "data/cloud_val.npz")
+    r = _cli(
+        "convert",
+        "inspect-quant",
+        samples_dir / "nope.onnx",
+        "--calib",
+        samples_dir / "data/cloud_calib.npz",
+        "--val",
+        samples_dir / "data/cloud_val.npz",
+    )
     assert r.returncode in (1, 2)
     assert "nope.onnx" in r.stderr
     assert "Traceback" not in r.stderr
@@ -275,8 +346,13 @@ def test_tensorrt_qdq_keeps_per_channel_by_default(tmp_path: Path, samples_dir: 
         g = onnx.load(str(dst)).graph
         dims = {t.name: tuple(t.dims) for t in g.initializer}
         inits = set(dims)
-        weight_dq = [n for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
-                     and len(dims[n.input[0]]) == 4]  # the Conv kernels
+        weight_dq = [
+            n
+            for n in g.node
+            if n.op_type == "DequantizeLinear"
+            and n.input[0] in inits
+            and len(dims[n.input[0]]) == 4
+        ]  # the Conv kernels
         assert weight_dq
         assert all((dims[n.input[1]] not in ((), (1,))) == per_channel for n in weight_dq)
 
@@ -296,8 +372,12 @@ def test_static_qdq_of_the_encoder_logs_no_axis_noise(
     fp32 = preprocess(model, tmp_path / "fp32.onnx")
     calib = load_dataset(samples_dir / "data/edge_calib.npz", inspect_model(model).inputs)
     with caplog.at_level(logging.WARNING):
-        quantize_static_int8(fp32, tmp_path / "q.onnx", ArrayCalibrationReader(calib),
-                             StaticInt8Settings(per_channel=True))
+        quantize_static_int8(
+            fp32,
+            tmp_path / "q.onnx",
+            ArrayCalibrationReader(calib),
+            StaticInt8Settings(per_channel=True),
+        )
         logging.warning("Axis-like but unrelated warning")
     messages = [r.getMessage() for r in caplog.records]
     assert not any("is out-of-range for weight" in m for m in messages), messages
@@ -310,10 +390,14 @@ def test_exhaustive_search_through_convert_tries_every_setting(
     from converters.search_space import candidates
 
     report = convert(
-        samples_dir / "models/digits_edge.onnx", tmp_path / "pkg",
+        samples_dir / "models/digits_edge.onnx",
+        tmp_path / "pkg",
         ConvertOptions(
-            int8=("auto",), calib=samples_dir / "data/edge_calib.npz",
-            val=samples_dir / "data/edge_val.npz", tolerance=100.0, latency_runs=2,
+            int8=("auto",),
+            calib=samples_dir / "data/edge_calib.npz",
+            val=samples_dir / "data/edge_val.npz",
+            tolerance=100.0,
+            latency_runs=2,
             search_exhaustive=True,
         ),
     )

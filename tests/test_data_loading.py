@@ -121,8 +121,9 @@ def test_not_numpy_data(tmp_path: Path) -> None:
 def test_reader_batches_and_rewinds(tmp_path: Path) -> None:
     np.savez(tmp_path / "d.npz", input=_x(10))
     seen: list[int] = []
-    r = ArrayCalibrationReader(load_dataset(tmp_path / "d.npz", IMG), batch_size=4, limit=9,
-                               on_batch=seen.append)
+    r = ArrayCalibrationReader(
+        load_dataset(tmp_path / "d.npz", IMG), batch_size=4, limit=9, on_batch=seen.append
+    )
     sizes = []
     while (b := r.get_next()) is not None:
         sizes.append(b["input"].shape[0])

@@ -40,8 +40,11 @@ ATTENTION_MATMULS = {"layer0.attn/QK", "layer0.attn/PV", "layer1.attn/QK", "laye
 @pytest.fixture(scope="module")
 def encoder_ctx(tmp_path_factory: pytest.TempPathFactory) -> SearchContext:
     return prepare(
-        ENCODER, DATA / "edge_calib.npz", DATA / "edge_val.npz",
-        work_dir=tmp_path_factory.mktemp("enc"), task="classification",
+        ENCODER,
+        DATA / "edge_calib.npz",
+        DATA / "edge_val.npz",
+        work_dir=tmp_path_factory.mktemp("enc"),
+        task="classification",
     )
 
 
@@ -135,9 +138,10 @@ def test_encoder_exclusions_keep_the_named_nodes_float(encoder_ctx: SearchContex
     assert all(n in float_matmuls or f"{n}_MatMul" in float_matmuls for n in top)
     part = ctx.evaluator.evaluate(path, latency=False)
     assert part.metrics.rel_l2 < full.metrics.rel_l2
-    assert _ops(path).count("MatMulInteger") == _ops(ctx.work_dir / "f.onnx").count(
-        "MatMulInteger"
-    ) - 3
+    assert (
+        _ops(path).count("MatMulInteger")
+        == _ops(ctx.work_dir / "f.onnx").count("MatMulInteger") - 3
+    )
 
 
 # ------------------------------------------------------------------------- sensitivity
@@ -181,7 +185,10 @@ def test_inspect_quant_on_the_encoder_ranks_every_matmul() -> None:
 
 def test_inspect_quant_static_sqnr_and_cap(tmp_path: Path) -> None:
     report = inspect_quant(
-        CNN, DATA / "cloud_calib.npz", DATA / "cloud_val.npz", max_isolated=2,
+        CNN,
+        DATA / "cloud_calib.npz",
+        DATA / "cloud_val.npz",
+        max_isolated=2,
         work_dir=tmp_path,
     )
     assert report.family == "static"
@@ -209,8 +216,9 @@ def test_fake_quant_matches_the_quantization_grid() -> None:
     x = np.array([-12.8, -0.05, 0.0, 0.04, 0.26, 12.7, 40.0], np.float32)
     got = _fake_quant(x, scale, zp)
     np.testing.assert_allclose(got, [-12.8, -0.0, 0.0, 0.0, 0.3, 12.7, 12.7], atol=1e-6)
-    assert math.isclose(float(_fake_quant(np.array([5.0], np.float32), scale, zp)[0]), 5.0,
-                        rel_tol=1e-6)
+    assert math.isclose(
+        float(_fake_quant(np.array([5.0], np.float32), scale, zp)[0]), 5.0, rel_tol=1e-6
+    )
 
 
 def test_measure_sensitivity_refuses_a_model_with_nothing_to_quantize(

@@ -64,9 +64,18 @@ def _fake_trt(version: str, **present: bool) -> SimpleNamespace:
 
 
 def test_feature_detection_trt10_vs_trt11() -> None:
-    t10 = detect_features(_fake_trt("10.3.0", FP16=True, INT8=True, STRONGLY_TYPED=True,
-                                    EXPLICIT_BATCH=True, hw=True, calib=True,
-                                    VERSION_COMPATIBLE=True))
+    t10 = detect_features(
+        _fake_trt(
+            "10.3.0",
+            FP16=True,
+            INT8=True,
+            STRONGLY_TYPED=True,
+            EXPLICIT_BATCH=True,
+            hw=True,
+            calib=True,
+            VERSION_COMPATIBLE=True,
+        )
+    )
     assert t10.strongly_typed
     assert t10.fp16_flag
     assert t10.int8_flag
@@ -121,38 +130,84 @@ def test_engine_facts_for_the_manifest() -> None:
         {"input": {"min": [1, 1, 8, 8], "opt": [8, 1, 8, 8], "max": [32, 1, 8, 8]}}
     ]
     # the runtime's own check reads the same keys
-    ok, why = engine_compatible(facts, {"tensorrt_version": "10.3.0",
-                                        "compute_capability": "8.6", "platform": facts["platform"]})
+    ok, why = engine_compatible(
+        facts,
+        {"tensorrt_version": "10.3.0", "compute_capability": "8.6", "platform": facts["platform"]},
+    )
     assert ok, why
 
 
-BUILT = {"tensorrt_version": "10.3.0", "compute_capability": "8.7", "platform": "linux-aarch64",
-         "hardware_compatibility_level": "none"}
+BUILT = {
+    "tensorrt_version": "10.3.0",
+    "compute_capability": "8.7",
+    "platform": "linux-aarch64",
+    "hardware_compatibility_level": "none",
+}
 
 
 @pytest.mark.parametrize(
     ("extra", "device", "ok", "why"),
     [
-        (BUILT, {"tensorrt_version": "10.3.0", "compute_capability": "8.7",
-                 "platform": "linux-aarch64"}, True, "same"),
-        (BUILT, {"tensorrt_version": "10.4.0", "compute_capability": "8.7"}, False,
-         "built with TensorRT 10.3.0, the device has 10.4.0"),
-        (BUILT, {"tensorrt_version": "10.3.0", "compute_capability": "8.6"}, False,
-         "compute capability 8.7, the device has 8.6"),
-        (BUILT, {"tensorrt_version": "10.3.0", "compute_capability": "8.7",
-                 "platform": "linux-x86_64"}, False, "linux-aarch64, the device is linux-x86_64"),
+        (
+            BUILT,
+            {
+                "tensorrt_version": "10.3.0",
+                "compute_capability": "8.7",
+                "platform": "linux-aarch64",
+            },
+            True,
+            "same",
+        ),
+        (
+            BUILT,
+            {"tensorrt_version": "10.4.0", "compute_capability": "8.7"},
+            False,
+            "built with TensorRT 10.3.0, the device has 10.4.0",
+        ),
+        (
+            BUILT,
+            {"tensorrt_version": "10.3.0", "compute_capability": "8.6"},
+            False,
+            "compute capability 8.7, the device has 8.6",
+        ),
+        (
+            BUILT,
+            {"tensorrt_version": "10.3.0", "compute_capability": "8.7", "platform": "linux-x86_64"},
+            False,
+            "linux-aarch64, the device is linux-x86_64",
+        ),
         (BUILT, {"tensorrt_version": "", "compute_capability": "8.7"}, False, "no TensorRT"),
         (BUILT, {"tensorrt_version": "10.3.0"}, False, "no GPU compute capability"),
-        ({**BUILT, "hardware_compatibility_level": "ampere_plus"},
-         {"tensorrt_version": "10.3.0", "compute_capability": "9.0"}, True, "ampere_plus"),
-        ({**BUILT, "hardware_compatibility_level": "ampere_plus"},
-         {"tensorrt_version": "10.3.0", "compute_capability": "7.5"}, False, ">= 8.0"),
-        ({**BUILT, "version_compatible": True},
-         {"tensorrt_version": "10.5.0", "compute_capability": "8.7"}, True, "same"),
-        ({**BUILT, "version_compatible": True},
-         {"tensorrt_version": "10.1.0", "compute_capability": "8.7"}, False, ">= 10.3.0"),
-        ({"compute_capability": "8.7"}, {"tensorrt_version": "10.3.0",
-                                         "compute_capability": "8.7"}, False, "does not record"),
+        (
+            {**BUILT, "hardware_compatibility_level": "ampere_plus"},
+            {"tensorrt_version": "10.3.0", "compute_capability": "9.0"},
+            True,
+            "ampere_plus",
+        ),
+        (
+            {**BUILT, "hardware_compatibility_level": "ampere_plus"},
+            {"tensorrt_version": "10.3.0", "compute_capability": "7.5"},
+            False,
+            ">= 8.0",
+        ),
+        (
+            {**BUILT, "version_compatible": True},
+            {"tensorrt_version": "10.5.0", "compute_capability": "8.7"},
+            True,
+            "same",
+        ),
+        (
+            {**BUILT, "version_compatible": True},
+            {"tensorrt_version": "10.1.0", "compute_capability": "8.7"},
+            False,
+            ">= 10.3.0",
+        ),
+        (
+            {"compute_capability": "8.7"},
+            {"tensorrt_version": "10.3.0", "compute_capability": "8.7"},
+            False,
+            "does not record",
+        ),
     ],
 )
 def test_engine_compatible(extra: dict, device: dict, ok: bool, why: str) -> None:  # type: ignore[type-arg]
@@ -229,8 +284,9 @@ def test_qdq_for_tensorrt_is_signed_and_symmetric(tmp_path: Path, samples_dir: P
     info = inspect_model(samples_dir / "models/digits_cloud.onnx")
     fp32 = preprocess(info.path, tmp_path / "fp32.onnx")
     calib = load_dataset(samples_dir / "data/cloud_calib.npz", info.inputs)
-    out = quantize_for_tensorrt(fp32, tmp_path / "trt.onnx", calib,
-                                ConvertOptions(calib_samples=32))
+    out = quantize_for_tensorrt(
+        fp32, tmp_path / "trt.onnx", calib, ConvertOptions(calib_samples=32)
+    )
     g = onnx.load(str(out)).graph
     inits = {t.name: t for t in g.initializer}
     qdq = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]

@@ -36,8 +36,11 @@ def _check(args: argparse.Namespace) -> int:
     from device_agent.config import load_config
 
     cfg = load_config(args.config)
-    print(json.dumps({"device": cfg.device.id, "broker": cfg.broker.url,
-                      "store": str(cfg.store.path)}))
+    print(
+        json.dumps(
+            {"device": cfg.device.id, "broker": cfg.broker.url, "store": str(cfg.store.path)}
+        )
+    )
     return 0
 
 

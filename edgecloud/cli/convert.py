@@ -50,48 +50,88 @@ def register(sub: Any) -> None:
     g = p.add_argument_group("variants")
     g.add_argument("--fp16", action="store_true", help="FP16 ONNX (inputs/outputs stay FP32)")
     g.add_argument(
-        "--int8", action="append", choices=("static", "dynamic", "auto"), default=[],
+        "--int8",
+        action="append",
+        choices=("static", "dynamic", "auto"),
+        default=[],
         help="INT8: static QDQ with --calib, dynamic (MatMul-heavy models), or auto (search "
         "for the fastest variant within --tolerance, needs --calib); repeatable",
     )
     g.add_argument("--calib", type=Path, help="calibration DATA (.npz, .npy or folder)")
-    g.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"),
-                   default="minmax")
+    g.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax")
     g.add_argument("--calib-samples", type=int, help="use at most N calibration samples")
     pc = g.add_mutually_exclusive_group()
-    pc.add_argument("--per-channel", dest="per_channel", action="store_const", const=True,
-                    default=None, help="per-channel weight scales (default for static)")
-    pc.add_argument("--no-per-channel", dest="per_channel", action="store_const", const=False,
-                    help="per-tensor weight scales (default for dynamic)")
+    pc.add_argument(
+        "--per-channel",
+        dest="per_channel",
+        action="store_const",
+        const=True,
+        default=None,
+        help="per-channel weight scales (default for static)",
+    )
+    pc.add_argument(
+        "--no-per-channel",
+        dest="per_channel",
+        action="store_const",
+        const=False,
+        help="per-tensor weight scales (default for dynamic)",
+    )
     g.add_argument("--activation-type", choices=("uint8", "int8"), default="uint8")
     g.add_argument("--weight-type", choices=("int8", "uint8"), default="int8")
-    g.add_argument("--reduce-range", action="store_true",
-                   help="7-bit weights, for CPUs without VNNI only")
+    g.add_argument(
+        "--reduce-range", action="store_true", help="7-bit weights, for CPUs without VNNI only"
+    )
     g.add_argument("--exclude-nodes", type=_csv, default=(), help="NODE,NODE kept in float")
     g.add_argument("--exclude-ops", type=_csv, default=(), help="OP,OP types kept in float")
-    s = p.add_argument_group("accuracy search (--int8 auto, or a static/dynamic variant that "
-                             "fails the gate)")
-    s.add_argument("--search-budget", default="20", metavar="N|SECONDS",
-                   help="stop after N trials (20), a time (120s, 2m) or both (20,120s)")
-    s.add_argument("--search-report", type=Path, metavar="JSON",
-                   help="write every trial of the search(es) to this JSON file")
-    s.add_argument("--search-exhaustive", action="store_true",
-                   help="try every setting, keep the fastest passing one")
-    s.add_argument("--no-search", action="store_true",
-                   help="refuse a static/dynamic variant that fails the gate without searching")
+    s = p.add_argument_group(
+        "accuracy search (--int8 auto, or a static/dynamic variant that fails the gate)"
+    )
+    s.add_argument(
+        "--search-budget",
+        default="20",
+        metavar="N|SECONDS",
+        help="stop after N trials (20), a time (120s, 2m) or both (20,120s)",
+    )
+    s.add_argument(
+        "--search-report",
+        type=Path,
+        metavar="JSON",
+        help="write every trial of the search(es) to this JSON file",
+    )
+    s.add_argument(
+        "--search-exhaustive",
+        action="store_true",
+        help="try every setting, keep the fastest passing one",
+    )
+    s.add_argument(
+        "--no-search",
+        action="store_true",
+        help="refuse a static/dynamic variant that fails the gate without searching",
+    )
     t = p.add_argument_group("TensorRT")
     t.add_argument("--tensorrt", action="store_true", help="also build TensorRT engine(s)")
     t.add_argument("--trt-batch", type=_trt_batch, default=(1, 8, 32), metavar="MIN,OPT,MAX")
-    t.add_argument("--trt-dim", type=_trt_dim, action="append", default=[],
-                   metavar="NAME=MIN,OPT,MAX", help="range of another symbolic dim")
+    t.add_argument(
+        "--trt-dim",
+        type=_trt_dim,
+        action="append",
+        default=[],
+        metavar="NAME=MIN,OPT,MAX",
+        help="range of another symbolic dim",
+    )
     t.add_argument("--trt-timing-cache", type=Path, help="timing cache file (loaded and saved)")
-    t.add_argument("--trt-hardware-compat", choices=("none", "ampere_plus", "same_cc"),
-                   default="none")
+    t.add_argument(
+        "--trt-hardware-compat", choices=("none", "ampere_plus", "same_cc"), default="none"
+    )
     t.add_argument("--trt-workspace-mb", type=int, default=2048)
     v = p.add_argument_group("validation and package")
     v.add_argument("--val", type=Path, help="validation DATA (with 'labels' for accuracy)")
-    v.add_argument("--tolerance", type=float, default=1.0,
-                   help="max relative drop of the gate metric, in percent (default 1.0)")
+    v.add_argument(
+        "--tolerance",
+        type=float,
+        default=1.0,
+        help="max relative drop of the gate metric, in percent (default 1.0)",
+    )
     v.add_argument("--task", choices=("classification", "embedding", "regression"))
     v.add_argument("--sign", type=Path, help="Ed25519 private key (edgecloud keys generate)")
     v.add_argument("--name")
@@ -99,8 +139,9 @@ def register(sub: Any) -> None:
     v.add_argument("--labels", help="LABEL,LABEL,... or a file with one label per line")
     v.add_argument("--confidence", choices=("logits", "probabilities"))
     v.add_argument("--force", action="store_true", help="replace an existing package folder")
-    v.add_argument("--keep-rejected", action="store_true",
-                   help="write refused variants too, marked rejected")
+    v.add_argument(
+        "--keep-rejected", action="store_true", help="write refused variants too, marked rejected"
+    )
     v.add_argument("--latency-runs", type=int, default=20)
     v.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     v.add_argument("--json", action="store_true", help="machine-readable report on stdout")

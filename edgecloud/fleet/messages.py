@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any, ClassVar, TypeVar
 
 from edgecloud.errors import FleetError
@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 
-class ExecutionState(str, Enum):
+class ExecutionState(StrEnum):
     """A job execution's state on one device (AWS IoT Jobs' names)."""
 
     QUEUED = "QUEUED"

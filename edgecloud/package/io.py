@@ -17,7 +17,7 @@ import tarfile
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -99,7 +99,7 @@ def write_package(
             manifest,
             variants=variants,
             files=tuple(entries.values()),
-            created=manifest.created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            created=manifest.created or datetime.now(UTC).isoformat(timespec="seconds"),
         )
         data = final.to_json()
         (tmp / MANIFEST_FILE).write_bytes(data)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 from edgecloud.errors import ConfigError
 
 __all__ = ["Mode", "Reason", "parse_mode"]
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     """Where a request is answered.
 
     - ``edge_first`` (default): locally; the cloud when the answer is unsure or the device busy.
@@ -24,7 +24,7 @@ class Mode(str, Enum):
     CLOUD_ONLY = "cloud_only"
 
 
-class Reason(str, Enum):
+class Reason(StrEnum):
     """Why a result came from where it came from (``HybridResult.reason``)."""
 
     CONFIDENT = "confident"  # local answer above the threshold

@@ -327,7 +327,7 @@ class AsyncHttpTransport(_Common):
             )
         )
 
-    async def ainfer(self, request: InferRequest, *, timeout: float) -> InferResponse:
+    async def ainfer(self, request: InferRequest, *, timeout: float) -> InferResponse:  # noqa: ASYNC109 (mirrors Transport)
         path, body, headers = self._build(request, timeout)
         with _translate(self.region):
             resp = await self._client.post(
@@ -338,7 +338,7 @@ class AsyncHttpTransport(_Common):
             )
         return self._check(resp)
 
-    async def aready(self, *, timeout: float) -> bool:
+    async def aready(self, *, timeout: float) -> bool:  # noqa: ASYNC109 - same
         try:
             with _translate(self.region):
                 resp = await self._client.get(
