@@ -1,10 +1,30 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: creates (or reuses) .venv, installs what the command needs,
-# then runs it.  ./dev.sh demo | test | lint | bench | shell
+# then runs it.  ./dev.sh demo | test | lint | bench | lock [--check] | shell
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${EDGECLOUD_VENV:-.venv}
 PY=${PYTHON:-python3}
+
+LOCK=requirements-lock.txt
+# The extras the lock covers: everything `test` installs (demo and lint use a subset of it).
+LOCK_EXTRAS=dev,samples
+
+pip_install() {
+  # Every install is constrained to the lock, so a fresh machine gets what main was tested with.
+  "$1/bin/python" -m pip install -q --disable-pip-version-check -c "$LOCK" "${@:2}"
+}
+
+install_project() {
+  # $1 venv, $2 extras. The build backend (hatchling, and editables for -e) comes from the lock
+  # too, instead of an isolated build env with whatever is newest; pip is upgraded to the locked
+  # version first.
+  local venv=$1 extras=$2
+  pip_install "$venv" --upgrade pip
+  pip_install "$venv" hatchling editables
+  # torch (for re-training the samples) is the CPU build pinned in pyproject's [samples] extra.
+  pip_install "$venv" --no-build-isolation -e ".[$extras]"
+}
 
 ensure_venv() {
   local extras=$1
@@ -13,13 +33,24 @@ ensure_venv() {
   fi
   local stamp="$VENV/.edgecloud-installed-$extras"
   local want
-  want=$(cat pyproject.toml | sha256sum | cut -c1-16)
+  want=$(cat pyproject.toml "$LOCK" | sha256sum | cut -c1-16)
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
-    # torch (for re-training the samples) is the CPU build pinned in pyproject's [samples] extra.
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[$extras]"
+    install_project "$VENV" "$extras"
     echo "$want" > "$stamp"
   fi
+}
+
+refresh_lock() {
+  # A throwaway venv gets the newest releases pyproject's ranges allow (the lock is not applied),
+  # then its pip freeze becomes the new lock. Run the tests afterwards: that is what you commit.
+  local tmp
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' RETURN
+  "$PY" -m venv "$tmp/venv"
+  "$tmp/venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip hatchling editables
+  "$tmp/venv/bin/python" -m pip install -q --disable-pip-version-check --no-build-isolation \
+    -e ".[$LOCK_EXTRAS]"
+  "$tmp/venv/bin/python" .ci/lock.py write --extras "$LOCK_EXTRAS"
 }
 
 ensure_mosquitto() {
@@ -55,7 +86,7 @@ case "$cmd" in
     exec "$VENV/bin/edgecloud" demo "$@"
     ;;
   test)
-    ensure_venv "dev,samples"
+    ensure_venv "$LOCK_EXTRAS"
     ensure_mosquitto
     ensure_postgres
     exec "$VENV/bin/python" -m pytest "$@"
@@ -67,15 +98,26 @@ case "$cmd" in
     "$VENV/bin/mypy"
     ;;
   bench)
-    ensure_venv "dev,samples"
+    ensure_venv "$LOCK_EXTRAS"
     exec "$VENV/bin/python" -m benchmarks "$@"
+    ;;
+  lock)
+    # ./dev.sh lock          refresh requirements-lock.txt from the newest allowed releases
+    # ./dev.sh lock --check  pyproject agrees with the lock, and .venv is exactly the lock
+    if [ "${1:-}" = "--check" ]; then
+      ensure_venv "$LOCK_EXTRAS"
+      "$VENV/bin/python" .ci/lock.py check --extras "$LOCK_EXTRAS"
+      "$VENV/bin/python" .ci/lock.py freeze-diff
+    else
+      refresh_lock
+    fi
     ;;
   shell)
     ensure_venv dev
     exec "$VENV/bin/python" "$@"
     ;;
   *)
-    echo "usage: ./dev.sh demo|test|lint|bench [args...]" >&2
+    echo "usage: ./dev.sh demo|test|lint|bench|lock [--check]|shell [args...]" >&2
     exit 2
     ;;
 esac

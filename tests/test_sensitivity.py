@@ -5,7 +5,6 @@ Real onnxruntime quantization and sessions on the committed sample models throug
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import math
 import sys
@@ -80,14 +79,49 @@ def _load_builder() -> ModuleType:
     return mod
 
 
+def _structure(model: onnx.ModelProto) -> tuple[object, ...]:
+    """What a rebuild must reproduce anywhere: the graph, its interface and weight shapes."""
+    g = model.graph
+    return (
+        [(n.op_type, list(n.input), list(n.output)) for n in g.node],
+        [(v.name, str(v.type)) for v in (*g.input, *g.output)],
+        sorted((t.name, tuple(t.dims), t.data_type) for t in g.initializer),
+        [(o.domain, o.version) for o in model.opset_import],
+    )
+
+
 @pytest.mark.slow
-def test_encoder_builder_is_deterministic(tmp_path: Path) -> None:
+def test_encoder_builder_is_deterministic_and_reproduces_the_sample(tmp_path: Path) -> None:
+    """Two builds in one run are byte-identical; against the committed file, which another
+    torch/numpy/CPU may have produced, only what a release cannot promise may differ: the trained
+    weights' last bits. So compare structure exactly and behaviour within tolerance."""
     pytest.importorskip("torch")
     pytest.importorskip("sklearn")
-    stats = _load_builder().build_encoder(tmp_path / "enc.onnx")
+    builder = _load_builder()
+    # Determinism: same process, same environment, so the bytes must match (1 epoch keeps it quick).
+    builder.build_encoder(tmp_path / "a.onnx", epochs=1)
+    builder.build_encoder(tmp_path / "b.onnx", epochs=1)
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+    stats = builder.build_encoder(tmp_path / "enc.onnx")
     assert stats["max_abs_diff"] < 1e-4
-    digest = hashlib.sha256((tmp_path / "enc.onnx").read_bytes()).hexdigest()
-    assert digest == hashlib.sha256(ENCODER.read_bytes()).hexdigest()
+    rebuilt, committed = onnx.load(str(tmp_path / "enc.onnx")), onnx.load(str(ENCODER))
+    assert _structure(rebuilt) == _structure(committed)
+
+    val = np.load(DATA / "edge_val.npz")
+    x, labels = val["input"], val["labels"]
+
+    def run(path: Path) -> np.ndarray:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        out: np.ndarray = sess.run(None, {"input": x})[0]
+        return out
+
+    new, old = run(tmp_path / "enc.onnx"), run(ENCODER)
+    acc_new, acc_old = (new.argmax(1) == labels).mean(), (old.argmax(1) == labels).mean()
+    # Retraining elsewhere may move a few borderline samples, not the model's quality.
+    assert acc_new >= 0.95
+    assert abs(acc_new - acc_old) <= 0.02
+    assert (new.argmax(1) == old.argmax(1)).mean() >= 0.97
 
 
 def test_encoder_dynamic_int8_per_tensor_and_per_channel(encoder_ctx: SearchContext) -> None:
