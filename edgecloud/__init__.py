@@ -1,15 +1,22 @@
 """edgecloud: edge-cloud hybrid inference.
 
 ``import edgecloud`` is light on purpose (numpy and the error tree): the client, runtimes and
-transports are loaded on first use, so a device pays only for what it runs.
+transports are loaded on first use, so a device pays only for what it runs. The same names are
+imported under ``TYPE_CHECKING`` (as httpx does), so a user's type checker sees the real classes
+instead of ``Any``: a wrong keyword to ``HybridClient`` is an error before it runs.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgecloud.errors import EdgeCloudError
+
+if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ imports on first use
+    from edgecloud.client import HybridClient, HybridResult
+    from edgecloud.transport.base import MockTransport, Transport
+    from edgecloud.transport.v2 import InferRequest, InferResponse
 
 __version__ = "0.1.0"
 
