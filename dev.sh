@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: creates (or reuses) .venv, installs what the command needs,
-# then runs it.  ./dev.sh demo | test | lint | bench | lock [--check] | shell
+# then runs it.  ./dev.sh demo | test | lint | bench | lock [--add|--check] | shell
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${EDGECLOUD_VENV:-.venv}
@@ -103,21 +103,27 @@ case "$cmd" in
     ;;
   lock)
     # ./dev.sh lock          refresh requirements-lock.txt from the newest allowed releases
+    # ./dev.sh lock --add    keep every pin, add what a new pyproject requirement brings in
     # ./dev.sh lock --check  pyproject agrees with the lock, and .venv is exactly the lock
-    if [ "${1:-}" = "--check" ]; then
-      ensure_venv "$LOCK_EXTRAS"
-      "$VENV/bin/python" .ci/lock.py check --extras "$LOCK_EXTRAS"
-      "$VENV/bin/python" .ci/lock.py freeze-diff
-    else
-      refresh_lock
-    fi
+    case "${1:-}" in
+      --check)
+        ensure_venv "$LOCK_EXTRAS"
+        "$VENV/bin/python" .ci/lock.py check --extras "$LOCK_EXTRAS"
+        "$VENV/bin/python" .ci/lock.py freeze-diff
+        ;;
+      --add)
+        ensure_venv "$LOCK_EXTRAS"
+        "$VENV/bin/python" .ci/lock.py write --extras "$LOCK_EXTRAS"
+        ;;
+      *) refresh_lock ;;
+    esac
     ;;
   shell)
     ensure_venv dev
     exec "$VENV/bin/python" "$@"
     ;;
   *)
-    echo "usage: ./dev.sh demo|test|lint|bench|lock [--check]|shell [args...]" >&2
+    echo "usage: ./dev.sh demo|test|lint|bench|lock [--add|--check]|shell [args...]" >&2
     exit 2
     ;;
 esac
