@@ -252,7 +252,7 @@ def test_malformed_payloads_answered_or_dropped_worker_survives(
             (c1, "not valid JSON"),
             (c2, "do not fill shape"),
             (c3, "no 'model' user property"),
-            (c4, "not an integer"),
+            (c4, "non-negative decimal integer"),
         ):
             body, props = by_corr[corr]
             assert props["status"] == "400"
