@@ -322,7 +322,8 @@ def test_no_worker_subscribed_fails_fast_on_puback_0x10(broker: MosquittoBroker)
         with pytest.raises(RemoteError, match="0x10") as info:
             t.infer(InferRequest(model="m", inputs={"a": np.ones(1, np.float32)}), timeout=5.0)
         assert time.monotonic() - start < 2.0
-        assert info.value.status == 503 and info.value.region == "nobody"
+        assert info.value.status == 503
+        assert info.value.region == "nobody"
         assert t._session.pending == {}
 
 
