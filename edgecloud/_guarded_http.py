@@ -12,7 +12,7 @@ classes add, from one ``Limits`` value:
   ``max_threads`` handler threads serve requests, idle connections cost a file descriptor only,
   and beyond ``max_connections`` the longest-idle one is closed;
 - JSON error bodies (``{"error": "..."}``) for everything the stdlib would answer in HTML:
-  unknown methods (501), malformed request lines (400), oversized headers (431), and a 500
+  unknown methods (405), malformed request lines (400), oversized headers (431), and a 500
   (logged at most ``log_per_minute`` times a minute) for a handler's own bug.
 
 A ``GuardedHandler`` subclass implements ``do_GET`` and friends as usual; the request deadline
@@ -99,6 +99,9 @@ class GuardedHandler(BaseHTTPRequestHandler):
     def handle_one_request(self) -> None:
         lim = self.limits
         self._phase, self._replied = "idle", False
+        # What send_error needs even when the request line never arrived.
+        self.command, self.requestline, self.request_version = "", "", "HTTP/1.1"
+        self.headers = None  # type: ignore[assignment]
         self.deadline = time.monotonic() + lim.idle_timeout_s
         self.close_connection = True
         try:
@@ -120,8 +123,10 @@ class GuardedHandler(BaseHTTPRequestHandler):
             self.deadline = start + lim.request_timeout_s
             method = getattr(self, "do_" + self.command, None)
             if method is None:
+                # 405, not the stdlib's 501: a client's bad request is never a server error.
                 self.send_error(
-                    HTTPStatus.NOT_IMPLEMENTED, f"method {self.command[:20]!r} is not supported"
+                    HTTPStatus.METHOD_NOT_ALLOWED,
+                    f"method {self.command[:20]!r} is not supported here",
                 )
                 return
             # Writes (a reply, a long download) get a per-send timeout; reads keep the deadline.
@@ -153,12 +158,32 @@ class GuardedHandler(BaseHTTPRequestHandler):
 
     def send_response(self, code: int, message: str | None = None) -> None:
         self._replied = True
-        if self.request_version == "HTTP/0.9" or not getattr(self, "request_version", ""):
+        if getattr(self, "request_version", "HTTP/0.9") in ("HTTP/0.9", ""):
             self.request_version = "HTTP/1.1"  # always a status line, never a bare body
         super().send_response(code, message)
+        if code >= 400 and not self.close_connection and self._has_body():
+            # The handler may not have read the body; its bytes must not be parsed as the
+            # next request, so the connection ends here, and the client is told.
+            self.close_connection = True
+            self.send_header("Connection", "close")
+
+    def _has_body(self) -> bool:
+        headers = getattr(self, "headers", None)
+        if headers is None:
+            return False
+        return bool(headers.get("Transfer-Encoding")) or headers.get("Content-Length", "0") not in (
+            "0",
+            "",
+        )
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """A JSON error body instead of the stdlib's HTML page; the connection is closed."""
+        """A JSON error body instead of the stdlib's HTML page; the connection is closed.
+
+        The stdlib answers an HTTP/2 preface or HTTP/3.0 request line with 505; a client's
+        malformed request is a 400 here, never a 5xx.
+        """
+        if code == HTTPStatus.HTTP_VERSION_NOT_SUPPORTED:
+            code = HTTPStatus.BAD_REQUEST
         try:
             phrase = HTTPStatus(code).phrase
         except ValueError:

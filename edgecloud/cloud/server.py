@@ -330,7 +330,10 @@ def create_app(
             return resp
         except _TooLarge as exc:
             status = 413
-            return error(413, str(exc))
+            refused = error(413, str(exc))
+            # The body was not read: its bytes must not be taken for the next request.
+            refused.headers["Connection"] = "close"
+            return refused
         except EdgeCloudError as exc:
             status = status_for(exc)
             if status < 500 or isinstance(exc, LimitExceeded):
@@ -492,16 +495,28 @@ def _canned(status: int, message: str, region: str) -> bytes:
     return head.encode("latin-1") + body
 
 
+_FD_RESERVE = 64  # files the process needs besides connections (models, logs, the loop)
+
+
+def accept_backlog() -> int:
+    """The listen backlog, which asyncio also uses as the most connections accepted at once."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 2048
+    return max(16, min(2048, (soft - _FD_RESERVE) // 8))
+
+
 def connection_cap(limits: Limits) -> int:
     """``limits.max_connections``, lowered to fit the process's open-file limit.
 
     Past ``RLIMIT_NOFILE`` accept() fails and the server stops answering anyone ("Too many open
-    files"); below it, the cap's eviction keeps room for new clients.
+    files"). asyncio accepts up to a backlog's worth of connections before any of them runs its
+    ``connection_made`` (where the cap evicts), so the cap leaves room for a few such bursts.
     """
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return limits.max_connections
-    return max(8, min(limits.max_connections, soft - 64))
+    return max(8, min(limits.max_connections, soft - _FD_RESERVE - 3 * accept_backlog()))
 
 
 def _http_protocol(limits: Limits = DEFAULT_LIMITS, region: str = "local") -> Any:
@@ -541,15 +556,20 @@ def _http_protocol(limits: Limits = DEFAULT_LIMITS, region: str = "local") -> An
                 self._make_room()
 
         def _make_room(self) -> None:
-            idle: list[Any] = [
-                c
-                for c in self.connections
-                if c is not self and getattr(c, "_phase", "busy") == "idle"
-            ]
-            if idle:
-                victim = min(idle, key=lambda c: float(c._idle_since))
-                victim.transport.close()
-            else:
+            # Connections closed in this loop iteration are still in the set until their
+            # connection_lost runs: count (and evict) only the live ones.
+            live: list[Any] = [c for c in self.connections if getattr(c, "_phase", "") != "closed"]
+            excess = len(live) - cap
+            if excess <= 0:
+                return
+            idle = sorted(
+                (c for c in live if c is not self and getattr(c, "_phase", "") == "idle"),
+                key=lambda c: float(c._idle_since),
+            )
+            for victim in idle[:excess]:
+                victim._disarm("closed")
+                victim.transport.close()  # idle: nothing was asked, nothing to answer
+            if len(idle) < excess:
                 self._refuse(503, f"the server has {cap} busy connections; retry later")
 
         def _arm(self, seconds: float, phase: str) -> None:
@@ -625,6 +645,12 @@ def _http_protocol(limits: Limits = DEFAULT_LIMITS, region: str = "local") -> An
             super().on_message_complete()
 
         def on_response_complete(self) -> None:
+            if self._phase in ("headers", "body"):
+                # Answered before the request was fully received (e.g. 413 on Content-Length):
+                # what follows on this connection is the rest of that body, not a request.
+                self._disarm("closed")
+                self.transport.close()
+                return
             super().on_response_complete()
             if self._phase == "busy" and not self.transport.is_closing():
                 # uvicorn armed its keep-alive timer; this one marks the connection evictable.
@@ -676,7 +702,8 @@ class CloudServer:
         except OSError as exc:
             self._sock.close()
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-        self._sock.listen(2048)  # connections made before uvicorn runs wait in the backlog
+        backlog = accept_backlog()
+        self._sock.listen(backlog)  # connections made before uvicorn runs wait in the backlog
         self.host = host
         self.port: int = self._sock.getsockname()[1]
         config = uvicorn.Config(
@@ -687,6 +714,7 @@ class CloudServer:
             access_log=False,
             timeout_keep_alive=limits.idle_timeout_s,
             timeout_graceful_shutdown=5,
+            backlog=backlog,
             h11_max_incomplete_event_size=limits.max_header_bytes,  # when httptools is missing
         )
         self._server = uvicorn.Server(config)
