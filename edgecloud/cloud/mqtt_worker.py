@@ -604,6 +604,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--password", default=os.environ.get("EDGECLOUD_MQTT_PASSWORD"))
     p.add_argument("--qos", type=int, default=1, choices=(0, 1))
     p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-request-bytes", type=int, default=None, help="413 above (64 MiB)")
+    p.add_argument("--max-json-bytes", type=int, default=None, help="413 above (8 MiB)")
+    p.add_argument("--max-rows", type=int, default=None, help="413 above (4096)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     core: Any = None
@@ -631,6 +634,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             prefix=args.prefix,
             group=args.group,
             qos=args.qos,
+            limits=DEFAULT_LIMITS.with_(
+                max_body_bytes=args.max_request_bytes,
+                max_json_bytes=args.max_json_bytes,
+                max_rows=args.max_rows,
+            ),
         )
     except EdgeCloudError as exc:
         print(f"error: {exc}", file=sys.stderr)
