@@ -14,7 +14,7 @@ once (docs/protocol.md, "Limits"). What exceeding each one returns:
 ``max_rows``                 413: dim 0 of any input (a batch of more rows than this is refused
                              instead of growing onnxruntime's memory arena for good)
 ``max_large_decodes``        bodies over ``large_body_bytes`` are read, decoded and run at most
-                             this many at a time; others wait up to ``request_timeout_s``, then
+                             this many at a time; others wait up to ``header_timeout_s``, then
                              503
 ``max_connections``          HTTP: beyond it the oldest idle connection is closed; when none is
                              idle the new one gets 503 and is closed

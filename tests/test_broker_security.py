@@ -27,7 +27,7 @@ from edgecloud.topics import Topics
 from edgecloud.transport._mqtt_common import MqttConnection, parse_broker_url
 from edgecloud.transport.mqtt import MqttTransport
 from edgecloud.transport.v2 import InferRequest
-from tests.fixtures.broker import DYNSEC_PLUGIN, MosquittoBroker, _run_as_me
+from tests.fixtures.broker import MosquittoBroker, _run_as_me
 
 pytestmark = pytest.mark.mqtt
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,17 +47,17 @@ def broker() -> Iterator[MosquittoBroker]:
     cfg_file = workdir / "dynamic-security.json"
     cfg_file.write_text(json.dumps(dynsec_config(USERS, regions=[("eu", None)])))
     cfg_file.chmod(0o600)
-    shipped = (ROOT / "samples/mosquitto/dynsec.conf").read_text()
-    assert "plugin_opt_config_file" in shipped
+    shipped = (ROOT / "samples/mosquitto/dynsec.conf").read_text().splitlines()
+    # The shipped file's security directives, with the plugin's file here instead of /etc.
+    security = [
+        f"plugin_opt_config_file {cfg_file}" if line.startswith("plugin_opt_config_file") else line
+        for line in shipped
+        if line.startswith(("plugin", "per_listener_settings"))
+    ]
     assert "allow_anonymous false" in shipped
+    assert any(line.startswith("plugin ") for line in security)
     b = MosquittoBroker(
-        allow_anonymous=False,
-        extra_config=[
-            _run_as_me(),
-            f"plugin {DYNSEC_PLUGIN}",
-            f"plugin_opt_config_file {cfg_file}",
-        ],
-        workdir=workdir,
+        allow_anonymous=False, extra_config=[_run_as_me(), *security], workdir=workdir
     )
     b._own_dir = True
     with b:

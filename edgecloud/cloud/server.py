@@ -303,7 +303,7 @@ def create_app(
         return b"".join(chunks)
 
     async def large_slot() -> asyncio.Semaphore:
-        """One of ``max_large_decodes`` slots; 503 when none frees up within the request timeout.
+        """One of ``max_large_decodes`` slots; 503 when none frees up within the header timeout.
 
         Reading, decoding and running a large body is what costs memory, so at most this many
         run at once however many clients send them.
@@ -312,7 +312,7 @@ def create_app(
             large_slots.append(asyncio.Semaphore(limits.max_large_decodes))
         sem = large_slots[0]
         try:
-            await asyncio.wait_for(sem.acquire(), limits.request_timeout_s)
+            await asyncio.wait_for(sem.acquire(), limits.header_timeout_s)
         except TimeoutError:
             raise LimitExceeded(
                 f"{limits.max_large_decodes} large requests are already being decoded; retry later",
