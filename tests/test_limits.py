@@ -42,7 +42,7 @@ LIMITS = Limits(
     max_header_bytes=16384,
     header_timeout_s=0.5,
     request_timeout_s=3.0,
-    idle_timeout_s=5.0,
+    idle_timeout_s=1.0,
 )
 
 
@@ -279,5 +279,50 @@ def test_agent_endpoint_unknown_method_is_json_405() -> None:
         r = httpx.get(f"http://127.0.0.1:{srv.server_address[1]}/", timeout=5)
         assert r.text == "ok"
     finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_idle_connection_is_closed_without_a_reply(server: CloudServer) -> None:
+    t0 = time.monotonic()
+    assert _raw(server, b"") == b""  # nothing asked, nothing answered: closed at the idle timeout
+    assert 0.8 < time.monotonic() - t0 < 5
+
+
+def test_stdlib_thread_cap_queues_then_refuses() -> None:
+    """One handler thread: requests queue behind it; a queue of 4x the threads gets 503."""
+    from edgecloud._guarded_http import GuardedHandler, GuardedThreadingHTTPServer
+
+    release = threading.Event()
+
+    class Slow(GuardedHandler):
+        def do_GET(self) -> None:
+            release.wait(10)
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+    server_cls = type("S", (GuardedThreadingHTTPServer,), {"limits": Limits(max_threads=1)})
+    srv = server_cls(("127.0.0.1", 0), Slow)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    socks = []
+    try:
+        for _ in range(6):
+            s = socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=10)
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            socks.append(s)
+            time.sleep(0.1)
+        refused = socks[-1].recv(4096)
+        assert refused.startswith(b"HTTP/1.1 503")
+        assert b"already being served" in refused
+        release.set()
+        for s in socks[:5]:
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+    finally:
+        release.set()
+        for s in socks:
+            s.close()
         srv.shutdown()
         srv.server_close()
