@@ -9,6 +9,7 @@ is refused (SUBACK 0x87), whatever group name the device guesses, and every requ
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -199,3 +200,70 @@ def test_generator_cli_and_bad_input(tmp_path: Path) -> None:
     assert "device id" in bad.stderr
     with pytest.raises(ConfigError, match="role"):
         dynsec_config([("x", "y", "admin")], regions=[])
+
+
+@pytest.fixture(scope="module")
+def grouped_broker() -> Iterator[MosquittoBroker]:
+    """The workers' role grants the share group 'g-eu' only."""
+    workdir = Path(tempfile.mkdtemp(prefix="edgecloud-mosquitto-group-"))
+    cfg_file = workdir / "dynamic-security.json"
+    cfg_file.write_text(json.dumps(dynsec_config(USERS, regions=[("eu", "g-eu")])))
+    cfg_file.chmod(0o600)
+    b = MosquittoBroker(
+        allow_anonymous=False,
+        extra_config=[
+            _run_as_me(),
+            "plugin /usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+            f"plugin_opt_config_file {cfg_file}",
+        ],
+        workdir=workdir,
+    )
+    b._own_dir = True
+    with b:
+        yield b
+
+
+def _serve(broker: MosquittoBroker, repo: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            *(sys.executable, "-m", "edgecloud", "cloud", "serve", "--repository", str(repo)),
+            *("--port", "0", "--region", "eu", "--mqtt", broker.url),
+            *("--mqtt-username", "worker", *extra),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "EDGECLOUD_MQTT_PASSWORD": PW["worker"]},
+    )
+
+
+def test_cloud_serve_group_option_must_match_the_brokers_grant(
+    grouped_broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    from tests.fixtures.servers import make_repository
+
+    repo = make_repository(tmp_path, {"digits_cloud": ROOT / "samples/models/digits_cloud.onnx"})
+    refused = _serve(grouped_broker, repo)  # default group workers-eu: not granted
+    out, _ = refused.communicate(timeout=60)
+    assert refused.returncode != 0
+    assert "0x87" in out
+    ok = _serve(grouped_broker, repo, "--group", "g-eu")
+    try:
+        assert ok.stdout is not None
+        assert "serving" in ok.stdout.readline()
+        x = np.load(ROOT / "samples/data/cloud_val.npz")["input"][:1].astype(np.float32)
+        with MqttTransport(
+            grouped_broker.url,
+            region="eu",
+            device_id="dev-a",
+            username="dev-a",
+            password=PW["dev-a"],
+        ) as t:
+            r = t.infer(InferRequest("digits_cloud", {"input": x}), timeout=10)
+        assert r.outputs["logits"].shape == (1, 10)
+    finally:
+        ok.terminate()
+        ok.wait(15)
+        if ok.stdout is not None:
+            ok.stdout.close()
