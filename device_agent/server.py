@@ -2,9 +2,11 @@
 
 Standard library only (``http.server``): a device should not need a web framework to serve its
 own applications, and the import-boundary test keeps starlette/uvicorn out of the agent. The
-server is bounded: a request body larger than ``max_body_bytes`` is refused with 413 before it
-is read, every connection has a socket timeout, and handler threads are daemon threads so a
-stuck client cannot keep the agent from stopping.
+server is bounded by the same ``Limits`` as the cloud region (``edgecloud._guarded_http``): a body
+larger than ``max_body_bytes`` is refused with 413 before it is read, the JSON part, its depth
+and the rows per request are checked as in the region, every request has a deadline (not a
+timeout per read), idle connections wait without a thread, at most ``max_threads`` requests are
+served at once, and every refusal is a V2 error body.
 
 Routes: ``/v2/health/live``, ``/v2/health/ready``, ``/v2``, ``/v2/models/{name}[/versions/{v}]``
 (metadata), ``.../ready``, ``POST .../infer`` (JSON or the binary tensor extension) and
@@ -22,14 +24,16 @@ import socketserver
 import stat
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import HTTPServer
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from device_agent.serving import AgentClient
+from edgecloud._guarded_http import GuardedHandler, GuardedServerMixin
 from edgecloud.errors import EdgeCloudError, InputError, ProtocolError, RuntimeBackendError
+from edgecloud.limits import DEFAULT_LIMITS, LimitExceeded, Limits, check_rows, parse_decimal
 from edgecloud.transport.v2 import (
     DTYPE_TO_V2,
     HEADER_LENGTH,
@@ -46,13 +50,12 @@ log = logging.getLogger("device_agent.server")
 _MODEL_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?/?$")
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(GuardedHandler):
     server_version = "edgecloud-agent"
     protocol_version = "HTTP/1.1"
     endpoint: LocalEndpoint  # set on the subclass made per server
 
     def setup(self) -> None:
-        self.request.settimeout(self.endpoint.timeout_s)
         if self.request.family in (socket.AF_INET, socket.AF_INET6):
             # Headers and body go out in two writes; with Nagle on, the second waits for the
             # client's delayed ACK (~40 ms per request on loopback).
@@ -139,32 +142,41 @@ class _Handler(BaseHTTPRequestHandler):
         if m is None or m.group(3) != "/infer":
             self._error(404, f"no route for POST {path}")
             return
-        length_text = self.headers.get("Content-Length")
-        if length_text is None or not length_text.isdigit():
+        try:
+            length = parse_decimal(self.headers.get("Content-Length"), "Content-Length")
+        except ProtocolError as exc:
+            self._error(400, str(exc))
+            self.close_connection = True
+            return
+        if length is None:
             self._error(411, "Content-Length is required")
             self.close_connection = True
             return
-        length = int(length_text)
         if length > ep.max_body_bytes:
             self._error(
                 413, f"request body of {length} bytes exceeds the limit of {ep.max_body_bytes}"
             )
             self.close_connection = True
             return
-        try:
-            body = self.rfile.read(length)
-        except (TimeoutError, OSError):
+        body = self.rfile.read(length)  # bounded by the request's deadline (GuardedHandler)
+        if len(body) < length:
+            self._error(400, f"body ended after {len(body)} of {length} bytes")
             self.close_connection = True
             return
         man = self._model(m.group(1), m.group(2))
         if man is None:
             return
-        hl = self.headers.get(HEADER_LENGTH)
         try:
-            header_length = int(hl) if hl is not None else None
-            req = decode_request(body, header_length, model=man.name, version=m.group(2))
+            header_length = parse_decimal(self.headers.get(HEADER_LENGTH), HEADER_LENGTH)
+            req = decode_request(
+                body, header_length, model=man.name, version=m.group(2), limits=ep.limits
+            )
+            check_rows(req.inputs, ep.limits.max_rows)
             outcome = ep.client.answer(req.inputs)
-        except ValueError as exc:  # bad header length, or an InputError (a ValueError)
+        except LimitExceeded as exc:
+            self._error(exc.status or 413, str(exc))
+            return
+        except ValueError as exc:  # an InputError (a ValueError)
             self._error(400, str(exc))
             return
         except (InputError, ProtocolError) as exc:
@@ -226,14 +238,12 @@ def _tensor_meta(t: Any) -> dict[str, Any]:
     }
 
 
-class _TCPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 64
+class _TCPServer(GuardedServerMixin, HTTPServer):
+    request_queue_size = 128
 
 
-class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-    request_queue_size = 64
+class _UnixServer(GuardedServerMixin, socketserver.UnixStreamServer):
+    request_queue_size = 128
 
 
 class LocalEndpoint:
@@ -250,13 +260,21 @@ class LocalEndpoint:
         timeout_s: float = 30.0,
         metrics_text: Callable[[], str] | None = None,
         agent_version: str = "",
+        limits: Limits | None = None,
     ) -> None:
+        """``timeout_s`` is the whole request's deadline (``limits.request_timeout_s``)."""
+        base = limits or DEFAULT_LIMITS.with_(max_threads=16)
+        self.limits = base.with_(
+            max_body_bytes=max_body_bytes,
+            request_timeout_s=timeout_s,
+            header_timeout_s=min(base.header_timeout_s, timeout_s),
+        )
         self.client = client
         self.max_body_bytes = max_body_bytes
         self.timeout_s = timeout_s
         self.agent_version = agent_version
         self.metrics_text = metrics_text or (lambda: client.metrics.prometheus())
-        handler = type("Handler", (_Handler,), {"endpoint": self})
+        handler = type("Handler", (_Handler,), {"endpoint": self, "limits": self.limits})
         self.socket_path = socket_path
         self._server: socketserver.BaseServer
         if socket_path is not None:
@@ -265,17 +283,18 @@ class LocalEndpoint:
                     raise OSError(f"{socket_path} exists and is not a socket; not removing it")
                 socket_path.unlink()  # a stale socket from a previous run
             socket_path.parent.mkdir(parents=True, exist_ok=True)
-            self._server = _UnixServer(str(socket_path), handler)
+            server_cls = type("Server", (_UnixServer,), {"limits": self.limits})
+            self._server = server_cls(str(socket_path), handler)
             os.chmod(socket_path, 0o660)
         else:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            cls = type("Server", (_TCPServer,), {"address_family": family})
+            cls = type("Server", (_TCPServer,), {"address_family": family, "limits": self.limits})
             self._server = cls((host, port), handler)
         self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
-        addr = self._server.server_address  # type: ignore[attr-defined]
+        addr = self._server.server_address
         return int(addr[1]) if isinstance(addr, tuple) else 0
 
     @property

@@ -252,7 +252,7 @@ def test_malformed_payloads_answered_or_dropped_worker_survives(
             (c1, "not valid JSON"),
             (c2, "do not fill shape"),
             (c3, "no 'model' user property"),
-            (c4, "not an integer"),
+            (c4, "non-negative decimal integer"),
         ):
             body, props = by_corr[corr]
             assert props["status"] == "400"
@@ -315,17 +315,41 @@ def test_full_worker_queue_answers_503(broker: MosquittoBroker) -> None:
 
 
 # -- timeouts, bounds and configuration --------------------------------------------------------
-def test_no_worker_times_out_and_cleans_pending(broker: MosquittoBroker) -> None:
+def test_no_worker_subscribed_fails_fast_on_puback_0x10(broker: MosquittoBroker) -> None:
+    """The broker says at once that nobody subscribed (PUBACK 0x10): no wait for the deadline."""
     with MqttTransport(broker.url, region="nobody", device_id="dev-10") as t:
         start = time.monotonic()
-        with pytest.raises(TransportTimeout):
-            t.infer(InferRequest(model="m", inputs={"a": np.ones(1, np.float32)}), timeout=0.3)
-        assert 0.25 < time.monotonic() - start < 2.0
+        with pytest.raises(RemoteError, match="0x10") as info:
+            t.infer(InferRequest(model="m", inputs={"a": np.ones(1, np.float32)}), timeout=5.0)
+        assert time.monotonic() - start < 2.0
+        assert info.value.status == 503
+        assert info.value.region == "nobody"
         assert t._session.pending == {}
 
 
+def _silent_subscriber(broker: MosquittoBroker, region: str) -> MqttConnection:
+    """Subscribed to a region's requests (so no PUBACK 0x10) but never answering."""
+    conn = MqttConnection(parse_broker_url(broker.url), client_id=f"silent-{region}").start(5)
+    conn.subscribe(f"edgecloud/devices/+/infer/{region}/request", 1)
+    return conn
+
+
+def test_no_reply_times_out_and_cleans_pending(broker: MosquittoBroker) -> None:
+    silent = _silent_subscriber(broker, "silent10")
+    try:
+        with MqttTransport(broker.url, region="silent10", device_id="dev-10") as t:
+            start = time.monotonic()
+            with pytest.raises(TransportTimeout):
+                t.infer(InferRequest(model="m", inputs={"a": np.ones(1, np.float32)}), timeout=0.3)
+            assert 0.25 < time.monotonic() - start < 2.0
+            assert t._session.pending == {}
+    finally:
+        silent.close()
+
+
 def test_pending_map_is_bounded(broker: MosquittoBroker) -> None:
-    t = MqttTransport(broker.url, region="nobody", device_id="dev-11", max_pending=2)
+    silent = _silent_subscriber(broker, "silent11")
+    t = MqttTransport(broker.url, region="silent11", device_id="dev-11", max_pending=2)
     try:
         errors: list[BaseException] = []
 
@@ -346,6 +370,7 @@ def test_pending_map_is_bounded(broker: MosquittoBroker) -> None:
         assert any("max_pending=2" in str(e) for e in errors)
     finally:
         t.close()
+        silent.close()
 
 
 def test_broker_down_at_start_fails_fast_with_connection_failed() -> None:

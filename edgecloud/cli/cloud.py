@@ -52,6 +52,7 @@ def register(sub: Any) -> None:
         default=64 * 1024 * 1024,
         help="largest request body accepted (413 above; default 64 MiB)",
     )
+    _limit_options(s)
     s.add_argument(
         "--latency-ms",
         type=float,
@@ -72,8 +73,50 @@ def register(sub: Any) -> None:
     s.add_argument("--mqtt-cert", type=Path, help="client certificate (mutual TLS)")
     s.add_argument("--mqtt-key", type=Path, help="client private key (mutual TLS)")
     s.add_argument("--mqtt-prefix", default="edgecloud", help="topic prefix (default edgecloud)")
+    s.add_argument(
+        "--group",
+        default=None,
+        help="MQTT share group of this region's workers (default workers-REGION); must match "
+        "the broker's grants for the workers' role",
+    )
     s.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
     s.set_defaults(func=_serve)
+
+
+_LIMIT_FLAGS = {
+    "max_json_bytes": ("--max-json-bytes", int, "largest JSON part of a request (413 above)"),
+    "max_json_depth": ("--max-json-depth", int, "deepest JSON nesting accepted (400 above)"),
+    "max_rows": ("--max-rows", int, "largest dim 0 of any input per request (413 above)"),
+    "max_large_decodes": (
+        "--max-large-decodes",
+        int,
+        "large bodies read and decoded at once (others wait, then 503)",
+    ),
+    "max_connections": ("--max-connections", int, "open HTTP connections (idle ones evicted)"),
+    "header_timeout_s": ("--header-timeout", float, "seconds to receive request headers (408)"),
+    "request_timeout_s": ("--request-timeout", float, "seconds to receive a request (408)"),
+    "idle_timeout_s": ("--idle-timeout", float, "seconds an idle connection is kept"),
+}
+
+
+def _limit_options(s: Any) -> None:
+    from edgecloud.limits import DEFAULT_LIMITS
+
+    for field, (flag, kind, text) in _LIMIT_FLAGS.items():
+        default = getattr(DEFAULT_LIMITS, field)
+        s.add_argument(
+            flag, dest=field, type=kind, default=None, help=f"{text} (default {default})"
+        )
+
+
+def limits_from_args(args: argparse.Namespace) -> Any:
+    """The ``Limits`` the options ask for (defaults for those not given; ConfigError if bad)."""
+    from edgecloud.limits import DEFAULT_LIMITS
+
+    return DEFAULT_LIMITS.with_(
+        max_body_bytes=args.max_request_bytes,
+        **{f: getattr(args, f) for f in _LIMIT_FLAGS},
+    )
 
 
 def _start_mqtt(core: Any, args: argparse.Namespace) -> Any:
@@ -98,7 +141,16 @@ def _start_mqtt(core: Any, args: argparse.Namespace) -> Any:
         opts["keyfile"] = str(args.mqtt_key)
     if args.mqtt_prefix != "edgecloud":
         opts["prefix"] = args.mqtt_prefix
-    return start(core, url=args.mqtt, region=args.region, workers=args.mqtt_workers, **opts)
+    if args.group:
+        opts["group"] = args.group
+    return start(
+        core,
+        url=args.mqtt,
+        region=args.region,
+        workers=args.mqtt_workers,
+        limits=limits_from_args(args),
+        **opts,
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -112,6 +164,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--mqtt-workers must be >= 1, got {args.mqtt_workers}")
     if args.threads is not None and args.threads < 0:
         raise ConfigError(f"--threads must be >= 0, got {args.threads}")
+    limits = limits_from_args(args)
     key = None
     if args.public_key is not None:
         from edgecloud.package import load_public_key
@@ -133,9 +186,9 @@ def _serve(args: argparse.Namespace) -> int:
             port=args.port,
             region=args.region,
             token=args.token,
-            max_request_bytes=args.max_request_bytes,
             latency_ms=args.latency_ms,
             log_level=args.log_level,
+            limits=limits,
         )
         if args.mqtt:
             mqtt_handle = _start_mqtt(core, args)

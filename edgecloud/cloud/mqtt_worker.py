@@ -9,14 +9,22 @@ Correlation Data and a ``status`` user property (HTTP codes, as ``status_for`` m
 How it fails, on purpose:
 
 - a request with no Response Topic, or one naming another device's reply topic, cannot be
-  answered safely: logged and dropped;
+  answered safely: counted and dropped (logged at most ``Limits.log_per_minute`` times a minute);
 - a request whose ``deadline-ms`` has passed (beyond ``clock_skew_ms``, default 250 ms, for the
   device and region clocks) is dropped: its sender has given up;
-- a duplicate (QoS 1 redelivery) of a correlation id seen recently is dropped (bounded LRU);
-- a malformed payload, a missing model, an unknown model or a wrong shape gets a V2 error reply
-  (400/404/...);
+- a duplicate (QoS 1 redelivery) is dropped: the key is the sender's device id *and* its
+  Correlation Data, and an entry lives until the request's own deadline (``dedup_window_s``,
+  default 60 s, when it has none), so two devices may use the same bytes and a device may
+  restart its counter once its earlier requests have expired;
+- a malformed payload (bad JSON, deep JSON, bad ``deadline-ms``, ``binary-threshold`` or header
+  length, a device id that breaks the naming rule), a missing model, an unknown model or a
+  wrong shape gets a V2 error reply (400/404/...); a payload over ``Limits.max_body_bytes``, a
+  JSON part over ``max_json_bytes`` or more than ``max_rows`` rows gets 413;
 - a full work queue gets an immediate 503 reply rather than growing without bound;
 - nothing a device sends can kill the worker thread: every request is handled in a try block.
+
+Replies go out with the request's QoS and honour ``binary_data_output`` (and per-output
+``binary_data``) as over HTTP.
 
 paho callbacks only enqueue; decoding, validation and encoding run on the worker's own thread,
 and replies are published from the core's completion callbacks without blocking.
@@ -41,7 +49,21 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-from edgecloud.errors import EdgeCloudError, InputError, ProtocolError, TransportError
+from edgecloud.errors import (
+    ConfigError,
+    EdgeCloudError,
+    InputError,
+    ProtocolError,
+    TransportError,
+)
+from edgecloud.limits import (
+    DEFAULT_LIMITS,
+    LimitExceeded,
+    Limits,
+    RateLimitedLog,
+    check_rows,
+    parse_decimal,
+)
 from edgecloud.topics import Topics, check_segment
 from edgecloud.transport._mqtt_common import (
     MqttConnection,
@@ -63,9 +85,10 @@ from edgecloud.transport.v2 import (
     HEADER_LENGTH,
     InferRequest,
     InferResponse,
+    binary_outputs_requested,
     decode_request,
     encode_error,
-    encode_response,
+    encode_response_mixed,
 )
 
 __all__ = [
@@ -78,6 +101,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("edgecloud.cloud.mqtt")
+# deadline-ms values below this (1973-03-03 in milliseconds) are seconds sent by mistake.
+_MIN_DEADLINE_MS = 10**11
 
 
 #: ``handler(request)`` returns a response or a future of one; it may raise EdgeCloudError.
@@ -102,23 +127,40 @@ def _default_status(exc: BaseException) -> int:
 
 
 class _SeenIds:
-    """A bounded LRU of recent correlation ids (QoS 1 may deliver a request twice)."""
+    """Recent (sender, correlation id) pairs, each kept until its request's deadline.
 
-    def __init__(self, size: int) -> None:
-        self._ids: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+    QoS 1 may deliver a request twice; the duplicate is dropped. Keying by sender keeps one
+    device from silencing another that happens to use the same bytes, and expiring entries at the
+    request's deadline lets a device reuse an id (a restarted counter) once the old request is
+    over. Bounded: beyond ``size`` the oldest entries go first.
+    """
+
+    def __init__(self, size: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ids: collections.OrderedDict[tuple[str, bytes], float] = collections.OrderedDict()
         self._size = size
+        self._clock = clock
         self._lock = threading.Lock()
 
-    def seen(self, key: bytes) -> bool:
-        """Record ``key``; True when it was already there."""
+    def seen(self, sender: str, corr: bytes, ttl_s: float) -> bool:
+        """Record the pair until ``ttl_s`` from now; True when it is already live."""
+        now = self._clock()
+        key = (sender, corr)
         with self._lock:
-            if key in self._ids:
-                self._ids.move_to_end(key)
+            expiry = self._ids.get(key)
+            if expiry is not None and expiry > now:
                 return True
-            self._ids[key] = None
-            if len(self._ids) > self._size:
-                self._ids.popitem(last=False)
+            self._ids.pop(key, None)
+            self._ids[key] = now + max(0.0, ttl_s)
+            while self._ids:
+                first_key, first_exp = next(iter(self._ids.items()))
+                if len(self._ids) > self._size or first_exp <= now:
+                    del self._ids[first_key]
+                else:
+                    break
             return False
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
 
 @dataclass
@@ -129,6 +171,10 @@ class _Ctx:
     deadline_ms: int | None
     binary_threshold: int
     trace: str
+    device: str = ""
+    qos: int = 1
+    problem: str | None = None  # a property that makes the request malformed (400 reply)
+    binary: bool | set[str] = False
     received: float = field(default_factory=time.monotonic)
 
 
@@ -157,9 +203,14 @@ class MqttWorker:
         status_for: Callable[[BaseException], int] | None = None,
         connect_timeout: float = 5.0,
         clock_skew_ms: float = 250.0,
+        limits: Limits = DEFAULT_LIMITS,
+        dedup_window_s: float = 60.0,
         _submit: _Submit | None = None,
     ) -> None:
         self.region = check_segment(region, "region")
+        self.limits = limits
+        self.dedup_window_s = dedup_window_s
+        self._refusals = RateLimitedLog(log, limits.log_per_minute)
         self.topics = Topics(prefix)
         self.filter = self.topics.infer_worker_filter(region, group)
         self.qos = qos
@@ -232,9 +283,12 @@ class MqttWorker:
                 continue
             try:
                 self._handle(msg)
-            except Exception:
+            except Exception as exc:
                 self.stats["internal_errors"] += 1
-                log.exception("MQTT worker %s: unexpected error on %s", self.client_id, msg.topic)
+                if self._refusals.warning(
+                    "internal", "MQTT worker %s: unexpected error on %s", self.client_id, msg.topic
+                ):
+                    log.error("unexpected error", exc_info=exc)
 
     def _context(self, msg: paho.MQTTMessage) -> _Ctx | None:
         """Where and how to answer ``msg``; None (logged) when it cannot be answered safely."""
@@ -242,49 +296,85 @@ class MqttWorker:
         rt = getattr(props, "ResponseTopic", None)
         up = user_properties(props)
         trace = up.get(PROP_TRACE, "-")
+        trace = trace[:128]
         if not rt:
             self.stats["dropped_no_response_topic"] += 1
-            log.warning("dropped request on %s (trace %s): no Response Topic", msg.topic, trace)
+            self._refusals.warning(
+                "no-reply-topic",
+                "dropped request on %.200s (trace %s): no Response Topic",
+                msg.topic,
+                trace,
+            )
             return None
-        device = self.topics.device_of(msg.topic)
-        if device is None or rt != self.topics.infer_reply(device):
+        head = f"{self.topics.prefix}/devices/"
+        device = msg.topic[len(head) :].split("/", 1)[0] if msg.topic.startswith(head) else ""
+        if not device or rt != f"{head}{device}/infer/reply":
             self.stats["dropped_foreign_response_topic"] += 1
-            log.warning(
-                "dropped request on %s (trace %s): Response Topic %r is not the sender's own",
+            self._refusals.warning(
+                "foreign-reply-topic",
+                "dropped request on %.200s (trace %s): Response Topic %.200r is not the "
+                "sender's own",
                 msg.topic,
                 trace,
                 rt,
             )
             return None
         corr = getattr(props, "CorrelationData", None)
+        problem: str | None = None
+        try:
+            check_segment(device, "device id")
+        except ConfigError:
+            # The reply topic is the sender's own (its ACL let it publish there): answer it.
+            problem = f"device id {device[:64]!r} must be 1-128 letters, digits, '.', '_' or '-'"
         deadline: int | None = None
         raw = up.get(PROP_DEADLINE)
         if raw is not None:
             try:
-                deadline = int(raw)
-            except ValueError:
+                deadline = parse_decimal(raw, PROP_DEADLINE)
+            except ProtocolError as exc:
+                problem = problem or f"{exc} (Unix epoch milliseconds)"
+            if deadline is not None and deadline < _MIN_DEADLINE_MS:
+                problem = problem or (
+                    f"{PROP_DEADLINE} {raw!r} is not Unix epoch milliseconds "
+                    "(it looks like seconds)"
+                )
                 deadline = None
-        try:
-            threshold = int(up.get(PROP_BINARY_THRESHOLD, self.binary_threshold))
-        except ValueError:
-            threshold = self.binary_threshold
+        threshold = self.binary_threshold
+        raw_threshold = up.get(PROP_BINARY_THRESHOLD)
+        if raw_threshold is not None:
+            try:
+                threshold = parse_decimal(raw_threshold, PROP_BINARY_THRESHOLD) or 0
+            except ProtocolError as exc:
+                problem = problem or str(exc)
         return _Ctx(
             response_topic=rt,
             corr=bytes(corr) if corr is not None else None,
             model=up.get(PROP_MODEL, ""),
             deadline_ms=deadline,
-            binary_threshold=max(0, threshold),
+            binary_threshold=threshold,
             trace=trace,
+            device=device,
+            qos=min(int(msg.qos), 1),
+            problem=problem,
         )
 
     def _handle(self, msg: paho.MQTTMessage) -> None:
         ctx = self._context(msg)
         if ctx is None:
             return
-        if ctx.corr is not None and self._seen.seen(ctx.corr):
-            self.stats["duplicates"] += 1
-            return
         now_ms = time.time() * 1000
+        if ctx.corr is not None:
+            ttl = (
+                (ctx.deadline_ms + self.clock_skew_ms - now_ms) / 1000.0
+                if ctx.deadline_ms is not None
+                else self.dedup_window_s
+            )
+            if self._seen.seen(ctx.device, ctx.corr, min(ttl, self.dedup_window_s * 60)):
+                self.stats["duplicates"] += 1
+                return
+        if ctx.problem is not None:
+            self._reply_error(ctx, 400, f"malformed request: {ctx.problem}")
+            return
         # ``deadline-ms`` is the device's wall clock: allow for modest skew between the clocks
         # (the broker's Message Expiry, which has no skew, already drops the clearly stale ones).
         if ctx.deadline_ms is not None and ctx.deadline_ms + self.clock_skew_ms <= now_ms:
@@ -295,14 +385,26 @@ class MqttWorker:
         if not ctx.model:
             self._reply_error(ctx, 400, f"request has no '{PROP_MODEL}' user property")
             return
-        raw_hl = up.get(HEADER_LENGTH)
-        try:
-            header_len = int(raw_hl) if raw_hl is not None else None
-            request = decode_request(
-                bytes(msg.payload), header_len, model=ctx.model, version=up.get(PROP_VERSION)
+        payload = msg.payload
+        if len(payload) > self.limits.max_body_bytes:
+            self.stats["too_large"] += 1
+            self._reply_error(
+                ctx,
+                413,
+                f"request payload of {len(payload)} bytes exceeds {self.limits.max_body_bytes}",
             )
-        except ValueError:
-            self._reply_error(ctx, 400, f"{HEADER_LENGTH} {raw_hl!r} is not an integer")
+            return
+        try:
+            header_len = parse_decimal(up.get(HEADER_LENGTH), HEADER_LENGTH)
+            body = bytes(payload)
+            request = decode_request(
+                body, header_len, model=ctx.model, version=up.get(PROP_VERSION), limits=self.limits
+            )
+            check_rows(request.inputs, self.limits.max_rows)
+            ctx.binary = binary_outputs_requested(body, header_len, request.parameters)
+        except LimitExceeded as exc:
+            self.stats["too_large"] += 1
+            self._reply_error(ctx, exc.status or 413, str(exc))
             return
         except ProtocolError as exc:
             self._reply_error(ctx, 400, f"malformed request: {exc}")
@@ -335,8 +437,11 @@ class MqttWorker:
 
     # -- replies -------------------------------------------------------------------------------
     def _reply_ok(self, ctx: _Ctx, resp: InferResponse) -> None:
+        binary: bool | set[str] = ctx.binary
+        if binary is False:  # not asked for: by size, as the device's binary-threshold says
+            binary = {n for n, a in resp.outputs.items() if a.nbytes >= ctx.binary_threshold}
         try:
-            body, header_len = encode_response(resp, binary=ctx.binary_threshold)
+            body, header_len = encode_response_mixed(resp, binary)
         except ProtocolError as exc:
             self._reply_error(ctx, 500, f"response could not be encoded: {exc}")
             return
@@ -368,7 +473,7 @@ class MqttWorker:
             expiry = max(1, int(left + 0.999))
         props = PublishProperties(correlation_data=ctx.corr, message_expiry=expiry, user=user)
         try:
-            self.conn.publish(ctx.response_topic, body, qos=self.qos, properties=props)
+            self.conn.publish(ctx.response_topic, body, qos=ctx.qos, properties=props)
         except TransportError as exc:
             self.stats["reply_failed"] += 1
             log.warning("could not answer (trace %s): %s", ctx.trace, exc)
@@ -414,6 +519,7 @@ def start_mqtt_workers(
     group: str | None = None,
     qos: int = 1,
     connect_timeout: float = 5.0,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> MqttWorkerPool:
     """Run ``workers`` MQTT workers (threads, one connection each) in front of ``core``.
 
@@ -461,6 +567,7 @@ def start_mqtt_workers(
                 qos=qos,
                 status_for=status_for,
                 connect_timeout=connect_timeout,
+                limits=limits,
                 _submit=submit,
             )
             started.append(w)
@@ -497,6 +604,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--password", default=os.environ.get("EDGECLOUD_MQTT_PASSWORD"))
     p.add_argument("--qos", type=int, default=1, choices=(0, 1))
     p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-request-bytes", type=int, default=None, help="413 above (64 MiB)")
+    p.add_argument("--max-json-bytes", type=int, default=None, help="413 above (8 MiB)")
+    p.add_argument("--max-rows", type=int, default=None, help="413 above (4096)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     core: Any = None
@@ -524,6 +634,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             prefix=args.prefix,
             group=args.group,
             qos=args.qos,
+            limits=DEFAULT_LIMITS.with_(
+                max_body_bytes=args.max_request_bytes,
+                max_json_bytes=args.max_json_bytes,
+                max_rows=args.max_rows,
+            ),
         )
     except EdgeCloudError as exc:
         print(f"error: {exc}", file=sys.stderr)

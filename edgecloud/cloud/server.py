@@ -1,8 +1,10 @@
 """The cloud region's HTTP face: KServe V2 (Open Inference Protocol) REST on Starlette + uvicorn.
 
 Everything model-related is the ``ServingCore``'s job; this module only speaks HTTP: routes, the
-binary tensor data extension, V2 error bodies with their status codes, the request size limit,
-optional bearer-token auth, the demo's artificial latency and Prometheus metrics. Starlette, uvicorn
+binary tensor data extension, V2 error bodies with their status codes, the ``Limits`` (body and
+JSON bytes, JSON depth, rows, concurrent large decodes, connections, header/idle/request
+timeouts, log rate), optional bearer-token auth, the demo's artificial latency and Prometheus
+metrics. Starlette, uvicorn
 and prometheus-client (extra ``cloud``) are imported by the functions that build the app, never at
 module import, so a device that has only ``edgecloud`` can still import this module.
 
@@ -23,25 +25,34 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import re
+import resource
 import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from edgecloud import __version__ as _edgecloud_version
 from edgecloud._deps import require
 from edgecloud.cloud.core import BatchEvent, ServingCore, status_for
 from edgecloud.errors import ConfigError, EdgeCloudError, ProtocolError
+from edgecloud.limits import (
+    DEFAULT_LIMITS,
+    LimitExceeded,
+    Limits,
+    RateLimitedLog,
+    check_rows,
+    parse_decimal,
+    release_memory,
+)
 from edgecloud.transport.v2 import (
-    DTYPE_TO_V2,
     HEADER_LENGTH,
-    InferResponse,
+    binary_outputs_requested,
     decode_request,
     encode_error,
+    encode_response_mixed,
 )
 
 if TYPE_CHECKING:
@@ -53,9 +64,10 @@ __all__ = ["DEFAULT_MAX_REQUEST_BYTES", "CloudServer", "create_app", "encode_res
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_REQUEST_BYTES = DEFAULT_LIMITS.max_body_bytes
 REGION_HEADER = "X-Edgecloud-Region"
 _OFFLOAD_BYTES = 256 * 1024  # bodies above this are decoded/encoded off the event loop
+_MAX_TIMEOUT_US = 86_400 * 1e6  # a request's own "timeout" parameter, capped at a day
 # The infer routes, matched before Starlette's middleware and router (see create_app).
 _INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 
@@ -66,61 +78,27 @@ class _TooLarge(EdgeCloudError):
     pass
 
 
-def encode_response_mixed(resp: InferResponse, binary: bool | set[str]) -> tuple[bytes, int | None]:
-    """Encode a V2 response where ``binary`` is all/none or the set of outputs to send binary.
-
-    The shared codec encodes all outputs one way; V2 lets a client ask per output
-    (``outputs[i].parameters.binary_data``), which tritonclient does.
-    """
-    blobs: list[bytes] = []
-    outs: list[dict[str, Any]] = []
-    for name, arr in resp.outputs.items():
-        a = np.asarray(arr)
-        dt = DTYPE_TO_V2.get(a.dtype)
-        if dt is None:
-            raise ProtocolError(f"output '{name}': dtype {a.dtype} has no V2 datatype")
-        entry: dict[str, Any] = {"name": name, "datatype": dt, "shape": list(a.shape)}
-        if binary is True or (isinstance(binary, set) and name in binary):
-            raw = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes()
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            blobs.append(raw)
-        else:
-            entry["data"] = a.ravel().tolist()
-        outs.append(entry)
-    header: dict[str, Any] = {"model_name": resp.model, "outputs": outs}
-    if resp.version is not None:
-        header["model_version"] = resp.version
-    if resp.id is not None:
-        header["id"] = resp.id
-    if resp.parameters:
-        header["parameters"] = resp.parameters
-    head = json.dumps(header, separators=(",", ":")).encode()
-    if not blobs:
-        return head, None
-    return b"".join([head, *blobs]), len(head)
-
-
-def _binary_request(
-    body: bytes, header_length: int | None, params: dict[str, Any]
-) -> bool | set[str]:
-    """Which outputs the client wants binary: all (``binary_data_output``), some, or none."""
-    if params.get("binary_data_output"):
-        return True
-    head = body if header_length is None else body[:header_length]
-    if b"binary_data" not in head:
-        return False
+def _request_deadline(value: Any) -> float | None:
+    """The monotonic deadline of V2 ``parameters.timeout`` (microseconds), or None when absent."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProtocolError("parameters.timeout must be a number of microseconds")
     try:
-        outs = json.loads(head).get("outputs") or []
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
-    names = {
-        str(o["name"])
-        for o in outs
-        if isinstance(o, dict)
-        and isinstance(o.get("parameters"), dict)
-        and o["parameters"].get("binary_data")
-    }
-    return names or False
+        us = float(value)
+    except OverflowError:  # an integer literal beyond float range
+        us = math.inf
+    if math.isnan(us) or us < 0:
+        raise ProtocolError("parameters.timeout must be a non-negative number of microseconds")
+    return time.monotonic() + min(us, _MAX_TIMEOUT_US) / 1e6
+
+
+def _bearer_ok(got: str, token: str) -> bool:
+    """RFC 7235: the scheme is case-insensitive; the token is compared in constant time."""
+    scheme, _, value = got.strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        value.strip().encode("utf-8", "replace"), token.encode()
+    )
 
 
 class _Metrics:
@@ -202,14 +180,15 @@ def create_app(
     *,
     region: str = "local",
     token: str | None = None,
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    max_request_bytes: int | None = None,
     latency_ms: float = 0.0,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> Starlette:
     """The V2 ASGI app over ``core``.
 
     ``latency_ms`` delays every response (health included) to simulate a farther region in demos;
     it is never on by default. With ``token`` every route but health needs
-    ``Authorization: Bearer <token>``.
+    ``Authorization: Bearer <token>``. ``max_request_bytes`` overrides ``limits.max_body_bytes``.
     """
     require("starlette", "cloud", "the cloud server")
     from starlette.applications import Starlette
@@ -218,8 +197,14 @@ def create_app(
     from starlette.responses import Response
     from starlette.routing import Route
 
-    if max_request_bytes < 1:
-        raise ConfigError(f"max_request_bytes must be positive, got {max_request_bytes}")
+    if max_request_bytes is not None:
+        if max_request_bytes < 1:
+            raise ConfigError(f"max_request_bytes must be positive, got {max_request_bytes}")
+        limits = limits.with_(max_body_bytes=max_request_bytes)
+    max_request_bytes = limits.max_body_bytes
+    refusals = RateLimitedLog(log, limits.log_per_minute)
+    # Created on first use, inside the server's event loop.
+    large_slots: list[asyncio.Semaphore] = []
     if latency_ms < 0:
         raise ConfigError(f"latency_ms must be >= 0, got {latency_ms}")
     metrics = _Metrics(core, region)
@@ -248,19 +233,20 @@ def create_app(
             if delay:
                 await asyncio.sleep(delay)
             if auth and expected_auth is not None:
-                got = request.headers.get("authorization", "").encode()
+                got = request.headers.get("authorization", "")
                 if not got:
                     return error(
                         401, "authorization required: send 'Authorization: Bearer <token>'"
                     )
-                if not hmac.compare_digest(got, expected_auth):
+                if not _bearer_ok(got, token or ""):
                     return error(401, "invalid bearer token")
             try:
                 return await fn(request)
             except EdgeCloudError as exc:
                 return error(status_for(exc), str(exc))
-            except Exception as exc:  # never a raw traceback to the client
-                log.exception("unexpected error serving %s", request.url.path)
+            except Exception as exc:  # never a raw traceback to the client, nor a flood of them
+                if refusals.warning("internal", "unexpected error serving %s", request.url.path):
+                    log.error("unexpected error serving %s", request.url.path, exc_info=exc)
                 return error(500, f"internal error: {exc.__class__.__name__}")
 
         return wrapped
@@ -297,10 +283,13 @@ def create_app(
             return Response(b"", headers=base_headers)
         return error(400, f"model '{name}' is not ready")
 
-    async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_request_bytes:
+    def declared_length(request: Request) -> int | None:
+        declared = parse_decimal(request.headers.get("content-length"), "Content-Length")
+        if declared is not None and declared > max_request_bytes:
             raise _TooLarge(f"request body of {declared} bytes exceeds {max_request_bytes}")
+        return declared
+
+    async def read_body(request: Request) -> bytes:
         chunks: list[bytes] = []
         size = 0
         try:
@@ -313,6 +302,24 @@ def create_app(
             raise ProtocolError("client disconnected while sending the body") from exc
         return b"".join(chunks)
 
+    async def large_slot() -> asyncio.Semaphore:
+        """One of ``max_large_decodes`` slots; 503 when none frees up within the header timeout.
+
+        Reading, decoding and running a large body is what costs memory, so at most this many
+        run at once however many clients send them.
+        """
+        if not large_slots:
+            large_slots.append(asyncio.Semaphore(limits.max_large_decodes))
+        sem = large_slots[0]
+        try:
+            await asyncio.wait_for(sem.acquire(), limits.header_timeout_s)
+        except TimeoutError:
+            raise LimitExceeded(
+                f"{limits.max_large_decodes} large requests are already being decoded; retry later",
+                status=503,
+            ) from None
+        return sem
+
     async def infer(request: Request) -> Response:
         name, version = model_of(request)
         t0 = time.perf_counter()
@@ -323,34 +330,45 @@ def create_app(
             return resp
         except _TooLarge as exc:
             status = 413
-            return error(413, str(exc))
+            refused = error(413, str(exc))
+            # The body was not read: its bytes must not be taken for the next request.
+            refused.headers["Connection"] = "close"
+            return refused
         except EdgeCloudError as exc:
             status = status_for(exc)
+            if status < 500 or isinstance(exc, LimitExceeded):
+                refusals.warning("refused", "refused %s: %s", request.url.path, exc)
             return error(status, str(exc))
         finally:
             label = name if name in known_models else "_unknown"
             metrics.observe_request(label, status, time.perf_counter() - t0)
 
     async def _infer(request: Request, name: str, version: str | None) -> Response:
+        declared = declared_length(request)
+        header_length = parse_decimal(request.headers.get(HEADER_LENGTH), HEADER_LENGTH)
+        if declared is None or declared > limits.large_body_bytes:
+            sem = await large_slot()
+            try:
+                return await _infer_body(request, name, version, header_length)
+            finally:
+                sem.release()
+                await run_in_threadpool(release_memory)
+        return await _infer_body(request, name, version, header_length)
+
+    async def _infer_body(
+        request: Request, name: str, version: str | None, header_length: int | None
+    ) -> Response:
         body = await read_body(request)
-        hl_text = request.headers.get(HEADER_LENGTH)
-        header_length: int | None = None
-        if hl_text is not None:
-            if not hl_text.strip().isdigit():
-                raise ProtocolError(f"{HEADER_LENGTH} must be a non-negative integer")
-            header_length = int(hl_text)
         if len(body) > _OFFLOAD_BYTES:
             # Parsing megabytes of JSON would stall the event loop (and every health probe).
             req = await run_in_threadpool(
-                decode_request, body, header_length, model=name, version=version
+                decode_request, body, header_length, model=name, version=version, limits=limits
             )
         else:
-            req = decode_request(body, header_length, model=name, version=version)
-        deadline = None
-        timeout_us = req.parameters.get("timeout")
-        if isinstance(timeout_us, int | float) and not isinstance(timeout_us, bool):
-            deadline = time.monotonic() + float(timeout_us) / 1e6
-        binary = _binary_request(body, header_length, req.parameters)
+            req = decode_request(body, header_length, model=name, version=version, limits=limits)
+        check_rows(req.inputs, limits.max_rows)
+        deadline = _request_deadline(req.parameters.get("timeout"))
+        binary = binary_outputs_requested(body, header_length, req.parameters)
         fut = core.submit(req, deadline=deadline)
         result = await asyncio.wrap_future(fut)
         if sum(a.nbytes for a in result.outputs.values()) > _OFFLOAD_BYTES // 4:
@@ -458,18 +476,188 @@ class _WriteCoalescer:
         return getattr(self._transport, name)
 
 
-def _http_protocol() -> Any:
-    """uvicorn's httptools protocol with coalesced writes; "auto" when httptools is missing."""
+_REASONS = {
+    400: "Bad Request",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+}
+
+
+def _canned(status: int, message: str, region: str) -> bytes:
+    """A complete V2 error response for the protocol layer, which runs before the app."""
+    body = encode_error(message)
+    head = (
+        f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        f"connection: close\r\n{REGION_HEADER}: {region}\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
+_FD_RESERVE = 64  # files the process needs besides connections (models, logs, the loop)
+
+
+def accept_backlog() -> int:
+    """The listen backlog, which asyncio also uses as the most connections accepted at once."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 2048
+    return max(16, min(2048, (soft - _FD_RESERVE) // 8))
+
+
+def connection_cap(limits: Limits) -> int:
+    """``limits.max_connections``, lowered to fit the process's open-file limit.
+
+    Past ``RLIMIT_NOFILE`` accept() fails and the server stops answering anyone ("Too many open
+    files"). asyncio accepts up to a backlog's worth of connections before any of them runs its
+    ``connection_made`` (where the cap evicts), so the cap leaves room for a few such bursts.
+    """
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return limits.max_connections
+    return max(8, min(limits.max_connections, soft - _FD_RESERVE - 3 * accept_backlog()))
+
+
+def _http_protocol(limits: Limits = DEFAULT_LIMITS, region: str = "local") -> Any:
+    """uvicorn's httptools protocol with coalesced writes and the connection ``limits``.
+
+    uvicorn arms no timer before a connection's first request and none while a request is being
+    received, so an idle or half-sent connection would be held forever. This protocol adds:
+
+    - idle: a connection that has not started a request within ``idle_timeout_s`` is closed
+      (uvicorn's own keep-alive timer does the same between requests);
+    - header/request: a started request whose headers take over ``header_timeout_s``, or whose
+      headers and body take over ``request_timeout_s``, gets a 408 V2 error and is closed;
+    - headers over ``max_header_bytes``: 431;
+    - connections over the cap: the longest-idle connection is closed to make room; when every
+      connection is busy the new one gets 503;
+    - HTTP the parser rejects: a 400 V2 error body instead of uvicorn's plain text.
+
+    "auto" (uvicorn's choice, without these guards) when httptools is missing.
+    """
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
         return "auto"
+    cap = connection_cap(limits)
 
-    class _CoalescingHttpToolsProtocol(HttpToolsProtocol):
+    class _GuardedHttpToolsProtocol(HttpToolsProtocol):
+        _timer: asyncio.TimerHandle | None = None
+        _phase = "idle"  # idle | headers | body | busy
+        _idle_since = 0.0
+        _started = 0.0
+        _header_bytes = 0
+
         def connection_made(self, transport: Any) -> None:
             super().connection_made(_WriteCoalescer(transport, self.loop))  # type: ignore[arg-type]
+            self._to_idle()
+            if len(self.connections) > cap:
+                self._make_room()
 
-    return _CoalescingHttpToolsProtocol
+        def _make_room(self) -> None:
+            # Connections closed in this loop iteration are still in the set until their
+            # connection_lost runs: count (and evict) only the live ones.
+            live: list[Any] = [c for c in self.connections if getattr(c, "_phase", "") != "closed"]
+            excess = len(live) - cap
+            if excess <= 0:
+                return
+            idle = sorted(
+                (c for c in live if c is not self and getattr(c, "_phase", "") == "idle"),
+                key=lambda c: float(c._idle_since),
+            )
+            for victim in idle[:excess]:
+                victim._disarm("closed")
+                victim.transport.close()  # idle: nothing was asked, nothing to answer
+            if len(idle) < excess:
+                self._refuse(503, f"the server has {cap} busy connections; retry later")
+
+        def _arm(self, seconds: float, phase: str) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._phase = phase
+            self._timer = self.loop.call_later(max(0.0, seconds), self._expired)
+
+        def _disarm(self, phase: str) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._phase = phase
+
+        def _to_idle(self) -> None:
+            self._idle_since = self.loop.time()
+            self._arm(limits.idle_timeout_s, "idle")
+
+        def _expired(self) -> None:
+            self._timer = None
+            if self.transport.is_closing():
+                return
+            if self._phase == "idle":
+                self.transport.close()
+            elif self._phase == "headers":
+                self._refuse(408, f"request headers not received within {limits.header_timeout_s}s")
+            elif self._phase == "body":
+                self._refuse(408, f"request not received within {limits.request_timeout_s}s")
+
+        def _refuse(self, status: int, message: str) -> None:
+            self._disarm("closed")
+            if not self.transport.is_closing():
+                self.transport.write(_canned(status, message, region))
+                self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:
+            self._refuse(400, f"malformed HTTP request: {msg}")
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm("closed")
+            super().connection_lost(exc)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._started = self.loop.time()
+            self._header_bytes = 0
+            self._arm(limits.header_timeout_s, "headers")
+
+        def on_url(self, url: bytes) -> None:
+            super().on_url(url)
+            self._count_header(len(url))
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            super().on_header(name, value)
+            self._count_header(len(name) + len(value) + 4)
+
+        def _count_header(self, n: int) -> None:
+            self._header_bytes += n
+            if self._header_bytes > limits.max_header_bytes and self._phase == "headers":
+                self._refuse(
+                    431, f"request line and headers exceed {limits.max_header_bytes} bytes"
+                )
+
+        def on_headers_complete(self) -> None:
+            if self._phase == "closed":
+                return
+            left = limits.request_timeout_s - (self.loop.time() - self._started)
+            self._arm(left, "body")
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._disarm("busy")
+            super().on_message_complete()
+
+        def on_response_complete(self) -> None:
+            if self._phase in ("headers", "body"):
+                # Answered before the request was fully received (e.g. 413 on Content-Length):
+                # what follows on this connection is the rest of that body, not a request.
+                self._disarm("closed")
+                self.transport.close()
+                return
+            super().on_response_complete()
+            if self._phase == "busy" and not self.transport.is_closing():
+                # uvicorn armed its keep-alive timer; this one marks the connection evictable.
+                self._disarm("idle")
+                self._idle_since = self.loop.time()
+
+    return _GuardedHttpToolsProtocol
 
 
 class CloudServer:
@@ -487,9 +675,10 @@ class CloudServer:
         port: int = 0,
         region: str = "local",
         token: str | None = None,
-        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        max_request_bytes: int | None = None,
         latency_ms: float = 0.0,
         log_level: str = "warning",
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         uvicorn = require("uvicorn", "cloud", "the cloud server")
         self.core = core
@@ -500,7 +689,9 @@ class CloudServer:
             token=token,
             max_request_bytes=max_request_bytes,
             latency_ms=latency_ms,
+            limits=limits,
         )
+        self.limits = limits
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted sockets only when the
         # listening socket says TCP, and without it Nagle + delayed ACK add 40 ms per response.
@@ -511,17 +702,20 @@ class CloudServer:
         except OSError as exc:
             self._sock.close()
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-        self._sock.listen(2048)  # connections made before uvicorn runs wait in the backlog
+        backlog = accept_backlog()
+        self._sock.listen(backlog)  # connections made before uvicorn runs wait in the backlog
         self.host = host
         self.port: int = self._sock.getsockname()[1]
         config = uvicorn.Config(
             self.app,
-            http=_http_protocol(),
+            http=_http_protocol(limits, region),
             log_level=log_level,
             lifespan="off",
             access_log=False,
-            timeout_keep_alive=30,
+            timeout_keep_alive=limits.idle_timeout_s,
             timeout_graceful_shutdown=5,
+            backlog=backlog,
+            h11_max_incomplete_event_size=limits.max_header_bytes,  # when httptools is missing
         )
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None

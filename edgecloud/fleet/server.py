@@ -41,16 +41,19 @@ import logging
 import re
 import tempfile
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from edgecloud.errors import ConfigError, EdgeCloudError, FleetError, PackageError
+from edgecloud._guarded_http import GuardedHandler, GuardedThreadingHTTPServer
+from edgecloud.errors import ConfigError, EdgeCloudError, FleetError, PackageError, ProtocolError
 from edgecloud.fleet.controller import FleetController, NotFound
 from edgecloud.fleet.jobs import AbortCriterion, RolloutConfig
 from edgecloud.fleet.packages import StoredPackage
 from edgecloud.fleet.store import ShadowConflict
+from edgecloud.limits import DEFAULT_LIMITS, Limits, check_json_depth, parse_decimal
 from edgecloud.package import unpack_package
 
 __all__ = ["FleetHTTPServer", "parse_range"]
@@ -60,6 +63,7 @@ log = logging.getLogger("edgecloud.fleet.http")
 _PKG = re.compile(r"^/packages/([^/]+)/([^/]+)\.tar\.gz$")
 MAX_BODY = 1 << 20
 MAX_UPLOAD = 4 << 30  # a package archive uploaded with POST /api/packages
+_UPLOAD_BYTES_PER_S = 1 << 20  # an upload's deadline grows by a second per MiB
 
 
 def parse_range(header: str, size: int) -> tuple[int, int] | None:
@@ -100,15 +104,17 @@ class FleetHTTPServer:
         port: int = 0,
         *,
         token: str | None = None,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.controller = controller
         self.token = token
+        self.limits = limits
         handler = _make_handler(self)
+        server_cls = type("FleetHTTPD", (GuardedThreadingHTTPServer,), {"limits": limits})
         try:
-            self.httpd = ThreadingHTTPServer((host, port), handler)
+            self.httpd = server_cls((host, port), handler)
         except OSError as exc:
             raise ConfigError(f"fleet HTTP server cannot listen on {host}:{port}: {exc}") from exc
-        self.httpd.daemon_threads = True
         addr = self.httpd.server_address
         self.host = addr[0] if isinstance(addr[0], str) else addr[0].decode()
         self.port = int(addr[1])
@@ -168,9 +174,10 @@ def _targets(body: dict[str, Any]) -> list[str]:
 def _make_handler(server: FleetHTTPServer) -> type[BaseHTTPRequestHandler]:
     ctl = server.controller
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(GuardedHandler):
         protocol_version = "HTTP/1.1"
         server_version = "edgecloud-fleet"
+        limits = server.limits
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("%s " + format, self.client_address[0], *args)
@@ -186,16 +193,19 @@ def _make_handler(server: FleetHTTPServer) -> type[BaseHTTPRequestHandler]:
 
         def _body(self) -> dict[str, Any]:
             try:
-                n = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                raise _ApiError(400, "bad Content-Length") from None
+                n = parse_decimal(self.headers.get("Content-Length"), "Content-Length") or 0
+            except ProtocolError as exc:
+                raise _ApiError(400, str(exc)) from None
             if n > MAX_BODY:
                 raise _ApiError(413, f"request body of {n} bytes exceeds {MAX_BODY}")
             raw = self.rfile.read(n) if n else b"{}"
             try:
+                check_json_depth(raw, server.limits.max_json_depth)
                 obj = json.loads(raw or b"{}")
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise _ApiError(400, f"request body is not JSON: {exc}") from None
+            except ProtocolError as exc:
+                raise _ApiError(400, f"request body: {exc}") from None
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError, >4300 digits
+                raise _ApiError(400, f"request body is not JSON: {str(exc)[:200]}") from None
             if not isinstance(obj, dict):
                 raise _ApiError(400, "request body must be a JSON object")
             return obj
@@ -203,13 +213,15 @@ def _make_handler(server: FleetHTTPServer) -> type[BaseHTTPRequestHandler]:
         def _upload(self) -> StoredPackage:
             """Stream a ``.tar.gz`` body to disk, unpack it and store it like a directory."""
             try:
-                n = int(self.headers.get("Content-Length") or -1)
-            except ValueError:
+                n = parse_decimal(self.headers.get("Content-Length"), "Content-Length") or -1
+            except ProtocolError:
                 n = -1
             if n <= 0:
                 raise _ApiError(411, "upload a package archive with a Content-Length")
             if n > MAX_UPLOAD:
                 raise _ApiError(413, f"package archive of {n} bytes exceeds {MAX_UPLOAD}")
+            # A large archive on a slow link needs longer than one request's deadline.
+            self.deadline = max(self.deadline, time.monotonic() + n / _UPLOAD_BYTES_PER_S)
             root = ctl.packages.root
             with tempfile.TemporaryDirectory(prefix=".upload-", dir=root) as tmp:
                 archive = Path(tmp) / "upload.tar.gz"

@@ -73,6 +73,7 @@ __all__ = [
 log = logging.getLogger("edgecloud.mqtt")
 
 # User property names of the protocol (docs/protocol.md, ## MQTT).
+_NO_MATCHING_SUBSCRIBERS = 0x10  # PUBACK reason code
 PROP_MODEL = "model"
 PROP_VERSION = "version"
 PROP_TRACE = "trace-id"
@@ -323,9 +324,21 @@ class MqttTransport(Transport):
         try:
 
             def on_ack(rc: ReasonCode) -> None:
-                if rc.is_failure and not p.done.is_set():
+                if p.done.is_set():
+                    return
+                if rc.is_failure:
                     p.error = reason_code_error(
                         rc, f"publish to {self.request_topic!r}", region=self.region
+                    )
+                    p.done.set()
+                elif rc.value == _NO_MATCHING_SUBSCRIBERS:
+                    # No worker is subscribed: nobody will answer, so fail over now rather
+                    # than at the deadline.
+                    p.error = RemoteError(
+                        f"no worker of region '{self.region}' is subscribed to "
+                        f"{self.request_topic!r} (PUBACK 0x10 No matching subscribers)",
+                        region=self.region,
+                        status=503,
                     )
                     p.done.set()
 

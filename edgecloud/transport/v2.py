@@ -11,11 +11,20 @@ Triton, KServe or MLServer deployment is a drop-in region. Two encodings:
 
 Decoding validates everything it reads (datatype, shape against element count, sizes against the
 body) and raises ``ProtocolError`` naming the tensor, so a malformed request is a 400, not a crash.
+Hostile input is bounded before it costs anything: JSON nesting is checked on the raw bytes before
+``json.loads`` recurses, the JSON part of a request has its own byte limit (``Limits``), shapes are
+multiplied in Python integers (no int64 wrap-around) and at most 64 dimensions are taken.
+
+JSON cannot hold NaN or Infinity, so non-finite floats in ``data`` are written as the strings
+``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` (as the protobuf JSON mapping does); the decoder
+reads those strings back for float tensors. Strict JSON parsers (JavaScript, Go) accept every
+body the codec writes.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from edgecloud.errors import ProtocolError
+from edgecloud.limits import DEFAULT_LIMITS, LimitExceeded, Limits, check_json_depth
 
 __all__ = [
     "DTYPE_TO_V2",
@@ -30,12 +40,15 @@ __all__ = [
     "V2_TO_DTYPE",
     "InferRequest",
     "InferResponse",
+    "binary_outputs_requested",
     "decode_error",
     "decode_request",
     "decode_response",
     "encode_error",
     "encode_request",
     "encode_response",
+    "encode_response_mixed",
+    "json_data",
 ]
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -56,6 +69,11 @@ V2_TO_DTYPE: dict[str, np.dtype[Any]] = {
 }
 DTYPE_TO_V2: dict[np.dtype[Any], str] = {v: k for k, v in V2_TO_DTYPE.items()}
 _LE = {k: v.newbyteorder("<") for k, v in V2_TO_DTYPE.items()}
+MAX_DIMS = 64  # numpy's own limit
+_MAX_DIM = 2**62
+_NONFINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
+# Responses are parsed by clients from servers they chose; they still get a depth bound.
+_RESPONSE_DEPTH = 64
 
 
 @dataclass
@@ -88,6 +106,14 @@ def _v2_type(name: str, arr: np.ndarray) -> str:
         raise ProtocolError(f"tensor '{name}': dtype {arr.dtype} has no V2 datatype") from None
 
 
+def json_data(a: np.ndarray) -> list[Any]:
+    """The flat ``data`` list of ``a`` for a JSON body, NaN/Inf as strings (JSON has neither)."""
+    flat: list[Any] = a.ravel().tolist()
+    if a.dtype.kind == "f" and flat and not np.isfinite(a).all():
+        flat = [v if math.isfinite(v) else _NONFINITE.get(v, "NaN") for v in flat]
+    return flat
+
+
 def _encode_tensors(
     tensors: Mapping[str, np.ndarray], binary: bool | int, blobs: list[bytes]
 ) -> list[dict[str, Any]]:
@@ -109,7 +135,7 @@ def _encode_tensors(
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
-            entry["data"] = a.ravel().tolist()
+            entry["data"] = json_data(a)
         out.append(entry)
     return out
 
@@ -157,7 +183,69 @@ def encode_response(resp: InferResponse, *, binary: bool | int = False) -> tuple
     return _finish(header, blobs)
 
 
-def _split(body: bytes, header_length: int | None) -> tuple[dict[str, Any], memoryview]:
+def encode_response_mixed(resp: InferResponse, binary: bool | set[str]) -> tuple[bytes, int | None]:
+    """Encode a V2 response where ``binary`` is all/none or the set of outputs to send binary.
+
+    The shared codec encodes all outputs one way; V2 lets a client ask per output
+    (``outputs[i].parameters.binary_data``), which tritonclient does.
+    """
+    blobs: list[bytes] = []
+    outs: list[dict[str, Any]] = []
+    for name, arr in resp.outputs.items():
+        a = np.asarray(arr)
+        dt = DTYPE_TO_V2.get(a.dtype)
+        if dt is None:
+            raise ProtocolError(f"output '{name}': dtype {a.dtype} has no V2 datatype")
+        entry: dict[str, Any] = {"name": name, "datatype": dt, "shape": list(a.shape)}
+        if binary is True or (isinstance(binary, set) and name in binary):
+            raw = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            entry["data"] = json_data(a)
+        outs.append(entry)
+    header: dict[str, Any] = {"model_name": resp.model, "outputs": outs}
+    if resp.version is not None:
+        header["model_version"] = resp.version
+    if resp.id is not None:
+        header["id"] = resp.id
+    if resp.parameters:
+        header["parameters"] = resp.parameters
+    head = json.dumps(header, separators=(",", ":")).encode()
+    if not blobs:
+        return head, None
+    return b"".join([head, *blobs]), len(head)
+
+
+def binary_outputs_requested(
+    body: bytes, header_length: int | None, params: dict[str, Any]
+) -> bool | set[str]:
+    """Which outputs the client wants binary: all (``binary_data_output``), some, or none."""
+    if params.get("binary_data_output"):
+        return True
+    head = body if header_length is None else body[:header_length]
+    if b"binary_data" not in head:
+        return False
+    try:  # decode_request already parsed (and bounded) this header
+        outs = json.loads(head).get("outputs") or []
+    except (ValueError, RecursionError, AttributeError):
+        return False
+    if not isinstance(outs, list):
+        return False
+    names = {
+        str(o["name"])
+        for o in outs
+        if isinstance(o, dict)
+        and isinstance(o.get("parameters"), dict)
+        and o["parameters"].get("binary_data")
+    }
+    return names or False
+
+
+def _split(
+    body: bytes, header_length: int | None, limits: Limits | None
+) -> tuple[dict[str, Any], memoryview]:
+    """The JSON header (bounded by ``limits``; responses by depth only) and the binary rest."""
     if header_length is None:
         head, rest = body, b""
     else:
@@ -166,10 +254,18 @@ def _split(body: bytes, header_length: int | None) -> tuple[dict[str, Any], memo
                 f"{HEADER_LENGTH} is {header_length} but the body has {len(body)} bytes"
             )
         head, rest = body[:header_length], body[header_length:]
+    if limits is not None and len(head) > limits.max_json_bytes:
+        raise LimitExceeded(
+            f"the JSON part of the body is {len(head)} bytes, over the limit of "
+            f"{limits.max_json_bytes}; send large tensors with the binary tensor data extension"
+        )
+    check_json_depth(head, limits.max_json_depth if limits is not None else _RESPONSE_DEPTH)
     try:
         header = json.loads(head)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"body is not valid JSON: {exc.__class__.__name__}: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, >4300 digits
+        raise ProtocolError(
+            f"body is not valid JSON: {exc.__class__.__name__}: {str(exc)[:200]}"
+        ) from None
     if not isinstance(header, dict):
         raise ProtocolError("body must be a JSON object")
     return header, memoryview(rest)
@@ -186,15 +282,20 @@ def _decode_tensors(entries: Any, rest: memoryview, what: str) -> dict[str, np.n
         name = e.get("name")
         if not isinstance(name, str):
             raise ProtocolError(f"a tensor in '{what}' has no string 'name'")
+        name = name[:128]
         dt = e.get("datatype")
-        if dt not in _LE:
-            raise ProtocolError(f"tensor '{name}': unsupported datatype {dt!r}")
+        if not isinstance(dt, str) or dt not in _LE:
+            raise ProtocolError(f"tensor '{name}': unsupported datatype {str(dt)[:40]!r}")
         shape = e.get("shape")
         if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= _MAX_DIM for d in shape
         ):
-            raise ProtocolError(f"tensor '{name}': shape must be a list of non-negative ints")
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+            raise ProtocolError(
+                f"tensor '{name}': shape must be a list of non-negative integers up to 2**62"
+            )
+        if len(shape) > MAX_DIMS:
+            raise ProtocolError(f"tensor '{name}': {len(shape)} dimensions, at most {MAX_DIMS}")
+        count = math.prod(shape)  # Python ints: no int64 wrap-around
         params = e.get("parameters") or {}
         size = params.get("binary_data_size") if isinstance(params, dict) else None
         if size is not None:
@@ -205,7 +306,7 @@ def _decode_tensors(entries: Any, rest: memoryview, what: str) -> dict[str, np.n
                 )
             if offset + size > len(rest):
                 raise ProtocolError(f"tensor '{name}': body ends before its {size} binary bytes")
-            arr = np.frombuffer(rest[offset : offset + size], dtype=dtype).reshape(shape)
+            arr = _reshape(name, np.frombuffer(rest[offset : offset + size], dtype=dtype), shape)
             offset += size
         else:
             data = e.get("data")
@@ -213,11 +314,15 @@ def _decode_tensors(entries: Any, rest: memoryview, what: str) -> dict[str, np.n
                 raise ProtocolError(f"tensor '{name}' has neither 'data' nor binary_data_size")
             try:
                 arr = np.asarray(data, dtype=V2_TO_DTYPE[dt])
-            except (ValueError, TypeError, OverflowError) as exc:
-                raise ProtocolError(f"tensor '{name}': data is not {dt}: {exc}") from exc
+            except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+                raise ProtocolError(
+                    f"tensor '{name}': data is not {dt}: {str(exc)[:200]}"
+                ) from None
             if arr.size != count:
-                raise ProtocolError(f"tensor '{name}': {arr.size} values do not fill shape {shape}")
-            arr = arr.reshape(shape)
+                raise ProtocolError(
+                    f"tensor '{name}': {arr.size} values do not fill shape {shape[:MAX_DIMS]}"
+                )
+            arr = _reshape(name, arr, shape)
         if name in tensors:
             raise ProtocolError(f"tensor '{name}' appears twice in '{what}'")
         tensors[name] = arr
@@ -226,11 +331,27 @@ def _decode_tensors(entries: Any, rest: memoryview, what: str) -> dict[str, np.n
     return tensors
 
 
+def _reshape(name: str, arr: np.ndarray, shape: list[int]) -> np.ndarray:
+    try:
+        return arr.reshape(shape)
+    except ValueError as exc:  # e.g. [0, 2**62, 2**62]: numpy's size arithmetic overflows
+        raise ProtocolError(f"tensor '{name}': shape {shape} is not usable: {exc}") from None
+
+
 def decode_request(
-    body: bytes, header_length: int | None = None, *, model: str = "", version: str | None = None
+    body: bytes,
+    header_length: int | None = None,
+    *,
+    model: str = "",
+    version: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> InferRequest:
-    """Decode a request body; ``model``/``version`` come from the URL or MQTT properties."""
-    header, rest = _split(body, header_length)
+    """Decode a request body; ``model``/``version`` come from the URL or MQTT properties.
+
+    ``limits`` bounds the JSON part (bytes and depth); body bytes and rows are the server's to
+    check, since they depend on where the body came from.
+    """
+    header, rest = _split(body, header_length, limits)
     inputs = _decode_tensors(header.get("inputs"), rest, "inputs")
     outs = header.get("outputs") or []
     if not isinstance(outs, list) or not all(isinstance(o, dict) and "name" in o for o in outs):
@@ -255,7 +376,7 @@ def wants_binary_outputs(body_header: InferRequest) -> bool:
 
 
 def decode_response(body: bytes, header_length: int | None = None) -> InferResponse:
-    header, rest = _split(body, header_length)
+    header, rest = _split(body, header_length, None)
     if "error" in header and "outputs" not in header:
         raise ProtocolError(f"expected an inference response, got an error: {header['error']}")
     outputs = _decode_tensors(header.get("outputs"), rest, "outputs")
@@ -278,10 +399,11 @@ def encode_error(message: str) -> bytes:
 def decode_error(body: bytes) -> str:
     """The message of a V2 error body, or a short description of a body that is not one."""
     try:
+        check_json_depth(body, _RESPONSE_DEPTH)
         d = json.loads(body)
         if isinstance(d, dict) and isinstance(d.get("error"), str):
             return str(d["error"])
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError, ProtocolError):
         pass
     text = body[:200].decode("utf-8", "replace")
     return f"non-V2 error body: {text!r}"
