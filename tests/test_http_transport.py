@@ -64,6 +64,12 @@ def test_infer_json_and_binary_agree(server: InProcessServer, x: np.ndarray) -> 
         small = t.infer(InferRequest(MODEL, {"input": x[:1]}, id="a"), timeout=5)  # 256 B: JSON
         big = t.infer(InferRequest(MODEL, {"input": x[:8]}), timeout=5)  # 2 KiB: binary
         pinned = t.infer(InferRequest(MODEL, {"input": x[:1]}, version="1"), timeout=5)
+        t.infer(InferRequest(MODEL, {"input": x[:8]}), timeout=5)
+    # The server metadata is read once, when binary is first wanted, and says binary is there.
+    assert [r.url.path for r in seen if r.method == "GET"] == ["/v2"]
+    assert t.features["extensions"] == ["binary_tensor_data"]
+    assert t.features["binary"] is True
+    seen = [r for r in seen if r.method == "POST"]
     assert seen[0].headers["content-type"] == "application/json"
     assert HEADER_LENGTH not in seen[0].headers
     assert seen[1].headers["content-type"] == "application/octet-stream"

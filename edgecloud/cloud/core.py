@@ -13,12 +13,17 @@ The latest version (highest number, else lexicographically last name) answers re
 none. Layout errors are raised when the repository is opened, naming the directory, so a region
 that starts is a region that can serve.
 
-Dynamic batching: one batcher thread per loaded model version takes the first waiting request,
-gathers more until ``max_batch_size`` rows or ``max_queue_delay_ms`` after the first arrival,
-concatenates compatible requests (same inputs, dtypes and non-batch dims) along dim 0, runs
-onnxruntime once and splits the outputs back. A request larger than the batch runs alone. The queue
-is bounded; when it is full ``submit`` fails at once with ``OverloadedError`` (503) rather than
-letting latency grow without bound.
+Dynamic batching: one batcher thread per loaded model version takes the first waiting request and
+everything compatible that is already queued (same inputs, dtypes and non-batch dims), concatenates
+them along dim 0, runs onnxruntime once and splits the outputs back. It is idle-fast: a request
+that finds nothing else queued, when the previous batch was a lone request too, runs at once,
+so one client at a time (how devices fall back to the cloud) never waits for a batch. Only while
+requests actually arrive together (the previous batch held more than one) does the batcher wait,
+up to ``max_queue_delay_ms`` after the first arrival, for more, until ``max_batch_size`` rows;
+load therefore grows batches as Triton's dynamic batcher does, and a quiet model pays one delay
+at most before it is back to dispatching at once. A request larger than the batch runs alone. The
+queue is bounded; when it is full ``submit`` fails at once with ``OverloadedError`` (503) rather
+than letting latency grow without bound.
 """
 
 from __future__ import annotations
@@ -395,6 +400,7 @@ class _ModelWorker:
     def _run(self) -> None:
         pending: list[_Item] = []  # taken from the queue but incompatible with the last batch
         limit = self.core.max_batch_size if self.batchable else 1
+        last_requests = 1  # requests in the previous batch: > 1 means requests arrive together
         while True:
             if pending:
                 first: _Item | None = pending.pop(0)
@@ -419,9 +425,13 @@ class _ModelWorker:
             stop = False
             # Requests that queued while the previous batch ran are taken at once (no waiting:
             # ``until`` has passed), so batches grow with the load, as Triton's dynamic batcher's.
+            # An empty queue is waited on only while requests arrive together (``last_requests``
+            # > 1, or this batch already holds more than one): a lone request runs at once.
             with self._cond:
                 while rows < limit and len(pending) < limit:
                     if not self._items:
+                        if last_requests <= 1 and len(batch) <= 1:
+                            break
                         remaining = until - time.monotonic()
                         if remaining <= 0:
                             break
@@ -436,6 +446,7 @@ class _ModelWorker:
                         rows += nxt.rows
                     else:
                         pending.append(nxt)
+            last_requests = len(batch)
             try:
                 self._execute(batch)
             except Exception as exc:  # a bug here must not leave callers waiting forever
