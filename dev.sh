@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: creates (or reuses) .venv, installs what the command needs,
-# then runs it.  ./dev.sh demo | test | lint | bench | shell
+# then runs it.  ./dev.sh demo | test | lint | bench | peers | shell
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${EDGECLOUD_VENV:-.venv}
@@ -46,6 +46,27 @@ ensure_postgres() {
   fi
 }
 
+# Peer V2 servers for the interop tests, each in a venv of its own so that their pins never meet
+# edgecloud's: Seldon MLServer (pinned) with onnxruntime and numpy only. Kept between runs in the
+# same clone; reinstalled only when the pins below change.
+MLSERVER_VENV=${EDGECLOUD_MLSERVER_VENV:-.venv-mlserver}
+MLSERVER_PINS="mlserver==1.7.1 onnxruntime>=1.18 numpy>=1.24"
+
+ensure_mlserver() {
+  local stamp="$MLSERVER_VENV/.edgecloud-pins"
+  if [ -x "$MLSERVER_VENV/bin/mlserver" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$MLSERVER_PINS" ]; then
+    return 0
+  fi
+  echo "installing the MLServer peer venv ($MLSERVER_PINS) in $MLSERVER_VENV ..."
+  "$PY" -m venv "$MLSERVER_VENV"
+  # shellcheck disable=SC2086 # the pins are separate arguments
+  if "$MLSERVER_VENV/bin/python" -m pip install -q --disable-pip-version-check $MLSERVER_PINS; then
+    echo "$MLSERVER_PINS" > "$stamp"
+  else
+    echo "warning: could not install MLServer; its interop tests will fail" >&2
+  fi
+}
+
 cmd=${1:-help}
 shift || true
 case "$cmd" in
@@ -58,6 +79,7 @@ case "$cmd" in
     ensure_venv "dev,samples"
     ensure_mosquitto
     ensure_postgres
+    ensure_mlserver
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
   lint)
@@ -70,12 +92,15 @@ case "$cmd" in
     ensure_venv "dev,samples"
     exec "$VENV/bin/python" -m benchmarks "$@"
     ;;
+  peers)
+    ensure_mlserver
+    ;;
   shell)
     ensure_venv dev
     exec "$VENV/bin/python" "$@"
     ;;
   *)
-    echo "usage: ./dev.sh demo|test|lint|bench [args...]" >&2
+    echo "usage: ./dev.sh demo|test|lint|bench|peers [args...]" >&2
     exit 2
     ;;
 esac
