@@ -60,6 +60,11 @@ def register(sub: Any) -> None:
     )
     s.add_argument("--public-key", type=Path, help="verify package signatures with this key")
     s.add_argument("--threads", type=int, help="onnxruntime intra-op threads per model")
+    s.add_argument(
+        "--grpc-port",
+        type=int,
+        help="also serve KServe V2 over gRPC on this port (0 picks a free one; needs [grpc])",
+    )
     s.add_argument("--mqtt", metavar="URL", help="also serve over MQTT (mqtt://host:port)")
     s.add_argument("--mqtt-workers", type=int, default=1, help="MQTT workers (shared subscription)")
     s.add_argument("--mqtt-username", help="MQTT user name")
@@ -126,6 +131,7 @@ def _serve(args: argparse.Namespace) -> int:
         intra_op_threads=args.threads,
     )
     mqtt_handle = None
+    grpc_handle: Any = None
     try:
         server = CloudServer(
             core,
@@ -137,6 +143,18 @@ def _serve(args: argparse.Namespace) -> int:
             latency_ms=args.latency_ms,
             log_level=args.log_level,
         )
+        if args.grpc_port is not None:
+            from edgecloud.cloud.grpc_server import GrpcServer
+
+            grpc_handle = GrpcServer(
+                core,
+                host=args.host,
+                port=args.grpc_port,
+                region=args.region,
+                token=args.token,
+                max_request_bytes=args.max_request_bytes,
+            ).start()
+            print(f"edgecloud cloud: region {args.region} grpc on {grpc_handle.url}", flush=True)
         if args.mqtt:
             mqtt_handle = _start_mqtt(core, args)
         if args.latency_ms:
@@ -148,6 +166,8 @@ def _serve(args: argparse.Namespace) -> int:
         )
         server.serve_forever()
     finally:
+        if grpc_handle is not None:
+            grpc_handle.stop()
         if mqtt_handle is not None:
             mqtt_handle.stop()
         core.close()
