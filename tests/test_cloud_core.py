@@ -460,3 +460,17 @@ def test_the_batcher_waits_for_more_only_while_requests_arrive_together(
         c.infer(InferRequest(MODEL, {"input": x[7:8]}), timeout=30)
         assert time.monotonic() - t0 < 1.5
         assert c.stats()["batch_requests"] == {1: 3, 2: 1, 3: 1}
+
+
+def test_batch_wait_always_keeps_the_fixed_window(
+    tmp_path: Path, cloud_onnx: Path, val: tuple[np.ndarray, np.ndarray]
+) -> None:
+    # idle_fast=False (``--batch-wait always``): even a lone request waits the window, so a
+    # request submitted well within it joins the same batch.
+    x, _ = val
+    repo = make_repository(tmp_path, {MODEL: cloud_onnx})
+    with ServingCore(repo, max_queue_delay_ms=1500.0, idle_fast=False) as c:
+        a = c.submit(InferRequest(MODEL, {"input": x[:1]}))
+        b = c.submit(InferRequest(MODEL, {"input": x[1:2]}))
+        a.result(timeout=30), b.result(timeout=30)
+        assert c.stats()["batch_requests"] == {2: 1}

@@ -40,6 +40,13 @@ def register(sub: Any) -> None:
         default=2.0,
         help="how long the first request of a batch waits for others (default 2 ms)",
     )
+    s.add_argument(
+        "--batch-wait",
+        choices=["arrivals", "always"],
+        default="arrivals",
+        help="when a batch waits up to --max-queue-delay-ms for more requests: only while "
+        "requests arrive together (default; a lone request runs at once), or always",
+    )
     s.add_argument("--max-queue", type=int, default=1024, help="queued requests per model (503)")
     s.add_argument(
         "--token",
@@ -129,6 +136,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_queue_delay_ms=args.max_queue_delay_ms,
         max_queue=args.max_queue,
         intra_op_threads=args.threads,
+        idle_fast=args.batch_wait == "arrivals",
     )
     mqtt_handle = None
     grpc_handle: Any = None

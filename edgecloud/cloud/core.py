@@ -401,6 +401,7 @@ class _ModelWorker:
         pending: list[_Item] = []  # taken from the queue but incompatible with the last batch
         limit = self.core.max_batch_size if self.batchable else 1
         last_requests = 1  # requests in the previous batch: > 1 means requests arrive together
+        idle_fast = self.core.idle_fast
         while True:
             if pending:
                 first: _Item | None = pending.pop(0)
@@ -430,7 +431,7 @@ class _ModelWorker:
             with self._cond:
                 while rows < limit and len(pending) < limit:
                     if not self._items:
-                        if last_requests <= 1 and len(batch) <= 1:
+                        if idle_fast and last_requests <= 1 and len(batch) <= 1:
                             break
                         remaining = until - time.monotonic()
                         if remaining <= 0:
@@ -534,8 +535,11 @@ class ServingCore:
     """Sessions and dynamic batchers for every model of a repository; thread-safe.
 
     ``max_batch_size=1`` turns batching off (each request runs alone). ``max_queue`` bounds the
-    requests waiting per model version. The latest version of every model is loaded at start so
-    that ``ready`` is true only for a region that can answer; other versions load on first use.
+    requests waiting per model version. ``idle_fast=False`` makes every batch wait the full
+    ``max_queue_delay_ms`` after its first request, even a lone one (Triton's behaviour with a
+    queue delay set): the most rows per run, at the price of that delay on every quiet request.
+    The latest version of every model is loaded at start so that ``ready`` is true only for a
+    region that can answer; other versions load on first use.
     """
 
     def __init__(
@@ -547,6 +551,7 @@ class ServingCore:
         max_queue: int = 1024,
         intra_op_threads: int | None = None,
         preload: bool = True,
+        idle_fast: bool = True,
     ) -> None:
         if max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -563,6 +568,7 @@ class ServingCore:
         self.max_queue_delay = max_queue_delay_ms / 1000.0
         self.max_queue = max_queue
         self.intra_op_threads = intra_op_threads
+        self.idle_fast = idle_fast
         self._workers: dict[tuple[str, str], _ModelWorker] = {}
         self._lock = threading.Lock()
         self._closed = False
