@@ -30,6 +30,7 @@ from edgecloud.package import (
 )
 from edgecloud.routing import HealthProber, Region, RegionSelector
 from edgecloud.routing.deadline import Deadline
+from edgecloud.transport.grpc import GrpcTransport
 from edgecloud.transport.http import HttpTransport
 from edgecloud.transport.v2 import InferRequest
 from tests.fixtures.mlserver import MLServerProcess, make_image_model
@@ -247,3 +248,20 @@ def test_unknown_model_is_logged_once_and_counted(
     assert "no_such_model" in health.persistent_error
     assert health.ready is False
     assert health.answered == 0
+
+
+def test_grpc_transport_against_mlserver(mlserver: MLServerProcess, image_onnx: Path) -> None:
+    # MLServer's gRPC port takes raw tensors: image-sized requests without the JSON cost.
+    sess = ort.InferenceSession(str(image_onnx))
+    with GrpcTransport(f"grpc://127.0.0.1:{mlserver.grpc_port}", region="mls-grpc") as t:
+        for x in _images(4, seed=9):
+            got = t.infer(InferRequest(IMAGE, {"input": x}), timeout=20)
+            np.testing.assert_allclose(
+                got.outputs["logits"], sess.run(None, {"input": x})[0], rtol=1e-5, atol=1e-5
+            )
+        assert t.model_ready(IMAGE, timeout=5) is True
+        assert t.model_ready("no_such_model", timeout=5) is False
+        assert t.server_metadata()["extensions"] == []
+        with pytest.raises(RemoteError) as ei:
+            t.infer(InferRequest("no_such_model", {"input": _images(1)[0]}), timeout=20)
+        assert ei.value.status == 404  # MLServer says UNKNOWN "...ModelNotFound..."

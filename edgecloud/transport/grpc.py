@@ -22,6 +22,7 @@ translated in one place, ``translate_grpc_error``, each error carrying the regio
     RESOURCE_EXHAUSTED                        -> RemoteError(413 for a message over the limit,
                                                  else 429)
     UNIMPLEMENTED                             -> RemoteError(501)
+    UNKNOWN naming a model not found          -> RemoteError(404) (MLServer's unknown model)
     any other code                            -> RemoteError(500)
     a response that is not a valid V2 answer  -> ProtocolError
 
@@ -31,6 +32,7 @@ Thread-safe: one channel (HTTP/2, multiplexed) serves every thread of the router
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -63,6 +65,8 @@ __all__ = [
 
 #: Largest message either side accepts by default (gRPC's own default is 4 MiB).
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+_NOT_FOUND = re.compile(r"ModelNotFound|model \S+ (with version \S* )?not found", re.IGNORECASE)
 
 #: ``InferTensorContents`` field per V2 datatype, for messages without raw contents.
 _CONTENTS_FIELD = {
@@ -204,6 +208,8 @@ def translate_grpc_error(exc: Exception, region: str) -> TransportError:
     }.get(name)
     if name == "RESOURCE_EXHAUSTED":
         status = 413 if "larger than max" in text or "message length" in text.lower() else 429
+    if name == "UNKNOWN" and _NOT_FOUND.search(text):
+        status = 404  # MLServer answers an unknown model with UNKNOWN "...ModelNotFound..."
     return RemoteError(text, region=region, status=status or 500)
 
 
