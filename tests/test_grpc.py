@@ -336,3 +336,38 @@ def test_translate_grpc_error_maps_every_code() -> None:
     assert isinstance(e, RemoteError)
     assert e.status == 429
     assert pb_grpc.GRPCInferenceServiceStub is not None
+
+
+def test_concurrent_rpc_limit_refuses_at_once(repo: Path, x: np.ndarray) -> None:
+    # The first RPC is answered, then the batcher blocks in its listener; the next two wait in
+    # the queue and fill a limit of 2: one more is refused with RESOURCE_EXHAUSTED at once
+    # instead of queueing; after release all is well.
+    import threading
+
+    from edgecloud.cloud.core import ServingCore
+    from edgecloud.cloud.grpc_server import GrpcServer
+
+    release = threading.Event()
+    with ServingCore(repo, max_batch_size=1) as core:
+        core.add_listener(lambda _ev: release.wait(30))
+        with (
+            GrpcServer(core, max_concurrent_rpcs=2) as srv,
+            GrpcTransport(srv.url, region="l") as t,
+        ):
+            with grpc.insecure_channel(srv.url.removeprefix("grpc://")) as ch:
+                stub = pb_grpc.GRPCInferenceServiceStub(ch)
+                req = pb.ModelInferRequest(model_name=MODEL)
+                req.inputs.add(name="input", datatype="FP32", shape=[1, 1, 8, 8])
+                req.raw_input_contents.append(x[:1].astype("<f4").tobytes())
+                first = stub.ModelInfer.future(req, timeout=30)
+                assert first.result(timeout=30).outputs
+                held = [stub.ModelInfer.future(req, timeout=30) for _ in range(2)]
+                time.sleep(0.5)  # both reach the server and wait in the queue
+                with pytest.raises(RemoteError) as ei:
+                    t.infer(InferRequest(MODEL, {"input": x[:1]}), timeout=10)
+                assert ei.value.status == 429
+                assert "RESOURCE_EXHAUSTED" in str(ei.value)
+                release.set()
+                for f in held:
+                    assert f.result(timeout=30).outputs
+                assert t.infer(InferRequest(MODEL, {"input": x[:1]}), timeout=10).outputs

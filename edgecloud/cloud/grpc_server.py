@@ -18,7 +18,8 @@ message that names what failed.
 
 Limits: messages larger than ``max_request_bytes`` are refused by gRPC itself
 (RESOURCE_EXHAUSTED, before any decoding); at most ``max_concurrent_rpcs`` RPCs run at once (more
-get RESOURCE_EXHAUSTED at once rather than queueing without bound); each request's deadline is the
+get RESOURCE_EXHAUSTED at once rather than queueing without bound; health and metadata RPCs are
+not counted); each request's deadline is the
 earlier of its gRPC deadline and its V2 ``timeout`` parameter, and a request still queued then is
 dropped (DEADLINE_EXCEEDED).
 
@@ -69,9 +70,13 @@ _CODES = {
 class _Servicer:
     """The ``GRPCInferenceService`` methods, over one ``ServingCore``."""
 
-    def __init__(self, core: ServingCore, region: str, token: str | None) -> None:
+    def __init__(
+        self, core: ServingCore, region: str, token: str | None, max_inflight: int
+    ) -> None:
         self.core = core
         self.region = region
+        self.max_inflight = max_inflight
+        self.inflight = 0  # ModelInfer calls being served; only the event loop thread touches it
         self._token = f"Bearer {token}" if token else None
         self._grpc, self._pb, _ = load_proto()
 
@@ -150,6 +155,19 @@ class _Servicer:
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         await self._auth(context)
+        if self.inflight >= self.max_inflight:
+            await context.abort(
+                self._grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"region '{self.region}' is serving {self.inflight} requests already (limit "
+                f"{self.max_inflight}): try another region or later",
+            )
+        self.inflight += 1
+        try:
+            return await self._infer(request, context)
+        finally:
+            self.inflight -= 1
+
+    async def _infer(self, request: Any, context: Any) -> Any:
         try:
             req, deadline = self._decode(request, context)
             fut = self.core.submit(req, deadline=deadline)
@@ -220,10 +238,9 @@ class GrpcServer:
                 ("grpc.max_send_message_length", self._max_request_bytes),
                 ("grpc.so_reuseport", 0),
             ],
-            maximum_concurrent_rpcs=self._max_concurrent,
         )
         self._pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            _Servicer(self.core, self.region, self._token), server
+            _Servicer(self.core, self.region, self._token, self._max_concurrent), server
         )
         host = f"[{self.host}]" if ":" in self.host else self.host
         bound = server.add_insecure_port(f"{host}:{self.port}")
