@@ -474,3 +474,35 @@ def test_batch_wait_always_keeps_the_fixed_window(
         b = c.submit(InferRequest(MODEL, {"input": x[1:2]}))
         a.result(timeout=30), b.result(timeout=30)
         assert c.stats()["batch_requests"] == {2: 1}
+
+
+def test_a_wait_ends_when_requests_stop_arriving(
+    tmp_path: Path, cloud_onnx: Path, val: tuple[np.ndarray, np.ndarray]
+) -> None:
+    # After a batch of three, the batcher waits for more, but only while they keep coming: with
+    # a 6 s window the wait ends after a 1.5 s gap without arrivals, not after 6 s.
+    x, _ = val
+    repo = make_repository(tmp_path, {MODEL: cloud_onnx})
+    release = threading.Event()
+    entered = threading.Event()
+    with ServingCore(repo, max_batch_size=32, max_queue_delay_ms=6000.0) as c:
+
+        def hold(_event: object) -> None:
+            if not entered.is_set():
+                entered.set()
+                release.wait(30)
+
+        c.add_listener(hold)
+        first = c.submit(InferRequest(MODEL, {"input": x[:1]}))
+        assert entered.wait(30)
+        queued = [c.submit(InferRequest(MODEL, {"input": x[i : i + 1]})) for i in range(1, 4)]
+        release.set()
+        for f in [first, *queued]:
+            f.result(timeout=30)
+        t0 = time.monotonic()
+        a = c.submit(InferRequest(MODEL, {"input": x[4:5]}))
+        b = c.submit(InferRequest(MODEL, {"input": x[5:6]}))
+        a.result(timeout=30), b.result(timeout=30)
+        waited = time.monotonic() - t0
+        assert c.stats()["batch_requests"] == {1: 1, 2: 1, 3: 1}
+    assert 1.0 < waited < 5.0, f"the batch of two waited {waited:.2f} s"

@@ -18,10 +18,12 @@ everything compatible that is already queued (same inputs, dtypes and non-batch 
 them along dim 0, runs onnxruntime once and splits the outputs back. It is idle-fast: a request
 that finds nothing else queued, when the previous batch was a lone request too, runs at once,
 so one client at a time (how devices fall back to the cloud) never waits for a batch. Only while
-requests actually arrive together (the previous batch held more than one) does the batcher wait,
-up to ``max_queue_delay_ms`` after the first arrival, for more, until ``max_batch_size`` rows;
-load therefore grows batches as Triton's dynamic batcher does, and a quiet model pays one delay
-at most before it is back to dispatching at once. A request larger than the batch runs alone. The
+requests actually arrive together (the previous batch held more than one) does the batcher wait
+for more, until ``max_batch_size`` rows, ``max_queue_delay_ms`` after the first arrival, or a
+quarter of that delay without a new arrival, whichever comes first; load therefore grows batches
+as Triton's dynamic batcher does, a closed loop of clients that are all in the batch already does
+not wait out the window, and a quiet model pays at most one short wait before it is back to
+dispatching at once. A request larger than the batch runs alone. The
 queue is bounded; when it is full ``submit`` fails at once with ``OverloadedError`` (503) rather
 than letting latency grow without bound.
 """
@@ -402,6 +404,7 @@ class _ModelWorker:
         limit = self.core.max_batch_size if self.batchable else 1
         last_requests = 1  # requests in the previous batch: > 1 means requests arrive together
         idle_fast = self.core.idle_fast
+        gap = self.core.max_queue_delay / 4  # idle-fast: no arrival for this long ends a wait
         while True:
             if pending:
                 first: _Item | None = pending.pop(0)
@@ -423,17 +426,21 @@ class _ModelWorker:
                     keep.append(it)
             pending = keep
             until = first.enqueued + self.core.max_queue_delay
+            last_arrival = max(it.enqueued for it in batch)
             stop = False
             # Requests that queued while the previous batch ran are taken at once (no waiting:
             # ``until`` has passed), so batches grow with the load, as Triton's dynamic batcher's.
-            # An empty queue is waited on only while requests arrive together (``last_requests``
-            # > 1, or this batch already holds more than one): a lone request runs at once.
+            # Idle-fast: an empty queue is waited on only while requests arrive together
+            # (``last_requests`` > 1, or this batch already holds more than one), and only while
+            # they keep arriving: a gap of a quarter of the delay without one ends the wait (in a
+            # closed loop every client may already be in the batch). A lone request runs at once.
             with self._cond:
                 while rows < limit and len(pending) < limit:
                     if not self._items:
                         if idle_fast and last_requests <= 1 and len(batch) <= 1:
                             break
-                        remaining = until - time.monotonic()
+                        end = until if not idle_fast else min(until, last_arrival + gap)
+                        remaining = end - time.monotonic()
                         if remaining <= 0:
                             break
                         self._cond.wait(remaining)
@@ -442,6 +449,7 @@ class _ModelWorker:
                     if nxt is None:
                         stop = True
                         break
+                    last_arrival = max(last_arrival, nxt.enqueued)
                     if nxt.key == first.key and rows + nxt.rows <= limit:
                         batch.append(nxt)
                         rows += nxt.rows
