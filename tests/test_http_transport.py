@@ -384,3 +384,23 @@ def test_binary_only_where_declared_and_renegotiated_after_a_reconnect() -> None
 def test_binary_option_is_checked() -> None:
     with pytest.raises(ConfigError, match="binary must be 'auto', 'always' or 'never'"):
         HttpTransport("http://127.0.0.1:1", region="p", binary="sometimes")  # type: ignore[arg-type]
+
+
+def test_async_transport_negotiates_and_probes_the_model_too() -> None:
+    port = _free_port()
+    big = {"x": np.zeros((1, 8192), np.float32)}
+
+    async def run() -> tuple[list[object], bool, bool]:
+        async with AsyncHttpTransport(f"http://127.0.0.1:{port}", region="p") as t:
+            await t.ainfer(InferRequest("m", big), timeout=5)
+            ok = await t.amodel_ready("m", timeout=2)
+            fallback = t.features["model_ready_path"]
+            return [t.features["binary"]], ok, fallback
+
+    with _peer(port, extensions=[], model_path=False) as cfg:
+        binary, ok, path = asyncio.run(run())
+        assert cfg["posts"] == ["application/json"]
+        assert cfg["gets"] == ["/v2", "/v2/models/m/ready", "/v2/health/ready"]
+    assert binary == [False]
+    assert ok is True
+    assert path is False
