@@ -277,8 +277,11 @@ def _single_client(
                 t.infer(InferRequest(model, {"input": x[i % len(x)]}), timeout=60)
             transports[label] = t
         per = seconds / rounds
-        for _ in range(rounds):
-            for label, t in transports.items():
+        names = list(transports)
+        for r in range(rounds):
+            # Rotate who goes first, so that an order effect cannot favour one server.
+            for label in names[r % len(names) :] + names[: r % len(names)]:
+                t = transports[label]
                 end = time.perf_counter() + per
                 i = 0
                 while time.perf_counter() < end:
@@ -337,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{rows}-row requests, "
         f"{seconds:g} s per phase; {os.cpu_count()} CPUs"
     )
-    single = _single_client(repo, name, xs, seconds, 5, args.threads)
+    single = _single_client(repo, name, xs, seconds, 9, args.threads)
     ref = single["--max-batch-size 1"]
     for label, r in single.items():
         print(
@@ -366,17 +369,38 @@ def main(argv: list[str] | None = None) -> int:
         ("fixed window (max 32)", 32, "always"),
         ("batching off (max 1)", 1, "arrivals"),
     )
-    for label, mbs, wait in phases:
-        with running_cloud_server(
-            repo,
-            region="bench",
-            max_batch_size=mbs,
-            max_queue_delay_ms=2.0,
-            threads=args.threads,
-            extra_args=["--batch-wait", wait],
-        ) as srv:
-            pid = srv.proc.pid  # type: ignore[union-attr]
-            r = _load(srv.url, name, xs, clients, procs, seconds, pid)
+    # The three servers run side by side and take turns in rounds (order rotated), so that the
+    # other work on the machine hits all three alike; each round spawns fresh load generators.
+    rounds = 3
+    per_round: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in phases}
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for label, mbs, wait in phases:
+            servers[label] = stack.enter_context(
+                running_cloud_server(
+                    repo,
+                    region="bench",
+                    max_batch_size=mbs,
+                    max_queue_delay_ms=2.0,
+                    threads=args.threads,
+                    extra_args=["--batch-wait", wait],
+                )
+            )
+        labels = list(servers)
+        for rnd in range(rounds):
+            for label in labels[rnd % len(labels) :] + labels[: rnd % len(labels)]:
+                srv = servers[label]
+                pid = srv.proc.pid  # type: ignore[union-attr]
+                per_round[label].append(
+                    _load(srv.url, name, xs, clients, procs, seconds / rounds, pid)
+                )
+    for label, runs in per_round.items():
+        r = {
+            k: statistics.fmean(float(run[k]) for run in runs)
+            for k in ("rps", "p50_ms", "p99_ms", "mean_batch", "server_cpu_ms", "client_cpu_ms")
+        }
+        r["errors"] = sum(int(run["errors"]) for run in runs)
+        r["first_error"] = next((run["first_error"] for run in runs if run["first_error"]), "")
         results[label] = r
         print(
             f"server, {label}:   {r['rps']:10.1f} req/s    "
