@@ -110,10 +110,13 @@ def test_hybrid_answers_every_large_offload_from_mlserver(
     pkg, pub = image_pkg
     sess = ort.InferenceSession(str(image_onnx))
     posts: list[httpx.Request] = []
+    # Edge first with a threshold no local answer reaches: every request is offloaded as a low
+    # confidence answer would be, and must come back from MLServer.
     client = HybridClient(
         pkg,
         public_key=pub,
-        mode="cloud_first",
+        mode="edge_first",
+        threshold=1.0,
         deadline=20.0,
         probe_interval=None,
         regions=[{"name": "mls", "endpoint": mlserver.url}],
@@ -126,6 +129,7 @@ def test_hybrid_answers_every_large_offload_from_mlserver(
         for x in xs:  # 588 KiB per request: far over the 16 KiB binary threshold
             r = client.infer({"input": x})
             assert r.source == "cloud:mls", r.error_summary()
+            assert r.reason == "low_confidence"
             assert not r.degraded
             assert r.errors == {}
             np.testing.assert_allclose(
