@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: creates (or reuses) .venv, installs what the command needs,
-# then runs it.  ./dev.sh demo | test | lint | bench | lock [--add|--check] | shell
+# then runs it.  ./dev.sh demo | test | lint | bench | lock [--add|--check] | peers | shell
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${EDGECLOUD_VENV:-.venv}
@@ -11,8 +11,14 @@ LOCK=requirements-lock.txt
 LOCK_EXTRAS=dev,samples
 
 pip_install() {
-  # Every install is constrained to the lock, so a fresh machine gets what main was tested with.
-  "$1/bin/python" -m pip install -q --disable-pip-version-check -c "$LOCK" "${@:2}"
+  # Every install is constrained to a lock, so a fresh machine gets what main was tested with:
+  # edgecloud's venv to $LOCK, a peer's venv (whose pins must never meet ours) to its own.
+  local venv=$1
+  shift
+  case "$venv" in
+    "$VENV") "$venv/bin/python" -m pip install -q --disable-pip-version-check -c "$LOCK" "$@" ;;
+    *) "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@" ;;
+  esac
 }
 
 install_project() {
@@ -51,6 +57,13 @@ refresh_lock() {
   "$tmp/venv/bin/python" -m pip install -q --disable-pip-version-check --no-build-isolation \
     -e ".[$LOCK_EXTRAS]"
   "$tmp/venv/bin/python" .ci/lock.py write --extras "$LOCK_EXTRAS"
+  # The MLServer peer's lock: its own venv, the newest releases its pins allow.
+  "$PY" -m venv "$tmp/peer"
+  # shellcheck disable=SC2086 # the pins are separate arguments
+  "$tmp/peer/bin/python" -m pip install -q --disable-pip-version-check $MLSERVER_PINS
+  { echo "# The MLServer peer venv (.venv-mlserver) for the interop tests: $MLSERVER_PINS."
+    echo "# Refresh: ./dev.sh lock. Installed as constraints by dev.sh's ensure_mlserver."
+    "$tmp/peer/bin/python" -m pip freeze --all; } > "$PEER_LOCK"
 }
 
 ensure_mosquitto() {
@@ -77,6 +90,30 @@ ensure_postgres() {
   fi
 }
 
+# Peer V2 servers for the interop tests, each in a venv of its own so that their pins never meet
+# edgecloud's: Seldon MLServer (pinned) with onnxruntime and numpy only. Kept between runs in the
+# same clone; reinstalled only when the pins below change.
+MLSERVER_VENV=${EDGECLOUD_MLSERVER_VENV:-.venv-mlserver}
+MLSERVER_PINS="mlserver==1.7.1 onnxruntime>=1.18 numpy>=1.24"
+PEER_LOCK=requirements-peer-mlserver.txt
+
+ensure_mlserver() {
+  # The peer venv is locked like ours (requirements-peer-mlserver.txt, refreshed by ./dev.sh lock).
+  local stamp="$MLSERVER_VENV/.edgecloud-pins" want
+  want=$(echo "$MLSERVER_PINS" | cat - "$PEER_LOCK" | sha256sum | cut -c1-16)
+  if [ -x "$MLSERVER_VENV/bin/mlserver" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    return 0
+  fi
+  echo "installing the MLServer peer venv ($MLSERVER_PINS, locked) in $MLSERVER_VENV ..."
+  "$PY" -m venv "$MLSERVER_VENV"
+  # shellcheck disable=SC2086 # the pins are separate arguments
+  if pip_install "$MLSERVER_VENV" $MLSERVER_PINS -c "$PEER_LOCK"; then
+    echo "$want" > "$stamp"
+  else
+    echo "warning: could not install MLServer; its interop tests will fail" >&2
+  fi
+}
+
 cmd=${1:-help}
 shift || true
 case "$cmd" in
@@ -89,6 +126,7 @@ case "$cmd" in
     ensure_venv "$LOCK_EXTRAS"
     ensure_mosquitto
     ensure_postgres
+    ensure_mlserver
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
   lint)
@@ -118,12 +156,15 @@ case "$cmd" in
       *) refresh_lock ;;
     esac
     ;;
+  peers)
+    ensure_mlserver
+    ;;
   shell)
     ensure_venv dev
     exec "$VENV/bin/python" "$@"
     ;;
   *)
-    echo "usage: ./dev.sh demo|test|lint|bench|lock [--add|--check]|shell [args...]" >&2
+    echo "usage: ./dev.sh demo|test|lint|bench|lock [--add|--check]|peers|shell [args...]" >&2
     exit 2
     ;;
 esac

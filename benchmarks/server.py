@@ -20,6 +20,13 @@ understates what the server would do on a machine of its own. The CPU-efficiency
 CPU per row / server CPU per request) does not depend on who else uses the cores: it says what
 fraction of the in-process rate the server would reach given all the cores to itself.
 
+Single client first: one client sending batch-1 requests one at a time (how a device falls back
+to the cloud) to three servers started side by side, in interleaved rounds so that the machine's
+load hits all three alike: batching on (the idle-fast batcher, ``--batch-wait arrivals``),
+batching on with the fixed window (``--batch-wait always``, the batcher before idle-fast), and
+``--max-batch-size 1``. Printed: p50/mean latency and the ratios to ``--max-batch-size 1`` (goal:
+1.0 within noise for the idle-fast batcher).
+
 Goal: batching on >= 0.8x the in-process batch-32 rate. On a small model the HTTP cost per
 request, not the model, bounds the rate; ``--model resnet18`` shows the compute-bound case.
 """
@@ -27,6 +34,7 @@ request, not the model, bounds the rate; ``--model resnet18`` shows the compute-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import re
@@ -237,10 +245,64 @@ def _load(
     }
 
 
+def _single_client(
+    repo: Path, model: str, x: np.ndarray, seconds: float, rounds: int, threads: int | None
+) -> dict[str, dict[str, float]]:
+    """Sequential batch-1 latency of one client against three servers, interleaved rounds."""
+    from edgecloud.transport.http import HttpTransport
+    from edgecloud.transport.v2 import InferRequest
+    from tests.fixtures.servers import running_cloud_server
+
+    configs = {
+        "idle-fast batching (max 32)": (32, "arrivals"),
+        "fixed-window batching (max 32)": (32, "always"),
+        "--max-batch-size 1": (1, "arrivals"),
+    }
+    lat: dict[str, list[float]] = {k: [] for k in configs}
+    with contextlib.ExitStack() as stack:
+        transports = {}
+        for label, (mbs, wait) in configs.items():
+            srv = stack.enter_context(
+                running_cloud_server(
+                    repo,
+                    region="bench",
+                    max_batch_size=mbs,
+                    max_queue_delay_ms=2.0,
+                    threads=threads,
+                    extra_args=["--batch-wait", wait],
+                )
+            )
+            t = stack.enter_context(HttpTransport(srv.url, region="bench", max_connections=1))
+            for i in range(20):  # connect and warm up
+                t.infer(InferRequest(model, {"input": x[i % len(x)]}), timeout=60)
+            transports[label] = t
+        per = seconds / rounds
+        names = list(transports)
+        for r in range(rounds):
+            # Rotate who goes first, so that an order effect cannot favour one server.
+            for label in names[r % len(names) :] + names[: r % len(names)]:
+                t = transports[label]
+                end = time.perf_counter() + per
+                i = 0
+                while time.perf_counter() < end:
+                    t0 = time.perf_counter()
+                    t.infer(InferRequest(model, {"input": x[i % len(x)]}), timeout=60)
+                    lat[label].append(time.perf_counter() - t0)
+                    i += 1
+    out = {}
+    for label, values in lat.items():
+        out[label] = {
+            "p50_ms": 1000 * statistics.median(values),
+            "mean_ms": 1000 * statistics.fmean(values),
+            "rps": len(values) / seconds,
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.server", description=__doc__)
     p.add_argument("--quick", action="store_true", help="3 s per phase instead of 15 s")
-    p.add_argument("--clients", type=int, help="concurrent clients (default 32; resnet18: 64)")
+    p.add_argument("--clients", type=int, help="concurrent clients (default 16; resnet18: 64)")
     p.add_argument(
         "--client-procs", type=int, default=2, help="load-generator processes (default 2)"
     )
@@ -252,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", choices=["digits_cloud", "resnet18"], default="digits_cloud")
     args = p.parse_args(argv)
     seconds = args.seconds or (3.0 if args.quick else 15.0)
-    clients = args.clients or (64 if args.model == "resnet18" else 32)
+    clients = args.clients or (64 if args.model == "resnet18" else 16)
     procs = max(1, min(args.client_procs, clients))
     sys.path.insert(0, str(ROOT))
     from tests.fixtures.servers import make_repository, running_cloud_server
@@ -278,6 +340,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{rows}-row requests, "
         f"{seconds:g} s per phase; {os.cpu_count()} CPUs"
     )
+    single = _single_client(repo, name, xs, seconds, 9, args.threads)
+    ref = single["--max-batch-size 1"]
+    for label, r in single.items():
+        print(
+            f"1 client, {label:31s} p50 {r['p50_ms']:6.2f} ms  mean {r['mean_ms']:6.2f} ms  "
+            f"{r['rps']:7.1f} req/s   p50 {r['p50_ms'] / ref['p50_ms']:5.2f}x / throughput "
+            f"{r['rps'] / ref['rps']:5.2f}x of --max-batch-size 1"
+        )
     base, base_cpu, base_cfg = _ort_batch_rate(onnx, x[:1], 32, seconds)
     print(
         f"in-process onnxruntime, batch 32:        {base:10.1f} rows/s   (baseline, first run)  "
@@ -294,16 +364,43 @@ def main(argv: list[str] | None = None) -> int:
             f"process CPU {1000 * cpu:6.3f} ms/req (client threads included)"
         )
     results: dict[str, dict[str, Any]] = {}
-    for label, mbs in (("batching on (max 32)", 32), ("batching off (max 1)", 1)):
-        with running_cloud_server(
-            repo,
-            region="bench",
-            max_batch_size=mbs,
-            max_queue_delay_ms=2.0,
-            threads=args.threads,
-        ) as srv:
-            pid = srv.proc.pid  # type: ignore[union-attr]
-            r = _load(srv.url, name, xs, clients, procs, seconds, pid)
+    phases = (
+        ("batching on (max 32)", 32, "arrivals"),
+        ("fixed window (max 32)", 32, "always"),
+        ("batching off (max 1)", 1, "arrivals"),
+    )
+    # The three servers run side by side and take turns in rounds (order rotated), so that the
+    # other work on the machine hits all three alike; each round spawns fresh load generators.
+    rounds = 3
+    per_round: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in phases}
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for label, mbs, wait in phases:
+            servers[label] = stack.enter_context(
+                running_cloud_server(
+                    repo,
+                    region="bench",
+                    max_batch_size=mbs,
+                    max_queue_delay_ms=2.0,
+                    threads=args.threads,
+                    extra_args=["--batch-wait", wait],
+                )
+            )
+        labels = list(servers)
+        for rnd in range(rounds):
+            for label in labels[rnd % len(labels) :] + labels[: rnd % len(labels)]:
+                srv = servers[label]
+                pid = srv.proc.pid  # type: ignore[union-attr]
+                per_round[label].append(
+                    _load(srv.url, name, xs, clients, procs, seconds / rounds, pid)
+                )
+    for label, runs in per_round.items():
+        r = {
+            k: statistics.fmean(float(run[k]) for run in runs)
+            for k in ("rps", "p50_ms", "p99_ms", "mean_batch", "server_cpu_ms", "client_cpu_ms")
+        }
+        r["errors"] = sum(int(run["errors"]) for run in runs)
+        r["first_error"] = next((run["first_error"] for run in runs if run["first_error"]), "")
         results[label] = r
         print(
             f"server, {label}:   {r['rps']:10.1f} req/s    "
@@ -323,8 +420,10 @@ def main(argv: list[str] | None = None) -> int:
         base = base2
     base_cpu = min(base_cpu, base_cpu2)
     on, off = results["batching on (max 32)"], results["batching off (max 1)"]
+    fixed = results["fixed window (max 32)"]
     eff = base_cpu * rows * 1000 / on["server_cpu_ms"]
-    print(f"batching on / off:                       {on['rps'] / off['rps']:6.2f}x")
+    print(f"{clients} clients, batching on / off:            {on['rps'] / off['rps']:6.2f}x")
+    print(f"{clients} clients, idle-fast / fixed window:     {on['rps'] / fixed['rps']:6.2f}x")
     print(f"ServingCore, batching on / baseline:     {core_on * rows / base:6.3f}x")
     print(
         f"batching on / in-process batch 32:       {on['rps'] * rows / base:6.3f}x  (goal >= 0.8x)"
@@ -333,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         f"CPU efficiency, batching on:             {eff:6.3f}x  (baseline CPU per row / server "
         "CPU per request: the ratio on cores of the server's own)"
     )
-    return 1 if on["errors"] or off["errors"] else 0
+    return 1 if on["errors"] or off["errors"] or fixed["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ from edgecloud.routing.regions import (
     CloudOutcome,
     HealthProber,
     Region,
+    RegionHealth,
     RegionSelector,
 )
 from edgecloud.runtime.base import Backend, InputPolicy
@@ -299,7 +300,11 @@ class HybridClient:
         self.prober: HealthProber | None = None
         if probe_interval is not None and built:
             self.prober = HealthProber(
-                self.selector, interval=probe_interval, timeout=probe_timeout, clock=clock
+                self.selector,
+                interval=probe_interval,
+                timeout=probe_timeout,
+                clock=clock,
+                model_for=self._probe_model,
             ).start()
 
     # -- construction helpers -------------------------------------------------------------------
@@ -992,6 +997,15 @@ class HybridClient:
         return out
 
     # -- lifecycle ------------------------------------------------------------------------------
+
+    def _probe_model(self, region: Region) -> str | None:
+        """The model a region is asked about: its own ``model``, else the local model's name."""
+        slot = self._slot
+        return region.model or (slot.manifest.name if slot is not None else None)
+
+    def region_health(self) -> list[RegionHealth]:
+        """Per region: readiness, failures by kind, the error retrying will not fix, features."""
+        return self.selector.health() if hasattr(self, "selector") else []
 
     def regions_status(self) -> list[dict[str, Any]]:
         """Every region's breaker state, smoothed RTT and counters, best first."""

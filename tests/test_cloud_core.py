@@ -404,3 +404,105 @@ def test_batches_grow_with_load_even_without_a_queue_delay(
         stats = c.stats()
     assert stats["batch_requests"] == {1: 1, 6: 1, 32: 2}
     np.testing.assert_allclose(np.concatenate(outs), reference, rtol=1e-4, atol=1e-5)
+
+
+def test_a_lone_request_does_not_wait_the_batching_window(
+    tmp_path: Path, cloud_onnx: Path, val: tuple[np.ndarray, np.ndarray]
+) -> None:
+    # A 4 s window: if the idle batcher still waited it after a lone request, 6 sequential
+    # requests would take 24 s. Idle-fast, they take milliseconds; 4 s is a generous bound.
+    x, _ = val
+    repo = make_repository(tmp_path, {MODEL: cloud_onnx})
+    with ServingCore(repo, max_batch_size=32, max_queue_delay_ms=4000.0) as c:
+        t0 = time.monotonic()
+        for i in range(6):
+            c.infer(InferRequest(MODEL, {"input": x[i : i + 1]}), timeout=30)
+        elapsed = time.monotonic() - t0
+        assert c.stats()["batch_requests"] == {1: 6}
+    assert elapsed < 4.0, f"6 lone requests took {elapsed:.1f} s: they waited the window"
+
+
+def test_the_batcher_waits_for_more_only_while_requests_arrive_together(
+    tmp_path: Path, cloud_onnx: Path, val: tuple[np.ndarray, np.ndarray]
+) -> None:
+    # Three requests queue while the first batch runs (held by its listener): they form one
+    # batch, which tells the batcher that requests arrive together, so the next request waits
+    # the window and a request submitted well within it joins the same batch. That batch of two
+    # keeps the batcher waiting once more; once a window passes with a lone request, the next
+    # request runs at once again.
+    x, _ = val
+    repo = make_repository(tmp_path, {MODEL: cloud_onnx})
+    release = threading.Event()
+    entered = threading.Event()
+    with ServingCore(repo, max_batch_size=32, max_queue_delay_ms=1500.0) as c:
+
+        def hold(_event: object) -> None:
+            if not entered.is_set():
+                entered.set()
+                release.wait(30)
+
+        c.add_listener(hold)
+        first = c.submit(InferRequest(MODEL, {"input": x[:1]}))
+        assert entered.wait(30)
+        queued = [c.submit(InferRequest(MODEL, {"input": x[i : i + 1]})) for i in range(1, 4)]
+        release.set()
+        for f in [first, *queued]:
+            f.result(timeout=30)
+        assert c.stats()["batch_requests"] == {1: 1, 3: 1}
+        a = c.submit(InferRequest(MODEL, {"input": x[4:5]}))
+        b = c.submit(InferRequest(MODEL, {"input": x[5:6]}))
+        a.result(timeout=30), b.result(timeout=30)
+        assert c.stats()["batch_requests"] == {1: 1, 2: 1, 3: 1}
+        # One more window spent by a lone request ...
+        c.infer(InferRequest(MODEL, {"input": x[6:7]}), timeout=30)
+        # ... and the batcher is idle-fast again.
+        t0 = time.monotonic()
+        c.infer(InferRequest(MODEL, {"input": x[7:8]}), timeout=30)
+        assert time.monotonic() - t0 < 1.5
+        assert c.stats()["batch_requests"] == {1: 3, 2: 1, 3: 1}
+
+
+def test_batch_wait_always_keeps_the_fixed_window(
+    tmp_path: Path, cloud_onnx: Path, val: tuple[np.ndarray, np.ndarray]
+) -> None:
+    # idle_fast=False (``--batch-wait always``): even a lone request waits the window, so a
+    # request submitted well within it joins the same batch.
+    x, _ = val
+    repo = make_repository(tmp_path, {MODEL: cloud_onnx})
+    with ServingCore(repo, max_queue_delay_ms=1500.0, idle_fast=False) as c:
+        a = c.submit(InferRequest(MODEL, {"input": x[:1]}))
+        b = c.submit(InferRequest(MODEL, {"input": x[1:2]}))
+        a.result(timeout=30), b.result(timeout=30)
+        assert c.stats()["batch_requests"] == {2: 1}
+
+
+def test_a_wait_ends_when_requests_stop_arriving(
+    tmp_path: Path, cloud_onnx: Path, val: tuple[np.ndarray, np.ndarray]
+) -> None:
+    # After a batch of three, the batcher waits for more, but only while they keep coming: with
+    # a 6 s window the wait ends after a 1.5 s gap without arrivals, not after 6 s.
+    x, _ = val
+    repo = make_repository(tmp_path, {MODEL: cloud_onnx})
+    release = threading.Event()
+    entered = threading.Event()
+    with ServingCore(repo, max_batch_size=32, max_queue_delay_ms=6000.0) as c:
+
+        def hold(_event: object) -> None:
+            if not entered.is_set():
+                entered.set()
+                release.wait(30)
+
+        c.add_listener(hold)
+        first = c.submit(InferRequest(MODEL, {"input": x[:1]}))
+        assert entered.wait(30)
+        queued = [c.submit(InferRequest(MODEL, {"input": x[i : i + 1]})) for i in range(1, 4)]
+        release.set()
+        for f in [first, *queued]:
+            f.result(timeout=30)
+        t0 = time.monotonic()
+        a = c.submit(InferRequest(MODEL, {"input": x[4:5]}))
+        b = c.submit(InferRequest(MODEL, {"input": x[5:6]}))
+        a.result(timeout=30), b.result(timeout=30)
+        waited = time.monotonic() - t0
+        assert c.stats()["batch_requests"] == {1: 1, 2: 1, 3: 1}
+    assert 1.0 < waited < 5.0, f"the batch of two waited {waited:.2f} s"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import inspect
 import socket
@@ -64,6 +65,12 @@ def test_infer_json_and_binary_agree(server: InProcessServer, x: np.ndarray) -> 
         small = t.infer(InferRequest(MODEL, {"input": x[:1]}, id="a"), timeout=5)  # 256 B: JSON
         big = t.infer(InferRequest(MODEL, {"input": x[:8]}), timeout=5)  # 2 KiB: binary
         pinned = t.infer(InferRequest(MODEL, {"input": x[:1]}, version="1"), timeout=5)
+        t.infer(InferRequest(MODEL, {"input": x[:8]}), timeout=5)
+    # The server metadata is read once, when binary is first wanted, and says binary is there.
+    assert [r.url.path for r in seen if r.method == "GET"] == ["/v2"]
+    assert t.features["extensions"] == ["binary_tensor_data"]
+    assert t.features["binary"] is True
+    seen = [r for r in seen if r.method == "POST"]
     assert seen[0].headers["content-type"] == "application/json"
     assert HEADER_LENGTH not in seen[0].headers
     assert seen[1].headers["content-type"] == "application/octet-stream"
@@ -264,3 +271,136 @@ def test_deadline_travels_as_the_v2_timeout_parameter(
     assert own == {"timeout": 9_000_000}
     assert "timeout" not in without
     assert own2 == {"timeout": 9_000_000}
+
+
+# ------------------------------------------------------------------ readiness and negotiation
+
+
+def test_model_ready_probes_the_model_not_the_server(server: InProcessServer) -> None:
+    with HttpTransport(server.url, region="r1", token="tok") as t:
+        assert t.model_ready(MODEL, timeout=2) is True
+        assert t.model_ready(MODEL, "1", timeout=2) is True
+        assert t.model_ready(MODEL, "9", timeout=2) is False
+        assert t.ready_detail is not None
+        assert "version 9 not ready (HTTP 404" in t.ready_detail
+        assert t.model_ready("nope", timeout=2) is False
+        assert "model 'nope' not ready" in (t.ready_detail or "")
+        assert t.ready(timeout=2) is True  # the server itself is ready all along
+        assert t.features["model_ready_path"] is True
+
+
+class _V2Peer(http.server.BaseHTTPRequestHandler):
+    """A V2 peer on a real socket whose extensions and routes a test sets (``server.cfg``)."""
+
+    def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        cfg = self.server.cfg  # type: ignore[attr-defined]
+        cfg["gets"].append(self.path)
+        if self.path == "/v2":
+            ext = cfg["extensions"]
+            self._send(200, httpx.Response(200, json={"name": "peer", "extensions": ext}).content)
+        elif self.path == "/v2/health/ready":
+            self._send(200, b"")
+        elif cfg["model_path"]:
+            self._send(400, b'{"error": "Request for unknown model"}')
+        else:
+            self._send(404, b"Not Found", "text/plain")
+
+    def do_POST(self) -> None:
+        cfg = self.server.cfg  # type: ignore[attr-defined]
+        self.rfile.read(int(self.headers["Content-Length"]))
+        cfg["posts"].append(self.headers["Content-Type"])
+        out = {"name": "y", "datatype": "FP32", "shape": [1], "data": [1.0]}
+        body = httpx.Response(200, json={"model_name": "m", "outputs": [out]}).content
+        self._send(200, body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _peer(port: int, **cfg: object) -> Iterator[dict[str, object]]:
+    conf: dict[str, object] = {"extensions": [], "model_path": True, "gets": [], "posts": []}
+    conf.update(cfg)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), _V2Peer)
+    httpd.cfg = conf  # type: ignore[attr-defined]
+    th = threading.Thread(target=httpd.serve_forever, daemon=True)
+    th.start()
+    try:
+        yield conf
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        th.join()
+
+
+def test_model_ready_falls_back_to_the_server_only_where_the_path_is_not_routed() -> None:
+    port = _free_port()
+    with (
+        _peer(port, model_path=False) as cfg,
+        HttpTransport(f"http://127.0.0.1:{port}", region="p") as t,
+    ):
+        assert t.model_ready("m", timeout=2) is True  # 404 text: not routed -> server probe
+        assert t.features["model_ready_path"] is False
+        assert t.model_ready("m", timeout=2) is True  # remembered: straight to the server
+        assert cfg["gets"] == ["/v2/models/m/ready", "/v2/health/ready", "/v2/health/ready"]
+    port = _free_port()
+    with (
+        _peer(port, model_path=True) as cfg,
+        HttpTransport(f"http://127.0.0.1:{port}", region="p") as t,
+    ):
+        # A V2 error body: the path is routed and the model is not ready (Triton's case).
+        assert t.model_ready("m", timeout=2) is False
+        assert "Request for unknown model" in (t.ready_detail or "")
+        assert cfg["gets"] == ["/v2/models/m/ready"]
+
+
+def test_binary_only_where_declared_and_renegotiated_after_a_reconnect() -> None:
+    port = _free_port()
+    big = {"x": np.zeros((1, 8192), np.float32)}  # 32 KiB: over the binary threshold
+    with HttpTransport(f"http://127.0.0.1:{port}", region="p") as t:
+        with _peer(port, extensions=["model_repository"]) as cfg:
+            t.infer(InferRequest("m", big), timeout=5)
+            t.infer(InferRequest("m", big), timeout=5)
+            assert cfg["posts"] == ["application/json", "application/json"]
+            assert cfg["gets"] == ["/v2"]  # read once
+            assert t.features["binary"] is False
+        with pytest.raises(ConnectionFailed):
+            t.infer(InferRequest("m", big), timeout=2)
+        assert t.features["extensions"] is None  # forgotten: the region may be another server
+        with _peer(port, extensions=["binary_tensor_data"]) as cfg:
+            t.infer(InferRequest("m", big), timeout=5)
+            assert cfg["gets"] == ["/v2"]
+            assert cfg["posts"] == ["application/octet-stream"]
+            assert t.features["binary"] is True
+
+
+def test_binary_option_is_checked() -> None:
+    with pytest.raises(ConfigError, match="binary must be 'auto', 'always' or 'never'"):
+        HttpTransport("http://127.0.0.1:1", region="p", binary="sometimes")  # type: ignore[arg-type]
+
+
+def test_async_transport_negotiates_and_probes_the_model_too() -> None:
+    port = _free_port()
+    big = {"x": np.zeros((1, 8192), np.float32)}
+
+    async def run() -> tuple[list[object], bool, bool]:
+        async with AsyncHttpTransport(f"http://127.0.0.1:{port}", region="p") as t:
+            await t.ainfer(InferRequest("m", big), timeout=5)
+            ok = await t.amodel_ready("m", timeout=2)
+            fallback = t.features["model_ready_path"]
+            return [t.features["binary"]], ok, fallback
+
+    with _peer(port, extensions=[], model_path=False) as cfg:
+        binary, ok, path = asyncio.run(run())
+        assert cfg["posts"] == ["application/json"]
+        assert cfg["gets"] == ["/v2", "/v2/models/m/ready", "/v2/health/ready"]
+    assert binary == [False]
+    assert ok is True
+    assert path is False

@@ -6,6 +6,7 @@ tests/test_hybrid_e2e.py.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -18,6 +19,8 @@ from edgecloud.errors import (
     ConfigError,
     ConnectionFailed,
     InputError,
+    ProtocolError,
+    RemoteError,
     TransportError,
     TransportTimeout,
 )
@@ -39,6 +42,7 @@ from edgecloud.routing import (
     confidence_from_manifest,
     parse_mode,
 )
+from edgecloud.routing.regions import PERSISTENT_KINDS, failure_kind
 from edgecloud.transport.base import Transport
 from edgecloud.transport.v2 import InferRequest, InferResponse
 
@@ -499,3 +503,131 @@ def test_probe_success_does_not_hide_failing_requests() -> None:
     out = sel.route(_req, Deadline(1, clock=clock))
     assert out.region is far
     assert len(_ft(near).calls) == calls  # skipped while open: no more waiting on it
+
+
+# ----------------------------------------------------------------- model readiness and health
+
+
+class ModelAwareTransport(FakeRegionTransport):
+    """Answers ``model_ready`` per model, as a V2 server's model readiness path does."""
+
+    def __init__(self, name: str, clock: FakeClock, latency: float = 0.01) -> None:
+        super().__init__(name, clock, latency)
+        self.loaded: set[str] = set()
+        self.asked: list[tuple[str | None, str | None]] = []
+
+    def model_ready(
+        self, model: str | None, version: str | None = None, *, timeout: float
+    ) -> bool | None:
+        self.asked.append((model, version))
+        return model in self.loaded
+
+
+def test_a_region_whose_model_is_not_ready_is_chosen_last() -> None:
+    clock = FakeClock()
+    near = ModelAwareTransport("near", clock, latency=0.001)
+    far = ModelAwareTransport("far", clock, latency=0.05)
+    far.loaded.add("m")
+    regions = [
+        Region("near", near, priority=0, model="m", version="2"),
+        Region("far", far, priority=5, model="m", version="2"),
+    ]
+    sel = RegionSelector(regions, clock=clock)
+    prober = HealthProber(sel, interval=1, timeout=0.5, clock=clock)
+    prober.probe_once()
+    # The model, with its version, is what was asked about; not the server.
+    assert near.asked == [("m", "2")]
+    assert [r.model_ready for r in regions] == [False, True]
+    assert [r.name for r in sel.ordered()] == ["far", "near"]
+    out = sel.route(lambda r: InferRequest("m", {"x": np.ones((1, 2))}), Deadline(5, clock=clock))
+    assert out.region is regions[1]
+    assert near.calls == []
+    # Loaded now: the probe puts the nearer, higher-priority region first again.
+    near.loaded.add("m")
+    prober.probe_once()
+    assert [r.name for r in sel.ordered()] == ["near", "far"]
+    # A not-ready region is still the last resort when no other region answers.
+    near.loaded.clear()
+    prober.probe_once()
+    far.fail = ConnectionFailed("far is down", region="far")
+    out = sel.route(lambda r: InferRequest("m", {"x": np.ones((1, 2))}), Deadline(5, clock=clock))
+    assert out.region is regions[0]
+    assert regions[0].model_ready is True  # it answered
+
+
+def test_prober_asks_the_model_from_model_for_and_plain_transports_their_server() -> None:
+    clock = FakeClock()
+    aware = ModelAwareTransport("a", clock)
+    aware.loaded.add("local_model")
+    plain = FakeRegionTransport("b", clock)  # the base class's model_ready asks ready()
+    regions = [Region("a", aware), Region("b", plain)]
+    prober = HealthProber(
+        RegionSelector(regions, clock=clock),
+        interval=1,
+        clock=clock,
+        model_for=lambda r: r.model or "local_model",
+    )
+    prober.probe_once()
+    assert aware.asked == [("local_model", None)]
+    assert [r.model_ready for r in regions] == [True, True]
+    plain.ready_value = False
+    prober.probe_once()
+    assert regions[1].model_ready is False
+
+
+@pytest.mark.parametrize(
+    ("err", "kind"),
+    [
+        (TransportTimeout("t"), "timeout"),
+        (ConnectionFailed("c"), "connection"),
+        (AuthError("a", status=401), "auth"),
+        (ProtocolError("p"), "protocol"),
+        (RemoteError("x", status=404), "unknown_model"),
+        (RemoteError("x", status=400), "rejected"),
+        (RemoteError("x", status=429), "overloaded"),
+        (RemoteError("x", status=503), "overloaded"),
+        (RemoteError("x", status=500), "server_error"),
+        (InputError("i"), "config"),
+        (TransportError("?"), "other"),
+    ],
+)
+def test_failure_kinds(err: Exception, kind: str) -> None:
+    assert failure_kind(err) == kind
+    assert (kind in PERSISTENT_KINDS) == (
+        kind in {"auth", "protocol", "unknown_model", "rejected", "config"}
+    )
+
+
+def test_non_transient_failures_are_logged_once_until_the_region_answers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    t = FakeRegionTransport("r", clock)
+    region = Region("r", t, breaker=CircuitBreaker(100, 1, clock=clock))
+    sel = RegionSelector([region], clock=clock)
+
+    def send() -> None:
+        sel.route(lambda r: InferRequest("m", {"x": np.ones((1, 2))}), Deadline(5, clock=clock))
+
+    caplog.set_level(logging.ERROR, logger="edgecloud.routing.regions")
+    t.fail = AuthError("HTTP 401: bad token", region="r", status=401)
+    for _ in range(5):
+        send()
+    t.fail = TransportTimeout("slow", region="r")
+    send()  # transient: counted, never logged loudly
+    health = sel.health()[0]
+    assert health.failures_by_kind == {"auth": 5, "timeout": 1}
+    assert health.persistent_error is not None
+    assert "bad token" in health.persistent_error
+    assert health.consecutive_failures == 6
+    assert len(caplog.records) == 1
+    assert "auth" in caplog.records[0].getMessage()
+    t.fail = None
+    send()
+    health = sel.health()[0]
+    assert (health.persistent_error, health.consecutive_failures, health.answered) == (None, 0, 1)
+    assert health.as_dict()["failures_by_kind"] == {"auth": 5, "timeout": 1}
+    t.fail = AuthError("HTTP 403: revoked", region="r", status=403)
+    send()
+    send()
+    assert len(caplog.records) == 2  # logged again once after the region had recovered

@@ -40,6 +40,13 @@ def register(sub: Any) -> None:
         default=2.0,
         help="how long the first request of a batch waits for others (default 2 ms)",
     )
+    s.add_argument(
+        "--batch-wait",
+        choices=["arrivals", "always"],
+        default="arrivals",
+        help="when a batch waits up to --max-queue-delay-ms for more requests: only while "
+        "requests arrive together (default; a lone request runs at once), or always",
+    )
     s.add_argument("--max-queue", type=int, default=1024, help="queued requests per model (503)")
     s.add_argument(
         "--token",
@@ -61,6 +68,11 @@ def register(sub: Any) -> None:
     )
     s.add_argument("--public-key", type=Path, help="verify package signatures with this key")
     s.add_argument("--threads", type=int, help="onnxruntime intra-op threads per model")
+    s.add_argument(
+        "--grpc-port",
+        type=int,
+        help="also serve KServe V2 over gRPC on this port (0 picks a free one; needs [grpc])",
+    )
     s.add_argument("--mqtt", metavar="URL", help="also serve over MQTT (mqtt://host:port)")
     s.add_argument("--mqtt-workers", type=int, default=1, help="MQTT workers (shared subscription)")
     s.add_argument("--mqtt-username", help="MQTT user name")
@@ -177,8 +189,10 @@ def _serve(args: argparse.Namespace) -> int:
         max_queue_delay_ms=args.max_queue_delay_ms,
         max_queue=args.max_queue,
         intra_op_threads=args.threads,
+        idle_fast=args.batch_wait == "arrivals",
     )
     mqtt_handle = None
+    grpc_handle: Any = None
     try:
         server = CloudServer(
             core,
@@ -190,6 +204,18 @@ def _serve(args: argparse.Namespace) -> int:
             log_level=args.log_level,
             limits=limits,
         )
+        if args.grpc_port is not None:
+            from edgecloud.cloud.grpc_server import GrpcServer
+
+            grpc_handle = GrpcServer(
+                core,
+                host=args.host,
+                port=args.grpc_port,
+                region=args.region,
+                token=args.token,
+                max_request_bytes=args.max_request_bytes,
+            ).start()
+            print(f"edgecloud cloud: region {args.region} grpc on {grpc_handle.url}", flush=True)
         if args.mqtt:
             mqtt_handle = _start_mqtt(core, args)
         if args.latency_ms:
@@ -201,6 +227,8 @@ def _serve(args: argparse.Namespace) -> int:
         )
         server.serve_forever()
     finally:
+        if grpc_handle is not None:
+            grpc_handle.stop()
         if mqtt_handle is not None:
             mqtt_handle.stop()
         core.close()

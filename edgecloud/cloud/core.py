@@ -13,12 +13,19 @@ The latest version (highest number, else lexicographically last name) answers re
 none. Layout errors are raised when the repository is opened, naming the directory, so a region
 that starts is a region that can serve.
 
-Dynamic batching: one batcher thread per loaded model version takes the first waiting request,
-gathers more until ``max_batch_size`` rows or ``max_queue_delay_ms`` after the first arrival,
-concatenates compatible requests (same inputs, dtypes and non-batch dims) along dim 0, runs
-onnxruntime once and splits the outputs back. A request larger than the batch runs alone. The queue
-is bounded; when it is full ``submit`` fails at once with ``OverloadedError`` (503) rather than
-letting latency grow without bound.
+Dynamic batching: one batcher thread per loaded model version takes the first waiting request and
+everything compatible that is already queued (same inputs, dtypes and non-batch dims), concatenates
+them along dim 0, runs onnxruntime once and splits the outputs back. It is idle-fast: a request
+that finds nothing else queued, when the previous batch was a lone request too, runs at once,
+so one client at a time (how devices fall back to the cloud) never waits for a batch. Only while
+requests actually arrive together (the previous batch held more than one) does the batcher wait
+for more, until ``max_batch_size`` rows, ``max_queue_delay_ms`` after the first arrival, or a
+quarter of that delay without a new arrival, whichever comes first; load therefore grows batches
+as Triton's dynamic batcher does, a closed loop of clients that are all in the batch already does
+not wait out the window, and a quiet model pays at most one short wait before it is back to
+dispatching at once. A request larger than the batch runs alone. The
+queue is bounded; when it is full ``submit`` fails at once with ``OverloadedError`` (503) rather
+than letting latency grow without bound.
 """
 
 from __future__ import annotations
@@ -395,6 +402,9 @@ class _ModelWorker:
     def _run(self) -> None:
         pending: list[_Item] = []  # taken from the queue but incompatible with the last batch
         limit = self.core.max_batch_size if self.batchable else 1
+        last_requests = 1  # requests in the previous batch: > 1 means requests arrive together
+        idle_fast = self.core.idle_fast
+        gap = self.core.max_queue_delay / 4  # idle-fast: no arrival for this long ends a wait
         while True:
             if pending:
                 first: _Item | None = pending.pop(0)
@@ -416,13 +426,21 @@ class _ModelWorker:
                     keep.append(it)
             pending = keep
             until = first.enqueued + self.core.max_queue_delay
+            last_arrival = max(it.enqueued for it in batch)
             stop = False
             # Requests that queued while the previous batch ran are taken at once (no waiting:
             # ``until`` has passed), so batches grow with the load, as Triton's dynamic batcher's.
+            # Idle-fast: an empty queue is waited on only while requests arrive together
+            # (``last_requests`` > 1, or this batch already holds more than one), and only while
+            # they keep arriving: a gap of a quarter of the delay without one ends the wait (in a
+            # closed loop every client may already be in the batch). A lone request runs at once.
             with self._cond:
                 while rows < limit and len(pending) < limit:
                     if not self._items:
-                        remaining = until - time.monotonic()
+                        if idle_fast and last_requests <= 1 and len(batch) <= 1:
+                            break
+                        end = until if not idle_fast else min(until, last_arrival + gap)
+                        remaining = end - time.monotonic()
                         if remaining <= 0:
                             break
                         self._cond.wait(remaining)
@@ -431,11 +449,13 @@ class _ModelWorker:
                     if nxt is None:
                         stop = True
                         break
+                    last_arrival = max(last_arrival, nxt.enqueued)
                     if nxt.key == first.key and rows + nxt.rows <= limit:
                         batch.append(nxt)
                         rows += nxt.rows
                     else:
                         pending.append(nxt)
+            last_requests = len(batch)
             try:
                 self._execute(batch)
             except Exception as exc:  # a bug here must not leave callers waiting forever
@@ -523,8 +543,11 @@ class ServingCore:
     """Sessions and dynamic batchers for every model of a repository; thread-safe.
 
     ``max_batch_size=1`` turns batching off (each request runs alone). ``max_queue`` bounds the
-    requests waiting per model version. The latest version of every model is loaded at start so
-    that ``ready`` is true only for a region that can answer; other versions load on first use.
+    requests waiting per model version. ``idle_fast=False`` makes every batch wait the full
+    ``max_queue_delay_ms`` after its first request, even a lone one (Triton's behaviour with a
+    queue delay set): the most rows per run, at the price of that delay on every quiet request.
+    The latest version of every model is loaded at start so that ``ready`` is true only for a
+    region that can answer; other versions load on first use.
     """
 
     def __init__(
@@ -536,6 +559,7 @@ class ServingCore:
         max_queue: int = 1024,
         intra_op_threads: int | None = None,
         preload: bool = True,
+        idle_fast: bool = True,
     ) -> None:
         if max_batch_size < 1:
             raise ConfigError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -552,6 +576,7 @@ class ServingCore:
         self.max_queue_delay = max_queue_delay_ms / 1000.0
         self.max_queue = max_queue
         self.intra_op_threads = intra_op_threads
+        self.idle_fast = idle_fast
         self._workers: dict[tuple[str, str], _ModelWorker] = {}
         self._lock = threading.Lock()
         self._closed = False

@@ -18,7 +18,13 @@ from edgecloud.routing.confidence import (
 )
 from edgecloud.routing.deadline import Deadline
 from edgecloud.routing.modes import Mode, Reason, parse_mode
-from edgecloud.routing.regions import CloudOutcome, HealthProber, Region, RegionSelector
+from edgecloud.routing.regions import (
+    CloudOutcome,
+    HealthProber,
+    Region,
+    RegionHealth,
+    RegionSelector,
+)
 
 __all__ = [
     "BreakerState",
@@ -36,6 +42,7 @@ __all__ = [
     "Mode",
     "Reason",
     "Region",
+    "RegionHealth",
     "RegionSelector",
     "confidence_from_manifest",
     "parse_mode",

@@ -15,10 +15,22 @@ For one request, ``RegionSelector.route``:
    a V2 error body, a malformed reply) counts against the region's breaker and the next region is
    tried while the deadline lasts.
 
-Measurements come from a ``HealthProber`` thread that calls every region's ``Transport.ready``
-every ``interval`` seconds (also the half-open probe for regions whose breaker is cooling down),
-and from real requests. A transport without a cheap probe (``ready`` returns None) is judged by
-real requests alone.
+Measurements come from a ``HealthProber`` thread that asks every region's transport whether the
+*model* it would be sent is ready (``Transport.model_ready``: for HTTP the V2
+``/v2/models/{model}[/versions/{v}]/ready``, the server-level probe only where that path is not
+routed) every ``interval`` seconds (also the half-open probe for regions whose breaker is cooling
+down), and from real requests. A server can be up while its model is unknown or still loading: a
+region whose model is not ready (by probe, or because it answered 404 for the model) sorts after
+every region whose model is, whatever its priority or RTT, so it is chosen only when no other
+region is left; a ready probe or an answer puts it back. A transport without a cheap probe
+(``model_ready`` returns None) is judged by real requests alone.
+
+Failures are classified (``failure_kind``): timeouts, refused connections, 429/503 overload and
+5xx are transient; 401/403 (auth), malformed answers (protocol), 404 (unknown model) and other 4xx
+(rejected) are not, and retrying them will not help. The first failure of a non-transient kind in
+a region is logged at ERROR once (again only after the region answered in between), and every
+region keeps counts by kind: ``RegionSelector.health`` is the per-region summary an application
+(or its metrics exporter) reads.
 
 How it fails
 ------------
@@ -35,8 +47,11 @@ Clock, and therefore every timing decision, is injected so the policy is tested 
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,8 +59,13 @@ from typing import Any
 import numpy as np
 
 from edgecloud.errors import (
+    AuthError,
     ConfigError,
+    ConnectionFailed,
     EdgeCloudError,
+    InputError,
+    ProtocolError,
+    RemoteError,
     TransportError,
     TransportTimeout,
 )
@@ -54,7 +74,51 @@ from edgecloud.routing.deadline import Deadline
 from edgecloud.transport.base import Transport
 from edgecloud.transport.v2 import InferRequest, InferResponse
 
-__all__ = ["CloudOutcome", "HealthProber", "Region", "RegionSelector"]
+__all__ = [
+    "PERSISTENT_KINDS",
+    "CloudOutcome",
+    "HealthProber",
+    "Region",
+    "RegionHealth",
+    "RegionSelector",
+    "failure_kind",
+]
+
+log = logging.getLogger(__name__)
+
+#: Failure kinds that retrying will not cure: logged loudly once per region.
+PERSISTENT_KINDS = frozenset({"auth", "protocol", "unknown_model", "rejected", "config"})
+
+
+def failure_kind(err: BaseException) -> str:
+    """What kind of failure ``err`` is, for health counts and for the loud-once log.
+
+    ``timeout``, ``connection``, ``overloaded`` (429/503), ``server_error`` (other 5xx),
+    ``not_ready`` and ``other`` are transient; the kinds in ``PERSISTENT_KINDS`` are not.
+    """
+    if isinstance(err, TransportTimeout):
+        return "timeout"
+    if isinstance(err, ConnectionFailed):
+        return "connection"
+    if isinstance(err, AuthError):
+        return "auth"
+    if isinstance(err, ProtocolError):
+        return "protocol"
+    if isinstance(err, RemoteError):
+        status = err.status or 0
+        if status == 404:
+            return "unknown_model"
+        if status in (429, 503):
+            return "overloaded"
+        if status == 408 or status >= 500:
+            return "server_error"
+        if 400 <= status < 500:
+            return "rejected"
+        return "other"
+    if isinstance(err, ConfigError | InputError):
+        return "config"
+    return "other"
+
 
 CloudInputs = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -97,17 +161,58 @@ class Region:
         self.last_error: EdgeCloudError | None = None
         self.requests = 0
         self.failures = 0
+        self.answered = 0
+        #: Whether the region's model was ready at the last probe or answer; None: not known.
+        self.model_ready: bool | None = None
+        self.failures_by_kind: Counter[str] = Counter()
+        self.consecutive_failures = 0
+        #: The last non-transient failure, until the region answers again.
+        self.persistent_error: EdgeCloudError | None = None
+        self._announced: set[str] = set()
         self._lock = threading.Lock()
 
     def observe_rtt(self, seconds: float) -> None:
         with self._lock:
             self.rtt = seconds if self.rtt is None else self.rtt + self.alpha * (seconds - self.rtt)
 
+    def record_failure(self, err: EdgeCloudError) -> str:
+        """Count a failed request by kind; log a non-transient kind loudly, once. Returns it."""
+        kind = failure_kind(err)
+        with self._lock:
+            self.failures += 1
+            self.consecutive_failures += 1
+            self.failures_by_kind[kind] += 1
+            self.last_error = err
+            announce = kind in PERSISTENT_KINDS and kind not in self._announced
+            if kind in PERSISTENT_KINDS:
+                self.persistent_error = err
+                self._announced.add(kind)
+            if kind == "unknown_model":
+                self.model_ready = False
+        if announce:
+            log.error(
+                "region '%s' fails for a reason that retrying will not fix (%s): %s; requests "
+                "fall back to other regions or the local answer until this is fixed",
+                self.name,
+                kind,
+                err,
+            )
+        return kind
+
+    def record_answer(self) -> None:
+        with self._lock:
+            self.answered += 1
+            self.consecutive_failures = 0
+            self.persistent_error = None
+            self.model_ready = True
+            self._announced.clear()
+
     def status(self) -> dict[str, Any]:
         """A snapshot for `status` commands and logs."""
         return {
             "name": self.name,
             "state": self.breaker.state.value,
+            "ready": self.model_ready,
             "rtt_ms": None if self.rtt is None else round(self.rtt * 1000, 3),
             "priority": self.priority,
             "requests": self.requests,
@@ -115,8 +220,58 @@ class Region:
             "last_error": None if self.last_error is None else str(self.last_error),
         }
 
+    def health(self) -> RegionHealth:
+        """This region's health summary (see ``RegionHealth``)."""
+        features = getattr(self.transport, "features", None)
+        with self._lock:
+            return RegionHealth(
+                name=self.name,
+                state=self.breaker.state.value,
+                ready=self.model_ready,
+                rtt_ms=None if self.rtt is None else round(self.rtt * 1000, 3),
+                requests=self.requests,
+                answered=self.answered,
+                failures=self.failures,
+                consecutive_failures=self.consecutive_failures,
+                failures_by_kind=dict(self.failures_by_kind),
+                persistent_error=(
+                    None if self.persistent_error is None else str(self.persistent_error)
+                ),
+                last_error=None if self.last_error is None else str(self.last_error),
+                features=dict(features) if isinstance(features, dict) else None,
+            )
+
     def __repr__(self) -> str:
         return f"Region({self.name!r}, rtt={self.rtt}, state={self.breaker.state.value})"
+
+
+@dataclass(frozen=True)
+class RegionHealth:
+    """One region's health, as an application or a metrics exporter reads it.
+
+    ``ready`` is whether the region's model was ready at the last probe or answer (None before
+    either). ``failures_by_kind`` counts failed requests by ``failure_kind``;
+    ``persistent_error`` is the last failure that retrying will not fix (auth, protocol, unknown
+    model, rejected), cleared when the region answers again: a region with one fails every
+    offload until someone fixes it. ``features`` is what the transport negotiated (for HTTP: the
+    server's extensions and whether binary tensors are used), None for transports that have none.
+    """
+
+    name: str
+    state: str
+    ready: bool | None
+    rtt_ms: float | None
+    requests: int
+    answered: int
+    failures: int
+    consecutive_failures: int
+    failures_by_kind: dict[str, int]
+    persistent_error: str | None
+    last_error: str | None
+    features: dict[str, Any] | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -160,10 +315,11 @@ class RegionSelector:
     def ordered(self) -> list[Region]:
         """Every region, best first: healthy by (priority, RTT, config order), then the rest."""
 
-        def key(r: Region) -> tuple[int, int, float, int]:
+        def key(r: Region) -> tuple[int, int, int, float, int]:
             usable = 0 if r.breaker.available() else 1
+            not_ready = 1 if r.model_ready is False else 0
             rtt = r.rtt if r.rtt is not None else float("inf")
-            return (usable, r.priority, rtt, self._index[r.name])
+            return (not_ready, usable, r.priority, rtt, self._index[r.name])
 
         return sorted(self.regions, key=key)
 
@@ -199,8 +355,7 @@ class RegionSelector:
                 response = region.transport.infer(request, timeout=timeout)
             except Exception as exc:  # a user's transport or adapter may raise anything
                 err = _as_edge_error(exc, name)
-                region.failures += 1
-                region.last_error = err
+                region.record_failure(err)
                 region.breaker.record_failure()
                 out.errors[name] = err
                 if isinstance(err, TransportTimeout) and deadline.expired():
@@ -208,6 +363,7 @@ class RegionSelector:
                 continue
             rtt = self._clock() - t0
             region.observe_rtt(rtt)
+            region.record_answer()
             region.breaker.record_success()
             out.response = response
             out.region = region
@@ -217,6 +373,10 @@ class RegionSelector:
 
     def status(self) -> list[dict[str, Any]]:
         return [r.status() for r in self.ordered()]
+
+    def health(self) -> list[RegionHealth]:
+        """Every region's health summary, in config order."""
+        return [r.health() for r in self.regions]
 
 
 class HealthProber:
@@ -233,7 +393,9 @@ class HealthProber:
         interval: float = 5.0,
         timeout: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        model_for: Callable[[Region], str | None] | None = None,
     ) -> None:
+        """``model_for(region)`` names the model to probe (default: the region's ``model``)."""
         if not 0.01 <= interval <= 3600:
             raise ConfigError(f"probe interval must be in [0.01, 3600] seconds, got {interval}")
         if not timeout > 0:
@@ -242,6 +404,7 @@ class HealthProber:
         self.interval = interval
         self.timeout = min(timeout, interval)
         self._clock = clock
+        self._model_for = model_for or (lambda r: r.model)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -259,7 +422,11 @@ class HealthProber:
             return
         t0 = self._clock()
         try:
-            ok = region.transport.ready(timeout=self.timeout)
+            probe = getattr(region.transport, "model_ready", None)
+            if probe is None:  # a duck-typed transport that is not a ``Transport``
+                ok = region.transport.ready(timeout=self.timeout)
+            else:
+                ok = probe(self._model_for(region), region.version, timeout=self.timeout)
         except Exception as exc:
             region.last_error = _as_edge_error(exc, region.name)
             region.breaker.record_failure()
@@ -269,6 +436,7 @@ class HealthProber:
                 region.breaker.release()
             return
         if ok:
+            region.model_ready = True
             region.observe_rtt(self._clock() - t0)
             # A probe closes a half-open breaker, but must not wipe the failures that real
             # requests counted against a closed one: a region whose health endpoint (or, for
@@ -277,8 +445,11 @@ class HealthProber:
             if state is BreakerState.HALF_OPEN:
                 region.breaker.record_success()
         else:
+            region.model_ready = False
+            detail = getattr(region.transport, "ready_detail", None)
             region.last_error = TransportError(
-                f"region '{region.name}' reports not ready", region=region.name
+                f"region '{region.name}' reports not ready" + (f": {detail}" if detail else ""),
+                region=region.name,
             )
             region.breaker.record_failure()
 

@@ -1,8 +1,8 @@
 """Cloud transports behind one seam (``Transport``), and a factory that picks one by URL scheme.
 
-``open_transport("http://...")`` gives an ``HttpTransport``, ``"mqtt://..."`` an ``MqttTransport``;
-each is imported only when asked for, so a device that talks MQTT never imports httpx and the
-other way round.
+``open_transport("http://...")`` gives an ``HttpTransport``, ``"mqtt://..."`` an ``MqttTransport``,
+``"grpc://..."`` a ``GrpcTransport`` (the ``grpc`` extra); each is imported only when asked for,
+so a device that talks MQTT never imports httpx or grpcio, and the other way round.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ SCHEMES: dict[str, tuple[str, str]] = {
     "https": ("edgecloud.transport.http", "HttpTransport"),
     "mqtt": ("edgecloud.transport.mqtt", "MqttTransport"),
     "mqtts": ("edgecloud.transport.mqtt", "MqttTransport"),
+    "grpc": ("edgecloud.transport.grpc", "GrpcTransport"),
+    "grpcs": ("edgecloud.transport.grpc", "GrpcTransport"),
 }
 
 

@@ -33,6 +33,17 @@ class Transport(ABC):
         """
         return None
 
+    def model_ready(
+        self, model: str | None, version: str | None = None, *, timeout: float
+    ) -> bool | None:
+        """Probe whether ``model`` (``version``) can answer here; ``None`` without a cheap probe.
+
+        A server can be ready while the model it should serve is unknown or still loading, so
+        the router asks this rather than ``ready``. The default asks ``ready``: a transport that
+        cannot ask about a model reports the server.
+        """
+        return self.ready(timeout=timeout)
+
     def close(self) -> None:
         """Release connections. Idempotent."""
 

@@ -1,10 +1,25 @@
 """The HTTP transport: KServe V2 REST over pooled keep-alive httpx connections.
 
 It speaks the Open Inference Protocol as written, nothing edgecloud-specific, so the same transport
-reaches edgecloud's own region server, NVIDIA Triton, KServe or Seldon MLServer unchanged. Tensors
-of at least ``binary_threshold`` bytes travel with the binary tensor data extension (and the
-outputs are then asked for in binary too); small requests stay plain JSON, which every V2 server
-accepts.
+reaches edgecloud's own region server, NVIDIA Triton, KServe or Seldon MLServer unchanged.
+
+Feature negotiation: the binary tensor data extension is an *extension*, and not every V2 server
+has it (MLServer lists ``"extensions": []`` and answers a binary body with HTTP 500). So the
+transport reads the server metadata (``GET /v2``) once, the first time a request would use binary,
+and again after the connection to the region failed (it may be another server now). Tensors of at
+least ``binary_threshold`` bytes travel in binary (and the outputs are asked for in binary too)
+only where the region declares ``binary_tensor_data``; elsewhere, and for small requests, plain
+JSON, which every V2 server accepts. A region that still answers a binary request with an error
+that says it could not parse it (HTTP 415/422/500/501, or a 400 about the body) gets the same
+request once more in JSON; when that succeeds the region is remembered as JSON-only (logged once).
+``binary="always"`` or ``"never"`` overrides the negotiation.
+
+Readiness is asked of the model, not of the server: ``model_ready`` probes
+``GET /v2/models/{model}[/versions/{v}]/ready`` and falls back to ``GET /v2/health/ready`` only
+where that path is not routed at all (a 404/405/501 that is not a V2 error body), which is
+remembered.
+A server can be up while the model is unknown or still loading (Triton answers
+``/v2/health/ready`` 200 then).
 
 Each call's timeout is the request's remaining deadline: connect, write, read and pool waits are
 all capped by it, so a slow region costs at most the caller's budget. httpx errors are translated
@@ -26,8 +41,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import re
+import threading
+import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 import httpx
@@ -51,7 +70,21 @@ from edgecloud.transport.v2 import (
     encode_request,
 )
 
-__all__ = ["AsyncHttpTransport", "HttpTransport", "translate_httpx_error"]
+__all__ = ["BINARY_EXTENSION", "AsyncHttpTransport", "HttpTransport", "translate_httpx_error"]
+
+log = logging.getLogger(__name__)
+
+#: The V2 extension name a server lists in ``GET /v2`` when it reads and writes binary tensors.
+BINARY_EXTENSION = "binary_tensor_data"
+
+BinaryMode = Literal["auto", "always", "never"]
+
+#: Statuses with which servers that lack the binary extension answer a binary body.
+_BINARY_REFUSED_STATUS = frozenset({415, 422, 500, 501})
+#: A 400 that talks about the body's encoding, not about a tensor's shape or datatype.
+_BINARY_REFUSED_400 = re.compile(
+    r"pars|decod|json|binary|utf-?8|header|content.length|expecting value|octet", re.IGNORECASE
+)
 
 #: httpx error class -> edgecloud error class, most specific first.
 _HTTPX_MAP: tuple[tuple[type[Exception], type[TransportError]], ...] = (
@@ -97,6 +130,22 @@ def _infer_path(model: str, version: str | None) -> str:
     return f"/v2/models/{m}/infer"
 
 
+def _ready_path(model: str, version: str | None) -> str:
+    m = quote(model, safe="")
+    if version:
+        return f"/v2/models/{m}/versions/{quote(version, safe='')}/ready"
+    return f"/v2/models/{m}/ready"
+
+
+def _is_v2_error(resp: httpx.Response) -> bool:
+    """Whether a non-200 body is a V2 error object (the server routed the path and refused)."""
+    try:
+        data = resp.json()
+    except ValueError:
+        return False
+    return isinstance(data, dict) and "error" in data
+
+
 def _timeout(total: float, connect: float, region: str) -> httpx.Timeout:
     if total <= 0:
         raise TransportTimeout(
@@ -119,7 +168,20 @@ class _Common:
         model_version: str | None,
         binary_threshold: int,
         connect_timeout: float,
+        binary: BinaryMode = "auto",
     ) -> dict[str, str]:
+        if binary not in ("auto", "always", "never"):
+            raise ConfigError(f"binary must be 'auto', 'always' or 'never', got {binary!r}")
+        self.binary = binary
+        #: Extensions from ``GET /v2``; None until read (and again after a reconnect).
+        self._extensions: frozenset[str] | None = None
+        #: Set once the region failed to parse a binary request that it then answered in JSON.
+        self._binary_refused = False
+        #: Set once the model readiness path turned out not to be routed on this server.
+        self._model_ready_unsupported = False
+        #: Why the last readiness probe said not ready (for health summaries and logs).
+        self.ready_detail: str | None = None
+        self._state_lock = threading.Lock()
         if not endpoint.startswith(("http://", "https://")):
             raise ConfigError(
                 f"HTTP endpoint must start with http:// or https://, got {endpoint!r}"
@@ -148,10 +210,11 @@ class _Common:
         connect_timeout: float,
         max_connections: int,
         verify: bool | str,
+        binary: BinaryMode = "auto",
     ) -> dict[str, Any]:
         """One httpx configuration for the sync and async clients, so the two cannot drift."""
         headers = self._setup(
-            endpoint, region, token, model_version, binary_threshold, connect_timeout
+            endpoint, region, token, model_version, binary_threshold, connect_timeout, binary
         )
         return {
             "base_url": self.endpoint,
@@ -164,14 +227,115 @@ class _Common:
             "trust_env": False,
         }
 
-    def _build(self, request: InferRequest, timeout: float) -> tuple[str, bytes, dict[str, str]]:
+    # -- feature negotiation
+    @property
+    def features(self) -> dict[str, Any]:
+        """What this transport knows of the region's protocol features (for health summaries)."""
+        ext = self._extensions
+        return {
+            "extensions": None if ext is None else sorted(ext),
+            "binary": self._binary_allowed(),
+            "binary_refused": self._binary_refused,
+            "model_ready_path": not self._model_ready_unsupported,
+        }
+
+    def _binary_allowed(self) -> bool | None:
+        """Whether binary may be used; None while the server metadata has not been read."""
+        if self.binary == "never" or self._binary_refused:
+            return False
+        if self.binary == "always":
+            return True
+        ext = self._extensions
+        return None if ext is None else BINARY_EXTENSION in ext
+
+    def _wants_binary(self, request: InferRequest) -> bool:
+        return any(a.nbytes >= self.binary_threshold for a in request.inputs.values())
+
+    def _set_extensions(self, resp: httpx.Response) -> frozenset[str]:
+        """Remember the extensions of a ``GET /v2`` answer; none when it has no usable list.
+
+        A server without the metadata route (or that refuses it) gets plain JSON, which every V2
+        server reads.
+        """
+        ext: frozenset[str] = frozenset()
+        if resp.status_code == 200:
+            try:
+                data = resp.json()
+            except ValueError:
+                data = None
+            raw = data.get("extensions") if isinstance(data, dict) else None
+            if isinstance(raw, list):
+                ext = frozenset(str(e) for e in raw)
+        with self._state_lock:
+            first = self._extensions is None
+            self._extensions = ext
+        if first:
+            log.info(
+                "region '%s': server extensions %s; binary tensors %s",
+                self.region,
+                sorted(ext),
+                "on" if self._binary_allowed() else "off",
+            )
+        return ext
+
+    def _forget_server(self) -> None:
+        """After a connection failure: the region may come back as another server."""
+        with self._state_lock:
+            self._extensions = None
+            self._model_ready_unsupported = False
+
+    def _refused_binary(self, resp: httpx.Response) -> bool:
+        """Whether this answer to a binary request says the server could not parse binary."""
+        if resp.status_code in _BINARY_REFUSED_STATUS:
+            return True
+        if resp.status_code == 400:
+            return bool(_BINARY_REFUSED_400.search(decode_error(resp.content)))
+        return False
+
+    def _remember_binary_refused(self, first: httpx.Response) -> None:
+        with self._state_lock:
+            already = self._binary_refused
+            self._binary_refused = True
+        if not already:
+            log.warning(
+                "region '%s' could not parse a binary tensor request (HTTP %d: %s) and answered "
+                "it in JSON: sending JSON only to this region from now on",
+                self.region,
+                first.status_code,
+                decode_error(first.content)[:200],
+            )
+
+    def _ready_answer(self, resp: httpx.Response, what: str) -> bool:
+        if resp.status_code == 200:
+            self.ready_detail = None
+            return True
+        message = decode_error(resp.content)
+        self.ready_detail = f"{what} not ready (HTTP {resp.status_code}: {message})"
+        return False
+
+    def _model_path_unrouted(self, resp: httpx.Response) -> bool:
+        if resp.status_code in (404, 405, 501) and not _is_v2_error(resp):
+            if not self._model_ready_unsupported:
+                log.info(
+                    "region '%s' does not route the V2 model readiness path (HTTP %d): "
+                    "probing server readiness instead",
+                    self.region,
+                    resp.status_code,
+                )
+            self._model_ready_unsupported = True
+            return True
+        return False
+
+    def _build(
+        self, request: InferRequest, timeout: float, *, allow_binary: bool = True
+    ) -> tuple[str, bytes, dict[str, str], bool]:
         version = request.version or self.model_version
         if self.propagate_deadline and "timeout" not in request.parameters and timeout > 0:
             # V2 schedule-policy parameter (microseconds, as Triton reads it): the server may drop
             # the request once the caller has given up on it instead of computing it anyway.
             params = {**request.parameters, "timeout": max(1, int(timeout * 1e6))}
             request = dataclasses.replace(request, parameters=params)
-        binary = any(a.nbytes >= self.binary_threshold for a in request.inputs.values())
+        binary = allow_binary and self._wants_binary(request)
         with _codec(self.region):
             body, hl = encode_request(
                 request, binary=self.binary_threshold if binary else False, binary_outputs=binary
@@ -179,7 +343,7 @@ class _Common:
         headers = {"Content-Type": "application/json"}
         if hl is not None:
             headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(hl)}
-        return _infer_path(request.model, version), body, headers
+        return _infer_path(request.model, version), body, headers, binary
 
     def _check(self, resp: httpx.Response) -> InferResponse:
         if resp.status_code != 200:
@@ -235,6 +399,7 @@ class HttpTransport(_Common, Transport):
         connect_timeout: float = 2.0,
         verify: bool | str = True,
         propagate_deadline: bool = True,
+        binary: BinaryMode = "auto",
     ) -> None:
         self.propagate_deadline = propagate_deadline
         self._client = httpx.Client(
@@ -247,38 +412,85 @@ class HttpTransport(_Common, Transport):
                 connect_timeout,
                 max_connections,
                 verify,
+                binary,
             )
         )
 
+    def _get(self, path: str, timeout: float) -> httpx.Response:
+        try:
+            with _translate(self.region):
+                return self._client.get(
+                    path, timeout=_timeout(timeout, self.connect_timeout, self.region)
+                )
+        except ConnectionFailed:
+            self._forget_server()
+            raise
+
+    def _post(self, path: str, body: bytes, headers: dict[str, str], end: float) -> httpx.Response:
+        try:
+            with _translate(self.region):
+                return self._client.post(
+                    path,
+                    content=body,
+                    headers=headers,
+                    timeout=_timeout(end - time.monotonic(), self.connect_timeout, self.region),
+                )
+        except ConnectionFailed:
+            self._forget_server()
+            raise
+
+    def server_metadata(self, *, timeout: float = 5.0) -> frozenset[str]:
+        """Read ``GET /v2`` and remember its ``extensions`` (what ``infer`` negotiates with)."""
+        return self._set_extensions(self._get("/v2", timeout))
+
     def infer(self, request: InferRequest, *, timeout: float) -> InferResponse:
-        path, body, headers = self._build(request, timeout)
-        with _translate(self.region):
-            resp = self._client.post(
-                path,
-                content=body,
-                headers=headers,
-                timeout=_timeout(timeout, self.connect_timeout, self.region),
+        end = time.monotonic() + timeout
+        allow = self._binary_allowed()
+        if allow is None and self._wants_binary(request):
+            self.server_metadata(timeout=timeout)
+            allow = self._binary_allowed()
+        path, body, headers, binary = self._build(request, timeout, allow_binary=bool(allow))
+        resp = self._post(path, body, headers, end)
+        if binary and self._refused_binary(resp):
+            path, body, headers, _ = self._build(
+                request, end - time.monotonic(), allow_binary=False
             )
+            retry = self._post(path, body, headers, end)
+            if retry.status_code == 200:
+                self._remember_binary_refused(resp)
+            resp = retry
         return self._check(resp)
 
     def ready(self, *, timeout: float) -> bool | None:
         """GET /v2/health/ready: True on 200, False on any other answer or no answer."""
         try:
-            with _translate(self.region):
-                resp = self._client.get(
-                    "/v2/health/ready", timeout=_timeout(timeout, self.connect_timeout, self.region)
-                )
-        except TransportError:
+            resp = self._get("/v2/health/ready", timeout)
+        except TransportError as exc:
+            self.ready_detail = str(exc)
             return False
-        return resp.status_code == 200
+        return self._ready_answer(resp, "server")
+
+    def model_ready(
+        self, model: str | None, version: str | None = None, *, timeout: float
+    ) -> bool | None:
+        """GET /v2/models/{model}[/versions/{v}]/ready; server readiness where it is not routed."""
+        version = version or self.model_version
+        if model is None or self._model_ready_unsupported:
+            return self.ready(timeout=timeout)
+        end = time.monotonic() + timeout
+        try:
+            resp = self._get(_ready_path(model, version), timeout)
+        except TransportError as exc:
+            self.ready_detail = str(exc)
+            return False
+        if self._model_path_unrouted(resp):
+            return self.ready(timeout=end - time.monotonic())
+        what = f"model '{model}'" + (f" version {version}" if version else "")
+        return self._ready_answer(resp, what)
 
     def metadata(self, model: str, *, timeout: float = 5.0) -> dict[str, Any]:
         """V2 model metadata (names, datatypes, shapes) of ``model`` in this region."""
-        with _translate(self.region):
-            resp = self._client.get(
-                f"/v2/models/{quote(model, safe='')}",
-                timeout=_timeout(timeout, self.connect_timeout, self.region),
-            )
+        resp = self._get(f"/v2/models/{quote(model, safe='')}", timeout)
         if resp.status_code != 200:
             self._check(resp)
         try:
@@ -312,6 +524,7 @@ class AsyncHttpTransport(_Common):
         connect_timeout: float = 2.0,
         verify: bool | str = True,
         propagate_deadline: bool = True,
+        binary: BinaryMode = "auto",
     ) -> None:
         self.propagate_deadline = propagate_deadline
         self._client = httpx.AsyncClient(
@@ -324,29 +537,86 @@ class AsyncHttpTransport(_Common):
                 connect_timeout,
                 max_connections,
                 verify,
+                binary,
             )
         )
 
+    async def _get(self, path: str, timeout: float) -> httpx.Response:  # noqa: ASYNC109
+        try:
+            with _translate(self.region):
+                return await self._client.get(
+                    path, timeout=_timeout(timeout, self.connect_timeout, self.region)
+                )
+        except ConnectionFailed:
+            self._forget_server()
+            raise
+
+    async def _post(
+        self, path: str, body: bytes, headers: dict[str, str], end: float
+    ) -> httpx.Response:
+        try:
+            with _translate(self.region):
+                return await self._client.post(
+                    path,
+                    content=body,
+                    headers=headers,
+                    timeout=_timeout(end - time.monotonic(), self.connect_timeout, self.region),
+                )
+        except ConnectionFailed:
+            self._forget_server()
+            raise
+
+    async def aserver_metadata(self, *, timeout: float = 5.0) -> frozenset[str]:  # noqa: ASYNC109
+        """The asyncio ``HttpTransport.server_metadata``."""
+        return self._set_extensions(await self._get("/v2", timeout))
+
     async def ainfer(self, request: InferRequest, *, timeout: float) -> InferResponse:  # noqa: ASYNC109 (mirrors Transport)
-        path, body, headers = self._build(request, timeout)
-        with _translate(self.region):
-            resp = await self._client.post(
-                path,
-                content=body,
-                headers=headers,
-                timeout=_timeout(timeout, self.connect_timeout, self.region),
+        end = time.monotonic() + timeout
+        allow = self._binary_allowed()
+        if allow is None and self._wants_binary(request):
+            await self.aserver_metadata(timeout=timeout)
+            allow = self._binary_allowed()
+        path, body, headers, binary = self._build(request, timeout, allow_binary=bool(allow))
+        resp = await self._post(path, body, headers, end)
+        if binary and self._refused_binary(resp):
+            path, body, headers, _ = self._build(
+                request, end - time.monotonic(), allow_binary=False
             )
+            retry = await self._post(path, body, headers, end)
+            if retry.status_code == 200:
+                self._remember_binary_refused(resp)
+            resp = retry
         return self._check(resp)
 
     async def aready(self, *, timeout: float) -> bool:  # noqa: ASYNC109 - same
         try:
-            with _translate(self.region):
-                resp = await self._client.get(
-                    "/v2/health/ready", timeout=_timeout(timeout, self.connect_timeout, self.region)
-                )
-        except TransportError:
+            resp = await self._get("/v2/health/ready", timeout)
+        except TransportError as exc:
+            self.ready_detail = str(exc)
             return False
-        return resp.status_code == 200
+        return self._ready_answer(resp, "server")
+
+    async def amodel_ready(
+        self,
+        model: str | None,
+        version: str | None = None,
+        *,
+        timeout: float,  # noqa: ASYNC109 - same
+    ) -> bool:
+        """The asyncio ``HttpTransport.model_ready``."""
+        version = version or self.model_version
+        if model is None or self._model_ready_unsupported:
+            return await self.aready(timeout=timeout)
+        end = time.monotonic() + timeout
+        try:
+            resp = await self._get(_ready_path(model, version), timeout)
+        except TransportError as exc:
+            self.ready_detail = str(exc)
+            return False
+        if self._model_path_unrouted(resp):
+            return await self.aready(timeout=end - time.monotonic())
+        what = f"model '{model}'" + (f" version {version}" if version else "")
+        return self._ready_answer(resp, what)
 
     async def aclose(self) -> None:
         await self._client.aclose()
