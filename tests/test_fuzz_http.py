@@ -366,8 +366,10 @@ def test_fleet_api_survives_a_seeded_hostile_mix(mosquitto: Any, tmp_path: Path)
                 "range", b"GET /packages/a/1.tar.gz HTTP/1.1\r\nHost: f\r\nRange: bytes=9-1\r\n\r\n"
             )
         ]
+        before = rss_mib(os.getpid())  # the controller's HTTP server runs in this process
         counts = run_mix(http.host, http.port, cases, "fleet")
         assert counts.get("400", 0) > 100, counts
+        assert wait_until(lambda: rss_mib(os.getpid()) - before < 50, 5), (before, counts)
         with httpx.Client(base_url=http.url, timeout=10) as c:
             assert c.get("/api/health").json()["ok"] is True
     finally:
