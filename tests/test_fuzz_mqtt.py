@@ -227,6 +227,7 @@ def test_mqtt_workers_survive_a_seeded_hostile_mix(
                 assert isinstance(err["error"], str), kind
         for corr in silent:
             assert corr not in replies
+        print(f"mqtt worker: {len(answered)} answered {statuses}, {len(silent)} dropped")
         assert statuses.get("413", 0) > 10, statuses
         assert statuses.get("200", 0) > 50, statuses
     finally:
@@ -236,6 +237,7 @@ def test_mqtt_workers_survive_a_seeded_hostile_mix(
     with MqttTransport(broker.url, region="fz", device_id="dev-ok") as t:
         after_answer = t.infer(InferRequest(MODEL, {"input": x}), timeout=10).outputs["logits"]
     np.testing.assert_array_equal(after_answer, before_answer)
+    print(f"mqtt worker: RSS {before:.0f} -> {rss_mib(worker_proc.pid):.0f} MiB")
     assert wait_until(lambda: rss_mib(worker_proc.pid) - before < 50, 5), (
         before,
         rss_mib(worker_proc.pid),

@@ -326,3 +326,23 @@ def test_stdlib_thread_cap_queues_then_refuses() -> None:
             s.close()
         srv.shutdown()
         srv.server_close()
+
+
+def test_parser_warnings_are_rate_limited(server: CloudServer) -> None:
+    """uvicorn logs every request its parser rejects; a client must not grow the log at will."""
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Collect()
+    uv = logging.getLogger("uvicorn.error")
+    uv.addHandler(handler)
+    try:
+        for _ in range(30):
+            assert _raw(server, b"\x16\x03\x01 hello\r\n\r\n").startswith(b"HTTP/1.1 400")
+    finally:
+        uv.removeHandler(handler)
+    invalid = [m for m in seen if m.startswith("Invalid HTTP request")]
+    assert len(invalid) <= LIMITS.log_per_minute  # 30 refused, at most 10 logged a minute

@@ -637,7 +637,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             limits=DEFAULT_LIMITS.with_(
                 max_body_bytes=args.max_request_bytes,
                 max_json_bytes=args.max_json_bytes,
-                max_rows=args.max_rows,
+                # --echo runs no model (no onnxruntime arena to protect): rows are bounded by
+                # the payload bytes alone unless --max-rows says otherwise.
+                max_rows=args.max_rows or (None if args.repo else 2**62),
             ),
         )
     except EdgeCloudError as exc:

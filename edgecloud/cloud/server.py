@@ -640,7 +640,17 @@ def _http_protocol(limits: Limits = DEFAULT_LIMITS, region: str = "local") -> An
             self._arm(left, "body")
             super().on_headers_complete()
 
+        def data_received(self, data: bytes) -> None:
+            if self._phase != "closed":  # refused: what follows is not parsed
+                super().data_received(data)
+
+        def on_body(self, body: bytes) -> None:
+            if self._phase != "closed":
+                super().on_body(body)
+
         def on_message_complete(self) -> None:
+            if self._phase == "closed":
+                return
             self._disarm("busy")
             super().on_message_complete()
 
@@ -658,6 +668,42 @@ def _http_protocol(limits: Limits = DEFAULT_LIMITS, region: str = "local") -> An
                 self._idle_since = self.loop.time()
 
     return _GuardedHttpToolsProtocol
+
+
+class _ParserWarningFilter(logging.Filter):
+    """At most ``per_minute`` of uvicorn's "Invalid HTTP request received." lines a minute.
+
+    uvicorn logs one warning per request its parser rejects, so a client could grow the log at
+    will; the rest are dropped (and the count of them said on the next line let through).
+    """
+
+    def __init__(self, per_minute: int) -> None:
+        super().__init__()
+        self.per_minute = per_minute
+        self._start = 0.0
+        self._logged = 0
+        self._dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Invalid HTTP request"):
+            return True
+        now = time.monotonic()
+        if now - self._start >= 60.0:
+            self._start, self._logged = now, 0
+        if self._logged >= self.per_minute:
+            self._dropped += 1
+            return False
+        self._logged += 1
+        if self._dropped:
+            record.msg = f"{record.msg} ({self._dropped} similar messages suppressed)"
+            self._dropped = 0
+        return True
+
+
+def _limit_parser_warnings(per_minute: int) -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _ParserWarningFilter) for f in logger.filters):
+        logger.addFilter(_ParserWarningFilter(per_minute))
 
 
 class CloudServer:
@@ -718,6 +764,7 @@ class CloudServer:
             h11_max_incomplete_event_size=limits.max_header_bytes,  # when httptools is missing
         )
         self._server = uvicorn.Server(config)
+        _limit_parser_warnings(limits.log_per_minute)
         self._thread: threading.Thread | None = None
 
     @property
