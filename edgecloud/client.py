@@ -63,6 +63,7 @@ from edgecloud.routing.regions import (
     Region,
     RegionHealth,
     RegionSelector,
+    health_metrics,
 )
 from edgecloud.runtime.base import Backend, InputPolicy
 from edgecloud.transport.v2 import InferRequest
@@ -1006,6 +1007,10 @@ class HybridClient:
     def region_health(self) -> list[RegionHealth]:
         """Per region: readiness, failures by kind, the error retrying will not fix, features."""
         return self.selector.health() if hasattr(self, "selector") else []
+
+    def region_metrics(self) -> str:
+        """``region_health()`` as Prometheus text (``routing.regions.health_metrics``)."""
+        return health_metrics(self.region_health())
 
     def regions_status(self) -> list[dict[str, Any]]:
         """Every region's breaker state, smoothed RTT and counters, best first."""

@@ -6,6 +6,7 @@ concurrency run use ``edgecloud cloud serve`` in a child process, as deployed.
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import subprocess
@@ -210,6 +211,10 @@ def test_tritonclient_interop(
             c.infer(MODEL, [bad])
     finally:
         c.close()
+        # Collect the client here: its __del__ closes its gevent pool again, which fails
+        # (InvalidThreadUseError) when a later garbage collection runs in another thread.
+        del c
+        gc.collect()
 
 
 @pytest.mark.parametrize(

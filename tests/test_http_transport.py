@@ -304,7 +304,9 @@ class _V2Peer(http.server.BaseHTTPRequestHandler):
         cfg["gets"].append(self.path)
         if self.path == "/v2":
             ext = cfg["extensions"]
-            self._send(200, httpx.Response(200, json={"name": "peer", "extensions": ext}).content)
+            status = int(cfg.get("metadata_status", 200))
+            body = {"name": "peer", "extensions": ext} if status == 200 else {"error": "busy"}
+            self._send(status, httpx.Response(200, json=body).content)
         elif self.path == "/v2/health/ready":
             self._send(200, b"")
         elif cfg["model_path"]:
@@ -404,3 +406,20 @@ def test_async_transport_negotiates_and_probes_the_model_too() -> None:
     assert binary == [False]
     assert ok is True
     assert path is False
+
+
+def test_a_refused_metadata_answer_is_not_remembered() -> None:
+    # GET /v2 answering 503 says nothing about the server: JSON this time, asked again next time.
+    port = _free_port()
+    big = {"x": np.zeros((1, 8192), np.float32)}
+    with (
+        _peer(port, extensions=["binary_tensor_data"]) as cfg,
+        HttpTransport(f"http://127.0.0.1:{port}", region="p") as t,
+    ):
+        cfg["metadata_status"] = 503
+        t.infer(InferRequest("m", big), timeout=5)
+        assert t.features["extensions"] is None
+        cfg["metadata_status"] = 200
+        t.infer(InferRequest("m", big), timeout=5)
+        assert cfg["gets"] == ["/v2", "/v2"]
+        assert cfg["posts"] == ["application/json", "application/octet-stream"]

@@ -139,7 +139,13 @@ def test_nearest_down_next_region_then_all_down_degraded(
             near.kill()
             r = client.infer(row(data, unsure))
             assert r.source == "cloud:far2"
-            assert isinstance(r.errors.get("near"), ConnectionFailed)
+            # Either the request found near down itself, or a probe (every 50 ms) found it first
+            # and near, no longer ready, was tried after far2, which answered.
+            near_error = r.errors.get("near")
+            if near_error is None:
+                assert client.region_health()[0].ready is False
+            else:
+                assert isinstance(near_error, ConnectionFailed)
             far2.stop()
             # all regions down: local answers, degraded, never an exception
             for _ in range(3):

@@ -238,6 +238,9 @@ def test_unknown_model_is_logged_once_and_counted(
             assert err.status == 404
             assert "no_such_model" in str(err)
         health = client.region_health()[0]
+        metrics = client.region_metrics()
+        assert 'edgecloud_region_persistent_error{region="mls"} 1' in metrics
+        assert 'edgecloud_region_failures_total{region="mls",kind="unknown_model"} 4' in metrics
         assert client.prober is None
         prober = HealthProber(
             client.selector, interval=60, timeout=5, model_for=client._probe_model

@@ -631,3 +631,33 @@ def test_non_transient_failures_are_logged_once_until_the_region_answers(
     send()
     send()
     assert len(caplog.records) == 2  # logged again once after the region had recovered
+
+
+def test_health_metrics_text_is_prometheus_format() -> None:
+    from edgecloud.routing.regions import health_metrics
+
+    clock = FakeClock()
+    ok = FakeRegionTransport("ok", clock)
+    bad = FakeRegionTransport('b"ad', clock)
+    bad.fail = AuthError("401", region='b"ad', status=401)
+    regions = [Region("ok", ok, priority=0), Region('b"ad', bad, priority=1)]
+    sel = RegionSelector(regions, clock=clock)
+    sel.route(lambda r: InferRequest("m", {"x": np.ones((1, 2))}), Deadline(5, clock=clock))
+    ok.fail = ConnectionFailed("down", region="ok")
+    sel.route(lambda r: InferRequest("m", {"x": np.ones((1, 2))}), Deadline(5, clock=clock))
+    text = health_metrics(sel.health())
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            assert line.split()[1] in ("HELP", "TYPE")
+            continue
+        name, value = line.rsplit(" ", 1)
+        samples[name] = float(value)
+    assert samples['edgecloud_region_answered_total{region="ok"}'] == 1
+    assert samples['edgecloud_region_failures_total{region="ok",kind="connection"}'] == 1
+    assert samples['edgecloud_region_failures_total{region="b\\"ad",kind="auth"}'] == 1
+    assert samples['edgecloud_region_persistent_error{region="b\\"ad"}'] == 1
+    assert samples['edgecloud_region_persistent_error{region="ok"}'] == 0
+    assert samples['edgecloud_region_ready{region="b\\"ad"}'] == -1
+    assert samples['edgecloud_region_ready{region="ok"}'] == 1
+    assert samples['edgecloud_region_breaker_open{region="ok"}'] == 0

@@ -82,6 +82,7 @@ __all__ = [
     "RegionHealth",
     "RegionSelector",
     "failure_kind",
+    "health_metrics",
 ]
 
 log = logging.getLogger(__name__)
@@ -272,6 +273,49 @@ class RegionHealth:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def health_metrics(healths: Sequence[RegionHealth]) -> str:
+    """The health summaries in the Prometheus text format, for an application's /metrics.
+
+    No client library needed: append the text to what the application exports. Series:
+    ``edgecloud_region_ready`` (1 ready, 0 not, -1 unknown), ``edgecloud_region_requests_total``,
+    ``edgecloud_region_answered_total``, ``edgecloud_region_failures_total{kind=...}``,
+    ``edgecloud_region_persistent_error`` (1 while a non-transient failure stands) and
+    ``edgecloud_region_breaker_open`` (1 open, 0.5 half-open, 0 closed).
+    """
+    lines = [
+        "# HELP edgecloud_region_ready Model ready at the last probe or answer: 1, 0, -1 unknown",
+        "# TYPE edgecloud_region_ready gauge",
+        "# HELP edgecloud_region_requests_total Requests sent to the region",
+        "# TYPE edgecloud_region_requests_total counter",
+        "# HELP edgecloud_region_answered_total Requests the region answered",
+        "# TYPE edgecloud_region_answered_total counter",
+        "# HELP edgecloud_region_failures_total Failed requests by kind",
+        "# TYPE edgecloud_region_failures_total counter",
+        "# HELP edgecloud_region_persistent_error 1 while a failure retrying will not fix stands",
+        "# TYPE edgecloud_region_persistent_error gauge",
+        "# HELP edgecloud_region_breaker_open Circuit breaker: 1 open, 0.5 half-open, 0 closed",
+        "# TYPE edgecloud_region_breaker_open gauge",
+    ]
+    breaker = {"open": 1.0, "half_open": 0.5, "closed": 0.0}
+    for h in healths:
+        r = f'region="{_label(h.name)}"'
+        ready = -1 if h.ready is None else int(h.ready)
+        lines.append(f"edgecloud_region_ready{{{r}}} {ready}")
+        lines.append(f"edgecloud_region_requests_total{{{r}}} {h.requests}")
+        lines.append(f"edgecloud_region_answered_total{{{r}}} {h.answered}")
+        for kind, n in sorted(h.failures_by_kind.items()):
+            lines.append(f'edgecloud_region_failures_total{{{r},kind="{_label(kind)}"}} {n}')
+        lines.append(
+            f"edgecloud_region_persistent_error{{{r}}} {int(h.persistent_error is not None)}"
+        )
+        lines.append(f"edgecloud_region_breaker_open{{{r}}} {breaker.get(h.state, 1.0)}")
+    return "\n".join(lines) + "\n"
 
 
 @dataclass

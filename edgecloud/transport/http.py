@@ -254,10 +254,13 @@ class _Common:
     def _set_extensions(self, resp: httpx.Response) -> frozenset[str]:
         """Remember the extensions of a ``GET /v2`` answer; none when it has no usable list.
 
-        A server without the metadata route (or that refuses it) gets plain JSON, which every V2
-        server reads.
+        A server without the metadata route gets plain JSON, which every V2 server reads. An
+        answer that says nothing about the server (401/403, 429, 5xx) means JSON for this request
+        and is not remembered: the metadata is asked again next time.
         """
         ext: frozenset[str] = frozenset()
+        if resp.status_code in (401, 403, 429) or resp.status_code >= 500:
+            return ext
         if resp.status_code == 200:
             try:
                 data = resp.json()
