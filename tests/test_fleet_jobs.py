@@ -179,10 +179,17 @@ def test_abort_criteria_cancel_the_rest(engine: JobEngine, clock: Clock) -> None
     assert "aborted" in job.reason
     counts = engine.counts("j1")
     assert counts["REJECTED"] == 2
-    assert counts["CANCELED"] == 7
-    assert engine.executions["j1", d3].state == S.QUEUED  # running ones may still report
+    # notified but not started (AWS's QUEUED): canceled too, and the device is told to stop
+    assert counts["CANCELED"] == 8
+    assert engine.executions["j1", d3].state == S.CANCELED
+    cancels = engine.drain().cancel
+    assert [(d, c.job_id, c.execution_number) for d, c in cancels] == [(d3, "j1", 1)]
+    # had it already run, its final report is recorded next to the controller's decision
     engine.apply_update(_upd("j1", d3, S.SUCCEEDED, 1))
-    assert engine.executions["j1", d3].state == S.SUCCEEDED
+    e3 = engine.executions["j1", d3]
+    assert e3.state == S.SUCCEEDED
+    assert e3.ended_by_controller is not None
+    assert e3.ended_by_controller["state"] == "CANCELED"
     clock.t += 100
     assert engine.tick(online).notify == []
 

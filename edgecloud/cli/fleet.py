@@ -23,7 +23,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from edgecloud.errors import ConfigError, EdgeCloudError
-from edgecloud.fleet.jobs import parse_duration, parse_rate
+from edgecloud.fleet.jobs import parse_duration, parse_rate, parse_retry
+from edgecloud.fleet.messages import validate_policy
 
 __all__ = ["register"]
 
@@ -134,6 +135,11 @@ def _job_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--abort-min-executed", type=int, default=1)
     q.add_argument("--timeout", default="10m", help="in-progress timeout per device (10m)")
     q.add_argument("--job-timeout", help="time out executions still QUEUED after this long")
+    q.add_argument(
+        "--retry",
+        metavar="TYPE:N,...",
+        help="retries per failure type, e.g. FAILED:2,TIMED_OUT:1 (types FAILED, TIMED_OUT, ALL)",
+    )
     q.add_argument("--wait", action="store_true", help="follow the job until it ends")
 
 
@@ -153,6 +159,8 @@ def _job_options(args: argparse.Namespace) -> dict[str, Any]:
         }
         if args.job_timeout:
             opts["job_timeout_s"] = parse_duration(args.job_timeout, "--job-timeout")
+        if args.retry:
+            opts["retry"] = parse_retry(args.retry)
     except EdgeCloudError as exc:
         raise ConfigError(str(exc)) from exc
     if args.abort_failed_percent is not None:
@@ -437,6 +445,10 @@ def _policy_set(args: argparse.Namespace) -> int:
             policy[key] = raw
     if not policy:
         raise ConfigError("nothing to set: give --threshold, --mode or --set KEY=VALUE")
+    try:
+        validate_policy(policy, "policy")  # the controller checks again; fail fast here
+    except EdgeCloudError as exc:
+        raise ConfigError(str(exc)) from exc
     with _client(args) as c:
         shadows = c.set_policy(list(args.to), policy)
     if args.json:

@@ -37,6 +37,8 @@ from edgecloud.fleet.jobs import (
     Job,
     JobEngine,
     RolloutConfig,
+    TickResult,
+    parse_duration,
 )
 from edgecloud.fleet.messages import (
     DesiredState,
@@ -45,6 +47,7 @@ from edgecloud.fleet.messages import (
     StatusMessage,
     TelemetryRecord,
     dumps,
+    validate_policy,
 )
 from edgecloud.fleet.packages import PackageStore
 from edgecloud.fleet.registry import Device, Shadow, compute_delta, merge_patch
@@ -57,7 +60,7 @@ from edgecloud.transport._mqtt_common import (
     set_tcp_nodelay,
 )
 
-__all__ = ["FleetController", "NotFound"]
+__all__ = ["FleetController", "NotFound", "UnknownTarget"]
 
 log = logging.getLogger("edgecloud.fleet")
 
@@ -67,6 +70,10 @@ RECONNECT_GRACE_S = 3.0  # after (re)connecting, queued updates land before time
 
 class NotFound(FleetError):
     """A device, job or package the caller named does not exist."""
+
+
+class UnknownTarget(FleetError):
+    """A job or policy names a target that is neither a known device nor a group (bad input)."""
 
 
 class FleetController:
@@ -106,7 +113,13 @@ class FleetController:
         self.telemetry: dict[str, deque[dict[str, Any]]] = {}
         # messages dropped as malformed, job updates applied, and updates ignored (QoS 1
         # redeliveries, late reports for finished executions, unknown jobs)
-        self.stats: dict[str, int] = {"malformed": 0, "updates": 0, "ignored_updates": 0}
+        self.stats: dict[str, int] = {
+            "malformed": 0,
+            "updates": 0,
+            "ignored_updates": 0,
+            "stale_reports": 0,  # reported states older than one already applied
+            "stale_epoch": 0,  # messages from an identity epoch the device has left
+        }
         self.listeners: list[Callable[[str, Any], None]] = []
         self._dirty_devices: set[str] = set()
         self._wake = threading.Event()
@@ -124,6 +137,7 @@ class FleetController:
         self._client.on_socket_open = lambda c, u, sock: set_tcp_nodelay(sock)
         self._connect_error: TransportError | None = None
         self._connected_at = 0.0
+        self._desired_synced = False
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> FleetController:
@@ -195,6 +209,7 @@ class FleetController:
             ]
         )
         self._connected_at = time.monotonic()
+        self._desired_synced = False
         self._connected.set()
         self._wake.set()
         log.info("fleet controller connected to %s", self._settings.url)
@@ -234,11 +249,39 @@ class FleetController:
             d = self.devices[device_id] = Device(device_id, first_seen=now, last_seen=now)
         return d
 
+    def _epoch(self, d: Device, epoch: str) -> bool:
+        """Follow the device's identity epoch; False for a message of an epoch it has left.
+
+        A device whose store was wiped (re-provisioned under the same id) starts a new epoch:
+        its telemetry seq and reported version start again from 1, and what the registry knew
+        about the old installation (model, reported state) no longer describes it. Messages
+        of an earlier epoch still in flight are dropped rather than flipping the device back.
+        """
+        if not epoch or epoch == d.epoch:
+            return True
+        if epoch in d.past_epochs:
+            self.stats["stale_epoch"] += 1
+            return False
+        if d.epoch:
+            d.past_epochs = [*d.past_epochs, d.epoch][-8:]
+            d.reprovisioned_at = self.clock()
+            d.bump("reprovisioned")
+            d.telemetry_seq = -1
+            d.reported = {}
+            d.reported_version = 0
+            d.model_name = ""
+            d.model_version = ""
+            log.warning("device %s was re-provisioned (identity epoch %s)", d.device_id, epoch)
+        d.epoch = epoch
+        return True
+
     def _handle_status(self, device_id: str, s: StatusMessage) -> None:
         if s.device_id != device_id:
             raise FleetError(f"status names device {s.device_id!r} but came on its topic")
         with self._lock:
             d = self._device(device_id)
+            if not self._epoch(d, s.epoch):
+                return
             was = d.online
             d.online = s.online
             d.last_seen = max(d.last_seen, self.clock())
@@ -246,7 +289,9 @@ class FleetController:
                 d.group = s.group
             if s.labels:
                 d.labels = dict(s.labels)
-            if s.model_version:
+            if s.model_version and d.reported_version == 0:
+                # only for devices that never published a reported state: the reported
+                # shadow, versioned by the device, is the one source of what it runs
                 d.model_version = s.model_version
             if s.agent_version:
                 d.agent_version = s.agent_version
@@ -260,13 +305,23 @@ class FleetController:
     def _handle_reported(self, device_id: str, r: ReportedState) -> None:
         with self._lock:
             d = self._device(device_id)
+            if not self._epoch(d, r.epoch):
+                return
+            if r.epoch and r.version <= d.reported_version:
+                # an older retained copy (after a reconnect or a controller restart) or a
+                # redelivery: what the device runs is decided by its version, not by arrival
+                self.stats["stale_reports"] += 1
+                return
             d.reported = dict(r.state)
             d.reported_version = r.version
+            d.desired_acked = max(d.desired_acked, r.desired_version)
             d.last_seen = max(d.last_seen, self.clock())
             model = r.state.get("model")
             if isinstance(model, dict):
-                d.model_name = str(model.get("name", d.model_name) or d.model_name)
-                d.model_version = str(model.get("version", d.model_version) or d.model_version)
+                d.model_name = str(model.get("name") or "")
+                d.model_version = str(model.get("version") or "")
+            elif "model" in r.state and model is None:
+                d.model_name = d.model_version = ""  # the device serves no model
             self._dirty_devices.add(device_id)
         self._emit("reported", r)
 
@@ -275,6 +330,8 @@ class FleetController:
             raise FleetError(f"telemetry names device {t.device_id!r} but came on its topic")
         with self._lock:
             d = self._device(device_id)
+            if not self._epoch(d, t.epoch):
+                return
             d.last_seen = max(d.last_seen, self.clock())
             self._dirty_devices.add(device_id)
             if t.seq <= d.telemetry_seq:
@@ -302,10 +359,20 @@ class FleetController:
             self._dirty_devices.add(device_id)
             if e is None:
                 self.stats["ignored_updates"] += 1
+                self._wake.set()  # a cancel for a job the device should not resume
                 return
             self.stats["updates"] += 1
             if e.terminal:
                 d.bump(f"jobs_{e.state.value.lower()}")
+            job = self.engine.jobs[e.job_id]
+            refused_signature = (
+                job.operation == "deploy"
+                and e.state.value == "REJECTED"
+                and "signature" in e.reason.lower()
+            )
+        if refused_signature:
+            doc = job.document
+            self.packages.mark_refused(str(doc.get("model")), str(doc.get("version")), e.reason)
         self._emit("execution", e)
         self._wake.set()
 
@@ -330,16 +397,43 @@ class FleetController:
         """Run the job engine once, persist what changed and publish notifications."""
         with self._lock:
             online = frozenset(d.device_id for d in self.devices.values() if d.online)
+            resync: list[Shadow] = []
             if self.connected:
                 settled = time.monotonic() - self._connected_at >= RECONNECT_GRACE_S
                 result = self.engine.tick(online, timeouts=settled)
+                if settled and not self._desired_synced:
+                    resync = self._desired_to_resend()
+                    self._desired_synced = True
             else:  # notifications would only queue up in paho; keep them QUEUED instead
                 result = self.engine.drain()
             devices = [self.devices[i] for i in self._dirty_devices if i in self.devices]
             self._dirty_devices.clear()
+        self._commit(result)
+        self.store.save_devices(devices)
+        for sh in resync:
+            payload = dumps(DesiredState(version=sh.version, state=sh.desired, ts=sh.updated_at))
+            self._publish(self.topics.shadow_desired(sh.device_id), payload, retain=True)
+
+    def _desired_to_resend(self) -> list[Shadow]:
+        """Desired states the broker may not hold: newer than what their device acted on.
+
+        A controller killed right after storing a desired state may never have handed it to
+        the broker; after every (re)connection, once the retained reported states are in, the
+        controller publishes again each desired state its device has not acknowledged.
+        """
+        out = []
+        for sh in self.shadows.values():
+            d = self.devices.get(sh.device_id)
+            if sh.version > 0 and (d is None or d.desired_acked < sh.version):
+                out.append(sh)
+        return out
+
+    def _commit(self, result: TickResult) -> None:
+        """Persist what the engine changed, then tell devices (cancels first, then jobs)."""
         self.store.save_jobs(result.jobs)
         self.store.save_executions(result.executions)
-        self.store.save_devices(devices)
+        for device_id, cancel in result.cancel:
+            self._publish(self.topics.jobs_cancel(device_id), dumps(cancel), retain=False)
         for device_id, note in result.notify:
             self._publish(self.topics.jobs_notify(device_id), dumps(note), retain=False)
 
@@ -348,8 +442,7 @@ class FleetController:
             result = self.engine.drain()
             devices = [self.devices[i] for i in self._dirty_devices if i in self.devices]
             self._dirty_devices.clear()
-        self.store.save_jobs(result.jobs)
-        self.store.save_executions(result.executions)
+        self._commit(result)
         self.store.save_devices(devices)
 
     def _publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
@@ -375,7 +468,7 @@ class FleetController:
                     devices.append(t)
                 else:
                     known = ", ".join(sorted(by_group)) or "none"
-                    raise NotFound(
+                    raise UnknownTarget(
                         f"target {t!r} is neither a known device nor a group (groups: {known})"
                     )
         return list(dict.fromkeys(devices)), groups
@@ -389,9 +482,23 @@ class FleetController:
         job_id: str | None = None,
         rollout: RolloutConfig | None = None,
         abort: Iterable[AbortCriterion] = (),
-        timeout_s: float = 600.0,
-        job_timeout_s: float | None = None,
+        timeout_s: float | str = 600.0,
+        job_timeout_s: float | str | None = None,
+        retry: dict[str, int] | str | None = None,
     ) -> Job:
+        """Create a job after checking everything it will send (``FleetError`` names the
+        field): the policy of a policy job, the durations, the retry configuration."""
+        from edgecloud.fleet.jobs import parse_retry
+
+        if operation == "policy":
+            document = validate_policy(document, "policy")
+            if not document:
+                raise FleetError("policy: give at least one key to set")
+        timeout = parse_duration(timeout_s, "timeout_s")
+        job_timeout = (
+            None if job_timeout_s is None else parse_duration(job_timeout_s, "job_timeout_s")
+        )
+        retries = parse_retry(retry)
         devices, groups = self.resolve_targets(targets)
         jid = job_id or f"{operation}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         with self._lock:
@@ -403,31 +510,44 @@ class FleetController:
                 groups=groups,
                 rollout=rollout,
                 abort=abort,
-                timeout_s=timeout_s,
-                job_timeout_s=job_timeout_s,
+                timeout_s=timeout,
+                job_timeout_s=job_timeout,
+                retry=retries,
             )
             result = self.engine.drain()
-        self.store.save_jobs(result.jobs)
-        self.store.save_executions(result.executions)
+        self._commit(result)
         log.info("job %s (%s) created for %d devices", jid, operation, len(devices))
         self._wake.set()
         return job
 
     def deploy(
-        self, package: Path | tuple[str, str], targets: Iterable[str], **job_kwargs: Any
+        self,
+        package: Path | tuple[str, str],
+        targets: Iterable[str],
+        *,
+        expected_sha256: str | None = None,
+        **job_kwargs: Any,
     ) -> Job:
         """Start a deploy job whose document points at the package's download.
 
         ``package`` is a package directory (verified and stored first) or the (name, version)
-        of a package already in the store (uploaded with ``POST /api/packages``).
+        of a package already in the store (uploaded with ``POST /api/packages``). The job
+        carries the archive hash recorded when it was stored; ``expected_sha256`` (what the
+        upload returned) must match it, so a store changed after the upload is noticed here.
         """
         if not self.public_base_url:
             raise ConfigError("the controller has no public_base_url for package downloads")
+        self.resolve_targets(targets)  # a bad target is refused before anything is stored
         if isinstance(package, tuple):
             try:
                 pkg = self.packages.get(*package)
             except FleetError as exc:
                 raise NotFound(str(exc)) from exc
+            if expected_sha256 and expected_sha256.lower() != pkg.sha256:
+                raise FleetError(
+                    f"package {pkg.name} {pkg.version}: the store records sha256 {pkg.sha256}, "
+                    f"the request expects {expected_sha256}"
+                )
         else:
             pkg = self.packages.add(Path(package))
         document = {
@@ -451,8 +571,8 @@ class FleetController:
                     raise NotFound(str(exc)) from exc
                 raise
             result = self.engine.drain()
-        self.store.save_jobs(result.jobs)
-        self.store.save_executions(result.executions)
+        self._commit(result)
+        self._wake.set()
         return job
 
     def job_view(self, job_id: str, *, executions: bool = True) -> dict[str, Any]:
@@ -523,6 +643,10 @@ class FleetController:
         ``expected_version=None`` means "whatever is current" (last writer wins) and is meant
         for commands that set one key, such as ``fleet policy set``.
         """
+        if isinstance(patch.get("policy"), dict):
+            validate_policy(patch["policy"], "desired.policy")
+        elif patch.get("policy") is not None:
+            raise FleetError("desired.policy must be an object (or null to remove it)")
         with self._lock:
             if device_id not in self.devices:
                 raise NotFound(f"no device {device_id!r}")
@@ -543,6 +667,9 @@ class FleetController:
         return self.shadow_view(device_id)
 
     def set_policy(self, targets: Iterable[str], policy: dict[str, Any]) -> list[dict[str, Any]]:
+        policy = validate_policy(policy, "policy")
+        if not policy:
+            raise FleetError("policy: give at least one key to set")
         devices, _ = self.resolve_targets(targets)
         return [self.update_shadow(d, {"policy": policy}, None) for d in devices]
 

@@ -22,7 +22,8 @@ shadow conflict):
     GET  /api/jobs                          [job with counts, ...]
     GET  /api/jobs/<id>                     job with counts and executions
     POST /api/packages                      a package .tar.gz as the body -> the stored package
-    POST /api/deploy                        {"package": dir | "package_ref": {name, version},
+    POST /api/deploy                        {"package": dir | "package_ref": {name, version,
+                                             sha256 (optional)},
                                              "targets": [...], job options}
     POST /api/rollback                      {"targets": [...], "version": opt, job options}
     POST /api/jobs/<id>/cancel              {"force": false}
@@ -151,10 +152,14 @@ def _job_kwargs(body: dict[str, Any]) -> dict[str, Any]:
     kw["abort"] = [AbortCriterion.from_dict(a) for a in abort]
     for key in ("timeout_s", "job_timeout_s"):
         if body.get(key) is not None:
-            try:
-                kw[key] = float(body[key])
-            except (TypeError, ValueError):
-                raise _ApiError(400, f"'{key}' must be a number of seconds") from None
+            # seconds or a duration like "90s"; the controller refuses zero, negatives, junk
+            if not isinstance(body[key], int | float | str) or isinstance(body[key], bool):
+                raise _ApiError(400, f"'{key}' must be a number of seconds")
+            kw[key] = body[key]
+    if body.get("retry") is not None:
+        if not isinstance(body["retry"], dict | str):
+            raise _ApiError(400, "'retry' must be an object like {\"FAILED\": 2}")
+        kw["retry"] = body["retry"]
     return kw
 
 
@@ -311,7 +316,12 @@ def _make_handler(server: FleetHTTPServer) -> type[BaseHTTPRequestHandler]:
                         name, version = ref.get("name"), ref.get("version")
                         if not (isinstance(name, str) and isinstance(version, str)):
                             raise _ApiError(400, "'package_ref' needs string 'name' and 'version'")
+                        sha = ref.get("sha256")
+                        if sha is not None and not isinstance(sha, str):
+                            raise _ApiError(400, "'package_ref.sha256' must be a string")
                         target = (name, version)
+                        if sha:
+                            body["expected_sha256"] = sha
                     elif isinstance(pkg, str) and pkg:
                         target = Path(pkg)
                     else:
@@ -320,7 +330,12 @@ def _make_handler(server: FleetHTTPServer) -> type[BaseHTTPRequestHandler]:
                             "give 'package' (a package directory on the controller's machine) "
                             "or 'package_ref' ({name, version} of an uploaded package)",
                         )
-                    job = ctl.deploy(target, _targets(body), **_job_kwargs(body))
+                    job = ctl.deploy(
+                        target,
+                        _targets(body),
+                        expected_sha256=body.get("expected_sha256"),
+                        **_job_kwargs(body),
+                    )
                     return 201, ctl.job_view(job.job_id)
                 if parts == ["rollback"]:
                     version = body.get("version")
