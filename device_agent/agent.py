@@ -1004,7 +1004,7 @@ class Agent:
         self._check(cancel, step, "rollback")
         p = self.store.pointer()
         if p is None or p.previous is None:
-            raise StoreError("rollback: there is no previous version on this device")
+            raise StoreError("there is no previous version on this device")  # step: rollback
         pkg = self.store.verify_slot(p.previous)
         if version is not None and pkg.manifest.version != str(version):
             raise _Rejected(

@@ -109,6 +109,9 @@ class ControllerClient:
     def shadow(self, device_id: str) -> dict[str, Any]:
         return dict(self._call("GET", f"/api/devices/{device_id}/shadow"))
 
+    def summary(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/api/summary"))
+
     def jobs(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/api/jobs"))
 

@@ -583,6 +583,7 @@ class FleetController:
             out = job.to_dict()
             out["counts"] = self.engine.counts(job_id)
             out["total"] = len(job.targets)
+            out["outcome"] = _job_outcome(job.status, out["counts"], out["total"])
             if executions:
                 out["executions"] = [e.to_dict() for e in self.engine.executions_of(job_id)]
         return out
@@ -594,8 +595,9 @@ class FleetController:
 
     def devices_view(self) -> list[dict[str, Any]]:
         with self._lock:
+            last = self._last_finished()
             return [
-                self._device_dict(d)
+                self._device_dict(d, last)
                 for d in sorted(self.devices.values(), key=lambda d: d.device_id)
             ]
 
@@ -604,16 +606,80 @@ class FleetController:
             d = self.devices.get(device_id)
             if d is None:
                 raise NotFound(f"no device {device_id!r}")
-            out = self._device_dict(d)
+            out = self._device_dict(d, self._last_finished())
             out["shadow"] = self.shadow_view(device_id)
         return out
 
-    def _device_dict(self, d: Device) -> dict[str, Any]:
+    def _device_dict(self, d: Device, last: dict[str, Execution]) -> dict[str, Any]:
         out = d.to_dict()
         out.pop("reported", None)
+        out.pop("past_epochs", None)
         pending = [e for e in self.engine._pending_of(d.device_id)]
         out["pending_jobs"] = [e.job_id for e in pending]
+        out["last_failure"] = self._failure_of(d, last.get(d.device_id))
         return out
+
+    def _last_finished(self) -> dict[str, Execution]:
+        """Each device's most recently finished execution (any job)."""
+        last: dict[str, Execution] = {}
+        for e in self.engine.executions.values():
+            if e.terminal:
+                cur = last.get(e.device_id)
+                if cur is None or e.updated_at >= cur.updated_at:
+                    last[e.device_id] = e
+        return last
+
+    @staticmethod
+    def _failure_of(d: Device, e: Execution | None) -> dict[str, Any] | None:
+        """Why a device counts as failing: its last execution did not succeed, or its
+        reported state carries a desired-state error. None when it is healthy."""
+        if e is not None and e.state.value != "SUCCEEDED":
+            return {"job_id": e.job_id, "state": e.state.value, "reason": e.reason}
+        if d.reported.get("error"):
+            return {"job_id": None, "state": "DESIRED_ERROR", "reason": str(d.reported["error"])}
+        return None
+
+    def summary_view(self) -> dict[str, Any]:
+        """Fleet health at a glance (``fleet summary``, ``GET /api/summary``).
+
+        Versions in use and online/offline come from the registry (the devices' reported
+        shadows and statuses). A device is *failing* when its last finished job execution did
+        not succeed or its reported state carries a desired-state error. Offload and degraded
+        rates add up each device's latest heartbeat (counts since that agent started).
+        """
+        with self._lock:
+            devices = list(self.devices.values())
+            last_exec = self._last_finished()
+            versions: dict[str, int] = {}
+            failing: list[dict[str, Any]] = []
+            requests = cloud = degraded = 0
+            for d in sorted(devices, key=lambda d: d.device_id):
+                key = f"{d.model_name} {d.model_version}".strip() or "(none)"
+                versions[key] = versions.get(key, 0) + 1
+                failure = self._failure_of(d, last_exec.get(d.device_id))
+                if failure is not None:
+                    failing.append({"device_id": d.device_id, **failure})
+                ring = self.telemetry.get(d.device_id)
+                if ring:
+                    data = ring[-1].get("data") or {}
+                    requests += int(data.get("requests") or 0)
+                    cloud += int(data.get("cloud") or 0)
+                    degraded += int(data.get("degraded") or 0)
+            online = sum(d.online for d in devices)
+            return {
+                "devices": len(devices),
+                "online": online,
+                "offline": len(devices) - online,
+                "reprovisioned": sum(d.reprovisioned_at is not None for d in devices),
+                "versions": dict(sorted(versions.items())),
+                "failing": failing,
+                "requests": requests,
+                "offload_rate": round(cloud / requests, 4) if requests else None,
+                "degraded_rate": round(degraded / requests, 4) if requests else None,
+                "jobs_in_progress": sum(
+                    j.status == "IN_PROGRESS" for j in self.engine.jobs.values()
+                ),
+            }
 
     def telemetry_view(self, device_id: str, after: int = -1) -> list[dict[str, Any]]:
         with self._lock:
@@ -741,3 +807,22 @@ class FleetController:
         with self._lock:
             job = self.engine.jobs.get(job_id)
             return job is not None and job.status != "IN_PROGRESS"
+
+
+def _job_outcome(status: str, counts: dict[str, int], total: int) -> str:
+    """One word for a job's end: what its devices did, not only whether it ended.
+
+    ``IN_PROGRESS``; ``SUCCEEDED`` (every device); ``ALL_FAILED`` (no device succeeded, all
+    ended); ``PARTIAL`` (some did); ``CANCELED`` (canceled or aborted before every device ran).
+    """
+    ok = counts.get("SUCCEEDED", 0)
+    ended = sum(n for s, n in counts.items() if s not in ("QUEUED", "IN_PROGRESS"))
+    if status == "IN_PROGRESS":
+        return "IN_PROGRESS"
+    if ok == total:
+        return "SUCCEEDED"
+    if ok == 0 and ended == total and counts.get("CANCELED", 0) < total:
+        return "ALL_FAILED"
+    if status == "CANCELED" and ok == 0:
+        return "CANCELED"
+    return "PARTIAL"

@@ -19,6 +19,7 @@ shadow conflict):
     GET  /api/devices/<id>/shadow           {"version", "desired", "reported", "delta"}
     POST /api/devices/<id>/shadow           {"desired": patch, "expected_version": n}
     GET  /api/devices/<id>/telemetry?after=N [record, ...]
+    GET  /api/summary                       fleet health: online, versions, failing, rates
     GET  /api/jobs                          [job with counts, ...]
     GET  /api/jobs/<id>                     job with counts and executions
     POST /api/packages                      a package .tar.gz as the body -> the stored package
@@ -31,7 +32,8 @@ shadow conflict):
 
 Job options: ``job_id``, ``rollout`` (max_per_minute, base_rate_per_minute, increment_factor,
 on_succeeded), ``abort`` ([{failure_type, threshold_percent, min_executed}]), ``timeout_s``,
-``job_timeout_s``.
+``job_timeout_s`` (seconds or a duration such as ``"90s"``), ``retry`` (``{"FAILED": 2,
+"TIMED_OUT": 1}`` or ``"FAILED:2,TIMED_OUT:1"``). Everything is checked before the job exists.
 """
 
 from __future__ import annotations
@@ -271,6 +273,8 @@ def _make_handler(server: FleetHTTPServer) -> type[BaseHTTPRequestHandler]:
                     }
                 if parts == ["devices"]:
                     return 200, ctl.devices_view()
+                if parts == ["summary"]:
+                    return 200, ctl.summary_view()
                 if len(parts) == 2 and parts[0] == "devices":
                     return 200, ctl.device_view(parts[1])
                 if len(parts) == 3 and parts[0] == "devices" and parts[2] == "shadow":
