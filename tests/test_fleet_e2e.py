@@ -329,5 +329,9 @@ def test_broker_outage_telemetry_arrives_in_order(
         )
         d = ctl.devices[i]
         assert d.counters.get("telemetry_gaps", 0) == 0
+        # at the default verbosity, the agent said it lost the broker and when it was back
+        log = next(a for a in e2e.agents if a.device_id == i).log.read_text()
+        assert "lost the broker" in log
+        assert "reconnected to" in log
         assert d.counters["telemetry"] == len(recs)  # duplicates were counted, not stored
         wait_until(lambda d=d: d.online, what=f"{i} online again")

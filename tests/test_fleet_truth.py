@@ -161,7 +161,9 @@ def test_the_reported_version_wins_over_arrival_order_and_restarts(
     wait_until(lambda: ctl.dev("d1")["model_version"] == "")
 
 
-def test_a_reprovisioned_device_starts_a_new_epoch(ctl: Ctl, wire: Wire) -> None:
+def test_a_reprovisioned_device_starts_a_new_epoch(
+    ctl: Ctl, wire: Wire, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     wire.status("d2", "0001-a")
     wire.reported("d2", 3, "2.0.0", epoch="0001-a")
     for seq in range(50, 53):
@@ -186,10 +188,22 @@ def test_a_reprovisioned_device_starts_a_new_epoch(ctl: Ctl, wire: Wire) -> None
     wait_until(lambda: ctl.ctl.stats["stale_epoch"] == 1)
     assert ctl.dev("d2")["telemetry_seq"] == 3
     assert ctl.dev("d2")["counters"]["reprovisioned"] == 1
+    # and the operator sees it
+    monkeypatch.setenv("EDGECLOUD_CONTROLLER", ctl.http.url)
+    capsys.readouterr()
+    assert cli_main(["fleet", "devices", "--status", "reprovisioned", "--json"]) == 0
+    assert [d["device_id"] for d in json.loads(capsys.readouterr().out)] == ["d2"]
+    assert cli_main(["fleet", "devices"]) == 0
+    assert "reprovisioned" in capsys.readouterr().out
 
 
 def test_the_controller_refuses_what_devices_would_refuse(
-    ctl: Ctl, wire: Wire, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ctl: Ctl,
+    wire: Wire,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    keys: tuple[Path, Path],
 ) -> None:
     wire.status("d3", "e1")
     wait_until(lambda: "d3" in ctl.ctl.devices)
@@ -228,6 +242,7 @@ def test_the_controller_refuses_what_devices_would_refuse(
     for argv, field in (
         (["policy", "set", "--to", "d3", "--mode", "sideways"], "mode"),
         (["rollback", "--to", "no-such-group"], "no-such-group"),
+        (["deploy", str(make_package(tmp_path, "1.0.0", keys)), "--to", "nope"], "nope"),
         (["rollback", "--to", "d3", "--retry", "FAILED:x"], "FAILED"),
         (["rollback", "--to", "d3", "--timeout", "0"], "--timeout"),
         (["rollback", "--to", "d3", "--rate", "fast"], "rate"),
