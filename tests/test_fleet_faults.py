@@ -48,8 +48,9 @@ class SlowLink:
     outage). ``down`` answers 503 to everything. ``ranges`` records each request's Range.
     """
 
-    def __init__(self, upstream: str, chunk: int = 1024, delay: float = 0.0) -> None:
-        self.upstream = upstream
+    def __init__(self, upstream: str | list[str], chunk: int = 1024, delay: float = 0.0) -> None:
+        # several upstreams: the first that answers (a load balancer in front of controllers)
+        self.upstreams = [upstream] if isinstance(upstream, str) else list(upstream)
         self.chunk = chunk
         self.delay = delay
         self.down = False
@@ -78,14 +79,18 @@ class SlowLink:
         rng = h.headers.get("Range", "")
         self.ranges.append(rng)
         start = int(rng[len("bytes=") :].split("-")[0]) if rng.startswith("bytes=") else 0
-        try:
-            first = httpx.get(
-                self.upstream + h.path,
-                headers={"Range": f"bytes={start}-{start + self.chunk - 1}"},
-                timeout=5,
-            )
-        except httpx.HTTPError:
-            first = None
+        first = None
+        upstream = self.upstreams[0]
+        for upstream in self.upstreams:
+            try:
+                first = httpx.get(
+                    upstream + h.path,
+                    headers={"Range": f"bytes={start}-{start + self.chunk - 1}"},
+                    timeout=5,
+                )
+                break
+            except httpx.HTTPError:
+                first = None
         if self.down or first is None or first.status_code not in (200, 206):
             body = b'{"error":"package server unreachable"}'
             h.send_response(503 if first is None or self.down else first.status_code)
@@ -110,7 +115,7 @@ class SlowLink:
                     return
                 time.sleep(self.delay)
                 r = httpx.get(
-                    self.upstream + h.path,
+                    upstream + h.path,
                     headers={"Range": f"bytes={pos}-{pos + self.chunk - 1}"},
                     timeout=5,
                 )
@@ -128,9 +133,21 @@ class SlowLink:
 class ControllerProc:
     """``edgecloud fleet serve`` as its own process, restartable on the same ports and store."""
 
-    def __init__(self, tmp: Path, broker: MosquittoBroker, public_url: str, port: int) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        broker: MosquittoBroker,
+        public_url: str,
+        port: int,
+        *,
+        db: str | None = None,
+        extra: tuple[str, ...] = (),
+        name: str = "controller",
+    ) -> None:
         self.tmp, self.broker, self.public_url, self.port = tmp, broker, public_url, port
-        self.log = tmp / "controller.log"
+        self.db = db or str(tmp / "fleet.sqlite")
+        self.extra = extra
+        self.log = tmp / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -149,13 +166,14 @@ class ControllerProc:
                     "--broker",
                     self.broker.url,
                     "--db",
-                    str(self.tmp / "fleet.sqlite"),
+                    self.db,
                     "--packages",
                     str(self.tmp / "packages"),
                     "--http-port",
                     str(self.port),
                     "--public-url",
                     self.public_url,
+                    *self.extra,
                 ],
                 stdout=logf,
                 stderr=logf,
@@ -172,6 +190,12 @@ class ControllerProc:
 
         wait_until(ready, timeout=60, what="controller ready")
         return self
+
+    def health(self) -> dict[str, Any]:
+        try:
+            return dict(httpx.get(self.url + "/api/health", timeout=2).json())
+        except (httpx.HTTPError, ValueError):
+            return {}
 
     def kill(self) -> None:
         """SIGKILL: no flush, no clean disconnect."""

@@ -50,6 +50,15 @@ def register(sub: Any) -> None:
     s.add_argument("--public-key", type=Path, help="refuse packages not signed by this key")
     s.add_argument("--token", help="require this API bearer token (env EDGECLOUD_FLEET_TOKEN)")
     s.add_argument("--prefix", default="edgecloud", help="MQTT topic prefix")
+    s.add_argument(
+        "--ha-lease",
+        metavar="DURATION",
+        help="run as one of several controllers on one database: the holder of a lease of "
+        "this length is active, the others stand by and take over (e.g. 10s)",
+    )
+    s.add_argument(
+        "--instance-id", help="this controller's name in the lease (default: host-random)"
+    )
     s.set_defaults(func=_serve)
 
     d = fsub.add_parser("devices", help="list devices")
@@ -243,6 +252,10 @@ def _serve(args: argparse.Namespace) -> int:
             "who can reach it can deploy to the fleet",
             file=sys.stderr,
         )
+    try:
+        lease = parse_duration(args.ha_lease, "--ha-lease") if args.ha_lease else None
+    except EdgeCloudError as exc:
+        raise ConfigError(str(exc)) from exc
     store = open_store(args.db)
     ctl = FleetController(
         args.broker,
@@ -250,6 +263,8 @@ def _serve(args: argparse.Namespace) -> int:
         PackageStore(args.packages, key),
         prefix=args.prefix,
         public_base_url=args.public_url,
+        lease_s=lease,
+        instance_id=args.instance_id,
     )
     http = FleetHTTPServer(ctl, args.http_host, args.http_port, token=token)
     stop = threading.Event()

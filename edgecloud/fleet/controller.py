@@ -10,6 +10,17 @@ is taken in one place.
 
 A malformed payload from a device is counted and logged with the device and the field, and
 dropped: one broken device never stops the controller.
+
+High availability (``lease_s``): several controllers share one database, and the one holding
+the store's lease row is *active*; the others are standbys. A standby is connected to the
+broker (its own client id and session) and keeps its registry current from statuses, reported
+states and telemetry, buffers job updates, answers reads, and refuses writes (``NotActive``,
+HTTP 503). It tries to take the lease every ``lease_s / 3``; when the active one dies the lease
+expires after at most ``lease_s`` and a standby takes over: it loads jobs, executions and
+shadows from the database, applies the buffered job updates (idempotent by seq), notifies
+again what was notified but not started (the notification may have died with the active one),
+and runs the jobs from there. An active controller that cannot renew its lease for
+``lease_s / 2`` stops running jobs before another may take over.
 """
 
 from __future__ import annotations
@@ -52,7 +63,7 @@ from edgecloud.fleet.messages import (
 from edgecloud.fleet.packages import PackageStore
 from edgecloud.fleet.registry import Device, Shadow, compute_delta, merge_patch
 from edgecloud.fleet.store import FleetStore, ShadowConflict
-from edgecloud.topics import Topics
+from edgecloud.topics import Topics, check_segment
 from edgecloud.transport._mqtt_common import (
     make_client,
     parse_broker_url,
@@ -60,7 +71,7 @@ from edgecloud.transport._mqtt_common import (
     set_tcp_nodelay,
 )
 
-__all__ = ["FleetController", "NotFound", "UnknownTarget"]
+__all__ = ["FleetController", "NotActive", "NotFound", "UnknownTarget"]
 
 log = logging.getLogger("edgecloud.fleet")
 
@@ -70,6 +81,13 @@ RECONNECT_GRACE_S = 3.0  # after (re)connecting, queued updates land before time
 
 class NotFound(FleetError):
     """A device, job or package the caller named does not exist."""
+
+
+class NotActive(FleetError):
+    """This controller is a standby: writes go to the active one (HTTP 503)."""
+
+
+LEASE_NAME = "fleet-controller"
 
 
 class UnknownTarget(FleetError):
@@ -96,8 +114,21 @@ class FleetController:
         clock: Callable[[], float] = time.time,
         username: str | None = None,
         password: str | None = None,
+        lease_s: float | None = None,
+        instance_id: str | None = None,
     ) -> None:
         self.topics = Topics(prefix)
+        if lease_s is not None and (not lease_s > 0 or lease_s != lease_s):
+            raise ConfigError(f"lease must be a positive number of seconds, got {lease_s!r}")
+        self.lease_s = lease_s
+        self.instance_id = instance_id or f"{_hostname()}-{uuid.uuid4().hex[:8]}"
+        # without a lease this controller is the only one, so always active
+        self.active = lease_s is None
+        self._lease_renewed = 0.0  # time.monotonic() of the last successful renewal
+        self._lease_tried = 0.0
+        self._standby_updates: deque[tuple[str, str, ExecutionUpdate]] = deque(maxlen=100_000)
+        if lease_s is not None:
+            client_id = f"{client_id}-{check_segment(self.instance_id, 'instance id')}"
         self.store = store
         self.packages = packages
         self.public_base_url = public_base_url.rstrip("/")
@@ -172,8 +203,12 @@ class FleetController:
         self._wake.set()
         if self._ticker is not None:
             self._ticker.join(timeout=5)
-        with contextlib.suppress(Exception):
-            self._flush()
+        if self.active:
+            with contextlib.suppress(Exception):
+                self._flush()
+        if self.lease_s is not None and self.active:
+            with contextlib.suppress(Exception):
+                self.store.release_lease(LEASE_NAME, self.instance_id)
         with contextlib.suppress(Exception):
             self._client.disconnect()
         self._client.loop_stop()
@@ -234,7 +269,12 @@ class FleetController:
             elif topic.endswith("/telemetry"):
                 self._handle_telemetry(device_id, TelemetryRecord.parse(payload))
             elif topic.endswith("/update"):
-                self._handle_update(device_id, topic, ExecutionUpdate.parse(payload))
+                u = ExecutionUpdate.parse(payload)
+                with self._lock:
+                    if not self.active:  # applied when (if) this standby takes over
+                        self._standby_updates.append((device_id, topic, u))
+                        return
+                self._handle_update(device_id, topic, u)
         except FleetError as exc:
             with self._lock:
                 self.stats["malformed"] += 1
@@ -395,6 +435,8 @@ class FleetController:
 
     def tick(self) -> None:
         """Run the job engine once, persist what changed and publish notifications."""
+        if self.lease_s is not None and not self._lease_tick():
+            return
         with self._lock:
             online = frozenset(d.device_id for d in self.devices.values() if d.online)
             resync: list[Shadow] = []
@@ -413,6 +455,75 @@ class FleetController:
         for sh in resync:
             payload = dumps(DesiredState(version=sh.version, state=sh.desired, ts=sh.updated_at))
             self._publish(self.topics.shadow_desired(sh.device_id), payload, retain=True)
+
+    # -- high availability -------------------------------------------------------------------
+    def _lease_tick(self) -> bool:
+        """Take or renew the lease when due; True when this controller may act now."""
+        assert self.lease_s is not None
+        now = time.monotonic()
+        if now - self._lease_tried >= self.lease_s / 3:
+            self._lease_tried = now
+            try:
+                held = self.store.acquire_lease(LEASE_NAME, self.instance_id, self.lease_s)
+            except FleetError as exc:
+                log.warning("fleet controller %s: %s", self.instance_id, exc)
+                held = None
+            if held:
+                self._lease_renewed = now
+                if not self.active:
+                    self._take_over()
+            elif held is False and self.active:
+                log.error("fleet controller %s lost the lease; now a standby", self.instance_id)
+                with self._lock:
+                    self.active = False
+        # act only while the lease is surely ours: renewed less than half a lease ago
+        return self.active and now - self._lease_renewed < self.lease_s / 2
+
+    def _take_over(self) -> None:
+        """Become active: the database's jobs and shadows, then what arrived meanwhile."""
+        jobs, executions = self.store.load_jobs(), self.store.load_executions()
+        shadows = self.store.load_shadows()
+        stored = {d.device_id: d for d in self.store.load_devices()}
+        with self._lock:
+            self.engine = JobEngine(self.clock)
+            self.engine.load(jobs, executions)
+            self.shadows = {s.device_id: s for s in shadows}
+            for device_id, d in stored.items():
+                mine = self.devices.get(device_id)
+                if mine is None:
+                    d.online = False
+                    self.devices[device_id] = d
+                else:
+                    mine.desired_acked = max(mine.desired_acked, d.desired_acked)
+                    mine.counters = {**d.counters, **mine.counters}
+            self.active = True
+            # notified but not started: the notification may have died with the last active
+            for e in self.engine.executions.values():
+                if e.state.value == "QUEUED" and e.sent_at is not None:
+                    e.sent_at = None
+            buffered = list(self._standby_updates)
+            self._standby_updates.clear()
+            self._connected_at = time.monotonic()  # timeouts wait for queued updates again
+            self._desired_synced = False
+            self._dirty_devices.update(self.devices)
+        log.warning(
+            "fleet controller %s took the lease: active now (%d jobs, %d buffered updates)",
+            self.instance_id,
+            len(jobs),
+            len(buffered),
+        )
+        for device_id, topic, u in buffered:
+            try:
+                self._handle_update(device_id, topic, u)
+            except FleetError as exc:
+                log.warning("dropped a buffered update from %s: %s", device_id, exc)
+        self._wake.set()
+
+    def _require_active(self) -> None:
+        if not self.active:
+            raise NotActive(
+                f"fleet controller {self.instance_id} is a standby; send this to the active one"
+            )
 
     def _desired_to_resend(self) -> list[Shadow]:
         """Desired states the broker may not hold: newer than what their device acted on.
@@ -490,6 +601,7 @@ class FleetController:
         field): the policy of a policy job, the durations, the retry configuration."""
         from edgecloud.fleet.jobs import parse_retry
 
+        self._require_active()
         if operation == "policy":
             document = validate_policy(document, "policy")
             if not document:
@@ -537,6 +649,7 @@ class FleetController:
         """
         if not self.public_base_url:
             raise ConfigError("the controller has no public_base_url for package downloads")
+        self._require_active()
         self.resolve_targets(targets)  # a bad target is refused before anything is stored
         if isinstance(package, tuple):
             try:
@@ -563,6 +676,7 @@ class FleetController:
         return self.create_job("rollback", {"version": version} if version else {}, targets, **kw)
 
     def cancel(self, job_id: str, *, force: bool = False) -> Job:
+        self._require_active()
         with self._lock:
             try:
                 job = self.engine.cancel(job_id, force=force)
@@ -709,6 +823,7 @@ class FleetController:
         ``expected_version=None`` means "whatever is current" (last writer wins) and is meant
         for commands that set one key, such as ``fleet policy set``.
         """
+        self._require_active()
         if isinstance(patch.get("policy"), dict):
             validate_policy(patch["policy"], "desired.policy")
         elif patch.get("policy") is not None:
@@ -826,3 +941,10 @@ def _job_outcome(status: str, counts: dict[str, int], total: int) -> str:
     if status == "CANCELED" and ok == 0:
         return "CANCELED"
     return "PARTIAL"
+
+
+def _hostname() -> str:
+    import re
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:40] or "controller"

@@ -10,7 +10,7 @@ resumes where it stopped instead of starting over. Packages are signed, so downl
 token; the API does when the controller has one (``Authorization: Bearer <token>``).
 
 API (JSON; errors are ``{"error": "..."}`` with 400 bad input, 401 token, 404 unknown, 409
-shadow conflict):
+shadow conflict, 503 a standby controller asked to write):
 
     GET  /metrics                           Prometheus text: devices, jobs, executions, messages
     GET  /api/health                        {"ok", "connected", "devices", "jobs"}
@@ -50,7 +50,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from edgecloud.errors import ConfigError, EdgeCloudError, FleetError, PackageError
-from edgecloud.fleet.controller import FleetController, NotFound
+from edgecloud.fleet.controller import FleetController, NotActive, NotFound
 from edgecloud.fleet.jobs import AbortCriterion, RolloutConfig
 from edgecloud.fleet.packages import StoredPackage
 from edgecloud.fleet.store import ShadowConflict
@@ -250,6 +250,8 @@ def _make_handler(server: FleetHTTPServer) -> type[BaseHTTPRequestHandler]:
                 self._send_json(exc.status, {"error": str(exc)})
             except NotFound as exc:
                 self._send_json(404, {"error": str(exc)})
+            except NotActive as exc:
+                self._send_json(503, {"error": str(exc)})
             except ShadowConflict as exc:
                 self._send_json(409, {"error": str(exc), "current_version": exc.current})
             except EdgeCloudError as exc:
@@ -267,6 +269,8 @@ def _make_handler(server: FleetHTTPServer) -> type[BaseHTTPRequestHandler]:
                     return 200, {
                         "ok": True,
                         "connected": ctl.connected,
+                        "active": ctl.active,
+                        "instance": ctl.instance_id,
                         "devices": len(ctl.devices),
                         "jobs": len(ctl.engine.jobs),
                         "stats": dict(ctl.stats),
