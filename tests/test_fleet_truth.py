@@ -382,3 +382,44 @@ def test_operator_views(
     assert "Traceback" not in p.stderr, p.stderr
     note = next(n for t, n in wire.got if t.endswith("/jobs/notify"))
     assert JobNotification.parse(json.dumps(note)).operation == "rollback"
+
+
+def test_a_clean_stop_hands_the_lease_over_at_once(
+    mosquitto: MosquittoBroker, tmp_path: Path, wire: Wire
+) -> None:
+    from edgecloud.fleet.controller import NotActive
+
+    def make(name: str) -> FleetController:
+        return FleetController(
+            mosquitto.url,
+            SqliteFleetStore(tmp_path / "shared.sqlite"),
+            PackageStore(tmp_path / "packages"),
+            tick_interval=0.05,
+            public_base_url="http://127.0.0.1:9",
+            lease_s=6.0,
+            instance_id=name,
+        ).start()
+
+    a = make("ctl-a")
+    wait_until(lambda: a.active, timeout=10)
+    b = make("ctl-b")
+    try:
+        wire.status("h1", "e1")
+        wait_until(lambda: "h1" in a.devices and "h1" in b.devices)
+        time.sleep(0.5)
+        assert not b.active
+        with pytest.raises(NotActive):
+            b.rollback(["h1"])
+        job = a.rollback(["h1"])
+        wait_until(lambda: any(t.endswith("/jobs/notify") for t, _ in wire.got))
+        wire.update("h1", job.job_id, ExecutionState.IN_PROGRESS)
+        stopped = time.monotonic()
+        a.close()
+        wait_until(lambda: b.active, timeout=5, what="b active after a clean stop")
+        assert time.monotonic() - stopped < 6.0  # well before the lease would have expired
+        # b finished what a started, from the database and its buffered updates
+        wire.update("h1", job.job_id, ExecutionState.SUCCEEDED)
+        wait_until(lambda: b.job_done(job.job_id), what="job done on b")
+        assert b.execution(job.job_id, "h1").state == ExecutionState.SUCCEEDED
+    finally:
+        b.close()
