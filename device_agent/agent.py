@@ -49,10 +49,12 @@ from edgecloud.errors import (
     StoreError,
 )
 from edgecloud.fleet.messages import (
+    POLICY_MODES,
     TERMINAL_STATES,
     DesiredState,
     ExecutionState,
     ExecutionUpdate,
+    JobCancel,
     JobNotification,
     ReportedState,
     StatusMessage,
@@ -71,7 +73,7 @@ try:
 except ImportError:  # pragma: no cover
     AGENT_VERSION = "0"
 
-_MODES = ("edge_first", "edge_only", "cloud_only", "cloud_first")
+_MODES = POLICY_MODES
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,27 @@ class Agent:
         self._install = threading.Lock()
         # A failed desired state waiting for its next attempt: (state, time.monotonic() due).
         self._desired_retry: tuple[DesiredState, float] | None = None
+        # The identity epoch of this store: new when the store is new (a re-provisioned device
+        # starts a new telemetry and reported-state sequence that the controller tells apart).
+        self.epoch = self.queue.get("identity_epoch") or ""
+        if not self.epoch:
+            self.epoch = f"{time.time_ns():020d}-{os.urandom(4).hex()}"
+            self.queue.set("identity_epoch", self.epoch)
+        # The desired state being acted on and what it left to say in the reported state
+        # (error, retry, policy_ignored): kept across restarts, like the failure journal.
+        self._desired_version = 0
+        self._desired_note: dict[str, Any] = {}
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            saved_note = json.loads(self.queue.get("desired_report") or "{}")
+            self._desired_version = int(saved_note.get("desired_version", 0))
+            self._desired_note = dict(saved_note.get("note") or {})
+        # Job executions: the one running now (key, its cancel event) and those canceled by
+        # the controller (key -> reason) so that a queued or resumed copy does not start.
+        self._jobs_lock = threading.Lock()
+        self._running_job: tuple[str, threading.Event] | None = None
+        self._canceled: dict[str, str] = {}
+        self._broker_lost_at: float | None = None
+        self._handling_desired = False
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> Agent:
@@ -189,10 +212,20 @@ class Agent:
                     f"endpoint: cannot listen on {where}: {exc.strerror or exc}"
                 ) from exc
         self._mqtt = self._make_mqtt()
+        self._publish_reported()  # what this start serves, whatever was reported before
         for key, note in self.queue.jobs_with_status(ExecutionState.IN_PROGRESS.value):
-            log.info("resuming job %s interrupted by a restart", key)
+            # Not resumed on our own: the controller may have ended it meanwhile (timed out,
+            # canceled, retried). Ask, and resume only when it sends the job again.
             with contextlib.suppress(FleetError):
-                self._work.put_nowait(("job", JobNotification.parse(note)))
+                job = JobNotification.parse(note)
+                log.warning("job %s was interrupted by a restart; asking the controller", key)
+                self._report(
+                    job.job_id,
+                    job.execution_number,
+                    ExecutionState.IN_PROGRESS,
+                    "interrupted by a restart; waiting for the controller to resume or cancel it",
+                    {"interrupted": True},
+                )
         for name, target in (
             ("agent-network", self._network_loop),
             ("agent-sender", self._sender_loop),
@@ -305,6 +338,38 @@ class Agent:
                 daemon=True,
             ).start()
         self._publish_status()
+        if not self._handling_desired:  # that handler reports once, with its outcome
+            self._publish_reported()
+
+    def _publish_reported(self) -> None:
+        """Queue the reported shadow: what runs now and how it routes, with a new version.
+
+        Called after every change of either (deploy, rollback, policy; by job or by desired
+        state) and at start. The version comes from a durable counter, so it grows across
+        restarts and the controller can tell a late retained copy from the current state.
+        """
+        m = self.client.manifest
+        state: dict[str, Any] = {
+            "model": {"name": m.name, "version": m.version} if m else None,
+            "policy": {"mode": self.client.mode.value, "threshold": self.client.threshold},
+            **self._desired_note,
+        }
+        desired_version = self._desired_version
+        topic = self.topics.shadow_reported(self.device_id)
+
+        def build(seq: int) -> bytes:
+            return dumps(
+                ReportedState(
+                    version=seq,
+                    state=state,
+                    ts=time.time(),
+                    epoch=self.epoch,
+                    desired_version=desired_version,
+                )
+            )
+
+        self.queue.put_with_seq("reported", "state", topic, build, retain=True)
+        self._wake.set()
 
     # -- MQTT --------------------------------------------------------------------------------
     def _make_mqtt(self) -> Any:
@@ -388,10 +453,18 @@ class Agent:
             self._note_error(str(reason_code_error(reason, f"connection of {self.device_id}")))
             return
         self.connects += 1
+        if self._broker_lost_at is not None:
+            log.warning(
+                "reconnected to %s after %.1fs",
+                self.config.broker.url,
+                time.monotonic() - self._broker_lost_at,
+            )
+            self._broker_lost_at = None
         log.info("connected to %s (connection %d)", self.config.broker.url, self.connects)
         client.subscribe(
             [
                 (self.topics.jobs_notify(self.device_id), 1),
+                (self.topics.jobs_cancel(self.device_id), 1),
                 (self.topics.shadow_desired(self.device_id), 1),
             ]
         )
@@ -412,8 +485,20 @@ class Agent:
         self._wake.set()
 
     def _on_disconnect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        was = self._connected.is_set()
         self._connected.clear()
-        log.info("disconnected from broker: %s", reason)
+        if self._closing:
+            log.info("disconnected from broker: %s", reason)
+            return
+        if was or self._broker_lost_at is None:
+            # at the default verbosity: an operator must see that the device lost its broker
+            log.warning(
+                "lost the broker %s (%s); buffering to the durable queue and reconnecting",
+                self.config.broker.url,
+                reason,
+            )
+        if self._broker_lost_at is None:
+            self._broker_lost_at = time.monotonic()
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, reason: Any, _p: Any) -> None:
         if reason is not None and getattr(reason, "is_failure", False):
@@ -439,6 +524,8 @@ class Agent:
         try:
             if topic == self.topics.jobs_notify(self.device_id):
                 self._accept_job(msg.payload)
+            elif topic == self.topics.jobs_cancel(self.device_id):
+                self._cancel_job(JobCancel.parse(msg.payload))
             elif topic == self.topics.shadow_desired(self.device_id):
                 if not msg.payload:
                     return  # a cleared retained desired state
@@ -458,6 +545,53 @@ class Agent:
                 self._report(job_id, 1, ExecutionState.REJECTED, str(exc))
             raise
         self._enqueue(("job", job))
+
+    def _cancel_job(self, c: JobCancel) -> None:
+        """The controller ended this execution: do not start, resume or finish it.
+
+        A running one is stopped at its next step boundary (never between the swap and the
+        pointer write: the swap is one step); one waiting after a restart is closed here.
+        Either way the device reports CANCELED, or, if it already finished, reports its
+        final state again so the controller records what the device really did.
+        """
+        key = f"{c.job_id}#{c.execution_number}"
+        reason = c.reason or "canceled by the controller"
+        with self._jobs_lock:
+            self._canceled[key] = reason
+            if len(self._canceled) > 1000:
+                self._canceled.pop(next(iter(self._canceled)))
+            running = self._running_job
+            if running is not None and running[0] == key:
+                log.warning("job %s canceled by the controller while running: %s", key, reason)
+                running[1].set()
+                return
+            prior = self.queue.job_get(key)
+            if prior is not None and prior[0] in {s.value for s in TERMINAL_STATES}:
+                res = json.loads(prior[2] or "{}")
+                self._report(
+                    c.job_id,
+                    c.execution_number,
+                    ExecutionState(prior[0]),
+                    res.get("reason", ""),
+                    {**res.get("details", {}), "repeated": True},
+                )
+                return
+            note = prior[1] if prior is not None else "{}"
+            result = json.dumps({"reason": f"canceled by the controller: {reason}", "details": {}})
+            self.queue.job_put(key, c.job_id, c.execution_number, "CANCELED", note, result)
+        log.warning("job %s canceled by the controller: %s", key, reason)
+        self._report(
+            c.job_id,
+            c.execution_number,
+            ExecutionState.CANCELED,
+            f"canceled by the controller: {reason}",
+        )
+        with contextlib.suppress(json.JSONDecodeError, FleetError):
+            if prior is not None:
+                job = JobNotification.parse(prior[1])
+                url = job.document.get("package_url")
+                if job.operation == "deploy" and isinstance(url, str):
+                    self.store.discard_download(_download_key(job, url))
 
     def _enqueue(self, item: tuple[str, Any]) -> None:
         try:
@@ -550,6 +684,7 @@ class Agent:
                 model_version=self.active_version,
                 agent_version=AGENT_VERSION,
                 labels=dict(d.labels),
+                epoch=self.epoch,
             )
         )
 
@@ -592,7 +727,9 @@ class Agent:
         topic = self.topics.telemetry(self.device_id)
 
         def build(seq: int) -> bytes:
-            return dumps(TelemetryRecord(self.device_id, seq, time.time(), "heartbeat", data))
+            return dumps(
+                TelemetryRecord(self.device_id, seq, time.time(), "heartbeat", data, self.epoch)
+            )
 
         seq = self.queue.put_with_seq("telemetry", "telemetry", topic, build)
         self._wake.set()
@@ -650,31 +787,49 @@ class Agent:
 
     def _handle_job(self, job: JobNotification) -> None:
         key = f"{job.job_id}#{job.execution_number}"
-        prior = self.queue.job_get(key)
-        if prior is not None and prior[0] in {s.value for s in TERMINAL_STATES}:
-            # Finished before (a QoS 1 redelivery, or a controller that missed our report):
-            # report the same outcome again, do not redo the work.
-            res = json.loads(prior[2] or "{}")
-            self._report(
-                job.job_id,
-                job.execution_number,
-                ExecutionState(prior[0]),
-                res.get("reason", ""),
-                {**res.get("details", {}), "repeated": True},
+        stop = threading.Event()
+        with self._jobs_lock:
+            prior = self.queue.job_get(key)
+            if prior is not None and prior[0] in {s.value for s in TERMINAL_STATES}:
+                # Finished before (a QoS 1 redelivery, or a controller that missed our
+                # report): report the same outcome again, do not redo the work.
+                res = json.loads(prior[2] or "{}")
+                self._report(
+                    job.job_id,
+                    job.execution_number,
+                    ExecutionState(prior[0]),
+                    res.get("reason", ""),
+                    {**res.get("details", {}), "repeated": True},
+                )
+                return
+            if key in self._canceled:
+                stop.set()  # canceled while it waited in the work queue
+            self._running_job = (key, stop)
+            note = dumps(job).decode()
+            self.queue.job_put(key, job.job_id, job.execution_number, "IN_PROGRESS", note)
+        try:
+            self._report(job.job_id, job.execution_number, ExecutionState.IN_PROGRESS)
+            timeout = min(job.timeout_s, self.config.job_step_timeout_s)
+            outcome = self._run_watched(
+                lambda cancel, step: self._execute(job, key, cancel, step),
+                timeout,
+                stop=stop,
             )
-            return
-        note = dumps(job).decode()
-        self.queue.job_put(key, job.job_id, job.execution_number, "IN_PROGRESS", note)
-        self._report(job.job_id, job.execution_number, ExecutionState.IN_PROGRESS)
-        timeout = min(job.timeout_s, self.config.job_step_timeout_s)
-        outcome = self._run_watched(
-            lambda cancel, step: self._execute(job, key, cancel, step), timeout
-        )
+            if key in self._canceled and outcome.status != ExecutionState.SUCCEEDED:
+                outcome = JobOutcome(
+                    ExecutionState.CANCELED,
+                    f"canceled by the controller: {self._canceled.get(key, '')}".rstrip(": "),
+                )
+        finally:
+            with self._jobs_lock:
+                self._running_job = None
         if job.operation in ("deploy", "rollback"):
             self.metrics.deployment(outcome.status.value.lower())
         url = job.document.get("package_url")
-        if job.operation == "deploy" and isinstance(url, str):
-            self.store.discard_download(f"{key}:{url}")  # unless abandoned mid-download
+        if job.operation == "deploy" and isinstance(url, str) and _download_done(outcome):
+            # A transient failure keeps the partial download: the controller may retry this
+            # job (a new execution number, the same download) and it resumes from there.
+            self.store.discard_download(_download_key(job, url))
         result = json.dumps({"reason": outcome.reason, "details": dict(outcome.details or {})})
         self.queue.job_put(
             key, job.job_id, job.execution_number, outcome.status.value, note, result
@@ -692,9 +847,14 @@ class Agent:
         self,
         fn: Callable[[threading.Event, list[str]], JobOutcome],
         timeout: float,
+        *,
+        stop: threading.Event | None = None,
     ) -> JobOutcome:
-        """Run ``fn`` in a thread; past ``timeout`` abandon it and report FAILED."""
-        cancel = threading.Event()
+        """Run ``fn`` in a thread; past ``timeout`` abandon it and report FAILED.
+
+        ``stop`` set from outside (the controller canceled the job) stops it at its next check.
+        """
+        cancel = stop if stop is not None else threading.Event()
         step = ["start"]
         box: list[JobOutcome] = []
 
@@ -735,6 +895,7 @@ class Agent:
         if job.operation == "policy":
             step[0] = "policy"
             ignored = self._apply_policy(doc)
+            self._publish_reported()
             return JobOutcome(
                 ExecutionState.SUCCEEDED,
                 "",
@@ -763,9 +924,10 @@ class Agent:
             doc.get("sha256"),
             doc.get("version"),
             doc.get("model"),
-            f"{key}:{url}",
+            _download_key(job, url),
             cancel,
             step,
+            deadline=time.monotonic() + min(job.timeout_s, self.config.job_step_timeout_s),
         )
 
     def _check(self, cancel: threading.Event, step: list[str], name: str) -> None:
@@ -782,6 +944,8 @@ class Agent:
         key: str,
         cancel: threading.Event,
         step: list[str],
+        *,
+        deadline: float | None = None,
     ) -> JobOutcome:
         m = self.client.manifest
         if m is not None and version and m.version == version and (not model or m.name == model):
@@ -793,6 +957,9 @@ class Agent:
             sha256=sha256,
             timeout=self.config.store.download_timeout_s,
             cancelled=cancel.is_set,
+            # a package server that goes away (a controller restart) is waited for, keeping
+            # the .part, until shortly before the job's in-progress timeout
+            deadline=None if deadline is None else deadline - 1.0,
         )
         self._check(cancel, step, "verify")
         if not self._install.acquire(timeout=self.config.job_step_timeout_s):
@@ -837,7 +1004,7 @@ class Agent:
         self._check(cancel, step, "rollback")
         p = self.store.pointer()
         if p is None or p.previous is None:
-            raise StoreError("rollback: there is no previous version on this device")
+            raise StoreError("there is no previous version on this device")  # step: rollback
         pkg = self.store.verify_slot(p.previous)
         if version is not None and pkg.manifest.version != str(version):
             raise _Rejected(
@@ -890,7 +1057,16 @@ class Agent:
         ``desired_retry_backoff``, on its own or when the state comes again once the delay has
         passed. Meanwhile the reported state carries ``error`` and ``retry``.
         """
+        self._handling_desired = True
+        try:
+            self._act_on_desired(desired)
+        finally:
+            self._handling_desired = False
+        self._publish_reported()
+
+    def _act_on_desired(self, desired: DesiredState) -> None:
         acted = self.queue.get("desired_version")
+        self._desired_version = desired.version
         failure = self._desired_failure(desired.version)
         if self._desired_retry is not None and self._desired_retry[0].version != desired.version:
             self._desired_retry = None  # a newer desired state supersedes the pending retry
@@ -923,24 +1099,17 @@ class Agent:
         if error:
             self._note_error(f"desired state {desired.version}: {error}")
         self.queue.set("desired_version", str(desired.version))
-        m = self.client.manifest
-        state: dict[str, Any] = {
-            "model": {"name": m.name, "version": m.version} if m else None,
-            "policy": {"mode": self.client.mode.value, "threshold": self.client.threshold},
-        }
+        note: dict[str, Any] = {}
         if error:
-            state["error"] = error
+            note["error"] = error
         if retry is not None:
-            state["retry"] = retry
+            note["retry"] = retry
         if ignored:
-            state["policy_ignored"] = ignored
-        self.queue.put(
-            "state",
-            self.topics.shadow_reported(self.device_id),
-            dumps(ReportedState(version=desired.version, state=state, ts=time.time())),
-            retain=True,
+            note["policy_ignored"] = ignored
+        self._desired_note = note
+        self.queue.set(
+            "desired_report", json.dumps({"desired_version": desired.version, "note": note})
         )
-        self._wake.set()
 
     def _desired_failure(self, version: int) -> dict[str, Any] | None:
         """The journaled failure of desired state ``version`` (survives a restart), if any."""
@@ -1012,6 +1181,16 @@ class Agent:
     def _note_error(self, message: str) -> None:
         log.warning("%s", message)
         self.last_error = message
+
+
+def _download_key(job: JobNotification, url: str) -> str:
+    """One download per (job, package), shared by the job's retries so a retry resumes it."""
+    return f"{job.job_id}:{url}"
+
+
+def _download_done(outcome: JobOutcome) -> bool:
+    """Whether a deploy's partial download can go: kept only after a transient failure."""
+    return outcome.status != ExecutionState.FAILED or "download" not in outcome.reason
 
 
 def _job_id_of(payload: bytes) -> str | None:

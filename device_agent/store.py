@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,8 +230,13 @@ class ModelStore:
         sha256: str | None = None,
         timeout: float = 60.0,
         cancelled: Callable[[], bool] = lambda: False,
+        deadline: float | None = None,
     ) -> Path:
-        """Download ``url`` (resuming a ``.part`` left by an earlier attempt) and check its hash."""
+        """Download ``url`` (resuming a ``.part`` left by an earlier attempt) and check its hash.
+
+        ``deadline`` (``time.monotonic()``) makes transient failures retried until then instead
+        of a fixed number of times: a package server restarting for a while is waited for.
+        """
         dest = self.download_path(key)
         download(
             url,
@@ -238,6 +244,7 @@ class ModelStore:
             check_space=lambda need: self.check_space(need, dest.parent),
             timeout=timeout,
             cancelled=cancelled,
+            deadline=deadline,
         )
         if sha256:
             got = sha256_file(dest)
@@ -299,13 +306,17 @@ def download(
     timeout: float = 60.0,
     attempts: int = 4,
     cancelled: Callable[[], bool] = lambda: False,
+    deadline: float | None = None,
 ) -> Path:
     """Fetch ``url`` into ``dest`` via ``dest.part``, resuming with HTTP Range after a failure.
 
     A ``file://`` URL is copied. For HTTP, the bytes already in ``.part`` (from an earlier attempt
     or an earlier run of the agent) are kept and only the rest is requested; a server that ignores
-    Range (200 instead of 206) makes us start over. Transport failures are retried
-    ``attempts`` times with capped exponential backoff; free space is checked before writing.
+    Range (200 instead of 206) makes us start over. Transport failures and 5xx answers are
+    retried with capped exponential backoff (at most 5 s apart): ``attempts`` times, or, with a
+    ``deadline`` (``time.monotonic()``), as long as the next attempt can start before it. The
+    ``.part`` is kept when it gives up, so a later attempt still resumes. Free space is checked
+    before writing.
     """
     dest = Path(dest)
     if dest.exists():
@@ -327,11 +338,17 @@ def download(
         Retrying,
         retry_if_exception_type,
         stop_after_attempt,
+        stop_before_delay,
         wait_exponential_jitter,
     )
 
+    stop = (
+        stop_after_attempt(attempts)
+        if deadline is None
+        else stop_before_delay(max(0.0, deadline - time.monotonic()))
+    )
     retrying = Retrying(
-        stop=stop_after_attempt(attempts),
+        stop=stop,
         wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2),
         retry=retry_if_exception_type(_Retry),
         reraise=True,
@@ -342,7 +359,10 @@ def download(
                 with attempt:
                     _download_once(client, url, dest, check_space, cancelled)
     except _Retry as exc:
-        raise TransportError(f"download of {url} failed after {attempts} attempts: {exc}") from exc
+        tries = retrying.statistics.get("attempt_number", attempts)
+        raise TransportError(
+            f"download of {url} failed after {tries} attempts (the partial download is kept): {exc}"
+        ) from exc
     return dest
 
 
@@ -359,6 +379,8 @@ def _download_once(
 ) -> None:
     import httpx
 
+    if cancelled():
+        raise StoreError(f"download of {url} abandoned")
     part = dest.with_name(dest.name + ".part")
     offset = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={offset}-"} if offset else {}

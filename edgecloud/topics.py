@@ -80,6 +80,10 @@ class Topics:
         """Job executions for the device (the controller publishes; QoS 1)."""
         return f"{self.device(device_id)}/jobs/notify"
 
+    def jobs_cancel(self, device_id: str) -> str:
+        """Cancel messages for the device's job executions (the controller publishes; QoS 1)."""
+        return f"{self.device(device_id)}/jobs/cancel"
+
     def job_update(self, device_id: str, job_id: str) -> str:
         """Execution status updates from the device for one job."""
         return f"{self.device(device_id)}/jobs/{check_segment(job_id, 'job id')}/update"
@@ -133,6 +137,7 @@ class Topics:
                 f"pattern read {p}/devices/%u/shadow/desired",
                 f"pattern readwrite {p}/devices/%u/shadow/reported",
                 f"pattern read {p}/devices/%u/jobs/notify",
+                f"pattern read {p}/devices/%u/jobs/cancel",
                 f"pattern write {p}/devices/%u/jobs/+/update",
                 f"pattern write {p}/devices/%u/telemetry",
                 f"pattern readwrite {p}/devices/%u/status",

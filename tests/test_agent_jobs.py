@@ -220,7 +220,9 @@ def test_desired_state_delta_is_acted_on_and_reported(
         retain=True,
     )
     reported = observer.wait(
-        lambda: next((r for r in observer.json_on("/shadow/reported") if r["version"] == 3), None),
+        lambda: next(
+            (r for r in observer.json_on("/shadow/reported") if r["desired_version"] == 3), None
+        ),
         60,
         "reported state 3",
     )
@@ -245,7 +247,9 @@ def test_desired_state_delta_is_acted_on_and_reported(
         retain=True,
     )
     reported = observer.wait(
-        lambda: next((r for r in observer.json_on("/shadow/reported") if r["version"] == 4), None),
+        lambda: next(
+            (r for r in observer.json_on("/shadow/reported") if r["desired_version"] == 4), None
+        ),
         60,
         "reported state 4",
     )

@@ -175,6 +175,17 @@ def test_killed_mid_download_resumes_after_restart(
         server.release.set()
         p2 = AgentProcess(cfg, tmp_path / "agent.log")
         procs.append(p2)
+        # the restarted agent does not resume on its own: it asks, and the controller (here
+        # the test) sends the job again because it still runs
+        obs.wait(
+            lambda: any(
+                u.get("details", {}).get("interrupted")
+                for u in obs.json_on("/devices/dev-p3/jobs/deploy-1/update")
+            ),
+            60,
+            "the interrupted job reported",
+        )
+        send_job(obs, "dev-p3", "deploy-1", "deploy", package_url=server.url("pkg.tar.gz"))
         done = obs.wait_job("deploy-1", timeout=60)
         assert done["status"] == "SUCCEEDED", done["reason"]
         assert done["details"]["version"] == "1.0.0"

@@ -219,7 +219,7 @@ def test_health_check_of_a_regression_model_relies_on_relative_l2(
 
 # -- 4. a failed desired version is retried with backoff, boundedly ----------------------------
 def _reported(obs: Observer, version: int) -> list[dict[str, Any]]:
-    return [r for r in obs.json_on("/shadow/reported") if r["version"] == version]
+    return [r for r in obs.json_on("/shadow/reported") if r.get("desired_version") == version]
 
 
 @pytest.mark.mqtt

@@ -517,7 +517,7 @@ def test_api_token_and_bad_input(mosquitto: MosquittoBroker, tmp_path: Path) -> 
         assert r.status_code == 400
         assert "not JSON" in r.json()["error"]
         r = httpx.post(http.url + "/api/rollback", headers=auth, json={"targets": ["ghost"]})
-        assert r.status_code == 404
+        assert r.status_code == 400  # a bad target is bad input, not a missing URL
         assert "neither a known device nor a group" in r.json()["error"]
         r = httpx.post(
             http.url + "/api/deploy",
@@ -525,7 +525,9 @@ def test_api_token_and_bad_input(mosquitto: MosquittoBroker, tmp_path: Path) -> 
             json={"package": str(tmp_path), "targets": ["x"]},
         )
         assert r.status_code == 400
-        assert "manifest.json is missing" in r.json()["error"]
+        # the bad target is refused before anything is read or stored
+        assert "neither a known device nor a group" in r.json()["error"]
+        assert ctl.packages.list() == []
         assert httpx.get(http.url + "/api/jobs/nope", headers=auth).status_code == 404
 
 

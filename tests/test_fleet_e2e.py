@@ -283,15 +283,19 @@ def test_rollout_to_real_agents_with_zero_failed_requests(
     assert r.status_code == 200
     assert r.json()["model_version"] == "2.0.0"
     assert all(d.model_version == "2.0.0" for d in ctl.devices.values())
+    # the refused package did not use up its version: the correctly signed 3.0.0 deploys
+    real = ctl.deploy(e2e.package_dir("3.0.0"), ["lab"])
+    assert e2e.wait_job(real.job_id)["counts"]["SUCCEEDED"] == N_AGENTS
+    wait_until(lambda: all(d.model_version == "3.0.0" for d in ctl.devices.values()))
     # the next job is not blocked by the failed one: back to 1.0.0 (the same stored package)
     again = ctl.deploy(v1, ["lab"])
     assert e2e.wait_job(again.job_id)["counts"]["SUCCEEDED"] == N_AGENTS
     wait_until(lambda: all(d.model_version == "1.0.0" for d in ctl.devices.values()))
-    # and a rollback job returns every agent to its previous version (2.0.0)
+    # and a rollback job returns every agent to its previous version (3.0.0)
     rb = ctl.rollback(["lab"])
     rbv = e2e.wait_job(rb.job_id)
     assert rbv["counts"]["SUCCEEDED"] == N_AGENTS, [e["reason"] for e in rbv["executions"]]
-    wait_until(lambda: all(d.model_version == "2.0.0" for d in ctl.devices.values()))
+    wait_until(lambda: all(d.model_version == "3.0.0" for d in ctl.devices.values()))
 
 
 @pytest.mark.slow
@@ -329,5 +333,9 @@ def test_broker_outage_telemetry_arrives_in_order(
         )
         d = ctl.devices[i]
         assert d.counters.get("telemetry_gaps", 0) == 0
+        # at the default verbosity, the agent said it lost the broker and when it was back
+        log = next(a for a in e2e.agents if a.device_id == i).log.read_text()
+        assert "lost the broker" in log
+        assert "reconnected to" in log
         assert d.counters["telemetry"] == len(recs)  # duplicates were counted, not stored
         wait_until(lambda d=d: d.online, what=f"{i} online again")

@@ -13,6 +13,7 @@ from edgecloud.fleet.jobs import (
     RolloutConfig,
     parse_duration,
     parse_rate,
+    parse_retry,
 )
 from edgecloud.fleet.messages import ExecutionState, ExecutionUpdate
 from edgecloud.fleet.registry import compute_delta, merge_patch
@@ -179,10 +180,17 @@ def test_abort_criteria_cancel_the_rest(engine: JobEngine, clock: Clock) -> None
     assert "aborted" in job.reason
     counts = engine.counts("j1")
     assert counts["REJECTED"] == 2
-    assert counts["CANCELED"] == 7
-    assert engine.executions["j1", d3].state == S.QUEUED  # running ones may still report
+    # notified but not started (AWS's QUEUED): canceled too, and the device is told to stop
+    assert counts["CANCELED"] == 8
+    assert engine.executions["j1", d3].state == S.CANCELED
+    cancels = engine.drain().cancel
+    assert [(d, c.job_id, c.execution_number) for d, c in cancels] == [(d3, "j1", 1)]
+    # had it already run, its final report is recorded next to the controller's decision
     engine.apply_update(_upd("j1", d3, S.SUCCEEDED, 1))
-    assert engine.executions["j1", d3].state == S.SUCCEEDED
+    e3 = engine.executions["j1", d3]
+    assert e3.state == S.SUCCEEDED
+    assert e3.ended_by_controller is not None
+    assert e3.ended_by_controller["state"] == "CANCELED"
     clock.t += 100
     assert engine.tick(online).notify == []
 
@@ -303,3 +311,141 @@ def test_timeouts_can_be_held_back_for_a_tick(engine: JobEngine, clock: Clock) -
     engine.apply_update(_upd("j1", "a", S.SUCCEEDED, 1))
     engine.tick({"a"})
     assert engine.executions["j1", "a"].state == S.SUCCEEDED
+
+
+# -- reconciliation, cancel, retries (issue 13) -------------------------------------------------
+def _upd_n(
+    job: str,
+    dev: str,
+    state: ExecutionState,
+    seq: int,
+    n: int,
+    reason: str = "",
+    details: dict[str, object] | None = None,
+) -> ExecutionUpdate:
+    return ExecutionUpdate(job, dev, state, seq, 0.0, reason, dict(details or {}), n)
+
+
+def test_rates_per_hour_and_retry_specs() -> None:
+    assert parse_rate("10/hour") == pytest.approx(10 / 60)
+    assert parse_rate("6/h") == pytest.approx(0.1)
+    assert parse_rate("2/sec") == 120
+    assert parse_retry("FAILED:2,TIMED_OUT:1") == {"FAILED": 2, "TIMED_OUT": 1}
+    assert parse_retry({"all": 3}) == {"ALL": 3}
+    assert parse_retry(None) == {}
+    for bad, field in (
+        ("FAILED", "FAILED:2"),
+        ("REJECTED:1", "failure type"),
+        ("FAILED:x", "integer"),
+        ("FAILED:11", "0, 10"),
+        ("TIMED_OUT:1.5", "integer"),
+    ):
+        with pytest.raises(FleetError, match=field):
+            parse_retry(bad)
+
+
+def test_a_late_final_report_after_timed_out_is_recorded(engine: JobEngine, clock: Clock) -> None:
+    engine.create("j1", "deploy", {}, ["a", "b"], timeout_s=10)
+    engine.tick({"a", "b"})
+    engine.apply_update(_upd("j1", "a", S.IN_PROGRESS, 1))
+    engine.apply_update(_upd("j1", "b", S.IN_PROGRESS, 1))
+    clock.t += 11
+    r = engine.tick({"a", "b"})
+    assert engine.executions["j1", "a"].state == S.TIMED_OUT
+    # both devices are told to stop what the controller gave up on
+    assert sorted(d for d, _ in r.cancel) == ["a", "b"]
+    assert engine.jobs["j1"].status == JobStatus.COMPLETED
+    # "a" had installed it anyway (its report was stuck in its outbox): recorded
+    e = engine.apply_update(_upd("j1", "a", S.SUCCEEDED, 2, "installed"))
+    assert e is not None
+    assert e.state == S.SUCCEEDED
+    assert e.ended_by_controller is not None
+    assert e.ended_by_controller["state"] == "TIMED_OUT"
+    assert "after the controller marked it TIMED_OUT" in e.reason
+    assert engine.counts("j1")["SUCCEEDED"] == 1
+    assert engine.counts("j1")["TIMED_OUT"] == 1
+    # "b" obeyed the cancel: its confirmation does not change the state
+    assert engine.apply_update(_upd("j1", "b", S.CANCELED, 2)) is None
+    b = engine.executions["j1", "b"]
+    assert b.state == S.TIMED_OUT
+    assert b.details["device_confirmed"] is True
+    # a second late report for "a" changes nothing
+    assert engine.apply_update(_upd("j1", "a", S.FAILED, 3)) is None
+    assert engine.executions["j1", "a"].state == S.SUCCEEDED
+
+
+def test_interrupted_execution_is_resumed_or_canceled(engine: JobEngine, clock: Clock) -> None:
+    engine.create("j1", "deploy", {}, ["a", "b"], timeout_s=60)
+    engine.tick({"a", "b"})
+    engine.apply_update(_upd("j1", "a", S.IN_PROGRESS, 1))
+    engine.apply_update(_upd("j1", "b", S.IN_PROGRESS, 1))
+    started = engine.executions["j1", "a"].started_at
+    # "a" restarted and asks: still running here, so it is notified again, clock unchanged
+    clock.t += 5
+    engine.apply_update(_upd_n("j1", "a", S.IN_PROGRESS, 2, 1, details={"interrupted": True}))
+    notes = engine.tick({"a", "b"}).notify
+    assert [(d, n.job_id, n.execution_number) for d, n in notes] == [("a", "j1", 1)]
+    assert engine.executions["j1", "a"].started_at == started
+    # "b" restarts after the job was force-canceled: it gets a cancel, not the job
+    engine.cancel("j1", force=True)
+    engine.drain()
+    assert (
+        engine.apply_update(_upd_n("j1", "b", S.IN_PROGRESS, 2, 1, details={"interrupted": True}))
+        is None
+    )
+    r = engine.tick({"a", "b"})
+    assert r.notify == []
+    assert [(d, c.job_id, c.execution_number) for d, c in r.cancel] == [("b", "j1", 1)]
+
+
+def test_retries_per_failure_type(engine: JobEngine, clock: Clock) -> None:
+    crit = AbortCriterion("ALL", threshold_percent=50, min_executed=1)
+    engine.create(
+        "j1",
+        "deploy",
+        {},
+        ["a", "b"],
+        timeout_s=10,
+        retry={"FAILED": 1, "TIMED_OUT": 1},
+        abort=[crit],
+    )
+    engine.tick({"a", "b"})
+    engine.apply_update(_upd("j1", "a", S.IN_PROGRESS, 1))
+    engine.apply_update(_upd("j1", "a", S.FAILED, 2, "download failed"))
+    a = engine.executions["j1", "a"]
+    # retried: a new attempt, the failed one kept, the abort rule not tripped by it
+    assert a.state == S.QUEUED
+    assert a.execution_number == 2
+    assert [x["state"] for x in a.attempts] == ["FAILED"]
+    assert engine.jobs["j1"].status == JobStatus.IN_PROGRESS
+    notes = engine.tick({"a", "b"}).notify
+    assert ("a", 2) in [(d, n.execution_number) for d, n in notes]
+    # a late report of the first attempt goes to that attempt, not the current one
+    engine.apply_update(_upd_n("j1", "a", S.SUCCEEDED, 3, 1))
+    assert a.state == S.QUEUED or a.state == S.IN_PROGRESS
+    assert a.attempts[0]["device_state"] == "SUCCEEDED"
+    # "b" times out: retried too, and told to stop its first attempt
+    engine.apply_update(_upd("j1", "b", S.IN_PROGRESS, 1))
+    engine.apply_update(_upd_n("j1", "a", S.IN_PROGRESS, 4, 2))
+    clock.t += 5
+    engine.apply_update(_upd_n("j1", "a", S.SUCCEEDED, 5, 2))
+    clock.t += 6
+    r = engine.tick({"a"})
+    b = engine.executions["j1", "b"]
+    assert b.execution_number == 2
+    assert b.state == S.QUEUED
+    assert ("b", 1) in [(d, c.execution_number) for d, c in r.cancel]
+    assert a.state == S.SUCCEEDED
+    # the second failure of "b" (timed out again) is final and trips the abort rule
+    engine.tick({"a", "b"})
+    engine.apply_update(_upd_n("j1", "b", S.IN_PROGRESS, 2, 2))
+    clock.t += 11
+    engine.tick({"a", "b"})
+    assert b.state == S.TIMED_OUT
+    assert engine.jobs["j1"].status == JobStatus.CANCELED
+    # REJECTED is never retried
+    engine.create("j2", "deploy", {}, ["c"], retry={"ALL": 3})
+    engine.tick({"c"})
+    engine.apply_update(_upd("j2", "c", S.REJECTED, 9, "bad signature"))
+    assert engine.executions["j2", "c"].state == S.REJECTED
+    assert engine.jobs["j2"].status == JobStatus.COMPLETED

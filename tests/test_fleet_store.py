@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FleetStore
         import sqlalchemy as sa
 
         with s._engine.begin() as conn:  # a clean slate
-            for table in ("devices", "shadows", "jobs", "executions"):
+            for table in ("devices", "shadows", "jobs", "executions", "leases"):
                 conn.execute(sa.text(f"DELETE FROM {table}"))
     yield s
     s.close()
@@ -199,3 +200,17 @@ def test_plain_postgresql_url_uses_psycopg3(postgres_url: str) -> None:
         assert any(x.device_id == "plain" for x in s.load_shadows())
     finally:
         s.close()
+
+
+def test_lease_is_held_by_one_holder_until_it_expires_or_is_released(store: FleetStore) -> None:
+    assert store.acquire_lease("controller", "a", 1.0)
+    assert not store.acquire_lease("controller", "b", 1.0)  # held by a
+    assert store.acquire_lease("controller", "a", 1.0)  # a renews
+    assert store.acquire_lease("other", "b", 1.0)  # another lease is independent
+    time.sleep(1.3)
+    assert store.acquire_lease("controller", "b", 1.0)  # expired: b takes it
+    assert not store.acquire_lease("controller", "a", 1.0)
+    store.release_lease("controller", "a")  # not a's: changes nothing
+    assert not store.acquire_lease("controller", "a", 1.0)
+    store.release_lease("controller", "b")
+    assert store.acquire_lease("controller", "a", 1.0)

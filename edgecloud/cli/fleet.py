@@ -23,7 +23,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from edgecloud.errors import ConfigError, EdgeCloudError
-from edgecloud.fleet.jobs import parse_duration, parse_rate
+from edgecloud.fleet.jobs import parse_duration, parse_rate, parse_retry
+from edgecloud.fleet.messages import validate_policy
 
 __all__ = ["register"]
 
@@ -49,11 +50,39 @@ def register(sub: Any) -> None:
     s.add_argument("--public-key", type=Path, help="refuse packages not signed by this key")
     s.add_argument("--token", help="require this API bearer token (env EDGECLOUD_FLEET_TOKEN)")
     s.add_argument("--prefix", default="edgecloud", help="MQTT topic prefix")
+    s.add_argument(
+        "--ha-lease",
+        metavar="DURATION",
+        help="run as one of several controllers on one database: the holder of a lease of "
+        "this length is active, the others stand by and take over (e.g. 10s)",
+    )
+    s.add_argument(
+        "--instance-id", help="this controller's name in the lease (default: host-random)"
+    )
     s.set_defaults(func=_serve)
 
     d = fsub.add_parser("devices", help="list devices")
+    d.add_argument("--group", action="append", default=[], help="only this group (repeatable)")
+    d.add_argument("--version", action="append", default=[], help="only devices on this version")
+    d.add_argument(
+        "--status",
+        choices=("online", "offline", "failing", "reprovisioned"),
+        help="only devices in this state",
+    )
+    d.add_argument("--seen-within", metavar="DURATION", help="only devices seen in the last 10m")
+    d.add_argument("--not-seen-for", metavar="DURATION", help="only devices silent for 1h or more")
+    d.add_argument(
+        "--sort",
+        choices=("device", "group", "version", "status", "last-seen"),
+        default="device",
+        help="sort order (last-seen: most recent first)",
+    )
     client_args(d)
     d.set_defaults(func=_devices)
+
+    sm = fsub.add_parser("summary", help="fleet health at a glance")
+    client_args(sm)
+    sm.set_defaults(func=_summary)
 
     dep = fsub.add_parser("deploy", help="deploy a package directory to groups or devices")
     dep.add_argument("package", type=Path, help="a signed package directory")
@@ -134,6 +163,11 @@ def _job_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--abort-min-executed", type=int, default=1)
     q.add_argument("--timeout", default="10m", help="in-progress timeout per device (10m)")
     q.add_argument("--job-timeout", help="time out executions still QUEUED after this long")
+    q.add_argument(
+        "--retry",
+        metavar="TYPE:N,...",
+        help="retries per failure type, e.g. FAILED:2,TIMED_OUT:1 (types FAILED, TIMED_OUT, ALL)",
+    )
     q.add_argument("--wait", action="store_true", help="follow the job until it ends")
 
 
@@ -153,6 +187,8 @@ def _job_options(args: argparse.Namespace) -> dict[str, Any]:
         }
         if args.job_timeout:
             opts["job_timeout_s"] = parse_duration(args.job_timeout, "--job-timeout")
+        if args.retry:
+            opts["retry"] = parse_retry(args.retry)
     except EdgeCloudError as exc:
         raise ConfigError(str(exc)) from exc
     if args.abort_failed_percent is not None:
@@ -175,7 +211,18 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True))
+    _out(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _out(text: str) -> None:
+    """Print for a pipe that may close early (``| head``): no BrokenPipeError traceback."""
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python's documented way: point stdout at devnull so the exit flush cannot fail
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def _ago(ts: float) -> str:
@@ -205,6 +252,10 @@ def _serve(args: argparse.Namespace) -> int:
             "who can reach it can deploy to the fleet",
             file=sys.stderr,
         )
+    try:
+        lease = parse_duration(args.ha_lease, "--ha-lease") if args.ha_lease else None
+    except EdgeCloudError as exc:
+        raise ConfigError(str(exc)) from exc
     store = open_store(args.db)
     ctl = FleetController(
         args.broker,
@@ -212,6 +263,8 @@ def _serve(args: argparse.Namespace) -> int:
         PackageStore(args.packages, key),
         prefix=args.prefix,
         public_base_url=args.public_url,
+        lease_s=lease,
+        instance_id=args.instance_id,
     )
     http = FleetHTTPServer(ctl, args.http_host, args.http_port, token=token)
     stop = threading.Event()
@@ -233,19 +286,69 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 # -- reads -----------------------------------------------------------------------------------
+def _device_status(d: dict[str, Any]) -> str:
+    if d.get("reprovisioned_at") and time.time() - float(d["reprovisioned_at"]) < 86400:
+        return "reprovisioned" if d["online"] else "offline"
+    return "online" if d["online"] else "offline"
+
+
+def _filter_devices(
+    args: argparse.Namespace, devices: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    try:
+        within = parse_duration(args.seen_within, "--seen-within") if args.seen_within else None
+        silent = parse_duration(args.not_seen_for, "--not-seen-for") if args.not_seen_for else None
+    except EdgeCloudError as exc:
+        raise ConfigError(str(exc)) from exc
+    now = time.time()
+    out = []
+    for d in devices:
+        if args.group and d.get("group", "") not in args.group:
+            continue
+        if args.version and d.get("model_version", "") not in args.version:
+            continue
+        st = args.status
+        if st in ("online", "offline") and bool(d["online"]) != (st == "online"):
+            continue
+        if st == "reprovisioned" and not d.get("reprovisioned_at"):
+            continue
+        if st == "failing" and not d.get("last_failure"):
+            continue
+        seen = float(d.get("last_seen") or 0.0)
+        if within is not None and now - seen > within:
+            continue
+        if silent is not None and now - seen < silent:
+            continue
+        out.append(d)
+    keys: dict[str, Any] = {
+        "device": lambda d: d["device_id"],
+        "group": lambda d: (d.get("group", ""), d["device_id"]),
+        "version": lambda d: (d.get("model_version", ""), d["device_id"]),
+        "status": lambda d: (_device_status(d), d["device_id"]),
+        "last-seen": lambda d: (-float(d.get("last_seen") or 0.0), d["device_id"]),
+    }
+    return sorted(out, key=keys[args.sort])
+
+
+def _console() -> Any:
+    """A rich console; not a terminal (a pipe, a file) gets full widths, never cut columns."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=10_000, soft_wrap=True)
+
+
 def _devices(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        devices = c.devices()
+        devices = _filter_devices(args, c.devices())
     if args.json:
         _print_json(devices)
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"{len(devices)} devices")
     for col in (
         "device",
-        "online",
+        "status",
         "group",
         "model",
         "version",
@@ -253,24 +356,59 @@ def _devices(args: argparse.Namespace) -> int:
         "telemetry",
         "jobs ok/failed",
         "pending",
+        "last failure",
     ):
         t.add_column(col)
     for d in devices:
         cn = d.get("counters", {})
         failed = sum(cn.get(f"jobs_{s.lower()}", 0) for s in _FAILS)
+        st = _device_status(d)
+        colour = {"online": "green", "offline": "red", "reprovisioned": "yellow"}[st]
+        lf = d.get("last_failure") or {}
         t.add_row(
             d["device_id"],
-            "[green]online[/green]" if d["online"] else "[red]offline[/red]",
+            f"[{colour}]{st}[/{colour}]",
             d.get("group", ""),
             d.get("model_name", ""),
-            d.get("model_version", ""),
+            d.get("model_version", "") or "-",
             _ago(d.get("last_seen", 0.0)),
             f"{cn.get('telemetry', 0)} (dup {cn.get('telemetry_duplicates', 0)}, "
             f"gap {cn.get('telemetry_gaps', 0)})",
             f"{cn.get('jobs_succeeded', 0)}/{failed}",
             ", ".join(d.get("pending_jobs", [])),
+            f"{lf.get('state', '')} {lf.get('reason', '')}".strip(),
         )
-    Console().print(t)
+    _console().print(t)
+    return 0
+
+
+def _summary(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        s = c.summary()
+    if args.json:
+        _print_json(s)
+        return 0
+    con = _console()
+
+    def pct(x: float | None) -> str:
+        return "n/a (no requests yet)" if x is None else f"{100 * x:.1f}%"
+
+    con.print(
+        f"[bold]{s['devices']} devices[/bold]: [green]{s['online']} online[/green], "
+        f"[red]{s['offline']} offline[/red], {s['reprovisioned']} re-provisioned; "
+        f"{s['jobs_in_progress']} jobs in progress"
+    )
+    con.print("versions in use: " + ", ".join(f"{v} x{n}" for v, n in s["versions"].items()))
+    con.print(
+        f"requests {s['requests']}: offloaded to the cloud {pct(s['offload_rate'])}, "
+        f"degraded answers {pct(s['degraded_rate'])}"
+    )
+    if s["failing"]:
+        con.print(f"[red]{len(s['failing'])} failing devices[/red]:")
+        for f in s["failing"]:
+            con.print(f"  {f['device_id']}: {f['state']} {f['job_id'] or ''} {f['reason']}")
+    else:
+        con.print("no failing devices")
     return 0
 
 
@@ -280,7 +418,6 @@ def _jobs(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(jobs)
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"{len(jobs)} jobs")
@@ -288,9 +425,13 @@ def _jobs(args: argparse.Namespace) -> int:
         "job",
         "operation",
         "status",
+        "outcome",
         "targets",
         "succeeded",
         "failed",
+        "rejected",
+        "timed out",
+        "canceled",
         "queued",
         "in progress",
         "reason",
@@ -302,14 +443,18 @@ def _jobs(args: argparse.Namespace) -> int:
             j["job_id"],
             j["operation"],
             j["status"],
+            j.get("outcome", ""),
             str(j["total"]),
             str(n["SUCCEEDED"]),
-            str(sum(n[s] for s in _FAILS)),
+            str(n["FAILED"]),
+            str(n["REJECTED"]),
+            str(n["TIMED_OUT"]),
+            str(n["CANCELED"]),
             str(n["QUEUED"]),
             str(n["IN_PROGRESS"]),
             j["reason"],
         )
-    Console().print(t)
+    _console().print(t)
     return 0
 
 
@@ -319,46 +464,64 @@ def _job_exit(job: dict[str, Any]) -> int:
 
 
 def _print_job(job: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = _console()
     n = job["counts"]
     console.print(
         f"[bold]{job['job_id']}[/bold] {job['operation']} {job['status']}"
+        + (f" [{job['outcome']}]" if job.get("outcome") else "")
         + (f" ({job['reason']})" if job["reason"] else "")
         + "  "
         + "  ".join(f"{k}={v}" for k, v in n.items() if v)
     )
     if job.get("executions"):
         t = Table()
-        for col in ("device", "state", "reason"):
+        for col in ("device", "state", "attempt", "reason"):
             t.add_column(col)
         for e in job["executions"]:
-            t.add_row(e["device_id"], e["state"], e["reason"])
+            t.add_row(e["device_id"], e["state"], str(e.get("execution_number", 1)), e["reason"])
         console.print(t)
 
 
 def _follow(c: Any, job_id: str, timeout_s: float, quiet: bool) -> dict[str, Any]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    """Follow a job: one bar per state that has devices, the elapsed time, and each device that
+    fails printed with its reason as soon as it does."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     deadline = time.monotonic() + timeout_s
     job = c.job(job_id)
+    reported: set[tuple[str, str, int]] = set()
     with Progress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("[bold]{task.description:<12}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
         disable=quiet,
         transient=False,
+        console=_console(),
     ) as progress:
-        task = progress.add_task(job_id, total=job["total"], detail="")
+        tasks: dict[str, Any] = {}
         while True:
             n = job["counts"]
-            done = sum(n[s] for s in ("SUCCEEDED", *_FAILS))
-            detail = "  ".join(f"{k}={v}" for k, v in n.items() if v)
-            progress.update(task, completed=done, detail=detail)
+            for state in ("SUCCEEDED", *_FAILS, "IN_PROGRESS", "QUEUED"):
+                if n.get(state) and state not in tasks:
+                    tasks[state] = progress.add_task(state, total=job["total"])
+                if state in tasks:
+                    progress.update(tasks[state], completed=n.get(state, 0))
+            for e in job.get("executions", []):
+                key = (e["device_id"], e["state"], int(e.get("execution_number", 1)))
+                if e["state"] in _FAILS and key not in reported:
+                    reported.add(key)
+                    progress.console.print(
+                        f"  [red]{e['device_id']}[/red] {e['state']}: {e['reason']}"
+                    )
             if job["status"] != "IN_PROGRESS" and n["IN_PROGRESS"] == 0:
+                if not quiet:
+                    progress.console.print(
+                        f"job {job_id} {job['status']}: {job.get('outcome', '')}"
+                        + (" (every device failed)" if job.get("outcome") == "ALL_FAILED" else "")
+                    )
                 return dict(job)
             if time.monotonic() > deadline:
                 raise EdgeCloudError(f"job {job_id} still {job['status']} after {timeout_s:g}s")
@@ -437,6 +600,10 @@ def _policy_set(args: argparse.Namespace) -> int:
             policy[key] = raw
     if not policy:
         raise ConfigError("nothing to set: give --threshold, --mode or --set KEY=VALUE")
+    try:
+        validate_policy(policy, "policy")  # the controller checks again; fail fast here
+    except EdgeCloudError as exc:
+        raise ConfigError(str(exc)) from exc
     with _client(args) as c:
         shadows = c.set_policy(list(args.to), policy)
     if args.json:

@@ -109,6 +109,9 @@ class ControllerClient:
     def shadow(self, device_id: str) -> dict[str, Any]:
         return dict(self._call("GET", f"/api/devices/{device_id}/shadow"))
 
+    def summary(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/api/summary"))
+
     def jobs(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/api/jobs"))
 
@@ -137,7 +140,12 @@ class ControllerClient:
         body: dict[str, Any] = {"targets": targets, **options}
         if upload:
             stored = self.upload(package_dir)
-            body["package_ref"] = {"name": stored["name"], "version": stored["version"]}
+            # the hash the upload returned: the job pins it, whatever the disk holds later
+            body["package_ref"] = {
+                "name": stored["name"],
+                "version": stored["version"],
+                "sha256": stored["sha256"],
+            }
         else:
             body["package"] = str(Path(package_dir).resolve())
         return dict(self._call("POST", "/api/deploy", body))

@@ -16,10 +16,17 @@ The engine decides, at every ``tick(now, online)``, which queued executions to n
   ``on_succeeded`` devices succeeded (both spread evenly over the minute by a token bucket with
   one second of burst, so a rate of 60/min notifies one device per second, not 60 at once);
 - abort criteria (failure type, threshold percentage, minimum number executed) are checked after
-  every terminal update; when one trips, the job is ``CANCELED`` with the reason and every
-  execution not yet notified is ``CANCELED``, while those already running may still report;
+  every terminal update, over the executions' current states; when one trips, the job is
+  ``CANCELED`` with the reason and every execution not yet started is ``CANCELED`` (a device
+  already notified gets a ``JobCancel``), while those in progress may still report;
 - an execution ``IN_PROGRESS`` (or notified but silent) longer than the in-progress timeout
-  becomes ``TIMED_OUT``: always, so a device that died mid-update never holds its queue.
+  becomes ``TIMED_OUT``: always, so a device that died mid-update never holds its queue; the
+  device is sent a ``JobCancel`` so that it does not finish or resume it later;
+- retries per failure type (``retry``, AWS's ``jobExecutionsRetryConfig``): an execution that
+  ends ``FAILED`` or ``TIMED_OUT`` with retries left goes back to ``QUEUED`` with the next
+  ``execution_number``; only an execution's final state counts toward the abort criteria;
+- a device's final report that arrives after the controller ended the execution is recorded
+  (see ``apply_update``): the execution then says what the device did.
 
 Updates are idempotent: an update whose ``seq`` is not above the last one applied for that
 (device, job) is a duplicate (QoS 1 redelivery) and is ignored, as is any update to an execution
@@ -39,6 +46,7 @@ from edgecloud.fleet.messages import (
     TERMINAL_STATES,
     ExecutionState,
     ExecutionUpdate,
+    JobCancel,
     JobNotification,
 )
 
@@ -52,6 +60,7 @@ __all__ = [
     "RolloutConfig",
     "parse_duration",
     "parse_rate",
+    "parse_retry",
 ]
 
 FAILURE_TYPES = ("FAILED", "REJECTED", "TIMED_OUT", "ALL")
@@ -87,20 +96,69 @@ def parse_duration(text: str | float | int, what: str = "duration") -> float:
 
 
 def parse_rate(text: str | float | int) -> float:
-    """``10``, ``10/min``, ``1/s`` -> devices per minute."""
+    """``10``, ``10/min``, ``1/s``, ``10/hour`` -> devices per minute."""
     if isinstance(text, int | float) and not isinstance(text, bool):
         value = float(text)
     else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:/\s*(min|m|s|sec|h))?\s*", str(text))
-        if not m:
-            raise FleetError(f"rate {text!r} is not a rate like 10/min or 1/s")
-        value = (
-            float(m.group(1))
-            * {None: 1, "min": 1, "m": 1, "s": 60, "sec": 60, "h": 1 / 60}[m.group(2)]
-        )
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:/\s*([a-z]+))?\s*", str(text).lower())
+        per = _PER_MINUTE.get(m.group(2)) if m else None
+        if not m or per is None:
+            raise FleetError(f"rate {text!r} is not a rate like 10/min, 1/s or 10/hour")
+        value = float(m.group(1)) * per
     if not math.isfinite(value) or value <= 0:
         raise FleetError(f"rate must be a positive number of devices per minute, got {text!r}")
     return value
+
+
+# units of a rate -> factor to devices per minute
+_PER_MINUTE: dict[str | None, float] = {
+    None: 1.0,
+    **dict.fromkeys(("m", "min", "minute"), 1.0),
+    **dict.fromkeys(("s", "sec", "second"), 60.0),
+    **dict.fromkeys(("h", "hr", "hour"), 1 / 60),
+}
+
+
+RETRY_TYPES = ("FAILED", "TIMED_OUT", "ALL")
+MAX_RETRIES = 10  # per failure type, as in AWS IoT Jobs
+
+
+def parse_retry(spec: str | dict[str, Any] | None) -> dict[str, int]:
+    """``FAILED:2,TIMED_OUT:1`` (or ``{"FAILED": 2}``) -> retries allowed per failure type.
+
+    The AWS IoT Jobs vocabulary (``jobExecutionsRetryConfig``): ``FAILED``, ``TIMED_OUT`` or
+    ``ALL`` (both), 0-10 retries each. REJECTED is never retried: the device refused the job
+    itself (a bad signature, a malformed document), and trying again cannot change that.
+    """
+    if spec is None or spec == "":
+        return {}
+    items: list[tuple[str, Any]]
+    if isinstance(spec, dict):
+        items = list(spec.items())
+    elif isinstance(spec, str):
+        items = []
+        for part in spec.split(","):
+            kind, sep, n = part.strip().partition(":")
+            if not sep:
+                raise FleetError(f"retry {part.strip()!r} must look like FAILED:2 or TIMED_OUT:1")
+            items.append((kind, n.strip()))
+    else:
+        raise FleetError(f"retry must be like FAILED:2,TIMED_OUT:1, got {spec!r}")
+    out: dict[str, int] = {}
+    for kind, n in items:
+        k = str(kind).strip().upper()
+        if k not in RETRY_TYPES:
+            raise FleetError(f"retry failure type {kind!r} must be one of {RETRY_TYPES}")
+        try:
+            count = int(n)
+            if isinstance(n, bool) or isinstance(n, float) or str(count) != str(n).strip():
+                raise ValueError
+        except (TypeError, ValueError):
+            raise FleetError(f"retry count for {k} must be an integer, got {n!r}") from None
+        if not 0 <= count <= MAX_RETRIES:
+            raise FleetError(f"retry count for {k} must be in [0, {MAX_RETRIES}], got {count}")
+        out[k] = count
+    return out
 
 
 @dataclass(frozen=True)
@@ -212,6 +270,13 @@ class Job:
     job_timeout_s: float | None = None
     reason: str = ""
     completed_at: float | None = None
+    retry: dict[str, int] = field(default_factory=dict)
+
+    def retries_for(self, state: ExecutionState) -> int:
+        """Retries allowed after an execution ends in ``state`` (0 when none)."""
+        if state.value not in ("FAILED", "TIMED_OUT"):
+            return 0
+        return self.retry.get(state.value, self.retry.get("ALL", 0))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -235,6 +300,7 @@ class Job:
             job_timeout_s=_opt_float(d.get("job_timeout_s")),
             reason=str(d.get("reason", "")),
             completed_at=_opt_float(d.get("completed_at")),
+            retry=parse_retry(d.get("retry") or None),
         )
 
 
@@ -254,6 +320,11 @@ class Execution:
     execution_number: int = 1
     reason: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    #: earlier attempts (execution numbers replaced by a retry): number, state, reason, at
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    #: set when the controller ended the execution (timeout, cancel) and the device reported
+    #: afterwards: what the controller had decided, kept next to the device's own outcome
+    ended_by_controller: dict[str, Any] | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -282,7 +353,14 @@ class Execution:
             execution_number=int(d.get("execution_number", 1)),
             reason=str(d.get("reason", "")),
             details=dict(d.get("details") or {}),
+            attempts=[dict(a) for a in d.get("attempts") or []],
+            ended_by_controller=(
+                dict(d["ended_by_controller"]) if d.get("ended_by_controller") else None
+            ),
         )
+
+    def retries_used(self, state: ExecutionState) -> int:
+        return sum(1 for a in self.attempts if a.get("state") == state.value)
 
 
 @dataclass
@@ -296,6 +374,7 @@ class TickResult:
     """What one tick changed: notifications to publish and records to persist."""
 
     notify: list[tuple[str, JobNotification]] = field(default_factory=list)
+    cancel: list[tuple[str, JobCancel]] = field(default_factory=list)
     jobs: list[Job] = field(default_factory=list)
     executions: list[Execution] = field(default_factory=list)
 
@@ -312,6 +391,8 @@ class JobEngine:
         self._dirty_jobs: dict[str, Job] = {}
         self._dirty_execs: dict[tuple[str, str], Execution] = {}
         self._open: set[str] = set()  # jobs that may still have non-terminal executions
+        self._cancels: list[tuple[str, JobCancel]] = []  # to publish with the next result
+        self._resend: list[tuple[str, str]] = []  # (job, device) to notify again (resume)
 
     # -- loading ---------------------------------------------------------------------------
     def load(self, jobs: Iterable[Job], executions: Iterable[Execution]) -> None:
@@ -337,6 +418,7 @@ class JobEngine:
         abort: Iterable[AbortCriterion] = (),
         timeout_s: float = 600.0,
         job_timeout_s: float | None = None,
+        retry: dict[str, int] | None = None,
     ) -> Job:
         if not _JOB_ID.match(job_id):
             raise FleetError(f"job id {job_id!r} must be 1-64 letters, digits, '.', '_' or '-'")
@@ -363,6 +445,7 @@ class JobEngine:
             abort=list(abort),
             timeout_s=float(timeout_s),
             job_timeout_s=job_timeout_s,
+            retry=parse_retry(retry or None),
         )
         self.jobs[job_id] = job
         self._by_job[job_id] = []
@@ -404,15 +487,75 @@ class JobEngine:
 
     # -- device events -----------------------------------------------------------------------
     def apply_update(self, u: ExecutionUpdate) -> Execution | None:
-        """Apply a device's update; None when it is unknown, a duplicate or too late."""
+        """Apply a device's update; None when it is unknown, a duplicate or changes nothing.
+
+        Reconciliation with what the device did, whatever the controller decided meanwhile:
+
+        - a final report (SUCCEEDED, FAILED, REJECTED) for an execution the controller already
+          ended (TIMED_OUT or CANCELED) is recorded: the execution takes the device's state,
+          and ``ended_by_controller`` keeps what the controller had decided;
+        - a device that restarted reports an interrupted execution (IN_PROGRESS with
+          ``details.interrupted``) and waits: one still running here is notified again (the
+          device resumes it), one the controller ended or replaced by a retry gets a cancel;
+        - a report for an older ``execution_number`` (replaced by a retry) goes into that
+          attempt's record, never into the current attempt.
+        """
         e = self.executions.get((u.job_id, u.device_id))
-        if e is None or e.terminal or u.seq <= e.last_seq:
+        if e is None or u.seq <= e.last_seq:
             return None
         if u.status in (ExecutionState.QUEUED, ExecutionState.REMOVED):
             return None  # not a state a device reports
-        if u.status == ExecutionState.CANCELED and not e.terminal:
-            pass  # a device may refuse to continue; accept it as CANCELED
+        job = self.jobs[e.job_id]
         now = self.clock()
+        interrupted = u.status == ExecutionState.IN_PROGRESS and bool(u.details.get("interrupted"))
+        if u.execution_number != e.execution_number:
+            e.last_seq = u.seq
+            for a in e.attempts:
+                if a.get("execution_number") == u.execution_number and u.status in TERMINAL_STATES:
+                    a["device_state"] = u.status.value
+                    a["device_reason"] = u.reason
+            if u.status not in TERMINAL_STATES:
+                self._cancels.append(
+                    (
+                        e.device_id,
+                        JobCancel(
+                            e.job_id,
+                            u.execution_number,
+                            f"replaced by execution {e.execution_number}",
+                        ),
+                    )
+                )
+            self._dirty_execs[e.key] = e
+            return e
+        if e.terminal:
+            e.last_seq = u.seq
+            self._dirty_execs[e.key] = e
+            if u.status not in TERMINAL_STATES:
+                if e.state in (ExecutionState.TIMED_OUT, ExecutionState.CANCELED):
+                    self._cancels.append(
+                        (e.device_id, JobCancel(e.job_id, e.execution_number, e.reason))
+                    )
+                return None
+            if e.state not in (ExecutionState.TIMED_OUT, ExecutionState.CANCELED):
+                return None  # the device's own final state is already recorded
+            if e.ended_by_controller is not None:
+                return None  # the device's late report is already recorded
+            if u.status == ExecutionState.CANCELED:
+                e.details = {**e.details, "device_confirmed": True}  # it stopped, as told
+                return None
+            e.ended_by_controller = {"state": e.state.value, "reason": e.reason, "at": e.updated_at}
+            e.state = u.status
+            e.reason = (
+                f"{u.reason} (device report after the controller marked it "
+                f"{e.ended_by_controller['state']})"
+                if u.reason
+                else f"reported by the device after the controller marked it "
+                f"{e.ended_by_controller['state']}"
+            )
+            if u.details:
+                e.details = {**e.details, **u.details}
+            e.updated_at = now
+            return e
         e.last_seq = u.seq
         e.updated_at = now
         e.reason = u.reason or e.reason
@@ -424,11 +567,16 @@ class JobEngine:
             if e.state != ExecutionState.IN_PROGRESS:
                 e.started_at = now
             e.state = ExecutionState.IN_PROGRESS
+            if interrupted and job.status == JobStatus.IN_PROGRESS:
+                self._resend.append(e.key)
+            elif interrupted:
+                # the job ended (aborted or canceled) while this device was away
+                self._finish(e, ExecutionState.CANCELED, job.reason or "job ended")
         else:
             e.state = u.status
         self._dirty_execs[e.key] = e
-        if e.terminal:
-            self._after_terminal(self.jobs[e.job_id])
+        if e.terminal and not self._maybe_retry(e, job):
+            self._after_terminal(job)
         return e
 
     def device_offline(self, device_id: str) -> None:
@@ -466,6 +614,8 @@ class JobEngine:
                             "in-progress timeout "
                             f"({job.timeout_s:g}s) passed without a final status",
                         )
+                        if self._maybe_retry(e, job):
+                            still_open = True
                         continue
                     busy.add(e.device_id)
                 elif (
@@ -485,6 +635,12 @@ class JobEngine:
         active.sort(key=lambda j: (j.created_at, j.job_id))
         # 2. notifications, oldest job first, one running execution per device, rate-limited
         result = TickResult()
+        for key in self._resend:
+            e = self.executions[key]
+            job = self.jobs[e.job_id]
+            if e.state == ExecutionState.IN_PROGRESS:  # the device waits for this to resume
+                result.notify.append((e.device_id, self._notification(job, e, now)))
+        self._resend.clear()
         for job in active:
             if job.status != JobStatus.IN_PROGRESS:
                 continue
@@ -503,36 +659,75 @@ class JobEngine:
                 e.updated_at = now
                 busy.add(e.device_id)
                 self._dirty_execs[e.key] = e
-                result.notify.append(
-                    (
-                        e.device_id,
-                        JobNotification(
-                            job_id=job.job_id,
-                            operation=job.operation,
-                            document=job.document,
-                            execution_number=e.execution_number,
-                            timeout_s=job.timeout_s,
-                            issued_at=now,
-                        ),
-                    )
-                )
+                result.notify.append((e.device_id, self._notification(job, e, now)))
                 if allowance is not None:
                     allowance -= 1
                     self._buckets[job.job_id].tokens -= 1.0
         result.jobs = list(self._dirty_jobs.values())
         result.executions = list(self._dirty_execs.values())
+        result.cancel = list(self._cancels)
         self._dirty_jobs.clear()
         self._dirty_execs.clear()
+        self._cancels.clear()
         return result
 
     def drain(self) -> TickResult:
-        """What changed since the last tick or drain (for persisting after an update)."""
+        """What changed since the last tick or drain (for persisting after an update).
+
+        Cancel messages come along (publishing them does not depend on the broker's state:
+        the controller's MQTT client queues them); notifications wait for the next tick.
+        """
         r = TickResult(
-            jobs=list(self._dirty_jobs.values()), executions=list(self._dirty_execs.values())
+            jobs=list(self._dirty_jobs.values()),
+            executions=list(self._dirty_execs.values()),
+            cancel=list(self._cancels),
         )
         self._dirty_jobs.clear()
         self._dirty_execs.clear()
+        self._cancels.clear()
         return r
+
+    def _notification(self, job: Job, e: Execution, now: float) -> JobNotification:
+        return JobNotification(
+            job_id=job.job_id,
+            operation=job.operation,
+            document=job.document,
+            execution_number=e.execution_number,
+            timeout_s=job.timeout_s,
+            issued_at=now,
+        )
+
+    def _maybe_retry(self, e: Execution, job: Job) -> bool:
+        """Queue a new attempt (``execution_number + 1``) if the job's retry config allows one.
+
+        Only while the job is in progress; the attempt that failed is kept in ``attempts``
+        and is not counted by the abort criteria (only an execution's final state is).
+        """
+        if job.status != JobStatus.IN_PROGRESS:
+            return False
+        allowed = job.retries_for(e.state)
+        if allowed <= e.retries_used(e.state):
+            return False
+        now = self.clock()
+        e.attempts.append(
+            {
+                "execution_number": e.execution_number,
+                "state": e.state.value,
+                "reason": e.reason,
+                "at": now,
+            }
+        )
+        if e.state == ExecutionState.TIMED_OUT:
+            # the device may still be at it: stop that attempt before the next one starts
+            self._cancels.append((e.device_id, JobCancel(e.job_id, e.execution_number, "retried")))
+        e.reason = f"retry {e.retries_used(e.state)}/{allowed} after {e.state.value}: {e.reason}"
+        e.execution_number += 1
+        e.state = ExecutionState.QUEUED
+        e.sent_at = None
+        e.started_at = None
+        e.updated_at = now
+        self._dirty_execs[e.key] = e
+        return True
 
     # -- internals ---------------------------------------------------------------------------
     def _pending_of(self, device_id: str) -> list[Execution]:
@@ -558,6 +753,9 @@ class JobEngine:
         return math.floor(b.tokens + 1e-9)
 
     def _finish(self, e: Execution, state: ExecutionState, reason: str) -> None:
+        """The controller ends an execution; a device that has it is told to stop."""
+        if e.state == ExecutionState.IN_PROGRESS or e.sent_at is not None:
+            self._cancels.append((e.device_id, JobCancel(e.job_id, e.execution_number, reason)))
         e.state = state
         e.reason = reason
         e.updated_at = self.clock()
@@ -587,7 +785,7 @@ class JobEngine:
         for e in self._by_job[job.job_id]:
             if e.terminal:
                 continue
-            if force or (e.state == ExecutionState.QUEUED and e.sent_at is None):
+            if force or e.state == ExecutionState.QUEUED:
                 self._finish(e, ExecutionState.CANCELED, reason)
         job.status = status
         job.reason = reason

@@ -10,6 +10,7 @@ rollout rate, abort criteria) so that operators who know it need not learn anoth
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from enum import Enum, StrEnum
@@ -18,17 +19,23 @@ from typing import Any, ClassVar, TypeVar
 from edgecloud.errors import FleetError
 
 __all__ = [
+    "POLICY_MODES",
     "TERMINAL_STATES",
     "DesiredState",
     "ExecutionState",
     "ExecutionUpdate",
+    "JobCancel",
     "JobNotification",
     "ReportedState",
     "StatusMessage",
     "TelemetryRecord",
     "dumps",
     "loads",
+    "validate_policy",
 ]
+
+#: The routing modes a policy may name (the device agent's and the controller's one list).
+POLICY_MODES = ("edge_first", "edge_only", "cloud_only", "cloud_first")
 
 
 class ExecutionState(StrEnum):
@@ -130,6 +137,32 @@ class JobNotification:
 
 
 @dataclass(frozen=True)
+class JobCancel:
+    """Controller -> device on ``jobs/cancel`` (QoS 1): stop this job execution.
+
+    Sent when the controller ends an execution the device may be running or may resume after a
+    restart: an in-progress timeout, ``fleet cancel`` (all notified executions; with ``--force``
+    also those in progress), an abort, or a retry that replaces the execution with a new
+    ``execution_number``. A device that receives it does not start, resume or finish that
+    execution (it stops at the next step boundary, before the swap) and reports ``CANCELED``.
+    """
+
+    job_id: str
+    execution_number: int
+    reason: str = ""
+
+    @classmethod
+    def parse(cls, payload: bytes | str) -> JobCancel:
+        what = "job cancel"
+        d = loads(payload, what)
+        return cls(
+            job_id=_get(d, "job_id", str, what),
+            execution_number=int(_get(d, "execution_number", int, what)),
+            reason=str(d.get("reason", "")),
+        )
+
+
+@dataclass(frozen=True)
 class ExecutionUpdate:
     """Device -> controller on ``jobs/{job_id}/update`` (QoS 1), idempotent by (job, seq).
 
@@ -206,22 +239,48 @@ class DesiredState(_ShadowDocument):
 
 @dataclass(frozen=True)
 class ReportedState(_ShadowDocument):
-    """Device -> controller, retained on ``shadow/reported``: what the device actually runs."""
+    """Device -> controller, retained on ``shadow/reported``: what the device actually runs.
+
+    The device publishes it after every change of what it runs or how it routes (a deploy or
+    rollback by job or by desired state, a policy change, and once at every start), with a
+    ``version`` that increases by one per publication and survives restarts, and the identity
+    ``epoch`` of the device's store. The controller keeps the highest (epoch, version) it has
+    seen, so a stale retained copy that arrives late (after a reconnect, say) never overwrites a
+    newer one. ``desired_version`` is the desired state the device last acted on.
+    """
+
+    epoch: str = ""
+    desired_version: int = 0
 
     _WHAT: ClassVar[str] = "reported state"
+
+    @classmethod
+    def parse(cls, payload: bytes | str) -> ReportedState:
+        what = cls._WHAT
+        d = loads(payload, what)
+        return cls(
+            version=int(_get(d, "version", int, what)),
+            state=_get(d, "state", dict, what),
+            ts=float(d.get("ts", 0.0)),
+            epoch=str(d.get("epoch", "")),
+            desired_version=int(d.get("desired_version", 0) or 0),
+        )
 
 
 @dataclass(frozen=True)
 class TelemetryRecord:
     """Device -> controller on ``telemetry`` (QoS 1). ``seq`` increases by one per record per
     device and survives restarts (it lives in the durable queue), so the receiver deduplicates
-    redeliveries and detects gaps."""
+    redeliveries and detects gaps. ``epoch`` names the device's identity epoch: a device whose
+    store was wiped starts a new one (and its seq from 1), which the receiver treats as a new
+    sequence, not as duplicates of the old one."""
 
     device_id: str
     seq: int
     ts: float
     kind: str = "heartbeat"
     data: dict[str, Any] = field(default_factory=dict)
+    epoch: str = ""
 
     @classmethod
     def parse(cls, payload: bytes | str) -> TelemetryRecord:
@@ -233,6 +292,7 @@ class TelemetryRecord:
             ts=float(_get(d, "ts", (int, float), what)),
             kind=str(d.get("kind", "heartbeat")),
             data=dict(d.get("data") or {}),
+            epoch=str(d.get("epoch", "")),
         )
 
 
@@ -247,6 +307,7 @@ class StatusMessage:
     model_version: str = ""
     agent_version: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    epoch: str = ""
 
     @classmethod
     def parse(cls, payload: bytes | str) -> StatusMessage:
@@ -261,4 +322,48 @@ class StatusMessage:
             model_version=str(d.get("model_version", "")),
             agent_version=str(d.get("agent_version", "")),
             labels={str(k): str(v) for k, v in dict(d.get("labels") or {}).items()},
+            epoch=str(d.get("epoch", "")),
         )
+
+
+def validate_policy(policy: Mapping[str, Any], what: str = "policy") -> dict[str, Any]:
+    """Check a routing policy before it is sent; ``FleetError`` names the field.
+
+    ``mode`` must be one of ``POLICY_MODES``, ``threshold`` a number in [0, 1] (or null for the
+    agent's configured one), ``regions`` a list of strings, ``deadline_s`` a positive number,
+    ``max_concurrency`` a positive integer. Other keys pass through (an agent reports those it
+    does not act on as ``policy_ignored``). The controller refuses here what every device would
+    refuse, so a bad value never reaches a desired state or a job.
+    """
+    if not isinstance(policy, Mapping):
+        raise FleetError(f"{what} must be an object, got {type(policy).__name__}")
+    out = dict(policy)
+    if "mode" in out and out["mode"] not in POLICY_MODES:
+        raise FleetError(f"{what}.mode must be one of {list(POLICY_MODES)}, got {out['mode']!r}")
+    if "threshold" in out and out["threshold"] is not None:
+        t = out["threshold"]
+        if (
+            isinstance(t, bool)
+            or not isinstance(t, int | float)
+            or not math.isfinite(float(t))
+            or not 0.0 <= float(t) <= 1.0
+        ):
+            raise FleetError(f"{what}.threshold must be a number in [0, 1], got {t!r}")
+    if "regions" in out and (
+        not isinstance(out["regions"], list) or not all(isinstance(r, str) for r in out["regions"])
+    ):
+        raise FleetError(f"{what}.regions must be a list of region names, got {out['regions']!r}")
+    if "deadline_s" in out:
+        v = out["deadline_s"]
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, int | float)
+            or not math.isfinite(float(v))
+            or v <= 0
+        ):
+            raise FleetError(f"{what}.deadline_s must be a positive number of seconds, got {v!r}")
+    if "max_concurrency" in out:
+        v = out["max_concurrency"]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise FleetError(f"{what}.max_concurrency must be a positive integer, got {v!r}")
+    return out

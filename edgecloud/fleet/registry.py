@@ -1,8 +1,10 @@
 """What the controller knows about each device: its registry entry and its shadow.
 
 The registry is filled only from what devices publish (retained status, reported state,
-telemetry), never from what the controller hopes: ``model_version`` is what the device reports
-running, so ``fleet devices`` shows the truth after a deployment, including a refused one.
+telemetry), never from what the controller hopes: ``model_name``/``model_version`` come from the
+device's reported shadow, which the device publishes after every deploy, rollback and policy
+change with a version of its own that only grows, so ``fleet devices`` shows the truth after a
+deployment (including a refused one), whatever order retained copies arrive in after a restart.
 
 A shadow is the AWS IoT Device Shadow idea on plain MQTT: the controller owns the *desired*
 state (retained, with a version that increases by one per change), the device owns the
@@ -37,6 +39,12 @@ class Device:
     counters: dict[str, int] = field(default_factory=dict)
     reported: dict[str, Any] = field(default_factory=dict)
     reported_version: int = 0
+    #: identity epoch of the device's store; a new one means the device was re-provisioned
+    epoch: str = ""
+    past_epochs: list[str] = field(default_factory=list)
+    reprovisioned_at: float | None = None
+    #: the desired-state version the device last reported acting on
+    desired_acked: int = 0
 
     def bump(self, counter: str, n: int = 1) -> None:
         self.counters[counter] = self.counters.get(counter, 0) + n
@@ -60,6 +68,12 @@ class Device:
             counters={str(k): int(v) for k, v in dict(d.get("counters") or {}).items()},
             reported=dict(d.get("reported") or {}),
             reported_version=int(d.get("reported_version", 0)),
+            epoch=str(d.get("epoch", "")),
+            past_epochs=[str(e) for e in d.get("past_epochs") or []],
+            reprovisioned_at=(
+                None if d.get("reprovisioned_at") is None else float(d["reprovisioned_at"])
+            ),
+            desired_acked=int(d.get("desired_acked", 0)),
         )
 
 

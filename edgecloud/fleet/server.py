@@ -10,7 +10,7 @@ resumes where it stopped instead of starting over. Packages are signed, so downl
 token; the API does when the controller has one (``Authorization: Bearer <token>``).
 
 API (JSON; errors are ``{"error": "..."}`` with 400 bad input, 401 token, 404 unknown, 409
-shadow conflict):
+shadow conflict, 503 a standby controller asked to write):
 
     GET  /metrics                           Prometheus text: devices, jobs, executions, messages
     GET  /api/health                        {"ok", "connected", "devices", "jobs"}
@@ -19,10 +19,12 @@ shadow conflict):
     GET  /api/devices/<id>/shadow           {"version", "desired", "reported", "delta"}
     POST /api/devices/<id>/shadow           {"desired": patch, "expected_version": n}
     GET  /api/devices/<id>/telemetry?after=N [record, ...]
+    GET  /api/summary                       fleet health: online, versions, failing, rates
     GET  /api/jobs                          [job with counts, ...]
     GET  /api/jobs/<id>                     job with counts and executions
     POST /api/packages                      a package .tar.gz as the body -> the stored package
-    POST /api/deploy                        {"package": dir | "package_ref": {name, version},
+    POST /api/deploy                        {"package": dir | "package_ref": {name, version,
+                                             sha256 (optional)},
                                              "targets": [...], job options}
     POST /api/rollback                      {"targets": [...], "version": opt, job options}
     POST /api/jobs/<id>/cancel              {"force": false}
@@ -30,7 +32,8 @@ shadow conflict):
 
 Job options: ``job_id``, ``rollout`` (max_per_minute, base_rate_per_minute, increment_factor,
 on_succeeded), ``abort`` ([{failure_type, threshold_percent, min_executed}]), ``timeout_s``,
-``job_timeout_s``.
+``job_timeout_s`` (seconds or a duration such as ``"90s"``), ``retry`` (``{"FAILED": 2,
+"TIMED_OUT": 1}`` or ``"FAILED:2,TIMED_OUT:1"``). Everything is checked before the job exists.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from edgecloud._guarded_http import GuardedHandler, GuardedThreadingHTTPServer
 from edgecloud.errors import ConfigError, EdgeCloudError, FleetError, PackageError, ProtocolError
-from edgecloud.fleet.controller import FleetController, NotFound
+from edgecloud.fleet.controller import FleetController, NotActive, NotFound
 from edgecloud.fleet.jobs import AbortCriterion, RolloutConfig
 from edgecloud.fleet.packages import StoredPackage
 from edgecloud.fleet.store import ShadowConflict
@@ -157,10 +160,14 @@ def _job_kwargs(body: dict[str, Any]) -> dict[str, Any]:
     kw["abort"] = [AbortCriterion.from_dict(a) for a in abort]
     for key in ("timeout_s", "job_timeout_s"):
         if body.get(key) is not None:
-            try:
-                kw[key] = float(body[key])
-            except (TypeError, ValueError):
-                raise _ApiError(400, f"'{key}' must be a number of seconds") from None
+            # seconds or a duration like "90s"; the controller refuses zero, negatives, junk
+            if not isinstance(body[key], int | float | str) or isinstance(body[key], bool):
+                raise _ApiError(400, f"'{key}' must be a number of seconds")
+            kw[key] = body[key]
+    if body.get("retry") is not None:
+        if not isinstance(body["retry"], dict | str):
+            raise _ApiError(400, "'retry' must be an object like {\"FAILED\": 2}")
+        kw["retry"] = body["retry"]
     return kw
 
 
@@ -255,6 +262,8 @@ def _make_handler(server: FleetHTTPServer) -> type[BaseHTTPRequestHandler]:
                 self._send_json(exc.status, {"error": str(exc)})
             except NotFound as exc:
                 self._send_json(404, {"error": str(exc)})
+            except NotActive as exc:
+                self._send_json(503, {"error": str(exc)})
             except ShadowConflict as exc:
                 self._send_json(409, {"error": str(exc), "current_version": exc.current})
             except EdgeCloudError as exc:
@@ -272,12 +281,16 @@ def _make_handler(server: FleetHTTPServer) -> type[BaseHTTPRequestHandler]:
                     return 200, {
                         "ok": True,
                         "connected": ctl.connected,
+                        "active": ctl.active,
+                        "instance": ctl.instance_id,
                         "devices": len(ctl.devices),
                         "jobs": len(ctl.engine.jobs),
                         "stats": dict(ctl.stats),
                     }
                 if parts == ["devices"]:
                     return 200, ctl.devices_view()
+                if parts == ["summary"]:
+                    return 200, ctl.summary_view()
                 if len(parts) == 2 and parts[0] == "devices":
                     return 200, ctl.device_view(parts[1])
                 if len(parts) == 3 and parts[0] == "devices" and parts[2] == "shadow":
@@ -323,7 +336,12 @@ def _make_handler(server: FleetHTTPServer) -> type[BaseHTTPRequestHandler]:
                         name, version = ref.get("name"), ref.get("version")
                         if not (isinstance(name, str) and isinstance(version, str)):
                             raise _ApiError(400, "'package_ref' needs string 'name' and 'version'")
+                        sha = ref.get("sha256")
+                        if sha is not None and not isinstance(sha, str):
+                            raise _ApiError(400, "'package_ref.sha256' must be a string")
                         target = (name, version)
+                        if sha:
+                            body["expected_sha256"] = sha
                     elif isinstance(pkg, str) and pkg:
                         target = Path(pkg)
                     else:
@@ -332,7 +350,12 @@ def _make_handler(server: FleetHTTPServer) -> type[BaseHTTPRequestHandler]:
                             "give 'package' (a package directory on the controller's machine) "
                             "or 'package_ref' ({name, version} of an uploaded package)",
                         )
-                    job = ctl.deploy(target, _targets(body), **_job_kwargs(body))
+                    job = ctl.deploy(
+                        target,
+                        _targets(body),
+                        expected_sha256=body.get("expected_sha256"),
+                        **_job_kwargs(body),
+                    )
                     return 201, ctl.job_view(job.job_id)
                 if parts == ["rollback"]:
                     version = body.get("version")

@@ -9,6 +9,11 @@ each record as one JSON document in a row keyed by its id, so a new field needs 
 The one operation that must be atomic across controllers is the shadow's compare-and-set:
 ``save_shadow(shadow, expected_version)`` writes only when the stored version is still the
 expected one, in the database, so a stale update is refused even when two controllers share it.
+
+For two controllers on one database (high availability), ``acquire_lease`` is a lease row:
+one statement takes the lease when it is free or expired, or renews it for its holder. On
+PostgreSQL the expiry is computed with the database's clock, so the controllers' clocks need
+not agree.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -57,6 +63,14 @@ class FleetStore(Protocol):
     def save_jobs(self, jobs: Iterable[Job]) -> None: ...
     def load_executions(self) -> list[Execution]: ...
     def save_executions(self, executions: Iterable[Execution]) -> None: ...
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take or renew lease ``name`` for ``holder`` for ``ttl_s`` seconds; True if held."""
+        ...
+
+    def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease up now (a clean shutdown), if ``holder`` holds it."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -67,7 +81,17 @@ _SCHEMA = [
     "CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, data TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS executions (job_id TEXT NOT NULL, device_id TEXT NOT NULL,"
     " data TEXT NOT NULL, PRIMARY KEY (job_id, device_id))",
+    "CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL,"
+    " expires DOUBLE PRECISION NOT NULL)",
 ]
+
+# Take the lease if free or expired, renew it if ours; a row comes back only if we hold it.
+_LEASE_SQL = (
+    "INSERT INTO leases (name, holder, expires) VALUES (:name, :holder, {now} + :ttl) "
+    "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires = excluded.expires "
+    "WHERE leases.holder = excluded.holder OR leases.expires < {now} "
+    "RETURNING holder"
+)
 
 
 def _j(d: dict[str, Any]) -> str:
@@ -163,6 +187,21 @@ class SqliteFleetStore:
             "INSERT OR REPLACE INTO executions (job_id, device_id, data) VALUES (?, ?, ?)",
             [(e.job_id, e.device_id, _j(e.to_dict())) for e in executions],
         )
+
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        sql = _LEASE_SQL.format(now=":now")
+        with self._lock:
+            try:
+                row = self._db.execute(
+                    sql, {"name": name, "holder": holder, "ttl": ttl_s, "now": time.time()}
+                ).fetchone()
+            except sqlite3.Error as exc:
+                raise FleetError(f"fleet database {self.path}: lease failed: {exc}") from exc
+        return row is not None
+
+    def release_lease(self, name: str, holder: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
 
     def close(self) -> None:
         with self._lock:
@@ -305,6 +344,28 @@ class SqlAlchemyFleetStore:
                 for e in executions
             ],
         )
+
+    def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        sa = self._sa
+        pg = self._engine.dialect.name == "postgresql"
+        now = "EXTRACT(EPOCH FROM clock_timestamp())" if pg else ":now"
+        params = {"name": name, "holder": holder, "ttl": ttl_s, "now": time.time()}
+        try:
+            with self._engine.begin() as conn:
+                row = conn.execute(sa.text(_LEASE_SQL.format(now=now)), params).first()
+        except Exception as exc:
+            raise FleetError(f"fleet database {_redact(self.url)}: lease failed: {exc}") from exc
+        return row is not None
+
+    def release_lease(self, name: str, holder: str) -> None:
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(
+                    self._sa.text("DELETE FROM leases WHERE name = :name AND holder = :holder"),
+                    {"name": name, "holder": holder},
+                )
+        except Exception as exc:
+            raise FleetError(f"fleet database {_redact(self.url)}: lease failed: {exc}") from exc
 
     def close(self) -> None:
         self._engine.dispose()

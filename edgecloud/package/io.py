@@ -213,6 +213,7 @@ def verify_package(
 def pack_package(pkg: Path, archive: Path) -> Path:
     """Pack a package directory into one ``.tar.gz`` for download (no verification)."""
     root = Path(pkg)
+    archive = Path(archive)  # str paths too
     read_manifest(root)
     archive.parent.mkdir(parents=True, exist_ok=True)
     tmp = archive.with_name(archive.name + ".part")
@@ -231,6 +232,9 @@ def unpack_package(archive: Path | bytes, out_dir: Path) -> Path:
         raise PackageError(f"{out_dir} already exists")
     fileobj = io.BytesIO(archive) if isinstance(archive, bytes) else None
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    _umask = os.umask(0)
+    os.umask(_umask)
+    os.chmod(tmp, 0o777 & ~_umask)  # mkdtemp's 0700 would outlive the rename
     try:
         try:
             tar = (
