@@ -178,4 +178,6 @@ def confidence_from_manifest(
         raise ConfigError(
             f"confidence measure must be one of {sorted(_KINDS)}, got {measure!r}"
         ) from None
-    return cls(manifest.score_output, manifest.confidence)
+    from edgecloud.calibration import tempered  # a tuned temperature, if the manifest has one
+
+    return tempered(cls(manifest.score_output, manifest.confidence), manifest)
