@@ -191,7 +191,8 @@ def test_tune_cli_writes_a_new_signed_version_the_runtime_uses(
     assert sum(r["reference"]["histogram"]) == pytest.approx(1.0)
     offload_target = next(t for t in r["targets"] if t["kind"] == "offload")
     assert offload_target["offload"] <= 0.1
-    assert plot.stat().st_size > 1000 and plot.read_bytes()[:4] == b"\x89PNG"
+    assert plot.stat().st_size > 1000
+    assert plot.read_bytes()[:4] == b"\x89PNG"
     # the runtime's confidence is the calibrated one, the outputs stay raw
     be = load_backend(out, public_key=load_public_key(pub))
     try:
@@ -214,8 +215,9 @@ def test_tune_cli_bad_input_is_a_usage_error(
 ) -> None:
     pkg, priv, pub = _digits_package(tmp_path)
     np.savez(tmp_path / "nolabels.npz", input=np.zeros((30, 64), np.float32))
+    cloud = str(S / "models" / "digits_cloud.onnx")
     base = ["tune", str(pkg), "--public-key", str(pub), "--key", str(priv),
-            "--out", str(tmp_path / "o"), "--cloud", str(S / "models" / "digits_cloud.onnx")]  # fmt: skip
+            "--out", str(tmp_path / "o"), "--cloud", cloud]  # fmt: skip
     assert main([*base, "--data", str(tmp_path / "nolabels.npz")]) == 2
     assert "no 'labels' array" in capsys.readouterr().err
     edge, _ = _rows(tmp_path)
@@ -227,7 +229,7 @@ def test_tune_cli_bad_input_is_a_usage_error(
 def test_manifest_routing_is_checked(tmp_path: Path) -> None:
     pkg, _, pub = _digits_package(tmp_path, {"temperature": -1})
     m = verify_package(pkg, load_public_key(pub)).manifest
-    with pytest.raises(PackageError, match="routing.temperature"):
+    with pytest.raises(PackageError, match=r"routing\.temperature"):
         confidence_from_manifest(m)
     d = json.loads((pkg / "manifest.json").read_text())
     d["routing"] = [1]
@@ -236,9 +238,9 @@ def test_manifest_routing_is_checked(tmp_path: Path) -> None:
 
 
 def test_drift_monitor_alarms_on_a_shifted_window_only(tmp_path: Path) -> None:
-    from device_agent.drift import DriftMonitor
-
     import onnxruntime as ort
+
+    from device_agent.drift import DriftMonitor
 
     sess = ort.InferenceSession(str(S / "models" / "digits_edge.onnx"))
     x = np.load(S / "data" / "edge_val.npz")["input"]
@@ -253,10 +255,13 @@ def test_drift_monitor_alarms_on_a_shifted_window_only(tmp_path: Path) -> None:
         row = x[i % len(x) : i % len(x) + 1]
         out = {"logits": sess.run(None, {"input": row})[0]}
         alarms.append(mon.observe(m, out, offloaded=conf[i % len(x)] < 0.8))
-    assert alarms == [None] * 200 and mon.windows == 2
+    assert alarms == [None] * 200
+    assert mon.windows == 2
     for _ in range(100):  # noise: the model becomes unsure everywhere
         row = rng.random((1, 64)).astype(np.float32) * 0.3
         out = {"logits": sess.run(None, {"input": row})[0]}
         a = mon.observe(m, out, offloaded=True)
-    assert a is not None and a["alarm"] and a["distance"] > 0.3
+    assert a is not None
+    assert a["alarm"]
+    assert a["distance"] > 0.3
     assert mon.report()["alarms"] == 1
