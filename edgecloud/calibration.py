@@ -240,13 +240,21 @@ def sweep(
 
 
 def pick_offload(conf: np.ndarray, max_offload: float) -> float:
-    """The largest threshold that offloads at most ``max_offload`` of these rows."""
+    """A threshold offloading at most ``max_offload`` of these rows *and* of new ones on average.
+
+    With exchangeable rows a new request falls below the (k+1)-th smallest of n confidences with
+    probability (k+1)/(n+1), so k = floor(X (n+1)) - 1 keeps the expected offload <= X (the
+    plain empirical quantile overshoots by about (1-X)/(n+1)). The spread around X on a
+    held-out set is sampling noise of order sqrt(X(1-X)/n); docs/benchmarks.md measures it.
+    """
     if not 0.0 <= max_offload <= 1.0:
         raise ConfigError(f"offload target must be a fraction in [0, 1], got {max_offload!r}")
     c = np.sort(np.asarray(conf, dtype=np.float64))
-    k = math.floor(max_offload * len(c) + 1e-9)
-    if k >= len(c):
+    if max_offload >= 1.0:
         return 1.0
+    k = math.floor(max_offload * (len(c) + 1) + 1e-9) - 1
+    if k < 0:
+        return 0.0  # nothing is offloaded
     return float(c[k])  # rows strictly below c[k] number at most k
 
 
