@@ -122,6 +122,24 @@ def test_background_escalation_audits_and_drift_show_in_telemetry(
             assert alarm["data"]["distance"] > 0.3
             assert alarm["data"]["version"] == "1.0.0-tuned"
             assert _beat(agent, obs)["data"]["drift"]["alarms"] == 1
+            # a bad value rejects the whole policy and changes nothing
+            send_job(obs, DEV, "p3", "policy", mode="edge_first", audit_rate=0.5, escalate="soon")
+            failed = obs.wait_job("p3")
+            assert failed["status"] in ("FAILED", "REJECTED")
+            assert "escalate must be one of" in str(failed)
+            assert agent.client.mode.value == "edge_only"
+            assert agent.client.escalation.audit_rate == 0.0
+            send_job(obs, DEV, "p4", "policy", escalate="background", escalation_rate_limit=3)
+            assert obs.wait_job("p4")["status"] == "SUCCEEDED"
         finally:
             agent.stop()
+        # the accepted policy survives a restart
+        again = Agent(load_config(cfg)).start()
+        try:
+            esc = again.client.escalation
+            assert esc.mode == "background"
+            assert esc.limiter is not None
+            assert esc.limiter.rate == 3
+        finally:
+            again.stop()
             obs.close()
