@@ -265,3 +265,39 @@ def test_drift_monitor_alarms_on_a_shifted_window_only(tmp_path: Path) -> None:
     assert a["alarm"]
     assert a["distance"] > 0.3
     assert mon.report()["alarms"] == 1
+
+
+def test_tune_compares_variants_and_flags_one_that_needs_more_offload(tmp_path: Path) -> None:
+    """A variant that needs more offload for the same target is a regression (exit 1 with
+    --fail-on-regression). The "int8" here is a genuinely weaker model with the same interface
+    (the harder pair's 4x4 edge), standing in for a quantisation that hurt."""
+    from samples.build_hard_pair import build
+
+    build(tmp_path / "hard")
+    priv, pub = generate_keypair(tmp_path / "pub.key")
+    m = Manifest(
+        name="digits_edge",
+        version="2.0.0",
+        inputs=(TensorSpec("input", "float32", ("batch", 64)),),
+        outputs=(TensorSpec("logits", "float32", ("batch", 10)),),
+        variants=(
+            Variant("fp32", "model.onnx", "onnx", "fp32", "cpu", 0, ""),
+            Variant("int8", "model.int8.onnx", "onnx", "int8", "cpu", 0, ""),
+        ),
+    )
+    pkg = tmp_path / "pkg"
+    files = {"model.onnx": S / "models" / "digits_edge.onnx",
+             "model.int8.onnx": tmp_path / "hard" / "edge.onnx"}  # fmt: skip
+    write_package(pkg, m, files, signing_key=load_private_key(priv))
+    edge, cloud = _rows(tmp_path)
+    args = [
+        "tune", str(pkg), "--data", str(edge), "--cloud", str(S / "models" / "digits_cloud.onnx"),
+        "--cloud-data", str(cloud), "--public-key", str(pub), "--key", str(priv),
+        "--out", str(tmp_path / "tuned"), "--variant", "fp32", "--target", "accuracy=1pt",
+    ]  # fmt: skip
+    assert main([*args, "--fail-on-regression"]) == 1
+    v = verify_package(tmp_path / "tuned", load_public_key(pub)).manifest.routing["variants"]
+    assert v["int8"]["regression"] is True
+    assert v["int8"]["offload"] > v["fp32"]["offload"] + 0.02
+    assert "regression" not in v["fp32"]
+    assert main([*args, "--force"]) == 0  # reported, not failed, without the flag
