@@ -13,6 +13,10 @@ from device_agent.agent import Agent
 from device_agent.config import load_config
 from device_agent.drift import DriftMonitor
 from edgecloud import calibration as cal
+from edgecloud.fleet.controller import FleetController
+from edgecloud.fleet.packages import PackageStore
+from edgecloud.fleet.server import FleetHTTPServer
+from edgecloud.fleet.store import SqliteFleetStore
 from edgecloud.package import load_private_key, load_public_key, pack_package, unpack_package
 from tests.fixtures.broker import MosquittoBroker
 from tests.test_agent_util import ROOT, Keys, Observer, make_package, send_job, write_config
@@ -52,7 +56,7 @@ def _beat(agent: Agent, obs: Observer) -> dict[str, Any]:
 
 
 def test_background_escalation_audits_and_drift_show_in_telemetry(
-    tmp_path: Path, mosquitto: MosquittoBroker
+    tmp_path: Path, mosquitto: MosquittoBroker, request: pytest.FixtureRequest
 ) -> None:
     from tests.fixtures.servers import make_repository, running_cloud_server
 
@@ -60,6 +64,17 @@ def test_background_escalation_audits_and_drift_show_in_telemetry(
     archive, routing = _tuned_archive(tmp_path, keys)
     repo = make_repository(tmp_path / "repo", {"digits_cloud": S / "models" / "digits_cloud.onnx"})
     obs = Observer(mosquitto.host, mosquitto.port)
+    request.addfinalizer(obs.close)
+    ctl = FleetController(
+        mosquitto.url,
+        SqliteFleetStore(tmp_path / "fleet.sqlite"),
+        PackageStore(tmp_path / "packages"),
+        tick_interval=0.05,
+    )
+    request.addfinalizer(ctl.close)
+    http = FleetHTTPServer(ctl).start()
+    request.addfinalizer(http.close)
+    ctl.start()
     with running_cloud_server(repo, region="near", subprocess=False, threads=1) as server:
         cfg = write_config(
             tmp_path / "agent.toml",
@@ -76,6 +91,7 @@ def test_background_escalation_audits_and_drift_show_in_telemetry(
         agent = Agent(load_config(cfg)).start()
         agent.drift = DriftMonitor(window=60, max_distance=0.3)
         try:
+            obs.wait(lambda: agent.connected or None, what="agent subscribed to its jobs")
             send_job(obs, DEV, "d1", "deploy", package_url=archive.as_uri())
             assert obs.wait_job("d1")["status"] == "SUCCEEDED"
             assert agent.active_version == "1.0.0-tuned"
@@ -122,6 +138,18 @@ def test_background_escalation_audits_and_drift_show_in_telemetry(
             assert alarm["data"]["distance"] > 0.3
             assert alarm["data"]["version"] == "1.0.0-tuned"
             assert _beat(agent, obs)["data"]["drift"]["alarms"] == 1
+            # ... and the fleet controller shows it in the device's telemetry (its HTTP API)
+            import httpx
+
+            def fleet_view() -> list[dict[str, Any]] | None:
+                recs = httpx.get(f"{http.url}/api/devices/{DEV}/telemetry", timeout=10).json()
+                kinds = {r.get("kind") for r in recs}
+                return recs if {"drift", "heartbeat"} <= kinds else None
+
+            recs = obs.wait(fleet_view, what="drift in the fleet's telemetry view")
+            drift = next(r for r in recs if r["kind"] == "drift")
+            assert drift["data"]["alarm"] is True
+            assert any("escalation" in r["data"] for r in recs if r["kind"] == "heartbeat")
             # a bad value rejects the whole policy and changes nothing
             send_job(obs, DEV, "p3", "policy", mode="edge_first", audit_rate=0.5, escalate="soon")
             failed = obs.wait_job("p3")
@@ -142,4 +170,3 @@ def test_background_escalation_audits_and_drift_show_in_telemetry(
             assert esc.limiter.rate == 3
         finally:
             again.stop()
-            obs.close()
