@@ -584,9 +584,13 @@ class HybridClient:
         *,
         deadline: float | None = None,
         mode: Mode | str | None = None,
+        threshold: float | None = None,
+        escalate: str | None = None,
     ) -> HybridResult:
         """``infer`` on a worker thread: an event loop is never blocked by a model or a region."""
-        return await asyncio.to_thread(self.infer, inputs, deadline=deadline, mode=mode)
+        return await asyncio.to_thread(
+            self.infer, inputs, deadline=deadline, mode=mode, threshold=threshold, escalate=escalate
+        )
 
     def _route(
         self, slot: _Slot | None, inputs: Mapping[str, Any], mode: Mode, dl: Deadline

@@ -134,6 +134,12 @@ def test_per_request_threshold_overrides_the_models(package: Any, region: Any) -
             c.infer(x, threshold=1.5)
         with pytest.raises(ConfigError, match="escalate must be one of"):
             c.infer(x, escalate="soon")
+        import asyncio
+
+        r = asyncio.run(c.ainfer(x, threshold=1.0, escalate="background"))
+        assert r.reason == "background"
+        assert r.cloud_future is not None
+        assert r.cloud_future.result(30).region == "near"
 
 
 def test_background_escalation_returns_now_and_delivers_the_cloud_answer(

@@ -207,8 +207,14 @@ class Escalation:
             "background_dropped": 0,
             "rate_limited": 0,
         }
-        self.audits = {"sent": 0, "agreed": 0, "disagreed": 0, "incomparable": 0, "failed": 0}
-        self.audits["dropped"] = 0
+        self.audits = {
+            "sent": 0,
+            "agreed": 0,
+            "disagreed": 0,
+            "incomparable": 0,
+            "failed": 0,
+            "dropped": 0,
+        }
 
     @property
     def audit_rate(self) -> float:
