@@ -227,13 +227,20 @@ def sweep(
     cloud_ok: np.ndarray,
     thresholds: Sequence[float] | np.ndarray | None = None,
 ) -> Curve:
-    """The cascade's accuracy and offload at each threshold (default: 0..1 in 201 steps)."""
+    """The cascade's accuracy and offload at each threshold.
+
+    Default thresholds: 0, the 201 quantiles of ``conf`` and just above 1, so over-confident
+    scores bunched near 1 still give an evenly spaced curve in offload."""
     c = np.asarray(conf, dtype=np.float64)
     e = np.asarray(edge_ok, dtype=bool)
     k = np.asarray(cloud_ok, dtype=bool)
     if not c.shape == e.shape == k.shape or c.ndim != 1:
         raise ConfigError(f"sweep needs aligned 1-D arrays, got {c.shape}, {e.shape}, {k.shape}")
-    ts = np.linspace(0.0, 1.0, 201) if thresholds is None else np.asarray(thresholds, np.float64)
+    if thresholds is None:
+        q = np.quantile(c, np.linspace(0.0, 1.0, 201)) if len(c) else np.empty(0)
+        ts = np.unique(np.concatenate([[0.0], q, [np.nextafter(1.0, 2.0)]]))
+    else:
+        ts = np.asarray(thresholds, np.float64)
     off = c[None, :] < ts[:, None]
     acc = np.where(off, k[None, :], e[None, :]).mean(axis=1)
     return Curve(ts, off.mean(axis=1), acc, float(e.mean()), float(k.mean()))
