@@ -172,6 +172,11 @@ def confidence_from_manifest(
     """The policy the manifest implies, or None when it says confidence is not defined."""
     if manifest.confidence == "none":
         return None
+    from edgecloud.routing.task_confidence import from_routing  # detectors, multi-label, ...
+
+    task = from_routing(manifest)
+    if task is not None:
+        return task
     try:
         cls = _KINDS[measure]
     except KeyError:
