@@ -301,3 +301,37 @@ def test_tune_compares_variants_and_flags_one_that_needs_more_offload(tmp_path: 
     assert v["int8"]["offload"] > v["fp32"]["offload"] + 0.02
     assert "regression" not in v["fp32"]
     assert main([*args, "--force"]) == 0  # reported, not failed, without the flag
+
+
+def test_tune_cli_against_a_live_region(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--region: the cloud's answers come over HTTP from a real V2 server."""
+    from tests.fixtures.servers import make_repository, running_cloud_server
+
+    pkg, priv, pub = _digits_package(tmp_path)
+    edge, _ = _rows(tmp_path)
+    repo = make_repository(tmp_path, {"digits_cloud": S / "models" / "digits_cloud.onnx"})
+    with running_cloud_server(repo, region="r", subprocess=False, threads=1) as server:
+        rc = main([
+            "tune", str(pkg), "--data", str(edge), "--region", server.url,
+            "--cloud-model", "digits_cloud", "--cloud-input-shape", "1,8,8",
+            "--public-key", str(pub), "--key", str(priv), "--out", str(tmp_path / "t"),
+            "--target", "accuracy=1pt",
+        ])  # fmt: skip
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "cloud 97.50%" in out  # the CNN's accuracy on these 560 rows, as served
+    r = verify_package(tmp_path / "t", load_public_key(pub)).manifest.routing
+    assert r["curve"]["cloud_accuracy"] > r["curve"]["edge_accuracy"]
+
+
+def test_temperature_on_a_probabilities_model(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    pkg, _, pub = _digits_package(tmp_path, {"temperature": 2.0})
+    m = replace(verify_package(pkg, load_public_key(pub)).manifest, confidence="probabilities")
+    p = cal.softmax(np.random.default_rng(0).normal(0, 3, (4, 10)))
+    policy = confidence_from_manifest(m)
+    assert policy is not None
+    want = cal.softmax(np.log(p), 2.0).max(1)
+    assert np.allclose(policy({"logits": p.astype(np.float32)}), want, atol=1e-5)
+    assert np.allclose(cal.apply_temperature({"logits": p}, m)["logits"].max(1), want, atol=1e-5)
