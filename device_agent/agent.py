@@ -891,17 +891,30 @@ class Agent:
             or not 0.0 <= float(threshold) <= 1.0
         ):
             raise _Rejected(f"policy: 'threshold' must be a number in [0, 1], got {threshold!r}")
-        esc = {k: doc[k] for k in _ESCALATION_KEYS if k in doc}
+        esc = {k: doc[k] for k in (*_ESCALATION_KEYS, *_DRIFT_KEYS) if k in doc}
         try:  # checked whole before anything changes
-            self.client.escalation.configure(**{_ESCALATION_KEYS[k]: v for k, v in esc.items()})
+            drift = self.drift.checked(*(esc.get(k) for k in _DRIFT_KEYS))
+            self.client.escalation.configure(
+                **{_ESCALATION_KEYS[k]: v for k, v in esc.items() if k in _ESCALATION_KEYS}
+            )
         except ConfigError as exc:
             raise _Rejected(f"policy: {exc}") from None
+        self.drift.apply(*drift)
         self.client.set_policy(
             mode=str(mode), threshold=None if threshold is None else float(threshold)
         )
         # Survives a restart: the fleet's policy wins over the config file's until changed.
-        self.queue.set("policy", json.dumps({"mode": mode, "threshold": threshold, **esc}))
-        return sorted(set(doc) - {"mode", "threshold", *_ESCALATION_KEYS})
+        e, d = self.client.escalation, self.drift
+        live = {  # the effective settings, not just this document's keys
+            "escalate": e.mode,
+            "audit_rate": e.audit_rate,
+            "escalation_rate_limit": e.limiter.rate if e.limiter is not None else 0,
+            "drift_window": d.window,
+            "drift_max_distance": d.max_distance,
+            "drift_max_offload_shift": d.max_offload_shift,
+        }
+        self.queue.set("policy", json.dumps({"mode": mode, "threshold": threshold, **live}))
+        return sorted(set(doc) - {"mode", "threshold", *_ESCALATION_KEYS, *_DRIFT_KEYS})
 
     def _handle_desired(self, desired: DesiredState) -> None:
         """Act on the delta between desired and actual, then report what we run.
@@ -1043,6 +1056,10 @@ _ESCALATION_KEYS = {
     "audit_rate": "audit_rate",
     "escalation_rate_limit": "rate_limit",
 }
+
+
+#: Fleet policy keys for the drift monitor, in ``DriftMonitor.checked``'s order.
+_DRIFT_KEYS = ("drift_window", "drift_max_distance", "drift_max_offload_shift")
 
 
 def _job_id_of(payload: bytes) -> str | None:

@@ -12,8 +12,10 @@ the manifest's own policy, temperature included, also when the cloud answered) i
 
 and raises an alarm when either exceeds its limit (``max_distance``, ``max_offload_shift``).
 Memory is one window of counts; nothing grows with traffic. A model without a reference (not
-tuned) is not monitored. ``report()`` goes into every heartbeat; an alarm is also returned by
-``observe`` so the agent can publish it at once as a telemetry record of kind ``drift``.
+tuned) is not monitored. The window and both limits come from the fleet policy
+(``drift_window``, ``drift_max_distance``, ``drift_max_offload_shift``). ``report()`` goes into
+every heartbeat; an alarm is also returned by ``observe`` so the agent can publish it at once
+as a telemetry record of kind ``drift``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from edgecloud.calibration import routing_of
+from edgecloud.errors import ConfigError
 from edgecloud.package.manifest import Manifest
 from edgecloud.routing.confidence import ConfidencePolicy, confidence_from_manifest
 
@@ -37,12 +40,9 @@ class DriftMonitor:
     def __init__(
         self, *, window: int = 200, max_distance: float = 0.25, max_offload_shift: float = 0.15
     ) -> None:
-        if window < 10:
-            raise ValueError(f"drift window must be >= 10 requests, got {window}")
-        self.window = window
-        self.max_distance = max_distance
-        self.max_offload_shift = max_offload_shift
         self._lock = threading.Lock()
+        self.window = 0
+        self.max_distance = self.max_offload_shift = 0.0
         self._model: tuple[str, str] | None = None
         self._policy: ConfidencePolicy | None = None
         self._ref: np.ndarray | None = None
@@ -53,6 +53,47 @@ class DriftMonitor:
         self.windows = 0
         self.alarms = 0
         self.last: dict[str, Any] | None = None
+        self.configure(
+            window=window, max_distance=max_distance, max_offload_shift=max_offload_shift
+        )
+
+    def configure(
+        self,
+        *,
+        window: int | None = None,
+        max_distance: float | None = None,
+        max_offload_shift: float | None = None,
+    ) -> None:
+        """Change the limits (fleet policy ``drift_window``, ``drift_max_distance``,
+        ``drift_max_offload_shift``); everything is checked before anything changes, and a new
+        window size starts a fresh window."""
+        self.apply(*self.checked(window, max_distance, max_offload_shift))
+
+    def checked(
+        self, window: int | None, max_distance: float | None, max_offload_shift: float | None
+    ) -> tuple[int, float, float]:
+        """The limits after this change, validated (ConfigError naming the key), not applied."""
+        w = self.window if window is None else window
+        if isinstance(w, bool) or not isinstance(w, int) or w < 10:
+            raise ConfigError(f"drift_window must be an integer >= 10 requests, got {window!r}")
+        limits = []
+        for name, v, cur in (
+            ("drift_max_distance", max_distance, self.max_distance),
+            ("drift_max_offload_shift", max_offload_shift, self.max_offload_shift),
+        ):
+            v = cur if v is None else v
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 < v <= 1.0:
+                raise ConfigError(f"{name} must be a number in (0, 1], got {v!r}")
+            limits.append(float(v))
+        return w, limits[0], limits[1]
+
+    def apply(self, window: int, max_distance: float, max_offload_shift: float) -> None:
+        with self._lock:
+            if window != self.window:
+                self._counts[:] = 0
+                self._n = self._offloaded = 0
+            self.window = window
+            self.max_distance, self.max_offload_shift = max_distance, max_offload_shift
 
     def _bind(self, manifest: Manifest) -> None:
         key = (manifest.name, manifest.version)

@@ -11,7 +11,6 @@ import pytest
 
 from device_agent.agent import Agent
 from device_agent.config import load_config
-from device_agent.drift import DriftMonitor
 from edgecloud import calibration as cal
 from edgecloud.fleet.controller import FleetController
 from edgecloud.fleet.packages import PackageStore
@@ -89,7 +88,6 @@ def test_background_escalation_audits_and_drift_show_in_telemetry(
             ),
         )
         agent = Agent(load_config(cfg)).start()
-        agent.drift = DriftMonitor(window=60, max_distance=0.3)
         try:
             obs.wait(lambda: agent.connected or None, what="agent subscribed to its jobs")
             send_job(obs, DEV, "d1", "deploy", package_url=archive.as_uri())
@@ -97,7 +95,10 @@ def test_background_escalation_audits_and_drift_show_in_telemetry(
             assert agent.active_version == "1.0.0-tuned"
             # the tuned threshold is the live one (no threshold in the agent's config)
             assert agent.client.threshold == pytest.approx(routing["threshold"])
-            send_job(obs, DEV, "p1", "policy", escalate="background", audit_rate=1.0)
+            send_job(
+                obs, DEV, "p1", "policy", escalate="background", audit_rate=1.0,
+                drift_window=60, drift_max_distance=0.3,
+            )  # fmt: skip
             assert obs.wait_job("p1")["status"] == "SUCCEEDED"
             x = np.load(S / "data" / "edge_val.npz")["input"][:60]
             results = []
@@ -157,6 +158,10 @@ def test_background_escalation_audits_and_drift_show_in_telemetry(
             assert "escalate must be one of" in str(failed)
             assert agent.client.mode.value == "edge_only"
             assert agent.client.escalation.audit_rate == 0.0
+            send_job(obs, DEV, "p3b", "policy", audit_rate=0.5, drift_window=3)
+            assert "drift_window must be an integer" in str(obs.wait_job("p3b"))
+            assert agent.client.escalation.audit_rate == 0.0
+            assert agent.drift.window == 60
             send_job(obs, DEV, "p4", "policy", escalate="background", escalation_rate_limit=3)
             assert obs.wait_job("p4")["status"] == "SUCCEEDED"
         finally:
@@ -168,5 +173,7 @@ def test_background_escalation_audits_and_drift_show_in_telemetry(
             assert esc.mode == "background"
             assert esc.limiter is not None
             assert esc.limiter.rate == 3
+            assert again.drift.window == 60
+            assert again.drift.max_distance == 0.3
         finally:
             again.stop()
