@@ -357,6 +357,11 @@ class HybridClient:
             "probe_timeout": cfg.probe_timeout,
             "failure_threshold": cfg.failure_threshold,
             "cooldown": cfg.cooldown,
+            "escalation": {
+                "escalate": cfg.escalate,
+                "audit_rate": cfg.audit_rate,
+                "rate_limit": cfg.escalation_rate_limit,
+            },
         }
         if "backend" in overrides:
             kwargs["package"] = None

@@ -242,3 +242,26 @@ def test_a_full_background_queue_drops_and_counts(package: Any, region: Any) -> 
     assert len(dropped) == st["background_dropped"]
     assert all("queue full" in str(r.errors["background"]) for r in dropped)
     assert sum(r.region == "near" for r in late) == st["background_answered"] >= 1
+
+
+def test_escalation_controls_from_the_config_file(tmp_path: Path, package: Any) -> None:
+    from edgecloud.config import load_config
+
+    cfg = tmp_path / "client.toml"
+    body = (
+        f'[model]\npackage = "{package[0]}"\npublic_key = "{package[1]}"\n'
+        '[routing]\nescalate = "background"\naudit_rate = 0.25\nescalation_rate_limit = 2.0\n'
+        "probe_interval = 60.0\n"
+    )
+    cfg.write_text(body)
+    with HybridClient.from_config(cfg) as c:
+        e = c.escalation
+        assert (e.mode, e.audit_rate) == ("background", 0.25)
+        assert e.limiter is not None
+        assert e.limiter.rate == 2.0
+    cfg.write_text(body.replace("0.25", "1.5"))
+    with pytest.raises(ConfigError, match=r"\[routing\]: audit_rate must be a number in \[0, 1\]"):
+        load_config(cfg)
+    cfg.write_text(body.replace('"background"', '"later"'))
+    with pytest.raises(ConfigError, match=r"\[routing\]: escalate must be one of"):
+        load_config(cfg)
