@@ -190,7 +190,10 @@ def test_rate_limit_caps_escalations_per_device(package: Any, region: Any) -> No
         rs = [c.infer({"input": val_inputs(1)}) for _ in range(5)]
         assert [r.reason for r in rs] == ["low_confidence"] * 2 + ["rate_limited"] * 3
         assert all(r.degraded and "rate_limit" in r.errors for r in rs[2:])
-        assert c.escalation.stats()["rate_limited"] == 3
+        bg = c.infer({"input": val_inputs(1)}, escalate="background")  # the same tokens
+        assert bg.reason == "rate_limited"
+        assert bg.cloud_future is None
+        assert c.escalation.stats()["rate_limited"] == 4
 
 
 def test_audits_sample_confident_answers_and_report_agreement(package: Any, region: Any) -> None:
@@ -242,6 +245,25 @@ def test_a_full_background_queue_drops_and_counts(package: Any, region: Any) -> 
     assert len(dropped) == st["background_dropped"]
     assert all("queue full" in str(r.errors["background"]) for r in dropped)
     assert sum(r.region == "near" for r in late) == st["background_answered"] >= 1
+
+
+def test_background_escalation_copies_the_inputs(package: Any) -> None:
+    """The caller may reuse its array at once: the cloud answers the row as it was."""
+    import onnxruntime as ort
+
+    from tests.fixtures.servers import make_repository, running_cloud_server
+
+    x = val_inputs(2)
+    want = ort.InferenceSession(str(CLOUD)).run(None, {"input": x.reshape(2, 1, 8, 8)})[0]
+    repo = make_repository(package[0].parent / "slow2", {"digits_cloud": CLOUD})
+    with running_cloud_server(repo, region="slow", subprocess=False, latency_ms=200) as slow:
+        with _client(package, slow, threshold=1.0, escalation={"escalate": "background"}) as c:
+            buf = x[:1].copy()
+            r = c.infer({"input": buf})
+            buf[:] = x[1:2]  # overwritten while the escalation is still queued or in flight
+            cloud = r.cloud_future.result(30)  # type: ignore[union-attr]
+    assert cloud.region == "near"
+    assert np.allclose(cloud.outputs["logits"], want[:1], atol=1e-5)
 
 
 def test_escalation_controls_from_the_config_file(tmp_path: Path, package: Any) -> None:
