@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="coarser sweep")
     parser.add_argument("--threshold", type=float, default=None, help="for the end-to-end run")
     parser.add_argument("--measure", default="max_probability", help="for the end-to-end run")
+    parser.add_argument("--no-tune", action="store_true", help="skip the calibration report")
     args = parser.parse_args(argv)
 
     le, lc, y = _split("val")
@@ -205,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     if abs(acc - acc_sweep) > 1e-9 or abs(off - off_sweep) > 1e-9:
         print("MISMATCH between end-to-end and in-process figures", file=sys.stderr)
         return 1
+    if not args.no_tune:  # calibration and tuned thresholds, digits and the harder pair
+        from benchmarks import calibration
+
+        print("\n# calibration and thresholds from targets (benchmarks/calibration.py)")
+        calibration.main(["--quick"] if args.quick else [])
     return 0
 
 

@@ -37,6 +37,7 @@ from typing import Any
 
 from device_agent.capture import HardExampleStore
 from device_agent.config import AgentConfig
+from device_agent.drift import DriftMonitor
 from device_agent.queue import DurableQueue
 from device_agent.server import LocalEndpoint
 from device_agent.serving import AgentClient, InferOutcome, Metrics, load_model
@@ -137,6 +138,9 @@ class Agent:
                 max_bytes=c.max_bytes,
             )
             self.client.on_answer.append(self._capture)
+        #: Confidence/offload drift vs the tune-time reference (device_agent/drift.py).
+        self.drift = DriftMonitor()
+        self.client.on_answer.append(self._observe_drift)
         self.endpoint: LocalEndpoint | None = None
         self._endpoint_port = endpoint_port
         self._stop = threading.Event()
@@ -724,16 +728,30 @@ class Agent:
         )
         if self.capture is not None:
             data["hard_examples"] = len(self.capture.list())
+        data.update(escalation=self.client.escalation.stats(), drift=self.drift.report())
+        return self._telemetry("heartbeat", data)
+
+    def _telemetry(self, kind: str, data: dict[str, Any]) -> int:
         topic = self.topics.telemetry(self.device_id)
 
         def build(seq: int) -> bytes:
             return dumps(
-                TelemetryRecord(self.device_id, seq, time.time(), "heartbeat", data, self.epoch)
+                TelemetryRecord(self.device_id, seq, time.time(), kind, data, self.epoch)
             )
 
         seq = self.queue.put_with_seq("telemetry", "telemetry", topic, build)
         self._wake.set()
         return seq
+
+    def _observe_drift(self, _inputs: Mapping[str, Any], outcome: InferOutcome) -> None:
+        reason = str(outcome.result.reason)
+        offloaded = outcome.route != "edge" or reason in ("background", "rate_limited")
+        try:
+            alarm = self.drift.observe(self.client.manifest, outcome.edge_outputs, offloaded)
+            if alarm is not None:  # published at once: the fleet shows it as kind "drift"
+                self._telemetry("drift", alarm)
+        except Exception as exc:  # drift must never fail a request
+            log.warning("drift monitor failed: %s", exc)
 
     def metrics_text(self) -> str:
         q = self.queue.stats()
@@ -1040,12 +1058,30 @@ class Agent:
             or not 0.0 <= float(threshold) <= 1.0
         ):
             raise _Rejected(f"policy: 'threshold' must be a number in [0, 1], got {threshold!r}")
+        esc = {k: doc[k] for k in (*_ESCALATION_KEYS, *_DRIFT_KEYS) if k in doc}
+        try:  # checked whole before anything changes
+            drift = self.drift.checked(*(esc.get(k) for k in _DRIFT_KEYS))
+            self.client.escalation.configure(
+                **{_ESCALATION_KEYS[k]: v for k, v in esc.items() if k in _ESCALATION_KEYS}
+            )
+        except ConfigError as exc:
+            raise _Rejected(f"policy: {exc}") from None
+        self.drift.apply(*drift)
         self.client.set_policy(
             mode=str(mode), threshold=None if threshold is None else float(threshold)
         )
         # Survives a restart: the fleet's policy wins over the config file's until changed.
-        self.queue.set("policy", json.dumps({"mode": mode, "threshold": threshold}))
-        return sorted(set(doc) - {"mode", "threshold"})
+        e, d = self.client.escalation, self.drift
+        live = {  # the effective settings, not just this document's keys
+            "escalate": e.mode,
+            "audit_rate": e.audit_rate,
+            "escalation_rate_limit": e.limiter.rate if e.limiter is not None else 0,
+            "drift_window": d.window,
+            "drift_max_distance": d.max_distance,
+            "drift_max_offload_shift": d.max_offload_shift,
+        }
+        self.queue.set("policy", json.dumps({"mode": mode, "threshold": threshold, **live}))
+        return sorted(set(doc) - {"mode", "threshold", *_ESCALATION_KEYS, *_DRIFT_KEYS})
 
     def _handle_desired(self, desired: DesiredState) -> None:
         """Act on the delta between desired and actual, then report what we run.
@@ -1191,6 +1227,18 @@ def _download_key(job: JobNotification, url: str) -> str:
 def _download_done(outcome: JobOutcome) -> bool:
     """Whether a deploy's partial download can go: kept only after a transient failure."""
     return outcome.status != ExecutionState.FAILED or "download" not in outcome.reason
+
+
+#: Fleet policy keys for the escalation controls -> ``Escalation.configure`` keywords.
+_ESCALATION_KEYS = {
+    "escalate": "escalate",
+    "audit_rate": "audit_rate",
+    "escalation_rate_limit": "rate_limit",
+}
+
+
+#: Fleet policy keys for the drift monitor, in ``DriftMonitor.checked``'s order.
+_DRIFT_KEYS = ("drift_window", "drift_max_distance", "drift_max_offload_shift")
 
 
 def _job_id_of(payload: bytes) -> str | None:

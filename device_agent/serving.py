@@ -231,17 +231,23 @@ class AgentClient(HybridClient):
         return done
 
     def infer(
-        self, inputs: Mapping[str, Any], *, deadline: float | None = None, mode: Any = None
-    ) -> HybridResult:
-        return self.answer(inputs, deadline=deadline, mode=mode).result
+        self, inputs: Mapping[str, Any], *, deadline: float | None = None, mode: Any = None,
+        threshold: float | None = None, escalate: str | None = None,
+    ) -> HybridResult:  # fmt: skip
+        return self.answer(
+            inputs, deadline=deadline, mode=mode, threshold=threshold, escalate=escalate
+        ).result
 
     def answer(
-        self, inputs: Mapping[str, Any], *, deadline: float | None = None, mode: Any = None
-    ) -> InferOutcome:
+        self, inputs: Mapping[str, Any], *, deadline: float | None = None, mode: Any = None,
+        threshold: float | None = None, escalate: str | None = None,
+    ) -> InferOutcome:  # fmt: skip
         """``infer`` plus the version that answered and the route taken, for the endpoint."""
         t0 = time.perf_counter()
         try:
-            r = super().infer(inputs, deadline=deadline, mode=mode)
+            r = super().infer(
+                inputs, deadline=deadline, mode=mode, threshold=threshold, escalate=escalate
+            )
         except Exception:
             self.metrics.error()
             raise

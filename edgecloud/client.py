@@ -28,6 +28,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -45,6 +46,7 @@ from edgecloud.errors import (
 )
 from edgecloud.package.io import ModelPackage
 from edgecloud.package.manifest import Manifest
+from edgecloud.routing import escalation as _esc
 from edgecloud.routing.breaker import CircuitBreaker
 from edgecloud.routing.capacity import CapacityLimiter, CpuLoadGate
 from edgecloud.routing.confidence import (
@@ -106,6 +108,8 @@ class HybridResult:
     #: confidence), for hard-example capture; None otherwise (``outputs`` are then the local ones
     #: when ``source == "edge"``).
     local_outputs: dict[str, np.ndarray] | None = None
+    #: The cloud's answer to come: set for ``escalate="background"`` and audited requests.
+    cloud_future: Future[HybridResult] | None = None
 
     @property
     def region(self) -> str | None:
@@ -136,6 +140,17 @@ class HybridResult:
 
     def error_summary(self) -> str:
         return "; ".join(f"{name}: {err}" for name, err in self.errors.items())
+
+
+def _check_overrides(threshold: float | None, escalate: str | None) -> None:
+    if threshold is not None and (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, int | float)
+        or not 0.0 <= threshold <= 1.0
+    ):
+        raise ConfigError(f"threshold must be a number in [0, 1], got {threshold!r}")
+    if escalate is not None:
+        _esc.check_escalate(escalate)
 
 
 def reshape_adapter(shape: Shape | Mapping[str, Shape]) -> CloudInputs:
@@ -239,8 +254,15 @@ class HybridClient:
         failure_threshold: int = 3,
         cooldown: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        escalation: _esc.Escalation | Mapping[str, Any] | None = None,
     ) -> None:
         self._clock = clock
+        #: Background escalation, rate limit and audits (edgecloud/routing/escalation.py).
+        self.escalation = (
+            escalation
+            if isinstance(escalation, _esc.Escalation)
+            else _esc.Escalation(**dict(escalation or {}), clock=clock)
+        )
         self._mode = parse_mode(mode)
         if deadline is not None and not deadline > 0:
             raise ConfigError(f"deadline must be > 0 seconds or None, got {deadline!r}")
@@ -341,6 +363,11 @@ class HybridClient:
             "probe_timeout": cfg.probe_timeout,
             "failure_threshold": cfg.failure_threshold,
             "cooldown": cfg.cooldown,
+            "escalation": {
+                "escalate": cfg.escalate,
+                "audit_rate": cfg.audit_rate,
+                "rate_limit": cfg.escalation_rate_limit,
+            },
         }
         if "backend" in overrides:
             kwargs["package"] = None
@@ -528,8 +555,15 @@ class HybridClient:
         *,
         deadline: float | None = None,
         mode: Mode | str | None = None,
+        threshold: float | None = None,
+        escalate: str | None = None,
     ) -> HybridResult:
-        """Answer one request (any batch size routes as one unit: its least confident row)."""
+        """Answer one request (any batch size routes as one unit: its least confident row).
+
+        ``threshold`` overrides the model's for this request; ``escalate`` ("sync" or
+        "background") the client's escalation mode (edgecloud/routing/escalation.py)."""
+        if threshold is not None or escalate is not None:
+            _check_overrides(threshold, escalate)
         if self._closed:
             raise RuntimeBackendError("HybridClient is closed")
         m = self._mode if mode is None else parse_mode(mode)
@@ -544,7 +578,8 @@ class HybridClient:
                 slot.inflight += 1
         try:
             if slot is not None and m is Mode.EDGE_FIRST:
-                return self._edge_first(slot, slot.backend.validate(inputs), start, seconds)
+                feed = slot.backend.validate(inputs)
+                return self._edge_first(slot, feed, start, seconds, threshold, escalate)
             dl = Deadline(seconds, clock=self._clock, start=start)
             return self._route(slot, inputs, m, dl)
         finally:
@@ -560,9 +595,13 @@ class HybridClient:
         *,
         deadline: float | None = None,
         mode: Mode | str | None = None,
+        threshold: float | None = None,
+        escalate: str | None = None,
     ) -> HybridResult:
         """``infer`` on a worker thread: an event loop is never blocked by a model or a region."""
-        return await asyncio.to_thread(self.infer, inputs, deadline=deadline, mode=mode)
+        return await asyncio.to_thread(
+            self.infer, inputs, deadline=deadline, mode=mode, threshold=threshold, escalate=escalate
+        )
 
     def _route(
         self, slot: _Slot | None, inputs: Mapping[str, Any], mode: Mode, dl: Deadline
@@ -627,7 +666,13 @@ class HybridClient:
         )
 
     def _edge_first(
-        self, slot: _Slot, feed: dict[str, np.ndarray], start: float, seconds: float | None
+        self,
+        slot: _Slot,
+        feed: dict[str, np.ndarray],
+        start: float,
+        seconds: float | None,
+        threshold: float | None = None,
+        escalate: str | None = None,
     ) -> HybridResult:
         """The default path; the confident case is the hot path, so it builds no Deadline."""
         clock = self._clock
@@ -639,8 +684,8 @@ class HybridClient:
         if policy is None:
             return self._result(slot, outputs, "edge", Reason.NO_CONFIDENCE, None, local_time=local)
         conf, rows = policy.lowest(outputs)
-        if conf >= slot.threshold:
-            return HybridResult(
+        if conf >= (slot.threshold if threshold is None else threshold):
+            r = HybridResult(
                 outputs,
                 "edge",
                 Reason.CONFIDENT,
@@ -656,12 +701,22 @@ class HybridClient:
                 slot.score_kind,
                 slot.version,
             )
+            esc = self.escalation
+            if esc.audit.rate and self.selector.regions and esc.audit():
+                _esc.audit(self, slot, feed, r)
+            return r
         dl = Deadline(seconds, clock=clock, start=start)
         if not self.selector.regions:
             return self._result(
                 slot, outputs, "edge", Reason.NO_REGIONS, rows, conf=conf, degraded=True,
                 local_time=local,
             )  # fmt: skip
+        if not self.escalation.allow():
+            limited: HybridResult = _esc.rate_limited(self, slot, outputs, rows, conf, local)
+            return limited
+        if (escalate or self.escalation.mode) == "background":
+            now: HybridResult = _esc.background(self, slot, feed, outputs, rows, conf, local)
+            return now
         if dl.remaining() < MIN_ATTEMPT:
             return self._result(
                 slot, outputs, "edge", Reason.DEADLINE, rows, conf=conf, degraded=True,
@@ -1031,6 +1086,7 @@ class HybridClient:
                     r.transport.close()
                 except EdgeCloudError:
                     pass
+        self.escalation.close()
         slot = self._slot
         if self._owned_backend and slot is not None:
             slot.backend.close()

@@ -82,6 +82,9 @@ class ClientConfig:
     failure_threshold: int = 3
     cooldown: float = 10.0
     cloud_input_shape: Shape | dict[str, Shape] | None = None
+    escalate: str = "sync"  # escalation controls: edgecloud/routing/escalation.py
+    audit_rate: float = 0.0
+    escalation_rate_limit: float | None = None
     # [[regions]]
     regions: tuple[RegionConfig, ...] = ()
 
@@ -112,6 +115,9 @@ _ROUTING_KEYS = {
     "failure_threshold": int,
     "cooldown": "float",
     "cloud_input_shape": "shape",
+    "escalate": str,
+    "audit_rate": "float",
+    "escalation_rate_limit": "float",
 }
 _REGION_KEYS = {
     "name": str,
@@ -190,6 +196,7 @@ def parse_config(
     values: dict[str, Any] = {}
     values.update(_section(data.get("model", {}), _MODEL_KEYS, f"{where} [model]", base))
     values.update(_section(data.get("routing", {}), _ROUTING_KEYS, f"{where} [routing]", base))
+    _check_escalation(values, f"{where} [routing]")
     regions_raw = data.get("regions", [])
     if not isinstance(regions_raw, list):
         raise ConfigError(f"{where}: 'regions' must be an array of tables ([[regions]])")
@@ -208,6 +215,19 @@ def parse_config(
     known = {f.name for f in fields(ClientConfig)}
     assert set(values) <= known
     return ClientConfig(**values)
+
+
+def _check_escalation(values: Mapping[str, Any], where: str) -> None:
+    from edgecloud.routing.escalation import Escalation
+
+    try:  # the same checks the client runs, so load_config alone catches a bad value
+        Escalation(
+            escalate=values.get("escalate", "sync"),
+            audit_rate=values.get("audit_rate", 0.0),
+            rate_limit=values.get("escalation_rate_limit"),
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def load_config(path: Path | str) -> ClientConfig:

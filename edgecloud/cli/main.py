@@ -35,6 +35,7 @@ EXIT_MISSING_DEP = 3
 #: adds its parser and sets ``func`` (``Callable[[argparse.Namespace], int]``) as a default.
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("edgecloud.cli.convert", "make validated FP16/INT8/TensorRT variants of a model"),
+    "tune": ("edgecloud.cli.tune", "calibrate confidence and pick the threshold from a target"),
     "keys": ("edgecloud.cli.keys", "generate Ed25519 signing keys"),
     "package": ("edgecloud.cli.package", "verify or inspect a model package"),
     "cloud": ("edgecloud.cli.cloud", "run a cloud region server (KServe V2 over HTTP/MQTT)"),

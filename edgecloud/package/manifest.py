@@ -166,6 +166,8 @@ class Manifest:
     warmup: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    #: Optional calibration and tuned routing (``edgecloud tune``; see edgecloud/calibration.py).
+    routing: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not _SAFE_NAME.match(self.name):
@@ -210,6 +212,7 @@ class Manifest:
             "files": {f.path: f.to_dict() for f in sorted(self.files, key=lambda f: f.path)},
             "warmup": self.warmup,
             "metadata": self.metadata,
+            **({"routing": self.routing} if self.routing else {}),  # absent: old bytes unchanged
         }
 
     def to_json(self) -> bytes:
@@ -257,6 +260,7 @@ class Manifest:
             warmup=dict(d.get("warmup", {})),
             metadata=dict(d.get("metadata", {})),
             schema_version=schema,
+            routing=_routing(d.get("routing")),
         )
 
     @classmethod
@@ -266,6 +270,12 @@ class Manifest:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise PackageError(f"{where} is not valid JSON: {exc}") from exc
         return cls.from_dict(raw)
+
+
+def _routing(raw: Any) -> dict[str, Any]:
+    if raw is not None and not isinstance(raw, Mapping):
+        raise PackageError("manifest: 'routing' must be an object")
+    return dict(raw or {})
 
 
 def shape_matches(spec: Sequence[Dim], shape: Sequence[int]) -> bool:

@@ -172,10 +172,17 @@ def confidence_from_manifest(
     """The policy the manifest implies, or None when it says confidence is not defined."""
     if manifest.confidence == "none":
         return None
+    from edgecloud.routing.task_confidence import from_routing  # detectors, multi-label, ...
+
+    task = from_routing(manifest)
+    if task is not None:
+        return task
     try:
         cls = _KINDS[measure]
     except KeyError:
         raise ConfigError(
             f"confidence measure must be one of {sorted(_KINDS)}, got {measure!r}"
         ) from None
-    return cls(manifest.score_output, manifest.confidence)
+    from edgecloud.calibration import tempered  # a tuned temperature, if the manifest has one
+
+    return tempered(cls(manifest.score_output, manifest.confidence), manifest)

@@ -35,6 +35,9 @@ class Reason(StrEnum):
     CLOUD_FAILED = "cloud_failed"  # the cloud was wanted but no region answered: local, degraded
     DEADLINE = "deadline"  # the deadline left no time for the cloud: local, degraded
     NO_REGIONS = "no_regions"  # the cloud was wanted but none is configured: local, degraded
+    BACKGROUND = "background"  # unsure; local answer now, the cloud's on result.cloud_future
+    RATE_LIMITED = "rate_limited"  # unsure, but the device's escalation rate limit: local, degraded
+    AUDIT = "audit"  # the cloud's answer to an audited confident request (on cloud_future)
 
     def __str__(self) -> str:
         return self.value
