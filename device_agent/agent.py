@@ -735,9 +735,7 @@ class Agent:
         topic = self.topics.telemetry(self.device_id)
 
         def build(seq: int) -> bytes:
-            return dumps(
-                TelemetryRecord(self.device_id, seq, time.time(), kind, data, self.epoch)
-            )
+            return dumps(TelemetryRecord(self.device_id, seq, time.time(), kind, data, self.epoch))
 
         seq = self.queue.put_with_seq("telemetry", "telemetry", topic, build)
         self._wake.set()
