@@ -129,7 +129,7 @@
 
   // -- plots (inline SVG) --------------------------------------------------------------------
   function linePlot(title, series, o = {}) {
-    const W = 600, H = o.height || 170, L = 46, R = 10, T = 8, B = 22;
+    const W = 480, H = o.height || 190, L = 44, R = 10, T = 8, B = 22;
     const pts = series.flatMap((s) => s.points.filter((p) => num(p[1]) !== null));
     const svg = h("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": title });
     const box = h("div", { class: "plot", "data-plot": o.id || title }, h("h3", {}, title), svg);
@@ -175,7 +175,7 @@
     return box;
   }
   function barPlot(title, bars, o = {}) {
-    const W = 600, H = o.height || 170, L = 46, R = 10, T = 8, B = 22;
+    const W = 480, H = o.height || 190, L = 44, R = 10, T = 8, B = 22;
     const svg = h("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": title });
     const box = h("div", { class: "plot", "data-plot": o.id || title }, h("h3", {}, title), svg);
     const max = Math.max(0, ...bars.map((b) => b[1]));
@@ -227,15 +227,16 @@
     return v.precision && v.name && v.precision !== v.name ? `${v.name} (${v.precision})` : v.name || v.precision || "";
   }
   function healthOf(d, t) {
+    // Warnings are about now (a silent device, lost telemetry, failing requests); the last
+    // error a device reported is shown as information, since it may be long resolved.
     const issues = [];
     const data = (t && t.data) || {};
     const c = d.counters || {};
-    if (data.last_error) issues.push(String(data.last_error));
+    if (d.online && t && Date.now() / 1000 - t.ts > 120) issues.push(`no heartbeat for ${ago(t.ts).replace(" ago", "")}`);
     if (c.telemetry_gaps) issues.push(`${c.telemetry_gaps} telemetry records missing`);
     if (data.requests && data.errors) issues.push(`${data.errors} of ${data.requests} requests failed`);
-    const failedJobs = (c.jobs_failed || 0) + (c.jobs_rejected || 0) + (c.jobs_timed_out || 0);
-    if (failedJobs) issues.push(`${failedJobs} job(s) not succeeded`);
-    return { level: !d.online ? "offline" : issues.length ? "warn" : "ok", issues };
+    const info = data.last_error ? "last error: " + data.last_error : "";
+    return { level: !d.online ? "offline" : issues.length ? "warn" : "ok", issues, info };
   }
   function countBy(rows, key) {
     const m = new Map();
@@ -252,12 +253,15 @@
     const summary = h("div", { class: "cards" });
     const counts = h("div", { class: "grid3" });
     const groupSel = h("select", { "aria-label": "group", onchange: (e) => { st.group = e.target.value; draw(); } }, h("option", { value: "" }, "all groups"));
+    const sortSel = h("select", { "aria-label": "sort", id: "fleet-sort", onchange: (e) => { const [k, dir] = e.target.value.split(":"); st.sort = k; st.asc = dir === "asc"; draw(); } },
+      [["device_id:asc", "sort: device"], ["device_id:desc", "sort: device, descending"], ["version:asc", "sort: version"], ["status:desc", "sort: online first"],
+        ["status:asc", "sort: offline first"], ["last_seen:asc", "sort: longest silent"], ["group:asc", "sort: group"]].map(([v, t]) => h("option", { value: v }, t)));
     const toolbar = h("div", { class: "toolbar" },
       h("input", { type: "search", placeholder: "filter: id, group, model, version", "aria-label": "filter", id: "fleet-filter",
         oninput: (e) => { st.q = e.target.value.toLowerCase(); draw(); } }),
       h("select", { "aria-label": "status", id: "fleet-status", onchange: (e) => { st.status = e.target.value; draw(); } },
         h("option", { value: "" }, "online and offline"), h("option", { value: "online" }, "online"), h("option", { value: "offline" }, "offline")),
-      groupSel);
+      groupSel, sortSel);
     const cols = [
       ["device_id", "Device"], ["group", "Group"], ["model", "Model"], ["version", "Version"], ["variant", "Variant", "hide-sm"],
       ["status", "Status"], ["last_seen", "Last seen", "hide-sm"], ["health", "Health"], ["agent", "Agent", "hide-sm"],
@@ -275,6 +279,8 @@
     }
     function draw() {
       drawHead();
+      const key = `${st.sort}:${st.asc ? "asc" : "desc"}`;
+      sortSel.value = [...sortSel.options].some((o) => o.value === key) ? key : sortSel.value;
       const shown = rows.filter((r) => (!st.status || r.status === st.status) && (!st.group || r.group === st.group) &&
         (!st.q || [r.device_id, r.group, r.model, r.version, r.variant].join(" ").toLowerCase().includes(st.q)));
       shown.sort((a, b) => {
@@ -287,7 +293,7 @@
         h("td", {}, r.group || "–"), h("td", {}, r.model || "–"),
         h("td", { class: "version" }, r.version || "–"), h("td", { class: "hide-sm" }, r.variant || "–"),
         h("td", {}, badge(r.status)), h("td", { class: "hide-sm", title: when(r.last_seen) }, ago(r.last_seen)),
-        h("td", { class: "reason" }, badge(r.health, r.health), r.issues.length ? " " + r.issues.join("; ") : ""),
+        h("td", { class: "reason" }, badge(r.health, r.health), h("span", { class: "hide-sm" }, r.issues.length ? " " + r.issues.join("; ") : "")),
         h("td", { class: "hide-sm" }, r.agent || "–"))));
       if (!shown.length) tbody.append(h("tr", {}, h("td", { colspan: cols.length, class: "empty" }, rows.length ? "no device matches the filter" : "no device has connected yet")));
     }
@@ -299,7 +305,7 @@
           const t = latest[d.device_id];
           const hl = healthOf(d, t);
           return {
-            device_id: d.device_id, group: d.group || "", model: d.model_name || "", version: d.model_version || "",
+            device_id: d.device_id, group: d.group || "", model: d.model_name || (t && t.data && t.data.model) || "", version: d.model_version || "",
             variant: variantOf(t), status: d.online ? "online" : "offline", last_seen: d.last_seen || 0,
             health: hl.level, issues: hl.issues, agent: d.agent_version || "",
           };
@@ -378,12 +384,12 @@
           h("h1", {}, h("span", { id: "device-id" }, d.device_id), badge(d.online ? "online" : "offline"), badge(hl.level, hl.level)),
           h("div", { class: "panel" }, h("dl", { class: "kv" },
             h("dt", {}, "group"), h("dd", {}, d.group || "–"),
-            h("dt", {}, "model"), h("dd", { id: "device-model" }, `${d.model_name || "–"} ${d.model_version || ""}`),
+            h("dt", {}, "model"), h("dd", { id: "device-model" }, `${d.model_name || (last && last.data && last.data.model) || "–"} ${d.model_version || ""}`),
             h("dt", {}, "variant"), h("dd", {}, variantOf(last) || "–"),
             h("dt", {}, "agent"), h("dd", {}, d.agent_version || "–"),
             h("dt", {}, "last seen"), h("dd", {}, `${ago(d.last_seen)} (${when(d.last_seen)})`),
             h("dt", {}, "labels"), h("dd", {}, labels || "–"),
-            h("dt", {}, "health"), h("dd", { class: "reason" }, hl.issues.join("; ") || "ok"),
+            h("dt", {}, "health"), h("dd", { class: "reason" }, hl.issues.join("; ") || "ok", hl.info ? h("div", { class: "muted" }, hl.info) : ""),
             h("dt", {}, "hard examples"), h("dd", { id: "device-hard" }, last && num(last.data && last.data.hard_examples) !== null ? String(last.data.hard_examples) + " captured on the device" : "capture off"))));
         const s = deriveSeries(recs);
         const x0 = recs.length ? recs[0].ts : undefined, x1 = last ? last.ts : undefined;
@@ -492,7 +498,7 @@
         jobsBody.replaceChildren(...[...jobs].reverse().map((j) => h("tr", { "data-job": j.job_id, "data-status": j.status },
           h("td", {}, h("a", { href: "#/job/" + enc(j.job_id) }, j.job_id)), h("td", {}, j.operation),
           h("td", {}, (j.document && j.document.version) || "–"), h("td", {}, badge(j.status)),
-          h("td", {}, progress(j.counts, j.total), stateLegend(j.counts)), h("td", { class: "reason" }, j.reason || ""),
+          h("td", {}, h("div", { class: "grow" }, progress(j.counts, j.total), stateLegend(j.counts))), h("td", { class: "reason" }, j.reason || ""),
           h("td", {}, ago(j.created_at)),
           h("td", {}, j.status === "IN_PROGRESS" ? h("button", { type: "button", class: "danger", "data-cancel": j.job_id,
             onclick: () => act(listMsg, `Cancel job ${j.job_id}? Executions not started yet are canceled.`,
@@ -580,7 +586,8 @@
               h("div", { class: "card" }, h("div", { class: "k" }, "offloaded"), h("div", { class: "v", "data-figure": "offload" }, pct(g.offload))),
               h("div", { class: "card" }, h("div", { class: "k" }, "degraded"), h("div", { class: "v" }, pct(g.degraded_rate)))),
             h("div", { class: "grid3" }, regions.map((reg) => h("div", { class: "card region " + (reg.failing ? "failing" : reg.state === "closed" || !reg.state ? "" : "degraded"), "data-region": reg.name, "data-failing": reg.failing ? "true" : "false" },
-              h("div", { class: "k" }, "region"), h("div", { class: "v" }, reg.name, " ", reg.failing ? badge("failing") : badge(reg.state || "unknown", reg.state || "")),
+              h("div", { class: "k" }, "region"), h("div", { class: "v" }, reg.name, " ", reg.failing ? badge("failing") : ""),
+              h("div", {}, "circuit ", badge((reg.state || "unknown").replace("_", "-"), reg.state || ""), reg.states && reg.states.length > 1 ? ` (devices differ: ${reg.states.join(", ")})` : ""),
               h("div", {}, `${fmt(reg.requests, 0)} attempts, ${fmt(reg.failures, 0)} failed in the window`),
               reg.failing ? h("div", { class: "reason" }, reg.recent_requests ? `every one of the last ${fmt(reg.recent_requests, 0)} attempts failed` : "circuit open on every device") : "",
               reg.last_error ? h("div", { class: "reason muted" }, "last error: " + reg.last_error) : ""))),
@@ -591,7 +598,7 @@
               linePlot("Cloud latency per region, p50 (ms)", regions.map((reg, i) => ({ name: reg.name, points: reg.series.map((p) => [p.t, p.p50_ms]), color: reg.failing ? "#cf222e" : PALETTE[i % PALETTE.length] })),
                 { id: "cloud-latency-" + g.group, x0, x1, unit: " ms", empty: "no region answered in this window" }),
               linePlot("Failed attempts per region", regions.map((reg, i) => ({ name: reg.name, points: reg.series.map((p) => [p.t, p.failures]), color: reg.failing ? "#cf222e" : PALETTE[i % PALETTE.length] })),
-                { id: "failures-" + g.group, x0, x1, yfmt: (v) => v.toFixed(0), empty: "no attempt in this window" })));
+                { id: "failures-" + g.group, x0, x1, empty: "no attempt in this window" })));
         }));
         if (!r.groups.length) body.append(h("div", { class: "empty" }, "no device has sent telemetry yet"));
       },
@@ -630,6 +637,7 @@
       const [health] = await Promise.all([api("/api/health"), view.refresh()]);
       if (gen !== generation) return;
       setConn(health.connected, health.connected ? `live · ${clock(Date.now() / 1000)}` : "controller has no broker");
+      labelCells();
       document.body.dataset.refreshes = String(+(document.body.dataset.refreshes || 0) + 1);
       const stale = view.root.querySelector(":scope > .msg.poll");
       if (stale) stale.remove();
@@ -646,6 +654,15 @@
     if (gen !== generation) return;
     schedule(pending ? 0 : backoff);
     pending = false;
+  }
+  function labelCells() {
+    // On a phone, tables become one card per row (console.css); each cell names its column.
+    for (const table of main.querySelectorAll("table")) {
+      const names = [...table.querySelectorAll("thead th")].map((th) => th.textContent);
+      for (const tr of table.querySelectorAll("tbody tr")) {
+        [...tr.children].forEach((td, i) => { if (names[i]) td.setAttribute("data-label", names[i]); });
+      }
+    }
   }
   function show(v) {
     generation++;
