@@ -227,6 +227,7 @@ class AgentClient(HybridClient):
         super().__init__(mode=mode, threshold=threshold, regions=regions, **kwargs)
         self.metrics = metrics or Metrics()
         self.metrics.regions_source = self.regions_status
+        self._note_variant(self.backend)
         self.on_answer: list[Callable[[Mapping[str, Any], InferOutcome], None]] = []
         # Reported to the fleet also before the first model arrives (the client's own
         # ``threshold`` is the active model's, None without one).
@@ -253,6 +254,14 @@ class AgentClient(HybridClient):
     def swap_model(self, backend: Backend, manifest: Manifest) -> Backend | None:
         """Make ``backend`` serve new requests; return the old one (still finishing requests)."""
         old = super().swap_model(backend, manifest)
+        self._note_variant(backend)
+        if old is not None:
+            with self._retiring_lock:
+                self._retiring.add(old)
+        return old
+
+    def _note_variant(self, backend: Backend | None) -> None:
+        """Telemetry names the variant served (fp32, int8, a TensorRT engine...)."""
         v = getattr(backend, "variant", None)
         self.metrics.variant = (
             None
@@ -263,10 +272,6 @@ class AgentClient(HybridClient):
                 "format": str(getattr(v, "format", "")),
             }
         )
-        if old is not None:
-            with self._retiring_lock:
-                self._retiring.add(old)
-        return old
 
     def retire(self, backend: Backend, timeout: float = 60.0) -> bool:
         """Close ``backend`` once its in-flight requests are done (or after ``timeout``)."""

@@ -161,14 +161,14 @@ def routing_view(
     Agents send cumulative counters in every heartbeat (requests, edge, cloud, degraded, and per
     region the attempts, failures, breaker state and latency percentiles of the requests it
     answered); the differences between a device's consecutive records are summed into buckets
-    of ``step_s`` (default: the window over 60, at least 2 s). A counter that went down means the
+    of ``step_s`` (default: the window over 120, at least 1 s). A counter that went down means the
     agent restarted, so that interval is skipped rather than counted negative.
 
     A region is ``failing`` when, over the newest ``RECENT_S`` seconds of telemetry, every
     attempt sent to it failed, or every device that knows it has its circuit open.
     """
     now = ctl.clock() if now is None else now
-    step = step_s or max(2.0, window_s / 60.0)
+    step = step_s or max(1.0, window_s / 120.0)
     n_buckets = min(MAX_POINTS, max(1, math.ceil(window_s / step)))
     step = max(step, window_s / n_buckets)
     start = now - n_buckets * step

@@ -565,11 +565,11 @@
 
   // -- routing -------------------------------------------------------------------------------
   function routingView() {
-    let windowS = 600;
+    let windowS = 300;
     const body = h("div", { id: "routing" });
     const sel = h("select", { "aria-label": "window", onchange: (e) => { windowS = +e.target.value; schedule(0); } },
-      [[300, "last 5 min"], [600, "last 10 min"], [3600, "last hour"], [21600, "last 6 h"]].map(([v, t]) => h("option", { value: v }, t)));
-    sel.value = "600";
+      [[60, "last minute"], [300, "last 5 min"], [900, "last 15 min"], [3600, "last hour"], [21600, "last 6 h"]].map(([v, t]) => h("option", { value: v }, t)));
+    sel.value = "300";
     const root = h("section", {}, h("h1", {}, "Routing"), h("div", { class: "toolbar" }, sel,
       h("span", { class: "muted" }, "from the agents' heartbeats: what they answered locally, what they sent to each region and how it went")), body);
     return {
