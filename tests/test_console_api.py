@@ -294,3 +294,52 @@ def test_agent_metrics_report_p95_local_latency_regions_and_variant() -> None:
     assert near["latency"]["p50_ms"] == pytest.approx(20.0)
     assert near["latency"]["p95_ms"] == pytest.approx(30.0)
     assert snap["variant"]["precision"] == "int8"
+
+
+def test_fleet_serve_prints_and_serves_the_console(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.fixtures.broker import free_port
+
+    port = free_port()
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edgecloud",
+            "fleet",
+            "serve",
+            "--broker",
+            mosquitto.url,
+            "--db",
+            str(tmp_path / "f.sqlite"),
+            "--packages",
+            str(tmp_path / "p"),
+            "--http-port",
+            str(port),
+            "--token",
+            "t0k",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline().decode() for _ in range(2)]
+        assert lines[1].startswith(f"fleet console: http://127.0.0.1:{port}/console/"), lines
+        page = httpx.get(f"http://127.0.0.1:{port}/console/", timeout=5)
+        assert page.status_code == 200
+        assert '<script src="console.js"' in page.text
+        assert httpx.get(f"http://127.0.0.1:{port}/api/routing", timeout=5).status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -398,6 +398,45 @@ def test_tampered_package_shows_rejected_with_the_reason(page: Any, fleet: Fleet
     assert {endpoint_version(a) for a in fleet.agents} == {"2.0.0"}
 
 
+def test_cancel_and_roll_back_from_the_page(page: Any, fleet: Fleet) -> None:
+    page.goto(f"{fleet.http.url}/console/#/rollouts")
+    page.select_option("#deploy-package", label="digits 1.0.0")  # stored by the first deploy
+    page.fill("#deploy-targets", "lab")
+    page.fill("#deploy-form input[name=rate]", "1")  # one device now, the next in a minute
+    page.click("#deploy-start")
+    page.click("#confirm-yes")
+    page.wait_for_selector("text=started job")
+    job_id = page.inner_text(".msg.ok").split("started job ")[1].split(" ")[0]
+    wait_until(
+        lambda: fleet.ctl.job_view(job_id)["counts"].get("SUCCEEDED") == 1,
+        timeout=60,
+        what="the first device updated",
+    )
+    page.click(f"button[data-cancel='{job_id}']")
+    page.wait_for_selector("#confirm[open]")
+    assert job_id in page.inner_text("#confirm-text")
+    page.click("#confirm-no")  # changing one's mind changes nothing
+    assert fleet.ctl.job_view(job_id)["status"] == "IN_PROGRESS"
+    page.click(f"button[data-cancel='{job_id}']")
+    page.click("#confirm-yes")
+    page.wait_for_selector(f"#jobs tr[data-job='{job_id}'][data-status=CANCELED]")
+    view = fleet.ctl.job_view(job_id)
+    nonzero = {k: v for k, v in view["counts"].items() if v}
+    assert nonzero == {"SUCCEEDED": 1, "CANCELED": N - 1}, view["counts"]
+    (moved,) = [e["device_id"] for e in view["executions"] if e["state"] == "SUCCEEDED"]
+    assert endpoint_version(next(a for a in fleet.agents if a.device_id == moved)) == "1.0.0"
+
+    page.goto(f"{fleet.http.url}/console/#/job/{job_id}")
+    page.click("#job-rollback")
+    assert moved in page.inner_text("#confirm-text")
+    page.click("#confirm-yes")
+    page.wait_for_selector("text=started rollback job")
+    rb = page.inner_text(".msg.ok").split("started rollback job ")[1].split(" ")[0]
+    wait_until(lambda: fleet.ctl.job_done(rb), timeout=60, what="the rollback")
+    assert {k: v for k, v in fleet.ctl.job_view(rb)["counts"].items() if v} == {"SUCCEEDED": 1}
+    assert {endpoint_version(a) for a in fleet.agents} == {"2.0.0"}
+
+
 def test_device_and_routing_pages_plot_live_telemetry(page: Any, fleet: Fleet) -> None:
     r = httpx.post(
         f"{fleet.http.url}/api/policy",

@@ -529,6 +529,8 @@
         const ro = j.rollout || {};
         const rate = ro.max_per_minute ? `${ro.max_per_minute}/min` : ro.base_rate_per_minute ? `from ${ro.base_rate_per_minute}/min ×${ro.increment_factor} per ${ro.on_succeeded} succeeded` : "all at once";
         const running = j.status === "IN_PROGRESS";
+        // only the devices this job changed have something to go back from
+        const updated = (j.executions || []).filter((e) => e.state === "SUCCEEDED").map((e) => e.device_id);
         body.replaceChildren(
           h("h1", {}, h("span", { id: "job-id" }, j.job_id), h("span", { id: "job-status" }, badge(j.status))),
           j.reason ? h("div", { class: "msg " + (j.status === "CANCELED" ? "error" : "ok"), id: "job-reason" }, j.reason) : "",
@@ -551,8 +553,8 @@
               running ? h("div", { class: "toolbar" },
                 h("button", { type: "button", class: "danger", id: "job-cancel", onclick: () => act(box, `Cancel job ${j.job_id}?`, () => api(`/api/jobs/${enc(j.job_id)}/cancel`, { method: "POST", body: { force: false } }), (v) => `job ${v.job_id}: ${v.status}`) }, "Cancel"),
                 h("button", { type: "button", class: "danger", onclick: () => act(box, `Force-cancel job ${j.job_id}? Running executions are marked CANCELED too.`, () => api(`/api/jobs/${enc(j.job_id)}/cancel`, { method: "POST", body: { force: true } }), (v) => `job ${v.job_id}: ${v.status}`) }, "Force cancel")) : "",
-              j.operation === "deploy" && !running ? h("div", { class: "toolbar" },
-                h("button", { type: "button", id: "job-rollback", onclick: () => act(box, `Roll back the ${j.total} device(s) of ${j.job_id} to their previous version?`, () => api("/api/rollback", { method: "POST", body: { targets: j.targets } }), (v) => `started rollback job ${v.job_id}`) }, "Roll back these devices")) : "")),
+              j.operation === "deploy" && updated.length ? h("div", { class: "toolbar" },
+                h("button", { type: "button", id: "job-rollback", onclick: () => act(box, `Roll back the ${updated.length} device(s) this job updated (${updated.join(", ")}) to their previous version?`, () => api("/api/rollback", { method: "POST", body: { targets: updated } }), (v) => `started rollback job ${v.job_id} for ${v.total} device(s)`) }, `Roll back the ${updated.length} updated device(s)`)) : "")),
           h("h2", {}, "Executions"),
           h("div", { class: "table-wrap" }, h("table", { id: "executions" },
             h("thead", {}, h("tr", {}, ["Device", "State", "Reason", "Sent", "Started", "Updated"].map((t) => h("th", {}, t)))),
