@@ -446,11 +446,23 @@ def test_device_and_routing_pages_plot_live_telemetry(page: Any, fleet: Fleet) -
     )
     assert r.status_code == 200, r.text
     traffic(fleet, 6.0)
+    afters: list[int] = []
+    page.on(
+        "request",
+        lambda r: (
+            afters.append(int(r.url.split("after=")[1])) if "/telemetry?after=" in r.url else None
+        ),
+    )
     page.goto(f"{fleet.http.url}/console/#/device/agent-0")
     page.wait_for_selector("#device-id >> text=agent-0")
     for plot in ("rate", "latency", "offload", "degraded", "hard"):
         page.wait_for_selector(f"[data-plot={plot}] svg path", timeout=20_000, state="attached")
     page.wait_for_selector("[data-plot=confidence] svg rect", state="attached")
+    page.wait_for_timeout(2_500)
+    # after the first load only records it has not got yet are fetched
+    assert len(afters) >= 2, afters
+    assert afters == sorted(afters)
+    assert afters[-1] > afters[0]
     assert "captured on the device" in page.inner_text("#device-hard")
     desired = page.inner_text(".grid3 .panel:nth-child(1) pre")
     assert "0.995" in desired, desired
@@ -466,6 +478,44 @@ def test_device_and_routing_pages_plot_live_telemetry(page: Any, fleet: Fleet) -
     assert float(offload.split()[0]) > 10, offload
     page.wait_for_selector("[data-group=lab] [data-plot^=cloud-latency] svg path", state="attached")
     shoot(page, "routing")
+
+
+def test_polling_is_bounded_pauses_when_hidden_and_backs_off(browser: Any, fleet: Fleet) -> None:
+    pg = browser.new_page()
+    health: list[float] = []
+    pg.on("request", lambda r: health.append(time.monotonic()) if "/api/health" in r.url else None)
+    try:
+        pg.goto(f"{fleet.http.url}/console/#token={TOKEN}")
+        pg.wait_for_selector("#devices tbody tr[data-device]")
+        pg.wait_for_timeout(6_000)
+        recent = [t for t in health if t > time.monotonic() - 6.0]
+        assert 2 <= len(recent) <= 4, recent  # one refresh every 2 s
+        # a hidden tab does not poll
+        pg.evaluate(
+            "Object.defineProperty(document, 'hidden', {configurable: true, get: () => true});"
+            "document.dispatchEvent(new Event('visibilitychange'))"
+        )
+        pg.wait_for_timeout(2_500)
+        hidden_at = time.monotonic()
+        pg.wait_for_timeout(5_000)
+        assert [t for t in health if t > hidden_at] == []
+        pg.evaluate(
+            "Object.defineProperty(document, 'hidden', {configurable: true, get: () => false});"
+            "document.dispatchEvent(new Event('visibilitychange'))"
+        )
+        pg.wait_for_timeout(1_000)
+        assert [t for t in health if t > hidden_at], "polling did not resume"
+        # an unreachable controller: the page says so and backs off (4 s, 8 s, ...)
+        pg.route("**/api/**", lambda route: route.abort())
+        cut = time.monotonic()
+        pg.wait_for_selector("text=controller unreachable", timeout=10_000)
+        pg.wait_for_timeout(10_000)
+        tries = [t for t in health if t > cut]
+        assert 2 <= len(tries) <= 4, [round(t - cut, 1) for t in tries]
+        assert tries[-1] - tries[-2] >= 3.5
+        pg.unroute("**/api/**")
+    finally:
+        pg.close()
 
 
 def test_killed_agent_turns_offline_on_the_page_within_its_keepalive(
