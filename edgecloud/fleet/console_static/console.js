@@ -36,7 +36,7 @@
       else el.setAttribute(k, v === true ? "" : String(v));
     }
     for (const kid of kids.flat(Infinity)) {
-      if (kid === null || kid === undefined || kid === false) continue;
+      if (kid === null || kid === undefined || kid === false || kid === "") continue;
       el.append(kid instanceof Node ? kid : document.createTextNode(String(kid)));
     }
     return el;
@@ -232,6 +232,8 @@
     const issues = [];
     const data = (t && t.data) || {};
     const c = d.counters || {};
+    // a controller that classifies devices itself (e.g. "failing", "reprovisioned") is believed
+    if (typeof d.status === "string" && d.status && !["online", "offline"].includes(d.status)) issues.push(d.status);
     if (d.online && t && Date.now() / 1000 - t.ts > 120) issues.push(`no heartbeat for ${ago(t.ts).replace(" ago", "")}`);
     if (c.telemetry_gaps) issues.push(`${c.telemetry_gaps} telemetry records missing`);
     if (data.requests && data.errors) issues.push(`${data.errors} of ${data.requests} requests failed`);
