@@ -109,11 +109,36 @@ def latest_telemetry_view(ctl: Any) -> dict[str, Any]:
     """``{device_id: its newest telemetry record}`` for devices that sent one."""
     out: dict[str, Any] = {}
     for dev in ctl.devices_view():
-        did = dev["device_id"]
-        seq = dev.get("telemetry_seq", -1)
-        recs = ctl.telemetry_view(did, int(seq) - 1 if isinstance(seq, int) and seq > 0 else -1)
+        recs = _telemetry_since(ctl, dev["device_id"], math.inf, newest=1)
         if recs:
-            out[did] = recs[-1]
+            out[dev["device_id"]] = recs[-1]
+    return out
+
+
+def _telemetry_since(
+    ctl: Any, device_id: str, since_ts: float, *, newest: int = 0
+) -> list[dict[str, Any]]:
+    """The device's records from ``since_ts`` on (or its ``newest`` ones), oldest first.
+
+    Walks the controller's in-memory ring from its newest end under the controller's lock and
+    stops at the first older record, so a console poll costs what its window holds, not the
+    whole ring (``TELEMETRY_KEEP`` records per device). Records are in arrival order, which is
+    the device's order (its outbox publishes by ``seq``). A controller without that ring falls
+    back to ``telemetry_view``.
+    """
+    lock, rings = getattr(ctl, "_lock", None), getattr(ctl, "telemetry", None)
+    if lock is None or not isinstance(rings, Mapping):
+        recs = list(ctl.telemetry_view(device_id))
+        return recs[-newest:] if newest else [r for r in recs if r.get("ts", 0) >= since_ts]
+    out: list[dict[str, Any]] = []
+    with lock:
+        for r in reversed(rings.get(device_id) or ()):
+            if newest and len(out) >= newest:
+                break
+            if not newest and float(r.get("ts", 0.0)) < since_ts:
+                break
+            out.append(r)
+    out.reverse()
     return out
 
 
@@ -150,7 +175,8 @@ def device_jobs_view(ctl: Any, device_id: str, limit: int = 50) -> list[dict[str
 
 def _num(d: Mapping[str, Any], key: str) -> float | None:
     v = d.get(key)
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+    # a tuple, not int | float: this runs for every figure of every heartbeat in a window
+    return float(v) if isinstance(v, (int, float)) and v.__class__ is not bool else None
 
 
 def routing_view(
@@ -180,7 +206,7 @@ def routing_view(
             g = groups[name] = {"group": name, "devices": [], "online": 0, "b": {}, "r": {}}
         g["devices"].append(dev["device_id"])
         g["online"] += bool(dev.get("online"))
-        recs = [r for r in ctl.telemetry_view(dev["device_id"]) if r.get("ts", 0) >= start - step]
+        recs = _telemetry_since(ctl, dev["device_id"], start - step)
         prev: Mapping[str, Any] | None = None
         for rec in recs:
             data = rec.get("data") or {}

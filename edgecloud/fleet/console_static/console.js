@@ -578,6 +578,7 @@
       h("span", { class: "muted" }, "from the agents' heartbeats: what they answered locally, what they sent to each region and how it went")), body);
     return {
       root,
+      pollMs: 5000, // the figures move with the agents' heartbeats, 30 s apart by default
       async refresh() {
         const r = await api("/api/routing?window=" + windowS);
         const x0 = r.now - r.window_s, x1 = r.now;
@@ -656,7 +657,7 @@
       backoff = Math.min(backoff * 2, MAX_BACKOFF_MS);
     } finally { running = false; }
     if (gen !== generation) return;
-    schedule(pending ? 0 : backoff);
+    schedule(pending ? 0 : Math.max(backoff, view.pollMs || POLL_MS));
     pending = false;
   }
   function labelCells() {
