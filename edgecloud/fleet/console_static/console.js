@@ -649,7 +649,7 @@
       backoff = POLL_MS;
     } catch (e) {
       if (gen !== generation) return;
-      if (e.status === 401) { show(loginView(token() ? "the token was refused" : "")); return; }
+      if (e.status === 401) { setConn(false, "token needed"); show(loginView(token() ? "the token was refused" : "")); return; }
       setConn(false, e.status === 0 ? "controller unreachable" : "error");
       const old = view.root.querySelector(":scope > .msg.poll");
       const m = msg(e.message); m.classList.add("poll");
