@@ -1,8 +1,9 @@
 """The demo's fleet console: a real controller, and the demo's device reporting to it.
 
-``edgecloud demo`` answers its digits through one client on this machine, the device. When a
-Mosquitto broker runs, the demo also starts a ``FleetController`` with its HTTP server (and so
-its console) on loopback, and the device publishes what a device agent publishes: a retained
+``edgecloud demo`` answers its digits through one client on this machine, the device. When
+Mosquitto is installed, the demo also runs ``edgecloud fleet serve`` (its own process, so it
+takes no CPU time from the demo's requests) with a broker of its own on loopback, and the
+device publishes what a device agent publishes: a retained
 online status (with an offline last will), its reported state, and a heartbeat every second
 with the agent's telemetry (``device_agent.serving.Metrics``: requests, routes, latency,
 confidence, each region's attempts, failures, breaker and latency). Opening the console while
@@ -15,10 +16,8 @@ Nothing here may fail the demo: the caller treats any error as "no console" and 
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from edgecloud.fleet.messages import ReportedState, StatusMessage, TelemetryRecord, dumps
@@ -28,37 +27,23 @@ __all__ = ["DemoConsole"]
 
 
 class DemoConsole:
-    """Controller + console on ``127.0.0.1:<port>``, and a reporter for one demo device."""
+    """Reports one demo device to the controller at ``controller_url`` (``fleet serve``)."""
 
     def __init__(
         self,
         broker_url: str,
-        work: Path,
+        controller_url: str,
         *,
         device_id: str = "demo-device",
         group: str = "demo",
         interval_s: float = 1.0,
-        port: int = 0,
     ) -> None:
-        from edgecloud.fleet.controller import FleetController
-        from edgecloud.fleet.packages import PackageStore
-        from edgecloud.fleet.server import FleetHTTPServer
-        from edgecloud.fleet.store import SqliteFleetStore
-
-        work.mkdir(parents=True, exist_ok=True)
         self.device_id = device_id
         self.group = group
         self.interval_s = interval_s
         self.topics = Topics("edgecloud")
         self.broker_url = broker_url
-        self.ctl = FleetController(
-            broker_url,
-            SqliteFleetStore(work / "fleet.sqlite"),
-            PackageStore(work / "packages"),
-            client_id="edgecloud-demo-controller",
-            tick_interval=0.2,
-        )
-        self.http = FleetHTTPServer(self.ctl, "127.0.0.1", port)
+        self.controller_url = controller_url.rstrip("/")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._mqtt: Any = None
@@ -68,12 +53,27 @@ class DemoConsole:
 
     @property
     def url(self) -> str:
-        return f"{self.http.url}/console/"
+        return f"{self.controller_url}/console/"
 
-    def start(self) -> DemoConsole:
-        self.http.start()
-        self.ctl.start(timeout=5.0)
-        return self
+    @property
+    def sent(self) -> int:
+        """Heartbeats published so far."""
+        return self._seq
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Until the controller answers and holds its broker (``EdgeCloudError`` if not)."""
+        import httpx
+
+        from edgecloud.errors import EdgeCloudError
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                r = httpx.get(f"{self.controller_url}/api/health", timeout=1.0)
+                if r.status_code == 200 and r.json().get("connected"):
+                    return
+            time.sleep(0.1)
+        raise EdgeCloudError(f"the fleet controller at {self.controller_url} was not ready")
 
     def attach(self, client: Any, model: str, version: str) -> None:
         """Start reporting for ``client`` (an ``AgentClient``: its metrics are the telemetry)."""
@@ -136,26 +136,28 @@ class DemoConsole:
 
     def wait_seen(self, records: int, timeout: float = 5.0) -> bool:
         """True once the controller has ``records`` heartbeats from the device."""
-        return self.ctl.wait_for(
-            lambda: (
-                self.device_id in self.ctl.devices
-                and self.ctl.devices[self.device_id].counters.get("telemetry", 0) >= records
-            ),
-            timeout,
-        )
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                r = httpx.get(f"{self.controller_url}/api/devices/{self.device_id}", timeout=1.0)
+                if r.status_code == 200 and r.json()["counters"].get("telemetry", 0) >= records:
+                    return True
+            time.sleep(0.1)
+        return False
 
     def snapshot(self) -> dict[str, Any]:
         """What the console shows now, through the same API calls it makes (for the report)."""
         import httpx
 
-        with httpx.Client(base_url=self.http.url, timeout=5.0) as c:
+        with httpx.Client(base_url=self.controller_url, timeout=5.0) as c:
             devices = c.get("/api/devices").json()
             routing = c.get("/api/routing", params={"window": 120}).json()
         return {"url": self.url, "devices": devices, "routing": routing["groups"]}
 
     def close(self) -> None:
-        # the controller's "lost the broker" warning on a deliberate shutdown is only noise here
-        logging.getLogger("edgecloud.fleet").setLevel(logging.ERROR)
+        """Stop reporting; the device says it goes offline (its will would say it anyway)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -167,7 +169,3 @@ class DemoConsole:
             with contextlib.suppress(Exception):
                 self._mqtt.disconnect()
             self._mqtt.loop_stop()
-        with contextlib.suppress(Exception):
-            self.http.close()
-        with contextlib.suppress(Exception):
-            self.ctl.close()

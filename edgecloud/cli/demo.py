@@ -8,11 +8,11 @@ is reached over MQTT, otherwise both over HTTP, and the demo says which. The hel
 through ``HybridClient``; the near region is stopped mid-run to show failover, then both to show
 degraded local answers. A threshold sweep is plotted to a PNG.
 
-When Mosquitto is installed the demo also runs a fleet controller with its console (its own
-broker, so the demo's MQTT region is not involved) and the demo's client reports to it as a
-device agent would; the console's URL is printed first, and with ``--keep-console`` (the default
-at a terminal) it stays up after the demo until Enter is pressed. The console is optional: if it
-cannot start, the demo says so and runs without it.
+When Mosquitto is installed the demo also runs ``edgecloud fleet serve`` with its console (in
+its own process, with its own broker, so the demo's MQTT region is not involved) and the demo's
+client reports to it as a device agent would; the console's URL is printed first, and with
+``--keep-console`` (the default at a terminal) it stays up after the demo until Enter is pressed.
+The console is optional: if it cannot start, the demo says so and runs without it.
 """
 
 from __future__ import annotations
@@ -320,7 +320,11 @@ def _services(out: Path, use_mqtt: bool, far_latency_ms: float) -> Iterator[dict
 
 
 def _open_console(args: argparse.Namespace, out: Path, console: Any) -> tuple[Any, Any]:
-    """(DemoConsole, its broker process) or (None, None): the console never fails the demo."""
+    """(DemoConsole, its processes) or (None, None): the console never fails the demo.
+
+    The controller is ``edgecloud fleet serve`` in its own process with its own Mosquitto, so
+    the console costs the demo's requests no CPU time and works with ``--no-mqtt`` too.
+    """
     if args.no_console:
         return None, None
     binary = _mosquitto()
@@ -334,8 +338,18 @@ def _open_console(args: argparse.Namespace, out: Path, console: Any) -> tuple[An
     try:
         from edgecloud.cli._demo_console import DemoConsole
 
+        http_port = args.console_port or _free_port()
+        with socket.socket() as probe:  # a taken port would look "listening" to _wait_port
+            try:
+                probe.bind(("127.0.0.1", http_port))
+            except OSError as exc:
+                raise ConfigError(
+                    f"--console-port: 127.0.0.1:{http_port} is taken ({exc})"
+                ) from exc
         logs = out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
+        fleet = out / "fleet"
+        fleet.mkdir(parents=True, exist_ok=True)
         port = _free_port()
         conf = out / "fleet-mosquitto.conf"
         conf.write_text(
@@ -344,8 +358,14 @@ def _open_console(args: argparse.Namespace, out: Path, console: Any) -> tuple[An
         )
         b = procs.start("fleet-mosquitto", [binary, "-c", str(conf)], logs)
         _wait_port(b, port, timeout=10)
-        dc = DemoConsole(f"mqtt://127.0.0.1:{port}", out / "fleet", port=args.console_port)
-        dc.start()
+        broker = f"mqtt://127.0.0.1:{port}"
+        serve = [sys.executable, "-m", "edgecloud", "fleet", "serve", "--broker", broker]
+        serve += ["--db", str(fleet / "fleet.sqlite"), "--packages", str(fleet / "packages")]
+        serve += ["--http-port", str(http_port)]
+        ctl = procs.start("fleet-controller", serve, logs)
+        _wait_port(ctl, http_port, timeout=30)
+        dc = DemoConsole(broker, f"http://127.0.0.1:{http_port}")
+        dc.wait_ready()
     except Exception as exc:
         procs.stop_all()
         console.print(f"[yellow]fleet console: off ({type(exc).__name__}: {exc})[/yellow]")
@@ -587,7 +607,7 @@ def _demo(args: argparse.Namespace, out: Path, console: Any, dc: Any) -> int:
             if dc is not None:
                 try:  # what the console shows now, through the API it calls
                     dc.heartbeat()
-                    dc.wait_seen(3)
+                    dc.wait_seen(dc.sent)  # the controller has every heartbeat
                     report["console"] = dc.snapshot()
                 except Exception as exc:
                     console.print(f"[yellow]fleet console: no snapshot ({exc})[/yellow]")
