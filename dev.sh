@@ -114,6 +114,20 @@ ensure_mlserver() {
   fi
 }
 
+ensure_chromium() {
+  # The fleet console's browser tests drive Debian's chromium through Playwright
+  # (executable_path=/usr/bin/chromium); Playwright's own browser download is never used.
+  if command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ]; then return 0; fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing chromium (Debian package) for the fleet console's browser tests ..."
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      chromium chromium-driver >/dev/null \
+      || echo "warning: could not install chromium; the console's browser tests will fail" >&2
+  else
+    echo "note: chromium is not installed and this is not root; the console's browser tests will fail" >&2
+  fi
+}
+
 cmd=${1:-help}
 shift || true
 case "$cmd" in
@@ -127,6 +141,7 @@ case "$cmd" in
     ensure_mosquitto
     ensure_postgres
     ensure_mlserver
+    ensure_chromium
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
   lint)

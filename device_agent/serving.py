@@ -16,7 +16,7 @@ import bisect
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +68,14 @@ class Metrics:
         self.lat_sum = 0.0
         self._recent: deque[float] = deque(maxlen=window)
         self.deployments = {"succeeded": 0, "failed": 0, "rejected": 0}
+        # For the fleet console: local inference time alone, each region's round trips (only
+        # requests that region answered first time, so a failover's wait is not charged to
+        # it), the variant being served, and the client's region status (breaker, counters).
+        self._window = window
+        self._local: deque[float] = deque(maxlen=window)
+        self._region_rtt: dict[str, deque[float]] = {}
+        self.variant: dict[str, str] | None = None
+        self.regions_source: Callable[[], Sequence[Mapping[str, Any]]] | None = None
 
     def observe(self, route: str, conf: float | None, latency_s: float) -> None:
         with self._lock:
@@ -80,6 +88,20 @@ class Metrics:
             self.lat_sum += latency_s
             self._recent.append(latency_s)
 
+    def observe_result(self, r: HybridResult) -> None:
+        """Record how one answer was reached: local time and the answering region's trip."""
+        with self._lock:
+            if r.local_time > 0:
+                self._local.append(r.local_time)
+            region = r.region
+            if region is not None and not r.errors:
+                ring = self._region_rtt.get(region)
+                if ring is None:
+                    if len(self._region_rtt) >= 64:  # bounded: region names come from config
+                        return
+                    ring = self._region_rtt[region] = deque(maxlen=self._window)
+                ring.append(r.cloud_time)
+
     def deployment(self, outcome: str) -> None:
         with self._lock:
             self.deployments[outcome] = self.deployments.get(outcome, 0) + 1
@@ -90,15 +112,16 @@ class Metrics:
             self.errors += 1
 
     def snapshot(self) -> dict[str, Any]:
+        source = self.regions_source
+        status = list(source()) if source is not None else []
         with self._lock:
-            recent = sorted(self._recent)
-            pct = {}
-            for p in (50, 90, 99):
-                pct[f"p{p}_ms"] = (
-                    round(recent[min(len(recent) - 1, int(len(recent) * p / 100))] * 1e3, 3)
-                    if recent
-                    else None
-                )
+            pct = _percentiles(self._recent, (50, 90, 95, 99))
+            regions: dict[str, dict[str, Any]] = {}
+            for st in status:
+                name = str(st.get("name", ""))
+                keep = ("state", "rtt_ms", "requests", "failures", "last_error")
+                regions[name] = {k: st.get(k) for k in keep}
+                regions[name]["latency"] = _percentiles(self._region_rtt.get(name, ()), (50, 95))
             return {
                 "requests": self.requests,
                 "errors": self.errors,
@@ -109,6 +132,9 @@ class Metrics:
                     f"{b:.1f}": n for b, n in zip(_CONF_BUCKETS, self.conf_counts, strict=True)
                 },
                 "latency": pct,
+                "local_latency": _percentiles(self._local, (50, 95)),
+                "regions": regions,
+                "variant": dict(self.variant) if self.variant else None,
                 "deployments": dict(self.deployments),
             }
 
@@ -158,6 +184,15 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+def _percentiles(values: Iterable[float], ps: Iterable[int]) -> dict[str, float | None]:
+    """``{"p50_ms": ...}`` of a window of seconds (nearest rank; None when empty)."""
+    v = sorted(values)
+    return {
+        f"p{p}_ms": round(v[min(len(v) - 1, int(len(v) * p / 100))] * 1e3, 3) if v else None
+        for p in ps
+    }
+
+
 def _top1(outputs: Mapping[str, np.ndarray] | None, manifest: Manifest | None) -> float | None:
     """The least confident row's top-1 probability of a local answer (None if undefined)."""
     if outputs is None or manifest is None or manifest.confidence == "none":
@@ -191,6 +226,8 @@ class AgentClient(HybridClient):
     ) -> None:
         super().__init__(mode=mode, threshold=threshold, regions=regions, **kwargs)
         self.metrics = metrics or Metrics()
+        self.metrics.regions_source = self.regions_status
+        self._note_variant(self.backend)
         self.on_answer: list[Callable[[Mapping[str, Any], InferOutcome], None]] = []
         # Reported to the fleet also before the first model arrives (the client's own
         # ``threshold`` is the active model's, None without one).
@@ -217,10 +254,24 @@ class AgentClient(HybridClient):
     def swap_model(self, backend: Backend, manifest: Manifest) -> Backend | None:
         """Make ``backend`` serve new requests; return the old one (still finishing requests)."""
         old = super().swap_model(backend, manifest)
+        self._note_variant(backend)
         if old is not None:
             with self._retiring_lock:
                 self._retiring.add(old)
         return old
+
+    def _note_variant(self, backend: Backend | None) -> None:
+        """Telemetry names the variant served (fp32, int8, a TensorRT engine...)."""
+        v = getattr(backend, "variant", None)
+        self.metrics.variant = (
+            None
+            if v is None
+            else {
+                "name": str(getattr(v, "name", "")),
+                "precision": str(getattr(v, "precision", "")),
+                "format": str(getattr(v, "format", "")),
+            }
+        )
 
     def retire(self, backend: Backend, timeout: float = 60.0) -> bool:
         """Close ``backend`` once its in-flight requests are done (or after ``timeout``)."""
@@ -255,6 +306,7 @@ class AgentClient(HybridClient):
         region = r.region
         route = "degraded" if r.degraded else ("cloud" if region is not None else "edge")
         self.metrics.observe(route, r.confidence, dt)
+        self.metrics.observe_result(r)
         if region is None:
             edge_outputs: dict[str, np.ndarray] | None = r.outputs
             edge_conf = r.confidence

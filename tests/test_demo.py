@@ -52,6 +52,24 @@ def test_demo_runs_end_to_end(tmp_path: Path, transport: str) -> None:
     assert down["degraded"] == hybrid["sources"].get("cloud:near", 0)
     assert set(down["reasons"]) <= {"confident", "cloud_failed", "deadline"}
 
+    # The fleet console (its own controller and broker) saw the demo's device and its routing,
+    # through the API calls the page makes.
+    con = report["console"]
+    assert con["url"].startswith("http://127.0.0.1:")
+    assert con["url"].endswith("/console/")
+    assert [(d["device_id"], d["model_version"], d["online"]) for d in con["devices"]] == [
+        ("demo-device", "1", True)
+    ]
+    (group,) = con["routing"]
+    assert group["group"] == "demo"
+    assert group["requests"] > 360
+    assert 0.05 < group["offload"] < 0.9
+    regions = {r["name"]: r for r in group["regions"]}
+    assert set(regions) == {"near", "far"}
+    assert regions["near"]["requests"] > 0
+    assert regions["near"]["failing"]  # stopped in step 4, its circuit open since
+    assert regions["near"]["state"] == "open"
+
     assert Path(report["plot"]).stat().st_size > 10_000
     assert [row["threshold"] for row in report["sweep"]] == sorted(
         row["threshold"] for row in report["sweep"]
@@ -76,3 +94,29 @@ def test_demo_refuses_a_bad_threshold(tmp_path: Path) -> None:
     )
     assert r.returncode == 2
     assert "--threshold must be in (0, 1)" in r.stderr
+
+
+def test_demo_console_that_cannot_start_is_reported_not_fatal(tmp_path: Path) -> None:
+    """A console whose port is taken is switched off with a note; the demo goes on without."""
+    import argparse
+    import io
+    import socket
+
+    from rich.console import Console
+
+    from edgecloud.cli.demo import _open_console
+
+    if mosquitto_binary() is None:
+        pytest.fail("mosquitto is not installed; ./dev.sh test installs it")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        buf = io.StringIO()
+        args = argparse.Namespace(no_console=False, console_port=port)
+        dc, procs = _open_console(args, tmp_path, Console(file=buf, width=200))
+    assert (dc, procs) == (None, None)
+    assert "fleet console: off" in buf.getvalue()
+    assert f"127.0.0.1:{port}" in buf.getvalue()
+    off = argparse.Namespace(no_console=True, console_port=0)
+    assert _open_console(off, tmp_path, Console(file=io.StringIO())) == (None, None)

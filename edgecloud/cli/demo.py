@@ -7,6 +7,12 @@ process here is equally near); when Mosquitto is installed a broker starts too a
 is reached over MQTT, otherwise both over HTTP, and the demo says which. The held-out digits then go
 through ``HybridClient``; the near region is stopped mid-run to show failover, then both to show
 degraded local answers. A threshold sweep is plotted to a PNG.
+
+When Mosquitto is installed the demo also runs ``edgecloud fleet serve`` with its console (in
+its own process, with its own broker, so the demo's MQTT region is not involved) and the demo's
+client reports to it as a device agent would; the console's URL is printed first, and with
+``--keep-console`` (the default at a terminal) it stays up after the demo until Enter is pressed.
+The console is optional: if it cannot start, the demo says so and runs without it.
 """
 
 from __future__ import annotations
@@ -43,6 +49,16 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--no-mqtt", action="store_true", help="reach the cloud over HTTP only")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-console", action="store_true", help="run without the fleet console")
+    p.add_argument(
+        "--console-port", type=int, default=0, help="the console's port (default: a free one)"
+    )
+    p.add_argument(
+        "--keep-console",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the console up after the demo until Enter (default: at a terminal)",
+    )
     p.set_defaults(func=_run)
 
 
@@ -303,13 +319,94 @@ def _services(out: Path, use_mqtt: bool, far_latency_ms: float) -> Iterator[dict
         procs.stop_all()
 
 
+def _open_console(args: argparse.Namespace, out: Path, console: Any) -> tuple[Any, Any]:
+    """(DemoConsole, its processes) or (None, None): the console never fails the demo.
+
+    The controller is ``edgecloud fleet serve`` in its own process with its own Mosquitto, so
+    the console costs the demo's requests no CPU time and works with ``--no-mqtt`` too.
+    """
+    if args.no_console:
+        return None, None
+    binary = _mosquitto()
+    if binary is None:
+        console.print(
+            "[yellow]fleet console: off (it needs Mosquitto for the controller; "
+            "install Debian's mosquitto)[/yellow]"
+        )
+        return None, None
+    procs = _Procs()
+    try:
+        from edgecloud.cli._demo_console import DemoConsole
+
+        http_port = args.console_port or _free_port()
+        with socket.socket() as probe:  # a taken port would look "listening" to _wait_port
+            try:
+                probe.bind(("127.0.0.1", http_port))
+            except OSError as exc:
+                raise ConfigError(
+                    f"--console-port: 127.0.0.1:{http_port} is taken ({exc})"
+                ) from exc
+        logs = out / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        fleet = out / "fleet"
+        fleet.mkdir(parents=True, exist_ok=True)
+        port = _free_port()
+        conf = out / "fleet-mosquitto.conf"
+        conf.write_text(
+            f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
+            "persistence false\nlog_dest stderr\nlog_type error\n"
+        )
+        b = procs.start("fleet-mosquitto", [binary, "-c", str(conf)], logs)
+        _wait_port(b, port, timeout=10)
+        broker = f"mqtt://127.0.0.1:{port}"
+        serve = [sys.executable, "-m", "edgecloud", "fleet", "serve", "--broker", broker]
+        serve += ["--db", str(fleet / "fleet.sqlite"), "--packages", str(fleet / "packages")]
+        serve += ["--http-port", str(http_port)]
+        ctl = procs.start("fleet-controller", serve, logs)
+        _wait_port(ctl, http_port, timeout=30)
+        dc = DemoConsole(broker, f"http://127.0.0.1:{http_port}")
+        dc.wait_ready()
+    except Exception as exc:
+        procs.stop_all()
+        console.print(f"[yellow]fleet console: off ({type(exc).__name__}: {exc})[/yellow]")
+        return None, None
+    console.print(
+        f"[bold]fleet console:[/bold] {dc.url}  (the demo's device and its routing, live)"
+    )
+    return dc, procs
+
+
 def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(stderr=args.json)
+    _check_args(args)
+    out: Path = args.out.resolve()
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    dc, procs = _open_console(args, out, console)
+    try:
+        code = _demo(args, out, console, dc)
+        keep = args.keep_console
+        if keep is None:
+            keep = sys.stdin.isatty() and not args.json
+        if dc is not None and keep:
+            console.print(
+                f"\nthe fleet console stays up at [bold]{dc.url}[/bold]; press Enter to stop"
+            )
+            with contextlib.suppress(KeyboardInterrupt, EOFError):
+                input()
+        return code
+    finally:
+        if dc is not None:
+            dc.close()
+        if procs is not None:
+            procs.stop_all()
+
+
+def _check_args(args: argparse.Namespace) -> None:
     models = SAMPLES / "models"
-    data = SAMPLES / "data"
     if not (models / "digits_edge.onnx").exists():
         raise ConfigError(
             f"sample models not found under {models}; run `python samples/train_digits.py` "
@@ -317,10 +414,13 @@ def _run(args: argparse.Namespace) -> int:
         )
     if not 0.0 < args.threshold < 1.0:
         raise ConfigError(f"--threshold must be in (0, 1), got {args.threshold}")
-    out: Path = args.out.resolve()
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+
+
+def _demo(args: argparse.Namespace, out: Path, console: Any, dc: Any) -> int:
+    from rich.table import Table
+
+    models = SAMPLES / "models"
+    data = SAMPLES / "data"
     use_mqtt = not args.no_mqtt and _mosquitto() is not None
     report: dict[str, Any] = {"threshold": args.threshold}
 
@@ -374,7 +474,9 @@ def _run(args: argparse.Namespace) -> int:
     xs, ys = val["input"].astype(np.float32), val["labels"].astype(np.int64)
     report["samples"] = len(ys)
 
-    from edgecloud.client import HybridClient
+    # The device's client: the SDK's HybridClient as the device agent runs it, which counts every
+    # answer for telemetry (what the fleet console plots).
+    from device_agent.serving import AgentClient
 
     console.rule("[bold]2. start two cloud regions on loopback")
     with _services(out, use_mqtt, args.far_latency_ms) as svc:
@@ -424,8 +526,8 @@ def _run(args: argparse.Namespace) -> int:
         ]
         from edgecloud.package import load_public_key
 
-        with HybridClient(
-            out / "digits_edge.pkg",
+        with AgentClient(
+            package=out / "digits_edge.pkg",
             public_key=load_public_key(pub),
             regions=regions,
             threshold=args.threshold,
@@ -443,6 +545,12 @@ def _run(args: argparse.Namespace) -> int:
                 else "automatic choice"
             )
             console.print(f"the device loaded variant [b]{chosen}[/b] ({why})")
+            if dc is not None:
+                try:
+                    dc.attach(client, "digits_edge", "1")
+                except Exception as exc:  # the console is optional
+                    console.print(f"[yellow]fleet console: the device cannot report ({exc})")
+                    dc = None
             # Let the probes measure both regions' round trips first, so "nearest" means something.
             time.sleep(1.5)
             console.rule("[bold]3. held-out digits: edge only, cloud only, hybrid")
@@ -496,6 +604,13 @@ def _run(args: argparse.Namespace) -> int:
                 f"(reasons {dict(down.reasons)}), exceptions raised: {down.errors}"
             )
             report["all_down"] = down.summary()
+            if dc is not None:
+                try:  # what the console shows now, through the API it calls
+                    dc.heartbeat()
+                    dc.wait_seen(dc.sent)  # the controller has every heartbeat
+                    report["console"] = dc.snapshot()
+                except Exception as exc:
+                    console.print(f"[yellow]fleet console: no snapshot ({exc})[/yellow]")
 
             # Threshold sweep from the edge logits and the cloud model's answers.
             edge_logits = np.concatenate(

@@ -277,6 +277,7 @@ def _serve(args: argparse.Namespace) -> int:
     ctl.start()
     http.start()
     print(f"fleet controller: API and packages on {http.url}, broker {args.broker}", flush=True)
+    print(f"fleet console: {http.url}/console/ (same token as the API)", flush=True)
     try:
         stop.wait()
     finally:

@@ -52,6 +52,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from edgecloud._guarded_http import GuardedHandler, GuardedThreadingHTTPServer
 from edgecloud.errors import ConfigError, EdgeCloudError, FleetError, PackageError, ProtocolError
+from edgecloud.fleet import console
 from edgecloud.fleet.controller import FleetController, NotActive, NotFound
 from edgecloud.fleet.jobs import AbortCriterion, RolloutConfig
 from edgecloud.fleet.packages import StoredPackage
@@ -379,6 +380,9 @@ def _make_handler(server: FleetHTTPServer) -> type[BaseHTTPRequestHandler]:
                     if ev is not None and (not isinstance(ev, int) or isinstance(ev, bool)):
                         raise _ApiError(400, "'expected_version' must be an integer")
                     return 200, ctl.update_shadow(parts[1], patch, ev)
+            extra = console.console_api(ctl, method, parts, q)  # routing, device jobs
+            if extra is not None:
+                return extra
             raise _ApiError(404, f"no API route {method} {url.path}")
 
         # -- package downloads -----------------------------------------------------------
@@ -450,6 +454,8 @@ def _make_handler(server: FleetHTTPServer) -> type[BaseHTTPRequestHandler]:
                 self._package(head=False)
             elif self.path.startswith("/api/"):
                 self._api("GET")
+            elif self.path in ("/", "/console") or self.path.startswith("/console/"):
+                console.respond(self, self.path)  # static page; its data comes from /api/
             else:
                 self._send_json(404, {"error": f"no route {self.path}"})
 
