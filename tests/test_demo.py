@@ -32,7 +32,11 @@ def test_demo_runs_end_to_end(tmp_path: Path, transport: str) -> None:
 
     edge, cloud, hybrid = report["edge_only"], report["cloud_only"], report["hybrid"]
     assert edge["sources"] == {"edge": 360}
-    assert cloud["sources"] == {"cloud:near": 360}
+    # Every request is answered by the cloud, the near region first; on a loaded machine a request
+    # that misses the near region's deadline fails over to the far one, which is the design, not a
+    # fault, so only the preference is asserted, not that no request was ever slow.
+    assert sum(n for src, n in cloud["sources"].items() if src.startswith("cloud:")) == 360
+    assert cloud["sources"].get("cloud:near", 0) >= 0.9 * 360
     assert cloud["accuracy"] > edge["accuracy"] + 0.03
     # The cascade earns most of the cloud's accuracy while answering most requests locally.
     assert hybrid["accuracy"] >= cloud["accuracy"] - 0.01
@@ -49,7 +53,8 @@ def test_demo_runs_end_to_end(tmp_path: Path, transport: str) -> None:
     down = report["all_down"]
     assert down["errors"] == 0
     assert down["sources"] == {"edge": 360}
-    assert down["degraded"] == hybrid["sources"].get("cloud:near", 0)
+    offloaded = sum(n for src, n in hybrid["sources"].items() if src.startswith("cloud:"))
+    assert down["degraded"] == offloaded
     assert set(down["reasons"]) <= {"confident", "cloud_failed", "deadline"}
 
     # The fleet console (its own controller and broker) saw the demo's device and its routing,
