@@ -55,7 +55,7 @@ case "$cmd" in
     exec "$VENV/bin/edgecloud" demo "$@"
     ;;
   test)
-    ensure_venv "dev,samples"
+    ensure_venv "dev,zoo"
     ensure_mosquitto
     ensure_postgres
     exec "$VENV/bin/python" -m pytest "$@"
@@ -67,7 +67,7 @@ case "$cmd" in
     "$VENV/bin/mypy"
     ;;
   bench)
-    ensure_venv "dev,samples"
+    ensure_venv "dev,zoo"
     exec "$VENV/bin/python" -m benchmarks "$@"
     ;;
   shell)

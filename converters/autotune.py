@@ -313,6 +313,8 @@ def prepare(
     threads: int = 1,
     calib_batch_size: int = 16,
     latency_batch: int = 32,
+    gated: tuple[str, ...] = (),
+    roles: dict[str, str] | None = None,
 ) -> SearchContext:
     """Check the model and data, pre-process, run the FP32 reference once."""
     model_path = Path(model_path)
@@ -349,6 +351,8 @@ def prepare(
         score_output=score_output,
         threads=threads,
         latency_batch=latency_batch,
+        gated=gated,
+        roles=roles,
     )
     return SearchContext(
         model_path, fp32, resolved, profile, families, quantizer, evaluator, work_dir
@@ -395,7 +399,11 @@ class _Search:
             rel_l2=float(ev.metrics.rel_l2),
             cosine=float(ev.metrics.cosine),
             latency_ms=ev.latency_ms,
-            speedup=(ref_lat / ev.latency_ms) if ref_lat and ev.latency_ms else None,
+            speedup=(
+                ev.speedup
+                if ev.speedup is not None
+                else (ref_lat / ev.latency_ms if ref_lat and ev.latency_ms else None)
+            ),
             size=ev.size,
             seconds=time.monotonic() - t0,
             reason=ev.gate.reason,
@@ -447,6 +455,9 @@ def autotune(
     check: bool = True,
     emit_best: bool = False,
     reporter: Reporter | None = None,
+    gated: tuple[str, ...] = (),
+    roles: dict[str, str] | None = None,
+    calib_batch_size: int = 16,
 ) -> SearchResult:
     """Find the fastest INT8 variant of ``model_path`` whose loss is within ``tolerance`` %.
 
@@ -480,6 +491,9 @@ def autotune(
             score_output=score_output,
             threads=threads,
             latency_batch=latency_batch,
+            gated=gated,
+            roles=roles,
+            calib_batch_size=calib_batch_size,
         )
         result = SearchResult(
             model=str(model_path),
@@ -546,14 +560,24 @@ def _without_path(t: Trial) -> Trial:
 def _search(s: _Search, *, exhaustive: bool, max_isolated: int) -> None:
     ctx = s.ctx
     full = candidates(ctx.profile, ctx.families)
+    # The objective is the fastest passing variant, not the first: once one passes, each other
+    # family's default is still tried (dynamic and static INT8 differ most in speed), the
+    # remaining variations of a family that passed are not (they trade speed for accuracy).
+    passed_families: set[str] = set()
     with s.reporter.stage("INT8 settings", total=len(full)) as advance:
         for cand in full:
             if s.exhausted():
                 return
+            if not exhaustive and passed_families:
+                tried = {t.family for t in s.result.trials}
+                if cand.family in passed_families or cand.family in tried:
+                    continue
             trial = s.run(cand, "settings")
             advance(1)
-            if trial.passed and not exhaustive:
-                return
+            if trial.passed:
+                passed_families.add(trial.family)
+    if passed_families and not exhaustive:
+        return
     if any(t.passed for t in s.result.trials) or s.exhausted():
         return
     # No full-INT8 setting passes: keep the most sensitive nodes of the best one in float.
