@@ -133,7 +133,7 @@ def _build_variants(
     made.append(
         (
             "int8 static u8s8 pc",
-            quantize_static_int8(fp32, d / "u8s8.onnx", reader, StaticInt8Settings()),
+            quantize_static_int8(fp32, d / "u8s8.onnx", reader, StaticInt8Settings()).path,
             "default",
         )
     )
@@ -142,7 +142,7 @@ def _build_variants(
             "int8 static s8s8 pc",
             quantize_static_int8(
                 fp32, d / "s8s8.onnx", reader, StaticInt8Settings(activation_type="int8")
-            ),
+            ).path,
             "",
         )
     )
@@ -152,7 +152,7 @@ def _build_variants(
                 "int8 static u8s8 pt",
                 quantize_static_int8(
                     fp32, d / "u8s8pt.onnx", reader, StaticInt8Settings(per_channel=False)
-                ),
+                ).path,
                 "per-tensor",
             )
         )

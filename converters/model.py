@@ -377,7 +377,7 @@ def preprocess(src: Path, dst: Path, *, optimize: bool = True, large: bool = Fal
     return dst
 
 
-def compact_names(model: Any) -> Any:
+def compact_names(model: Any, *, keep_value_info: bool = False) -> Any:
     """Shorten internal tensor names and QuantizeLinear/DequantizeLinear node names in place.
 
     The quantizer names every scale, zero point and Q/DQ node after the tensor it belongs to
@@ -416,10 +416,12 @@ def compact_names(model: Any) -> Any:
     for n in graph.node:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
             n.name = ""  # optional in ONNX; onnxruntime names them itself
-    # value_info is renamed, not dropped: onnxruntime 1.32 crashes (segfault) re-inferring the
-    # types of an FP16 graph whose value_info was deleted
     for v in graph.value_info:
         v.name = short(v.name)
+    if not keep_value_info:
+        # onnxruntime re-infers shapes on load; but keep them for FP16 graphs: onnxruntime 1.32
+        # crashes (segfault) re-inferring the types of an FP16 graph whose value_info was deleted
+        del graph.value_info[:]
     return model
 
 
@@ -522,7 +524,8 @@ def slim_variant(path: Path) -> dict[str, str]:
     del model.metadata_props[:]
     model.doc_string = ""
     model.graph.doc_string = ""
-    compact_names(model)
+    fp16 = any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    compact_names(model, keep_value_info=fp16)
     drop_zero_zero_points(model)
     save_model(model, path, large=large)
     return meta

@@ -59,6 +59,8 @@ Verdict = Literal["reference", "accepted", "rejected", "kept-rejected", "failed"
 #: an INT8 variant must be smaller than this fraction of FP32's size, or faster, to be shipped
 NO_GAIN_SIZE = 0.9
 NO_GAIN_SPEEDUP = 1.1
+#: below this share of int8 weights an "int8" variant is a float model with extra conversions
+MIN_QUANTIZED_FRACTION = 0.05
 #: a variant is called slower than FP32 only beyond this ratio: timings on a shared CPU are noisy
 SLOWER_MARGIN = 1.10
 WARMUP_FILE = "warmup.npz"
@@ -720,8 +722,8 @@ def _run(
     for name, precision, settings in jobs:
         try:
             built.append(build(name, settings))
-        except KeyboardInterrupt:
-            raise
+        except (KeyboardInterrupt, ConfigError):
+            raise  # a wrong option is the user's to fix, not one variant's failure
         except Exception as exc:  # one variant failing never loses the others
             why = str(exc) if isinstance(exc, EdgeCloudError) else f"{type(exc).__name__}: {exc}"
             log.debug("variant %s failed", name, exc_info=True)
@@ -931,13 +933,11 @@ def _time_variants(
     """Interleaved batch-1 and batch-32 timing of every ONNX variant against FP32."""
     onnx_built = [(r, p) for r, p in built if r.format == "onnx" and r.verdict != "failed"]
     sessions = {r.name: open_session(p, threads=opts.threads) for r, p in onnx_built}
-    rounds = max(3, min(7, opts.latency_runs // 3))
+    rounds = max(5, opts.latency_runs)
     with rep.stage("timing variants (interleaved with fp32)", 2) as adv:
-        b1 = time_interleaved(sessions, val.take(1).inputs, 1, rounds=rounds)
+        b1 = time_interleaved(sessions, val.take(1).inputs, 1, rounds=rounds, runs=3)
         adv(1)
-        b32 = time_interleaved(
-            sessions, val.take(32).inputs, 32, rounds=max(2, rounds // 2), runs=2
-        )
+        b32 = time_interleaved(sessions, val.take(32).inputs, 32, rounds=max(3, rounds // 3))
         adv(1)
     for r, _ in onnx_built:
         t1, t32 = b1.get(r.name), b32.get(r.name)
@@ -955,6 +955,13 @@ def _drop_if_no_gain(r: VariantReport) -> None:
     if r.quantized_fraction is not None and r.quantized_fraction == 0.0:
         r.verdict = "dropped"
         r.error = "nothing was quantized (0 % of the compute ops' weights are int8)"
+        return
+    if r.quantized_fraction is not None and r.quantized_fraction < MIN_QUANTIZED_FRACTION:
+        r.verdict = "dropped"
+        r.error = (
+            f"only {100 * r.quantized_fraction:.1f} % of the compute ops' weights are int8: "
+            "this is a float model with conversions, not an INT8 variant"
+        )
         return
     smaller = r.size_ratio <= NO_GAIN_SIZE
     speeds = [x for x in (r.speedup_b1, r.speedup_b32) if x is not None]

@@ -14,10 +14,13 @@ import io
 import logging
 import shutil
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import numpy as np
 
 from converters.data import ArrayCalibrationReader
 from edgecloud.errors import ConfigError, ConversionError
@@ -303,7 +306,8 @@ def quantize_static_int8(
     def run(exclude: list[str]) -> None:
         reader.rewind()
         # onnxruntime's histogram calibrators print() progress; keep stdout clean for --json
-        with out, quiet_quantizer_logs():
+        with out, quiet_quantizer_logs(), warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
             quantize_static(
                 str(src),
                 str(dst),
@@ -321,17 +325,22 @@ def quantize_static_int8(
             )
 
     try:
+        failure: Exception | None = None
         try:
             run(excluded)
         except Exception as exc:
             if "not finite" not in str(exc) or not calibration_cache.is_file():
                 raise
-            bad = nonfinite_tensors(calibration_cache)
-            nonfinite = [n for n in nodes_touching(src, bad) if n not in excluded]
-            if not nonfinite:
-                raise
+            failure = exc
+        # onnxruntime either refuses an infinite range or (other versions) quantizes it into a
+        # NaN zero point: either way the nodes around such tensors stay float
+        bad = nonfinite_tensors(calibration_cache) if calibration_cache.is_file() else []
+        nonfinite = [n for n in nodes_touching(src, bad) if n not in excluded]
+        if nonfinite:
             log.info("keeping %d node(s) around non-finite ranges in float", len(nonfinite))
             run(excluded + nonfinite)
+        elif failure is not None:
+            raise failure
     except (ConfigError, ConversionError):
         raise
     except Exception as exc:

@@ -167,8 +167,8 @@ class TrialEvaluator:
             {"fp32": self.reference_session, "trial": session},
             sample,
             self.latency_batch,
-            rounds=3,
-            runs=max(2, min(5, self.latency_runs // 4)),
+            rounds=7,
+            runs=2,
             budget_s=3.0 * self.latency_budget_s,
         ).get("trial")
         return (None, None) if t is None else (t.median_ms, t.speedup)

