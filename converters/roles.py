@@ -72,19 +72,19 @@ def _producers(path: Path) -> dict[str, Any]:
     return {o: n for n in graph.node for o in n.output}
 
 
-def _ends_in(prod: dict[str, Any], name: str, ops: set[str], depth: int = 4) -> bool:
-    """Whether ``name`` is made by one of ``ops``, looking through a few shape-only nodes."""
+def _ends_in(prod: dict[str, Any], name: str, ops: set[str], depth: int = 4) -> str:
+    """The op of ``ops`` that makes ``name``, looking through a few shape-only nodes, or ""."""
     passthrough = {"Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Cast", "Transpose"}
     node = prod.get(name)
     for _ in range(depth):
         if node is None:
-            return False
+            return ""
         if node.op_type in ops:
-            return True
+            return str(node.op_type)
         if node.op_type not in passthrough or not node.input:
-            return False
+            return ""
         node = prod.get(node.input[0])
-    return False
+    return ""
 
 
 def _l2_normalised(prod: dict[str, Any], name: str) -> bool:
@@ -153,7 +153,8 @@ def infer_roles(
         reason = f"output '{next(iter(rewritten))}' was a ZipMap of class probabilities"
     elif softmaxed:
         inferred = "classification"
-        reason = f"output '{softmaxed[0].name}' is made by {prod[softmaxed[0].name].op_type}"
+        op = _ends_in(prod, softmaxed[0].name, {"Softmax", "LogSoftmax", "Sigmoid"})
+        reason = f"output '{softmaxed[0].name}' comes out of a {op}"
     elif any(_CLASS.search(lower[o.name]) and len(o.shape) == 2 for o in floats):
         o = next(o for o in floats if _CLASS.search(lower[o.name]) and len(o.shape) == 2)
         inferred, reason = "classification", f"output '{o.name}' is named like class scores"
@@ -213,7 +214,7 @@ def infer_roles(
     for o in outs:
         if o.name not in roles and o.dtype.startswith(("int", "uint")):
             roles[o.name] = "labels"
-    probs = score in rewritten or _ends_in(prod, score, {"Softmax", "Sigmoid"})
+    probs = score in rewritten or bool(_ends_in(prod, score, {"Softmax", "Sigmoid"}))
     return Roles(
         task=inferred,
         task_reason=reason,
