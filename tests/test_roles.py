@@ -233,3 +233,33 @@ def test_cli_small_items(tmp_path: Path, samples_dir: Path) -> None:
     assert doc["ok"] is False
     assert "--calib-batch must be >= 1" in doc["error"]["message"]
     assert "PosixPath" not in r.stdout + r.stderr
+
+
+def test_report_and_package_inspect_say_which_variant_a_device_loads(
+    tmp_path: Path, samples_dir: Path
+) -> None:
+    r = _cli(
+        "convert",
+        samples_dir / "models/digits_cloud.onnx",
+        "--out",
+        tmp_path / "pkg",
+        "--int8",
+        "static",
+        "--no-search",
+        "--calib",
+        samples_dir / "data/cloud_calib.npz",
+        "--val",
+        samples_dir / "data/cloud_val.npz",
+        "--latency-runs",
+        "5",
+        "--json",
+    )
+    doc = json.loads(r.stdout)
+    choice = doc["device_choice"]["cpu"]
+    assert choice["variant"] in {v["name"] for v in doc["variants"] if v["verdict"] == "accepted"}
+    assert choice["why"]
+    assert doc["roles"]["task"] == "classification"
+    assert doc["roles"]["task_reason"]
+    r = _cli("package", "inspect", tmp_path / "pkg")
+    assert r.returncode == 0, r.stderr
+    assert f"a CPU device loads {choice['variant']}:" in " ".join(r.stdout.split())
