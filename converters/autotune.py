@@ -38,7 +38,14 @@ from converters.data import ArrayCalibrationReader, Dataset, load_dataset
 from converters.model import inspect_model, preprocess
 from converters.progress import NullReporter, Reporter
 from converters.search_runner import Evaluation, TrialEvaluator, TrialQuantizer, dump_json
-from converters.search_space import Budget, Candidate, Family, candidates, model_profile
+from converters.search_space import (
+    Budget,
+    Candidate,
+    Family,
+    candidates,
+    fragile_nodes,
+    model_profile,
+)
 from converters.search_space import parse_budget as parse_budget
 from converters.sensitivity import SensitivityReport, measure_sensitivity
 from converters.validate import Task
@@ -377,6 +384,17 @@ class _Search:
             return True
         return False
 
+    def estimate(self, trial_s: float) -> str:
+        """After the first trial: how long the search may take, from its cost and the budget."""
+        n = len(candidates(self.ctx.profile, self.ctx.families))
+        worst = trial_s * (self.budget.trials or n)
+        if self.budget.seconds is not None:
+            worst = min(worst, self.budget.seconds)
+        return (
+            f"INT8 search: {trial_s:.1f} s per trial; at most {self.budget.describe()}, "
+            f"so at most about {worst:.0f} s (less when the first settings pass)"
+        )
+
     def run(self, cand: Candidate, phase: Literal["settings", "exclusion"]) -> Trial:
         t0 = time.monotonic()
         index = len(self.result.trials) + 1
@@ -410,6 +428,8 @@ class _Search:
             path=path,
         )
         self.result.trials.append(trial)
+        if index == 1:
+            self.reporter.note(self.estimate(trial.seconds))
         self.reporter.note(
             f"trial {index}: {cand.label}: {trial.metric} {trial.value:.4f} "
             f"(loss {trial.loss_pct:.2f} %) {'PASS' if trial.passed else 'fail'}, "
@@ -419,9 +439,15 @@ class _Search:
 
 
 def _choose(trials: list[Trial]) -> Trial | None:
+    """The fastest passing trial: by speedup over FP32 where every passing trial has one (those
+    come from rounds interleaved with FP32, robust to load), else by latency."""
     passing = [t for t in trials if t.passed]
     if not passing:
         return None
+    if all(t.speedup is not None for t in passing):
+        best = max(t.speedup or 0.0 for t in passing)
+        ties = [t for t in passing if (t.speedup or 0.0) >= best / (1 + TIE_FRACTION)]
+        return min(ties, key=lambda t: (len(t.excluded), t.index))
     timed = [t for t in passing if t.latency_ms is not None]
     if not timed:
         return min(passing, key=lambda t: (len(t.excluded), t.index))
@@ -564,7 +590,8 @@ def _search(s: _Search, *, exhaustive: bool, max_isolated: int) -> None:
     # family's default is still tried (dynamic and static INT8 differ most in speed), the
     # remaining variations of a family that passed are not (they trade speed for accuracy).
     passed_families: set[str] = set()
-    with s.reporter.stage("INT8 settings", total=len(full)) as advance:
+    # total unknown: a pass ends the settings phase early, so "n/N" would claim trials not run
+    with s.reporter.stage(f"INT8 settings (up to {len(full)})", total=None) as advance:
         for cand in full:
             if s.exhausted():
                 return
@@ -598,6 +625,10 @@ def _search(s: _Search, *, exhaustive: bool, max_isolated: int) -> None:
     sens.model = str(ctx.source)
     s.result.sensitivity = sens
     ranked = sens.ranked_names()
+    if ctx.profile == "matmul":
+        # transformers: the attention and FFN-output MatMuls go first, then the ranking's order
+        fragile = [n for n in fragile_nodes(ctx.fp32) if n in set(ranked)]
+        ranked = fragile + [n for n in ranked if n not in set(fragile)]
     lo, hi, k = 0, None, 1  # lo: largest k known to fail; hi: smallest k known to pass
     with s.reporter.stage("keeping sensitive nodes in float", total=None) as advance:
         while ranked and not s.exhausted():
