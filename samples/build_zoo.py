@@ -95,7 +95,7 @@ class Sizes:
 
     @classmethod
     def pick(cls, small: bool) -> Sizes:
-        return cls(image=96, calib=16, val=32, seq=32) if small else cls(224, 64, 128, 128)
+        return cls(image=64, calib=16, val=24, seq=32) if small else cls(224, 64, 128, 128)
 
 
 def smooth_images(n: int, size: int, seed: int) -> np.ndarray:
@@ -486,10 +486,10 @@ def build_ssdlite(out: Path, sz: Sizes) -> tuple[str, str, bool]:
             return o["bbox_regression"], o["cls_logits"].softmax(-1)
 
     model = Head()
-    n_cal = max(8, sz.calib // 2)
-    calib = smooth_images(n_cal, 320, seed=1)
-    val = smooth_images(max(8, sz.val // 4), 320, seed=2)
-    _reestimate_bn(model, smooth_images(16, 320, seed=3))
+    side = 320 if sz.image >= 224 else 160  # the head runs at any size; small: 160x160
+    calib = smooth_images(max(8, sz.calib // 2), side, seed=1)
+    val = smooth_images(max(8, sz.val // 4), side, seed=2)
+    _reestimate_bn(model, smooth_images(16, side, seed=3))
     d = out / "ssdlite"
     d.mkdir(parents=True, exist_ok=True)
     _export(
