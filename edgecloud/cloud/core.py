@@ -41,11 +41,13 @@ from edgecloud.errors import (
     DTypeError,
     EdgeCloudError,
     InputError,
+    IntegrityError,
     PackageError,
     ProtocolError,
     RemoteError,
     RuntimeBackendError,
     ShapeError,
+    SignatureError,
     TransportTimeout,
 )
 from edgecloud.package import MANIFEST_FILE, ModelPackage, TensorSpec, verify_package
@@ -565,6 +567,8 @@ class ServingCore:
             for name in self.repository.models():
                 try:
                     self._worker(name, None)
+                except (IntegrityError, SignatureError):
+                    raise  # a tampered package fails the region loudly, as before
                 except EdgeCloudError as exc:  # one bad model (a ZipMap output...) is not all
                     log.error("model '%s' is not served: %s", name, exc)
                     self.unavailable[name] = str(exc)
