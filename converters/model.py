@@ -428,25 +428,91 @@ def compact_names(model: Any, *, keep_value_info: bool = False) -> Any:
 def topological_sort(model: Any) -> Any:
     """Order ``model``'s nodes so every node comes after the producers of its inputs.
 
-    onnxruntime's FP16 converter appends its Cast nodes at the end of the graph; onnxruntime
-    sorts on load, but other tools (and a later shape inference) expect ONNX's topological order.
-    Subgraph references to outer tensors count as inputs too.
+    onnxruntime's FP16 converter appends its Cast nodes at the end of the graph, and of each
+    subgraph (If/Loop bodies, as in a detector's NMS), where onnxruntime refuses them ("is not
+    a graph input, initializer, or output of a previous node"). Subgraphs are sorted too; their
+    references to outer tensors count as inputs of the node that owns them.
     """
+    _move_misplaced(model.graph)
+    _sort_graph(model.graph, set())
+    return model
+
+
+def _subgraphs(n: Any) -> list[Any]:
     import onnx
 
-    graph = model.graph
-    ready = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {""}
+    out = []
+    for a in n.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def _move_misplaced(graph: Any) -> None:
+    """Move nodes that read a tensor only a subgraph makes into that subgraph.
+
+    onnxruntime's FP16 converter puts the Cast it adds before a blocked op (NonMaxSuppression
+    inside an If body, say) into the outer graph, where its input does not exist.
+    """
+    own = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    own |= {o for n in graph.node for o in n.output}
+    for _ in range(len(graph.node)):
+        made_in: dict[str, Any] = {}
+        for n in graph.node:
+            for g in _subgraphs(n):
+                for m in g.node:
+                    for o in m.output:
+                        made_in[o] = g
+        stray = next(
+            (n for n in graph.node if any(i and i not in own and i in made_in for i in n.input)),
+            None,
+        )
+        if stray is None:
+            break
+        target = next(made_in[i] for i in stray.input if i and i not in own and i in made_in)
+        moved = target.node.add()
+        moved.CopyFrom(stray)
+        graph.node.remove(stray)
+        own -= set(stray.output)
+    for n in graph.node:
+        for g in _subgraphs(n):
+            _move_misplaced(g)
+
+
+def _sort_graph(graph: Any, outer: set[str]) -> None:
+    import onnx
+
+    ready = set(outer) | {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    ready.add("")
+    produced = {o for n in graph.node for o in n.output}
+
+    def subgraphs(n: Any) -> list[Any]:
+        out = []
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                out.append(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                out.extend(a.graphs)
+        return out
+
+    def free_names(g: Any) -> set[str]:
+        inner = {o for m in g.node for o in m.output} | {i.name for i in g.input}
+        inner |= {t.name for t in g.initializer}
+        names = set()
+        for m in g.node:
+            names |= {i for i in m.input if i not in inner}
+            for sub in subgraphs(m):
+                names |= {x for x in free_names(sub) if x not in inner}
+        return names
 
     def needs(n: Any) -> set[str]:
         out = set(n.input)
-        for a in n.attribute:
-            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-            for g in subs:
-                inner = {o for m in g.node for o in m.output} | {i.name for i in g.input}
-                inner |= {t.name for t in g.initializer}
-                for m in g.node:
-                    out |= {i for i in m.input if i not in inner}
-        return out
+        for g in subgraphs(n):
+            out |= free_names(g)
+        # only names this graph produces constrain the order; the rest come from outside
+        return {x for x in out if x in produced}
 
     pending = list(graph.node)
     deps = [needs(n) for n in pending]
@@ -471,7 +537,10 @@ def topological_sort(model: Any) -> Any:
         c.CopyFrom(n)
     del graph.node[:]
     graph.node.extend(copies)
-    return model
+    visible = set(outer) | ready
+    for n in graph.node:
+        for g in subgraphs(n):
+            _sort_graph(g, visible)
 
 
 def drop_zero_zero_points(model: Any) -> Any:

@@ -49,7 +49,9 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     return _zoo_module(), tmp_path_factory.mktemp("zoo")
 
 
-def _convert(zoo: tuple[Any, Path], name: str, tmp_path: Path) -> tuple[Any, Any]:
+def _convert(
+    zoo: tuple[Any, Path], name: str, tmp_path: Path, budget: str = "20,15s"
+) -> tuple[Any, Any]:
     mod, out = zoo
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
@@ -59,9 +61,7 @@ def _convert(zoo: tuple[Any, Path], name: str, tmp_path: Path) -> tuple[Any, Any
     report = convert(
         zm.model,
         tmp_path / "pkg",
-        ConvertOptions(
-            fp16=True, int8=("auto",), calib=zm.calib, val=zm.val, search_budget="20,15s"
-        ),
+        ConvertOptions(fp16=True, int8=("auto",), calib=zm.calib, val=zm.val, search_budget=budget),
     )
     _common_checks(zoo, zm, report, tmp_path)
     return zm, report
