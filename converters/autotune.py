@@ -75,7 +75,8 @@ _TASK_ALIASES = {
     "feature-extraction": "embedding",
     "sentence-similarity": "embedding",
     "regression": "regression",
-    "detection": "regression",
+    "detection": "detection",
+    "object-detection": "detection",
     "segmentation": "regression",
 }
 
@@ -300,7 +301,7 @@ def resolve_task(task: str | None, model_path: Path) -> Task:
     key = _TASK_ALIASES.get(raw.lower())
     if key is None:
         raise ConfigError(
-            f"task {raw!r} is not known; use classification, embedding or regression "
+            f"task {raw!r} is not known; use classification, embedding, regression or detection "
             f"(or one of {sorted(_TASK_ALIASES)})"
         )
     return key  # type: ignore[return-value]

@@ -106,10 +106,14 @@ def test_zoo_model_converts_with_defaults(zoo: tuple[Any, Path], name: str, tmp_
 def test_the_pretrained_transformer_gets_a_fast_int8_with_cosine_099(
     zoo: tuple[Any, Path], tmp_path: Path
 ) -> None:
-    _zm, report = _convert(zoo, "minilm", tmp_path)
+    # the done-when figure: found automatically with the default budget (20 trials or 2 min)
+    _zm, report = _convert(zoo, "minilm", tmp_path, budget=ConvertOptions().search_budget)
     assert report.task == "embedding"
+    found = report.searches["int8_auto"]
+    trials = [(t.label, t.passed, round(t.value, 4)) for t in found.trials]
+    assert found.seconds <= 125, trials
     int8 = [v for v in report.variants if v.precision == "int8" and v.verdict == "accepted"]
-    assert int8, [(v.name, v.verdict, v.error) for v in report.variants]
+    assert int8, ([(v.name, v.verdict, v.error) for v in report.variants], trials)
     best = int8[0]
     assert best.gate is not None
     assert best.gate.metric == "cosine"
