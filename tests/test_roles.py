@@ -233,6 +233,12 @@ def test_cli_small_items(tmp_path: Path, samples_dir: Path) -> None:
     assert doc["ok"] is False
     assert "--calib-batch must be >= 1" in doc["error"]["message"]
     assert "PosixPath" not in r.stdout + r.stderr
+    # an --out that cannot be written is found before any work
+    (tmp_path / "afile").write_text("x")
+    r = _cli(*common[:2], "--out", tmp_path / "afile" / "pkg", *common[4:], "--int8", "dynamic")
+    assert r.returncode == 2
+    assert "is not a folder" in r.stderr
+    assert "validating" not in r.stderr
 
 
 def test_report_and_package_inspect_say_which_variant_a_device_loads(
