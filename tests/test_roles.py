@@ -213,6 +213,9 @@ def test_cli_small_items(tmp_path: Path, samples_dir: Path) -> None:
     r = _cli("--version")
     assert r.returncode == 0
     assert r.stdout.startswith("edgecloud ")
+    r = _cli("--help")
+    assert r.returncode == 0
+    assert "``" not in r.stdout  # no raw reStructuredText markup in the top help
     common = (
         "convert",
         samples_dir / "models/digits_edge.onnx",

@@ -72,7 +72,9 @@ def _version() -> str:
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgecloud", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="edgecloud", description=__doc__.splitlines()[0].replace("``", "")
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     parser.add_argument("--version", action="version", version=f"edgecloud {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
