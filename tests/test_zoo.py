@@ -173,3 +173,20 @@ def test_detector_without_nms_gates_scores_and_boxes(zoo: tuple[Any, Path], tmp_
     fp16 = report.variant("fp16")
     assert fp16.metrics is not None
     assert "boxes" in fp16.metrics.outputs
+
+
+def test_static_int8_keeps_the_minus_inf_attention_mask_in_float(
+    zoo: tuple[Any, Path], tmp_path: Path
+) -> None:
+    mod, out = zoo
+    zm = mod.build("text_classifier", out, small=True)
+    report = convert(
+        zm.model,
+        tmp_path / "pkg",
+        ConvertOptions(int8=("static",), calib=zm.calib, val=zm.val, search_on_failure=False),
+    )
+    static = report.variant("int8_static")
+    assert static.verdict != "failed", static.error
+    kept = static.settings["nonfinite_nodes_in_float"]
+    assert kept  # the masked_fill/Add/Softmax around the -inf mask
+    assert any("non-finite" in w for w in static.warnings)
