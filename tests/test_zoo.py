@@ -50,7 +50,11 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
 
 
 def _convert(
-    zoo: tuple[Any, Path], name: str, tmp_path: Path, budget: str = "20,15s"
+    zoo: tuple[Any, Path],
+    name: str,
+    tmp_path: Path,
+    budget: str = "20,15s",
+    allow_failed: tuple[str, ...] = (),
 ) -> tuple[Any, Any]:
     mod, out = zoo
     with pytest.MonkeyPatch.context() as mp:
@@ -63,18 +67,20 @@ def _convert(
         tmp_path / "pkg",
         ConvertOptions(fp16=True, int8=("auto",), calib=zm.calib, val=zm.val, search_budget=budget),
     )
-    _common_checks(zoo, zm, report, tmp_path)
+    _common_checks(zoo, zm, report, tmp_path, allow_failed)
     return zm, report
 
 
-def _common_checks(zoo: tuple[Any, Path], zm: Any, report: Any, tmp_path: Path) -> None:
+def _common_checks(
+    zoo: tuple[Any, Path], zm: Any, report: Any, tmp_path: Path, allow_failed: tuple[str, ...]
+) -> None:
     """What every zoo conversion must show: no crash, the right task and score output, a gate
     metric that fits, no machine paths, and a device choice that loads."""
     assert report.task == zm.task, report.roles
     assert report.roles["score_output"] == zm.score_output
     assert report.roles["task_reason"]
     for v in report.variants:
-        assert v.verdict != "failed", (v.name, v.error)
+        assert v.verdict != "failed" or v.name in allow_failed, (v.name, v.error)
         if v.gate is not None and v.verdict != "reference":
             assert v.gate.metric in FITTING[zm.task], (v.name, v.gate.metric)
     manifest = verify_package(tmp_path / "pkg", None, require_signature=False).manifest
@@ -153,7 +159,7 @@ def test_zipmap_model_serves_probabilities_not_labels(
 def test_detector_with_nms_converts_and_gates_on_matched_detections(
     zoo: tuple[Any, Path], tmp_path: Path
 ) -> None:
-    _zm, report = _convert(zoo, "ssdlite_nms", tmp_path)
+    _zm, report = _convert(zoo, "ssdlite_nms", tmp_path, allow_failed=("int8_auto",))
     assert report.task == "detection"
     assert report.roles["output_roles"]["boxes"] == "boxes"
     assert report.roles["output_roles"]["labels"] == "labels"
@@ -161,9 +167,15 @@ def test_detector_with_nms_converts_and_gates_on_matched_detections(
     assert ref.metrics is not None
     assert ref.metrics.detection_f1 == 1.0
     for v in report.variants:
-        assert v.verdict != "failed", (v.name, v.error)
+        if v.verdict == "failed":
+            # known limit: onnxruntime's calibrator cannot stack the variable-size tensors
+            # behind NMS; the variant is reported as failed, the others are still written
+            assert v.name == "int8_auto", (v.name, v.error)
+            assert "static INT8 quantization" in v.error
+            continue
         if v.gate is not None and v.verdict != "reference":
             assert v.gate.metric == "detection_f1"
+    assert report.variant("fp16").verdict in ("accepted", "rejected")
     assert any("vary in length" in w for w in report.warnings)
 
 
