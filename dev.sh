@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 
 LOCK=requirements-lock.txt
 # The extras the lock covers: everything `test` installs (demo and lint use a subset of it).
-LOCK_EXTRAS=dev,samples
+LOCK_EXTRAS=dev,samples,zoo
 
 pip_install() {
   # Every install is constrained to a lock, so a fresh machine gets what main was tested with:
@@ -28,7 +28,8 @@ install_project() {
   local venv=$1 extras=$2
   pip_install "$venv" --upgrade pip
   pip_install "$venv" hatchling editables
-  # torch (for re-training the samples) is the CPU build pinned in pyproject's [samples] extra.
+  # torch and torchvision (re-training the samples, building the model zoo) are the pinned pair
+  # in pyproject's [samples] and [zoo] extras, both on the machine's disk.
   pip_install "$venv" --no-build-isolation -e ".[$extras]"
 }
 

@@ -22,6 +22,13 @@ search-on-failure, and ``--int8 auto``. Reported: trials, convert wall time agai
 baseline conversion, the variant's gate metric, and its latency at batch 32 against FP32 and the
 default variant (interleaved rounds). Without ``--quick`` the search-vs-default table of
 ``benchmarks.autotune`` follows (its scenarios, the same figures).
+
+The model zoo (``--zoo [--zoo-only NAME,...] [--zoo-full]``): each model of
+``samples/build_zoo.py`` converted with the defaults a user would type
+(``--fp16 --int8 auto --calib C --val V``); per model the wall time, the task inferred, the
+variant a CPU device would load, its gate metric and its batch-1 speedup over FP32 (median of
+interleaved rounds, with the interquartile range), and every INT8 verdict. Needs the ``zoo``
+extra. Small input sizes unless ``--zoo-full``.
 """
 
 from __future__ import annotations
@@ -133,7 +140,7 @@ def _build_variants(
     made.append(
         (
             "int8 static u8s8 pc",
-            quantize_static_int8(fp32, d / "u8s8.onnx", reader, StaticInt8Settings()),
+            quantize_static_int8(fp32, d / "u8s8.onnx", reader, StaticInt8Settings()).path,
             "default",
         )
     )
@@ -142,7 +149,7 @@ def _build_variants(
             "int8 static s8s8 pc",
             quantize_static_int8(
                 fp32, d / "s8s8.onnx", reader, StaticInt8Settings(activation_type="int8")
-            ),
+            ).path,
             "",
         )
     )
@@ -152,7 +159,7 @@ def _build_variants(
                 "int8 static u8s8 pt",
                 quantize_static_int8(
                     fp32, d / "u8s8pt.onnx", reader, StaticInt8Settings(per_channel=False)
-                ),
+                ).path,
                 "per-tensor",
             )
         )
@@ -170,6 +177,63 @@ def _fmt(v: float | None, spec: str = ".2f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _zoo(args: argparse.Namespace) -> int:
+    """Convert every zoo model with the defaults; one line per model."""
+    import importlib.util
+
+    from converters import ConvertOptions, convert
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    spec = importlib.util.spec_from_file_location("build_zoo", ROOT / "samples/build_zoo.py")
+    assert spec is not None
+    assert spec.loader is not None
+    zoo = importlib.util.module_from_spec(spec)
+    sys.modules["build_zoo"] = zoo
+    spec.loader.exec_module(zoo)
+    names = args.zoo_only.split(",") if args.zoo_only else list(zoo.ALL)
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, onnxruntime "
+        f"{__import__('onnxruntime').__version__}; load average {os.getloadavg()[0]:.1f} "
+        "(a shared machine: ratios are from interleaved rounds)"
+    )
+    header = (
+        f"{'model':<16} {'task':<15} {'convert s':>9}  {'CPU loads':<12} {'metric':<22} "
+        f"{'b1 speedup (IQR)':<20} int8 verdicts"
+    )
+    print(header)
+    with tempfile.TemporaryDirectory(prefix="bench-zoo-") as tmp:
+        for name in names:
+            zm = zoo.build(name, Path(tmp) / "zoo", small=not args.zoo_full)
+            t0 = time.perf_counter()
+            report = convert(
+                zm.model,
+                Path(tmp) / "pkg" / name,
+                ConvertOptions(fp16=True, int8=("auto",), calib=zm.calib, val=zm.val),
+            )
+            secs = time.perf_counter() - t0
+            cpu = report.device_choice["cpu"]["variant"]
+            v = report.variant(cpu)
+            metric = "-"
+            if v.gate is not None:
+                metric = f"{v.gate.metric} {v.gate.value:.4f}"
+            speed = "-"
+            if v.speedup_b1 is not None:
+                lo, hi = v.speedup_b1_range or (v.speedup_b1, v.speedup_b1)
+                speed = f"{v.speedup_b1:.2f}x ({lo:.2f}-{hi:.2f})"
+            int8 = ", ".join(
+                f"{r.name}={r.verdict}"
+                + (f" ({r.gate.metric} {r.gate.value:.3f})" if r.gate else "")
+                for r in report.variants
+                if r.precision == "int8"
+            )
+            print(
+                f"{name:<16} {report.task:<15} {secs:>9.1f}  {cpu:<12} {metric:<22} "
+                f"{speed:<20} {int8}",
+                flush=True,
+            )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.convert", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="sample models only, few rounds")
@@ -183,7 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--no-search", dest="search", action="store_false", help="skip the accuracy-search section"
     )
+    ap.add_argument("--zoo", action="store_true", help="convert the model zoo with defaults")
+    ap.add_argument("--zoo-only", help="NAME,NAME of samples/build_zoo.py (default all)")
+    ap.add_argument("--zoo-full", action="store_true", help="full input sizes (slow)")
     args = ap.parse_args(argv)
+    if args.zoo:
+        return _zoo(args)
     threads = [int(t) for t in args.threads.split(",") if t]
     rounds_small = args.rounds or (10 if args.quick else 60)
     rounds_big = args.rounds or 12

@@ -38,7 +38,14 @@ from converters.data import ArrayCalibrationReader, Dataset, load_dataset
 from converters.model import inspect_model, preprocess
 from converters.progress import NullReporter, Reporter
 from converters.search_runner import Evaluation, TrialEvaluator, TrialQuantizer, dump_json
-from converters.search_space import Budget, Candidate, Family, candidates, model_profile
+from converters.search_space import (
+    Budget,
+    Candidate,
+    Family,
+    candidates,
+    fragile_nodes,
+    model_profile,
+)
 from converters.search_space import parse_budget as parse_budget
 from converters.sensitivity import SensitivityReport, measure_sensitivity
 from converters.validate import Task
@@ -68,7 +75,8 @@ _TASK_ALIASES = {
     "feature-extraction": "embedding",
     "sentence-similarity": "embedding",
     "regression": "regression",
-    "detection": "regression",
+    "detection": "detection",
+    "object-detection": "detection",
     "segmentation": "regression",
 }
 
@@ -293,7 +301,7 @@ def resolve_task(task: str | None, model_path: Path) -> Task:
     key = _TASK_ALIASES.get(raw.lower())
     if key is None:
         raise ConfigError(
-            f"task {raw!r} is not known; use classification, embedding or regression "
+            f"task {raw!r} is not known; use classification, embedding, regression or detection "
             f"(or one of {sorted(_TASK_ALIASES)})"
         )
     return key  # type: ignore[return-value]
@@ -313,6 +321,8 @@ def prepare(
     threads: int = 1,
     calib_batch_size: int = 16,
     latency_batch: int = 32,
+    gated: tuple[str, ...] = (),
+    roles: dict[str, str] | None = None,
 ) -> SearchContext:
     """Check the model and data, pre-process, run the FP32 reference once."""
     model_path = Path(model_path)
@@ -349,6 +359,8 @@ def prepare(
         score_output=score_output,
         threads=threads,
         latency_batch=latency_batch,
+        gated=gated,
+        roles=roles,
     )
     return SearchContext(
         model_path, fp32, resolved, profile, families, quantizer, evaluator, work_dir
@@ -373,6 +385,17 @@ class _Search:
             return True
         return False
 
+    def estimate(self, trial_s: float) -> str:
+        """After the first trial: how long the search may take, from its cost and the budget."""
+        n = len(candidates(self.ctx.profile, self.ctx.families))
+        worst = trial_s * (self.budget.trials or n)
+        if self.budget.seconds is not None:
+            worst = min(worst, self.budget.seconds)
+        return (
+            f"INT8 search: {trial_s:.1f} s per trial; at most {self.budget.describe()}, "
+            f"so at most about {worst:.0f} s (less when the first settings pass)"
+        )
+
     def run(self, cand: Candidate, phase: Literal["settings", "exclusion"]) -> Trial:
         t0 = time.monotonic()
         index = len(self.result.trials) + 1
@@ -395,13 +418,19 @@ class _Search:
             rel_l2=float(ev.metrics.rel_l2),
             cosine=float(ev.metrics.cosine),
             latency_ms=ev.latency_ms,
-            speedup=(ref_lat / ev.latency_ms) if ref_lat and ev.latency_ms else None,
+            speedup=(
+                ev.speedup
+                if ev.speedup is not None
+                else (ref_lat / ev.latency_ms if ref_lat and ev.latency_ms else None)
+            ),
             size=ev.size,
             seconds=time.monotonic() - t0,
             reason=ev.gate.reason,
             path=path,
         )
         self.result.trials.append(trial)
+        if index == 1:
+            self.reporter.note(self.estimate(trial.seconds))
         self.reporter.note(
             f"trial {index}: {cand.label}: {trial.metric} {trial.value:.4f} "
             f"(loss {trial.loss_pct:.2f} %) {'PASS' if trial.passed else 'fail'}, "
@@ -411,9 +440,15 @@ class _Search:
 
 
 def _choose(trials: list[Trial]) -> Trial | None:
+    """The fastest passing trial: by speedup over FP32 where every passing trial has one (those
+    come from rounds interleaved with FP32, robust to load), else by latency."""
     passing = [t for t in trials if t.passed]
     if not passing:
         return None
+    if all(t.speedup is not None for t in passing):
+        best = max(t.speedup or 0.0 for t in passing)
+        ties = [t for t in passing if (t.speedup or 0.0) >= best / (1 + TIE_FRACTION)]
+        return min(ties, key=lambda t: (len(t.excluded), t.index))
     timed = [t for t in passing if t.latency_ms is not None]
     if not timed:
         return min(passing, key=lambda t: (len(t.excluded), t.index))
@@ -447,6 +482,9 @@ def autotune(
     check: bool = True,
     emit_best: bool = False,
     reporter: Reporter | None = None,
+    gated: tuple[str, ...] = (),
+    roles: dict[str, str] | None = None,
+    calib_batch_size: int = 16,
 ) -> SearchResult:
     """Find the fastest INT8 variant of ``model_path`` whose loss is within ``tolerance`` %.
 
@@ -480,6 +518,9 @@ def autotune(
             score_output=score_output,
             threads=threads,
             latency_batch=latency_batch,
+            gated=gated,
+            roles=roles,
+            calib_batch_size=calib_batch_size,
         )
         result = SearchResult(
             model=str(model_path),
@@ -546,14 +587,25 @@ def _without_path(t: Trial) -> Trial:
 def _search(s: _Search, *, exhaustive: bool, max_isolated: int) -> None:
     ctx = s.ctx
     full = candidates(ctx.profile, ctx.families)
-    with s.reporter.stage("INT8 settings", total=len(full)) as advance:
+    # The objective is the fastest passing variant, not the first: once one passes, each other
+    # family's default is still tried (dynamic and static INT8 differ most in speed), the
+    # remaining variations of a family that passed are not (they trade speed for accuracy).
+    passed_families: set[str] = set()
+    # total unknown: a pass ends the settings phase early, so "n/N" would claim trials not run
+    with s.reporter.stage(f"INT8 settings (up to {len(full)})", total=None) as advance:
         for cand in full:
             if s.exhausted():
                 return
+            if not exhaustive and passed_families:
+                tried = {t.family for t in s.result.trials}
+                if cand.family in passed_families or cand.family in tried:
+                    continue
             trial = s.run(cand, "settings")
             advance(1)
-            if trial.passed and not exhaustive:
-                return
+            if trial.passed:
+                passed_families.add(trial.family)
+    if passed_families and not exhaustive:
+        return
     if any(t.passed for t in s.result.trials) or s.exhausted():
         return
     # No full-INT8 setting passes: keep the most sensitive nodes of the best one in float.
@@ -574,6 +626,10 @@ def _search(s: _Search, *, exhaustive: bool, max_isolated: int) -> None:
     sens.model = str(ctx.source)
     s.result.sensitivity = sens
     ranked = sens.ranked_names()
+    if ctx.profile == "matmul":
+        # transformers: the attention and FFN-output MatMuls go first, then the ranking's order
+        fragile = [n for n in fragile_nodes(ctx.fp32) if n in set(ranked)]
+        ranked = fragile + [n for n in ranked if n not in set(fragile)]
     lo, hi, k = 0, None, 1  # lo: largest k known to fail; hi: smallest k known to pass
     with s.reporter.stage("keeping sensitive nodes in float", total=None) as advance:
         while ranked and not s.exhausted():

@@ -10,12 +10,17 @@ guidance for x86 CPUs with VNNI, checked against measurements on this project's 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import shutil
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import numpy as np
 
 from converters.data import ArrayCalibrationReader
 from edgecloud.errors import ConfigError, ConversionError
@@ -23,10 +28,13 @@ from edgecloud.errors import ConfigError, ConversionError
 __all__ = [
     "CalibMethod",
     "DynamicInt8Settings",
+    "QuantizeResult",
     "StaticInt8Settings",
     "calibration_cache_name",
     "convert_fp16",
     "dynamic_exclusions",
+    "nodes_touching",
+    "nonfinite_tensors",
     "quantize_dynamic_int8",
     "quantize_static_int8",
     "quiet_quantizer_logs",
@@ -49,20 +57,40 @@ class StaticInt8Settings:
     weight_type: QType = "int8"
     reduce_range: bool = False
     percentile: float = 99.999
+    #: biases stay float by default: TensorRT wants them unquantized, onnxruntime still fuses
+    #: QLinearConv/QGemm with a float bias, and it saves a scale tensor per biased layer
+    quantize_bias: bool = False
     exclude_nodes: tuple[str, ...] = ()
     exclude_ops: tuple[str, ...] = ()
     extra_options: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "calib_method": self.calib_method,
             "per_channel": self.per_channel,
             "activation_type": self.activation_type,
             "weight_type": self.weight_type,
             "reduce_range": self.reduce_range,
+            "quantize_bias": self.quantize_bias,
             "exclude_nodes": list(self.exclude_nodes),
             "exclude_ops": list(self.exclude_ops),
         }
+        if self.calib_method == "percentile":
+            out["percentile"] = self.percentile
+        if self.extra_options:
+            out["extra_options"] = dict(self.extra_options)
+        return out
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """What one static quantization did besides writing ``path``."""
+
+    path: Path
+    #: whether calibration ran (False: the ranges came from the cache)
+    calibrated: bool
+    #: nodes kept in float because a tensor they touch had a non-finite calibrated range
+    nonfinite_nodes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -178,13 +206,39 @@ def convert_fp16(src: Path, dst: Path, *, keep_io_types: bool = True) -> Path:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    from converters.model import has_external_data, save_model, topological_sort
+
     try:
+        large = has_external_data(src)
         model = onnx.load(str(src))
         half = convert_float_to_float16(model, keep_io_types=keep_io_types)
-        onnx.save(half, str(dst))
+        # the converter appends its Cast nodes at the end: put them back in topological order
+        save_model(topological_sort(half), dst, large=large)
     except Exception as exc:
-        raise ConversionError(f"FP16 conversion of {src} failed: {exc}") from exc
+        raise ConversionError(f"FP16 conversion of {src.name} failed: {exc}") from exc
     return dst
+
+
+def nonfinite_tensors(calibration_cache: Path) -> list[str]:
+    """Tensors whose calibrated range is not finite (an attention mask's ``-inf``, say)."""
+    import numpy as np
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    bad = []
+    for name, td in load_tensors_data(calibration_cache).data.items():
+        rng = td.range_value if hasattr(td, "range_value") else (td.lowest, td.highest)
+        if not np.isfinite(np.asarray(rng, dtype=np.float64)).all():
+            bad.append(str(name))
+    return bad
+
+
+def nodes_touching(model_path: Path, tensors: Sequence[str]) -> list[str]:
+    """Names of the nodes that produce or consume any of ``tensors``."""
+    import onnx
+
+    want = set(tensors)
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return [n.name for n in graph.node if want & (set(n.input) | set(n.output))]
 
 
 def quantize_static_int8(
@@ -194,16 +248,28 @@ def quantize_static_int8(
     settings: StaticInt8Settings,
     *,
     calibration_cache: Path | None = None,
-) -> Path:
+    quiet: bool = False,
+) -> QuantizeResult:
     """QDQ INT8 with calibration; ``reader`` is rewound first, so it can be reused.
+
+    The one static quantizer: ``edgecloud convert --int8 static`` and every static trial of the
+    accuracy search call it, so they make the same file for the same settings.
 
     ``calibration_cache``: a JSON file of calibration ranges (onnxruntime's
     ``calibration_cache_path``). When it exists, calibration is skipped and its ranges are used;
     otherwise calibration runs and saves them there, so a later quantization of the same model
     with the same method (an accuracy search, say) costs a quantizer pass only. Name it with
     ``calibration_cache_name(settings)``.
+
+    A tensor whose calibrated range is not finite (``masked_fill(-inf)`` attention masks) cannot
+    be quantized; the nodes around it are kept in float and the quantization retried once,
+    instead of failing the whole run. ``QuantizeResult.nonfinite_nodes`` names them.
     """
+    import tempfile
+
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+
+    from converters.model import has_external_data
 
     method = {
         "minmax": CalibrationMethod.MinMax,
@@ -215,45 +281,76 @@ def quantize_static_int8(
             f"calibration method {settings.calib_method!r} is not one of minmax, entropy, "
             "percentile"
         )
-    # Biases stay float: TensorRT wants them unquantized, onnxruntime still fuses QLinearConv/QGemm
-    # with a float bias, and it saves a scale tensor per biased layer.
-    extra = {"QuantizeBias": False, **settings.extra_options}
+    extra = {
+        "QuantizeBias": settings.quantize_bias,
+        "CalibTensorRangeSymmetric": False,
+        **settings.extra_options,
+    }
     if settings.calib_method == "percentile":
         extra.setdefault("CalibPercentile", settings.percentile)
     excluded = resolve_exclusions(src, settings.exclude_nodes, settings.exclude_ops)
-    hit = calibration_cache is not None and Path(calibration_cache).is_file()
+    large = has_external_data(src)
+    own_cache = None
+    if calibration_cache is None:  # the retry below needs the ranges on disk
+        own_cache = Path(tempfile.mkdtemp(prefix="calib-", dir=Path(dst).parent))
+        calibration_cache = own_cache / calibration_cache_name(settings)
+    calibration_cache = Path(calibration_cache)
+    hit = calibration_cache.is_file()
     batch_size = reader.batch_size
     if settings.calib_method != "minmax" and len(reader) % batch_size:
         # the histogram collectors stack batches, so every batch must have the same size
         reader.batch_size = 1
-    reader.rewind()
-    try:
+    nonfinite: list[str] = []
+    out = contextlib.redirect_stdout(io.StringIO() if quiet else sys.stderr)
+
+    def run(exclude: list[str]) -> None:
+        reader.rewind()
         # onnxruntime's histogram calibrators print() progress; keep stdout clean for --json
-        with contextlib.redirect_stdout(sys.stderr), quiet_quantizer_logs():
+        with out, quiet_quantizer_logs(), warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
             quantize_static(
                 str(src),
                 str(dst),
-                None if hit else reader.as_ort_reader(),
+                None if calibration_cache.is_file() else reader.as_ort_reader(),
                 quant_format=QuantFormat.QDQ,
                 per_channel=settings.per_channel,
                 reduce_range=settings.reduce_range,
                 activation_type=_qtype(settings.activation_type),
                 weight_type=_qtype(settings.weight_type),
-                nodes_to_exclude=excluded or None,
+                nodes_to_exclude=exclude or None,
                 calibrate_method=method,
                 extra_options=extra,
-                calibration_cache_path=(
-                    None if calibration_cache is None else str(calibration_cache)
-                ),
+                calibration_cache_path=str(calibration_cache),
+                use_external_data_format=large,
             )
+
+    try:
+        failure: Exception | None = None
+        try:
+            run(excluded)
+        except Exception as exc:
+            if "not finite" not in str(exc) or not calibration_cache.is_file():
+                raise
+            failure = exc
+        # onnxruntime either refuses an infinite range or (other versions) quantizes it into a
+        # NaN zero point: either way the nodes around such tensors stay float
+        bad = nonfinite_tensors(calibration_cache) if calibration_cache.is_file() else []
+        nonfinite = [n for n in nodes_touching(src, bad) if n not in excluded]
+        if nonfinite:
+            log.info("keeping %d node(s) around non-finite ranges in float", len(nonfinite))
+            run(excluded + nonfinite)
+        elif failure is not None:
+            raise failure
     except (ConfigError, ConversionError):
         raise
     except Exception as exc:
-        raise ConversionError(f"static INT8 quantization of {src} failed: {exc}") from exc
+        raise ConversionError(f"static INT8 quantization of {src.name} failed: {exc}") from exc
     finally:
         reader.batch_size = batch_size
         reader.rewind()
-    return dst
+        if own_cache is not None:
+            shutil.rmtree(own_cache, ignore_errors=True)
+    return QuantizeResult(path=Path(dst), calibrated=not hit, nonfinite_nodes=tuple(nonfinite))
 
 
 def quantize_dynamic_int8(src: Path, dst: Path, settings: DynamicInt8Settings) -> Path:
@@ -263,6 +360,8 @@ def quantize_dynamic_int8(src: Path, dst: Path, settings: DynamicInt8Settings) -
     ConvInteger kernels are much slower than FP32, which the gate's latency check reports.
     """
     from onnxruntime.quantization import quantize_dynamic
+
+    from converters.model import has_external_data
 
     excluded = dynamic_exclusions(src, settings.exclude_nodes, settings.exclude_ops)
     try:
@@ -274,6 +373,7 @@ def quantize_dynamic_int8(src: Path, dst: Path, settings: DynamicInt8Settings) -
                 reduce_range=settings.reduce_range,
                 weight_type=_qtype(settings.weight_type),
                 nodes_to_exclude=excluded or None,
+                use_external_data_format=has_external_data(src),
             )
     except (ConfigError, ConversionError):
         raise

@@ -31,6 +31,7 @@ def render_table(report: ConversionReport) -> Any:
         "top-1 agree",
         "b1 ms",
         "b1 speedup",
+        "int8 share",
         "b32 ms",
         "b32 speedup",
         "verdict",
@@ -50,6 +51,8 @@ def render_table(report: ConversionReport) -> Any:
             "accepted": "[green]accepted[/green]",
             "rejected": "[red]REFUSED[/red]",
             "kept-rejected": "[red]refused (kept)[/red]",
+            "failed": "[red]FAILED[/red]",
+            "dropped": "[yellow]dropped (no gain)[/yellow]",
         }[v.verdict]
         if v.warnings:
             verdict += f" [yellow]({len(v.warnings)} warning{'s' * (len(v.warnings) > 1)})[/yellow]"
@@ -61,7 +64,13 @@ def render_table(report: ConversionReport) -> Any:
             metric,
             agree,
             _ms(v.latency_ms_b1),
-            _x(v.speedup_b1),
+            _x(v.speedup_b1)
+            + (
+                f" ({v.speedup_b1_range[0]:.2f}-{v.speedup_b1_range[1]:.2f})"
+                if v.speedup_b1_range
+                else ""
+            ),
+            "-" if v.quantized_fraction is None else f"{100 * v.quantized_fraction:.0f} %",
             _ms(v.latency_ms_b32),
             _x(v.speedup_b32),
             verdict,

@@ -28,11 +28,9 @@ from converters.data import ArrayCalibrationReader, Dataset
 from converters.quantize import (
     DynamicInt8Settings,
     StaticInt8Settings,
-    _qtype,
     calibration_cache_name,
     quantize_dynamic_int8,
-    quiet_quantizer_logs,
-    resolve_exclusions,
+    quantize_static_int8,
 )
 from converters.search_space import Candidate
 from converters.validate import (
@@ -44,8 +42,9 @@ from converters.validate import (
     measure_latency,
     open_session,
     run_model,
+    time_interleaved,
 )
-from edgecloud.errors import ConfigError, ConversionError
+from edgecloud.errors import ConfigError
 
 __all__ = ["Evaluation", "TrialEvaluator", "TrialQuantizer"]
 
@@ -76,53 +75,11 @@ class TrialQuantizer:
         return self.cache_dir / calibration_cache_name(s)
 
     def _static(self, s: StaticInt8Settings, dst: Path) -> Path:
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
-
-        method = {
-            "minmax": CalibrationMethod.MinMax,
-            "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile,
-        }.get(s.calib_method)
-        if method is None:
-            raise ConfigError(
-                f"calibration method {s.calib_method!r} is not one of minmax, entropy, percentile"
-            )
-        extra = {"CalibTensorRangeSymmetric": False, **s.extra_options}
-        if s.calib_method == "percentile":
-            extra.setdefault("CalibPercentile", s.percentile)
-        excluded = resolve_exclusions(self.src, s.exclude_nodes, s.exclude_ops)
-        cache = self.cache_path(s)
-        hit = cache.is_file()
-        batch_size = self.reader.batch_size
-        if s.calib_method != "minmax" and len(self.reader) % batch_size:
-            # the histogram collectors stack batches, so every batch must have the same size
-            self.reader.batch_size = 1
-        self.reader.rewind()
-        try:
-            # the calibrators print() progress; stdout may carry a --json report
-            with contextlib.redirect_stdout(io.StringIO()), quiet_quantizer_logs():
-                quantize_static(
-                    str(self.src),
-                    str(dst),
-                    None if hit else self.reader.as_ort_reader(),
-                    quant_format=QuantFormat.QDQ,
-                    per_channel=s.per_channel,
-                    reduce_range=s.reduce_range,
-                    activation_type=_qtype(s.activation_type),
-                    weight_type=_qtype(s.weight_type),
-                    nodes_to_exclude=excluded or None,
-                    calibrate_method=method,
-                    extra_options=extra,
-                    calibration_cache_path=str(cache),
-                )
-        except (ConfigError, ConversionError):
-            raise
-        except Exception as exc:
-            raise ConversionError(f"static INT8 quantization of {self.src} failed: {exc}") from exc
-        finally:
-            self.reader.batch_size = batch_size
-            self.reader.rewind()
-        if not hit:
+        """The converter's own static INT8 (``quantize_static_int8``), ranges cached per method."""
+        done = quantize_static_int8(
+            self.src, dst, self.reader, s, calibration_cache=self.cache_path(s), quiet=True
+        )
+        if done.calibrated:
             self.calibrations += 1
         return dst
 
@@ -135,6 +92,8 @@ class Evaluation:
     metrics: ComparisonMetrics
     latency_ms: float | None
     size: int
+    #: speedup over FP32, from rounds interleaved with it (robust on a shared CPU)
+    speedup: float | None = None
 
     @property
     def loss_pct(self) -> float:
@@ -157,6 +116,8 @@ class TrialEvaluator:
         latency_batch: int = 32,
         latency_runs: int = 20,
         latency_budget_s: float = 1.0,
+        gated: tuple[str, ...] = (),
+        roles: dict[str, str] | None = None,
     ) -> None:
         if tolerance_pct < 0:
             raise ConfigError(f"tolerance must be >= 0 (percent), got {tolerance_pct}")
@@ -167,14 +128,23 @@ class TrialEvaluator:
         self.latency_batch = latency_batch
         self.latency_runs = latency_runs
         self.latency_budget_s = latency_budget_s
+        self.gated = gated
+        self.roles = roles
         session = open_session(reference, threads=threads)
+        self.reference_session = session
+        first = session.get_inputs()[0].shape
+        if first and isinstance(first[0], int):
+            self.latency_batch = int(first[0])  # a fixed-batch model is timed at its batch
         names = [o.name for o in session.get_outputs()]
         self.score_output = score_output or names[0]
         if self.score_output not in names:
             raise ConfigError(f"score output {self.score_output!r} is not one of {names}")
         self.reference_outputs = run_model(session, val)
         self.reference_latency_ms = self._latency(session)
-        self.reference_size = Path(reference).stat().st_size
+        data = Path(reference).with_name(Path(reference).name + ".data")
+        self.reference_size = Path(reference).stat().st_size + (
+            data.stat().st_size if data.is_file() else 0
+        )
         ref = self.reference_outputs[self.score_output]
         self.reference_accuracy: float | None = None
         if val.labels is not None and task == "classification" and ref.ndim == 2:
@@ -190,6 +160,19 @@ class TrialEvaluator:
             budget_s=self.latency_budget_s,
         )
 
+    def _interleaved(self, session: Any) -> tuple[float | None, float | None]:
+        """The trial's latency and its speedup, timed in rounds alternating with FP32's."""
+        sample = self.val.take(self.latency_batch).inputs
+        t = time_interleaved(
+            {"fp32": self.reference_session, "trial": session},
+            sample,
+            self.latency_batch,
+            rounds=7,
+            runs=2,
+            budget_s=3.0 * self.latency_budget_s,
+        ).get("trial")
+        return (None, None) if t is None else (t.median_ms, t.speedup)
+
     def evaluate(self, path: Path, *, latency: bool = True) -> Evaluation:
         session = open_session(path, threads=self.threads)
         outputs = run_model(session, self.val)
@@ -198,11 +181,15 @@ class TrialEvaluator:
             outputs,
             score_output=self.score_output,
             task=self.task,
-            labels=self.val.labels,
+            labels=self.val.labels if self.task == "classification" else None,
+            gated=self.gated,
+            roles=self.roles,
         )
         verdict = gate(metrics, self.task, self.tolerance_pct)
-        lat = self._latency(session) if latency else None
-        return Evaluation(verdict, metrics, lat, Path(path).stat().st_size)
+        lat, speedup = self._interleaved(session) if latency else (None, None)
+        data = Path(path).with_name(Path(path).name + ".data")
+        size = Path(path).stat().st_size + (data.stat().st_size if data.is_file() else 0)
+        return Evaluation(verdict, metrics, lat, size, speedup)
 
 
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:

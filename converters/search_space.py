@@ -105,6 +105,51 @@ def model_profile(model_path: Path) -> Literal["conv", "matmul"]:
     return "conv" if conv > matmul else "matmul"
 
 
+def fragile_nodes(model_path: Path) -> list[str]:
+    """Transformer nodes known to lose most under INT8, to keep in float first.
+
+    What the anchors do before any ranking (INC's and NNCF's transformer recipes): the
+    attention score and context MatMuls (into and out of a Softmax), and the FFN output
+    projections (the MatMul/Gemm after a Gelu/Erf/Relu activation). LayerNorm and pooling are
+    not quantized by onnxruntime's QDQ/dynamic quantizers anyway.
+    """
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    act = {"Gelu", "Erf", "Relu", "FastGelu", "BiasGelu"}
+    out: list[str] = []
+
+    def upstream_op(name: str, ops: set[str], depth: int = 4) -> bool:
+        node = producer.get(name)
+        for _ in range(depth):
+            if node is None:
+                return False
+            if node.op_type in ops:
+                return True
+            node = producer.get(node.input[0]) if node.input else None
+        return False
+
+    for n in graph.node:
+        if n.op_type not in _MATMUL_OPS:
+            continue
+        feeds_softmax = any(
+            c.op_type == "Softmax"
+            or any(d.op_type == "Softmax" for o in c.output for d in consumers.get(o, []))
+            for o in n.output
+            for c in consumers.get(o, [])
+        )
+        after_softmax = any(upstream_op(i, {"Softmax"}, 2) for i in n.input)
+        ffn_out = any(upstream_op(i, act, 3) for i in n.input[:1])
+        if feeds_softmax or after_softmax or ffn_out:
+            out.append(n.name)
+    return out
+
+
 def _static(label: str, **kw: Any) -> Candidate:
     return Candidate("static", StaticInt8Settings(**kw), label)
 

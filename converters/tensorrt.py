@@ -392,7 +392,7 @@ def quantize_for_tensorrt(fp32: Path, dst: Path, calib: Dataset, opts: ConvertOp
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
     )
     reader = ArrayCalibrationReader(calib, batch_size=opts.calib_batch, limit=opts.calib_samples)
-    return quantize_static_int8(fp32, dst, reader, settings)
+    return quantize_static_int8(fp32, dst, reader, settings).path
 
 
 def _latency_ms(backend: Any, val: Dataset, batch: int, runs: int) -> float:

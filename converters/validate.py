@@ -6,10 +6,17 @@ that says which metric decided, the original's and the variant's value, by how m
 relative to the original, what was allowed, and in words why a variant failed, so a refusal is
 actionable and an accuracy search can rank candidates without parsing messages.
 
-The metric: accuracy drop when the data has labels (classifiers), else top-1 agreement with the
-original (classifiers), else cosine similarity (embeddings), else relative L2 error. The tolerance
-is relative and in percent: 1.0 lets the metric drop by at most 1 % of the original's value (for
-relative L2, whose ideal is 0, the error may reach 1 % of the output's norm).
+The metric fits the task: accuracy drop when the data has labels (classifiers), else top-1
+agreement with the original (classifiers), mean cosine similarity (embeddings), for detectors the
+scores' and the boxes' cosine when their shapes are fixed, or the F1 of matched detections (same
+label, IoU >= 0.5) when NMS makes their number vary, else relative L2 error (regression). Every
+gated output is checked, not only the first. The tolerance is relative and in percent: 1.0 lets
+the metric drop by at most 1 % of the original's value (for relative L2, whose ideal is 0, the
+error may reach 1 % of the output's norm).
+
+Latency is timed interleaved (``time_interleaved``): every variant and the FP32 reference run in
+alternating rounds, so a load spike on a shared machine hits them all alike, and each speedup is
+the median of per-round ratios with its spread (min..max), which is what a device may trust.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,9 +44,11 @@ __all__ = [
     "measure_latency",
     "open_session",
     "run_model",
+    "time_interleaved",
 ]
 
-Task = Literal["classification", "embedding", "regression"]
+Task = Literal["classification", "embedding", "regression", "detection"]
+TASKS: tuple[str, ...] = ("classification", "embedding", "regression", "detection")
 
 
 @dataclass(frozen=True)
@@ -54,9 +63,13 @@ class ComparisonMetrics:
     rel_l2: float
     max_abs_error: float
     nonfinite: int
+    #: other gated outputs (a detector's boxes): name -> {"cosine": .., "rel_l2": ..}
+    outputs: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: detectors with a variable number of detections: F1 of matched detections
+    detection_f1: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        return {k: v for k, v in asdict(self).items() if v is not None and v != {}}
 
 
 @dataclass(frozen=True)
@@ -112,10 +125,94 @@ def run_model(
         except Exception as exc:
             raise ConversionError(f"inference failed on the validation data: {exc}") from exc
         for n, o in zip(names, outs, strict=True):
-            chunks[n].append(np.asarray(o))
+            chunks[n].append(np.atleast_1d(np.asarray(o)))
         if on_batch is not None:
             on_batch(int(next(iter(batch.values())).shape[0]))
-    return {n: np.concatenate(c) for n, c in chunks.items()}
+    out = Outputs({n: np.concatenate(c) for n, c in chunks.items()})
+    out.splits = {n: [len(x) for x in c] for n, c in chunks.items()}
+    return out
+
+
+class Outputs(dict[str, np.ndarray]):
+    """Output name -> outputs of all samples; ``splits``: rows each batch gave (NMS varies)."""
+
+    splits: dict[str, list[int]]
+
+
+def _pieces(arrs: Mapping[str, np.ndarray], name: str) -> list[np.ndarray]:
+    splits = getattr(arrs, "splits", {}).get(name)
+    a = np.asarray(arrs[name])
+    if not splits:
+        return [a]
+    return np.split(a, np.cumsum(splits)[:-1])
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix of boxes [n,4] x [m,4] (x1, y1, x2, y2)."""
+    tl = np.maximum(a[:, None, :2], b[None, :, :2])
+    br = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(br - tl, 0, None).prod(-1)
+    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(-1)
+    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(-1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def detection_f1(
+    reference: Mapping[str, np.ndarray],
+    candidate: Mapping[str, np.ndarray],
+    *,
+    scores: str,
+    boxes: str,
+    labels: str | None,
+) -> float:
+    """F1 of the candidate's detections against the reference's, per batch, greedy by score.
+
+    A reference detection is matched by an unmatched candidate one with the same label (when
+    the model outputs labels) and IoU >= 0.5. No detections on both sides counts as a match.
+    """
+    matched = n_ref = n_got = 0
+    rb, gb = _pieces(reference, boxes), _pieces(candidate, boxes)
+    rs = _pieces(reference, scores)
+    rl = _pieces(reference, labels) if labels else [None] * len(rb)
+    gl = _pieces(candidate, labels) if labels else [None] * len(gb)
+    if len(rb) != len(gb):
+        return 0.0
+    for i in range(len(rb)):
+        a = np.asarray(rb[i], dtype=np.float64).reshape(-1, 4)
+        b = np.asarray(gb[i], dtype=np.float64).reshape(-1, 4)
+        n_ref += len(a)
+        n_got += len(b)
+        if not len(a) or not len(b):
+            continue
+        iou = _iou(a, b)
+        if rl[i] is not None and gl[i] is not None:
+            same = np.asarray(rl[i]).reshape(-1)[:, None] == np.asarray(gl[i]).reshape(-1)[None]
+            iou = np.where(same, iou, 0.0)
+        used = np.zeros(len(b), dtype=bool)
+        order = np.argsort(-np.asarray(rs[i], dtype=np.float64).reshape(-1)[: len(a)])
+        for j in order:
+            cand = np.where(~used & (iou[j] >= 0.5))[0]
+            if len(cand):
+                k = cand[np.argmax(iou[j, cand])]
+                used[k] = True
+                matched += 1
+    if n_ref + n_got == 0:
+        return 1.0
+    return 2.0 * matched / (n_ref + n_got)
+
+
+def _cos_rel(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
+    n = ref.shape[0] if ref.ndim else 1
+    r2 = np.asarray(ref, dtype=np.float64).reshape(n, -1)
+    g2 = np.asarray(got, dtype=np.float64).reshape(n, -1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dots = (r2 * g2).sum(axis=1)
+        norms = np.linalg.norm(r2, axis=1) * np.linalg.norm(g2, axis=1)
+        cos = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 1.0)
+        rn = float(np.linalg.norm(r2))
+        rel = float(np.linalg.norm(r2 - g2) / rn) if rn > 0 else float(np.linalg.norm(g2))
+    return float(np.mean(np.nan_to_num(cos, nan=0.0))), rel
 
 
 def compare(
@@ -125,18 +222,64 @@ def compare(
     score_output: str,
     task: Task,
     labels: np.ndarray | None = None,
+    gated: tuple[str, ...] = (),
+    roles: Mapping[str, str] | None = None,
 ) -> ComparisonMetrics:
-    """Figures of ``candidate`` against ``reference`` (both: output name -> array)."""
+    """Figures of ``candidate`` against ``reference`` (both: output name -> array).
+
+    ``gated``: more outputs to compare besides ``score_output`` (a detector's boxes);
+    ``roles``: output name -> role, for a detector whose outputs vary in length (NMS).
+    """
     missing = [k for k in reference if k not in candidate]
     if missing:
         raise ConversionError(f"the variant lacks output(s) {missing}")
     ref = np.asarray(reference[score_output], dtype=np.float64)
     got = np.asarray(candidate[score_output], dtype=np.float64)
-    if ref.shape != got.shape:
-        raise ConversionError(
-            f"output '{score_output}': variant shape {list(got.shape)}, original {list(ref.shape)}"
+    nonfinite = int(
+        sum(
+            np.size(v) - np.isfinite(np.asarray(v, dtype=np.float64)).sum()
+            for v in candidate.values()
         )
-    nonfinite = int(sum(np.size(v) - np.isfinite(np.asarray(v)).sum() for v in candidate.values()))
+    )
+    roles = roles or {}
+    boxes = next((k for k, r in roles.items() if r == "boxes"), None)
+    # boxes as a list of detections ([K, 4], K varying with NMS) rather than per anchor
+    listed = task == "detection" and boxes is not None and np.ndim(reference[boxes]) == 2
+    if ref.shape != got.shape or listed:
+        if not listed or boxes is None:
+            raise ConversionError(
+                f"output '{score_output}': variant shape {list(got.shape)}, original "
+                f"{list(ref.shape)}"
+            )
+        # a variable number of detections (NMS): match them instead
+        f1 = detection_f1(
+            reference,
+            candidate,
+            scores=score_output,
+            boxes=boxes,
+            labels=next((k for k, r in roles.items() if r == "labels"), None),
+        )
+        return ComparisonMetrics(
+            samples=len(_pieces(reference, boxes)),
+            top1_agreement=None,
+            accuracy=None,
+            reference_accuracy=None,
+            cosine=0.0,
+            rel_l2=float("nan"),
+            max_abs_error=float("nan"),
+            nonfinite=nonfinite,
+            detection_f1=f1,
+        )
+    others: dict[str, dict[str, float]] = {}
+    for name in gated:
+        if name == score_output:
+            continue
+        a, b = np.asarray(reference[name]), np.asarray(candidate[name])
+        if a.shape != b.shape:
+            others[name] = {"cosine": 0.0, "rel_l2": float("inf")}
+            continue
+        c, r = _cos_rel(a, b)
+        others[name] = {"cosine": c, "rel_l2": r}
     n = ref.shape[0] if ref.ndim else 1
     r2 = ref.reshape(n, -1)
     g2 = got.reshape(n, -1)
@@ -149,8 +292,8 @@ def compare(
             float(np.linalg.norm(r2 - g2) / ref_norm) if ref_norm > 0 else float(np.linalg.norm(g2))
         )
     max_abs = 0.0
-    for k, v in reference.items() if not nonfinite else ():
-        a = np.asarray(v, dtype=np.float64)
+    for k in (score_output, *gated) if not nonfinite else ():
+        a = np.asarray(reference[k], dtype=np.float64)
         b = np.asarray(candidate[k], dtype=np.float64)
         if a.shape == b.shape and a.size:
             max_abs = max(max_abs, float(np.max(np.abs(a - b))))
@@ -175,6 +318,7 @@ def compare(
         rel_l2=rel_l2,
         max_abs_error=max_abs,
         nonfinite=nonfinite,
+        outputs=others,
     )
 
 
@@ -187,6 +331,8 @@ def judge(m: ComparisonMetrics, tolerance_pct: float) -> GateResult:
         metric, ref, val = "accuracy", m.reference_accuracy, m.accuracy
     elif m.top1_agreement is not None:
         metric, ref, val = "top1_agreement", 1.0, m.top1_agreement
+    elif m.detection_f1 is not None:
+        metric, ref, val = "detection_f1", 1.0, m.detection_f1
     else:
         metric, ref, val = "cosine", 1.0, m.cosine
     drop_pct = 100.0 * (ref - val) / ref if ref > 0 else 0.0
@@ -196,6 +342,13 @@ def judge(m: ComparisonMetrics, tolerance_pct: float) -> GateResult:
             f"original's value, more than the {tolerance_pct:g} % allowed "
             f"(by {drop_pct - tolerance_pct:.2f} percentage points)"
         )
+    for name, figs in m.outputs.items():
+        drop = 100.0 * (1.0 - figs["cosine"])
+        if drop > tolerance_pct + 1e-9:
+            failures.append(
+                f"output '{name}': cosine {figs['cosine']:.4f} to the original dropped "
+                f"{drop:.2f} %, more than the {tolerance_pct:g} % allowed"
+            )
     return GateResult(
         passed=not failures,
         metric=metric,
@@ -235,8 +388,8 @@ def gate(m: ComparisonMetrics, task: Task, tolerance_pct: float) -> GateResult:
     """Pick the metric for ``task`` (see module docstring) and judge ``m`` with it."""
     if task == "regression":
         return judge_rel_l2(m, tolerance_pct)
-    if task == "embedding":
-        m = ComparisonMetrics(**{**asdict(m), "top1_agreement": None, "accuracy": None})
+    if task in ("embedding", "detection"):
+        m = replace(m, top1_agreement=None, accuracy=None)
     return judge(m, tolerance_pct)
 
 
@@ -272,3 +425,92 @@ def measure_latency(
     except Exception as exc:
         raise ConversionError(f"latency run at batch {batch} failed: {exc}") from exc
     return 1000.0 * statistics.median(times)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Interleaved latency of one variant: median ms, and its speedup over the reference."""
+
+    median_ms: float
+    spread_ms: tuple[float, float]
+    speedup: float | None = None
+    #: interquartile range of the per-round speedups: what the noise allows it to be
+    speedup_range: tuple[float, float] | None = None
+    rounds: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _feed(sample: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    feed = {}
+    for k, v in sample.items():
+        reps = int(np.ceil(batch / v.shape[0]))
+        feed[k] = np.ascontiguousarray(np.concatenate([v] * reps)[:batch])
+    return feed
+
+
+def time_interleaved(
+    sessions: Mapping[str, Any],
+    sample: Mapping[str, np.ndarray],
+    batch: int,
+    *,
+    reference: str = "fp32",
+    rounds: int = 15,
+    runs: int = 1,
+    budget_s: float = 20.0,
+) -> dict[str, Timing]:
+    """Time every session at ``batch`` in alternating rounds; speedups against ``reference``.
+
+    Each round runs every session ``runs`` times, in an order that rotates from round to round
+    (after three warm-up runs each: arena allocation, kernel selection); a variant's speedup is
+    the median over rounds of the reference's time divided by its own in the same round, so a
+    load spike that hits one round moves one ratio, not the answer. The spread is the
+    interquartile range of those ratios. Sessions whose first input has a fixed batch other
+    than ``batch`` are left out. Bounded by ``budget_s`` (at least 3 rounds).
+    """
+    feed = _feed(sample, batch)
+    usable = {}
+    for name, sess in sessions.items():
+        first = sess.get_inputs()[0].shape
+        if first and isinstance(first[0], int) and first[0] != batch:
+            continue
+        try:
+            for _ in range(3):
+                sess.run(None, feed)
+        except Exception as exc:
+            raise ConversionError(f"{name}: latency run at batch {batch} failed: {exc}") from exc
+        usable[name] = sess
+    per_round: dict[str, list[float]] = {n: [] for n in usable}
+    deadline = time.perf_counter() + budget_s
+    items = list(usable.items())
+    for r in range(rounds):
+        if r >= 3 and time.perf_counter() > deadline:
+            break
+        k = r % max(1, len(items))
+        for name, sess in items[k:] + items[:k]:
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                sess.run(None, feed)
+                times.append(time.perf_counter() - t0)
+            per_round[name].append(1000.0 * statistics.median(times))
+    out: dict[str, Timing] = {}
+    ref = per_round.get(reference)
+    for name, ms in per_round.items():
+        if not ms:
+            continue
+        t = Timing(statistics.median(ms), _iqr(ms), rounds=len(ms))
+        if ref and name != reference:
+            ratios = [a / b for a, b in zip(ref, ms, strict=False) if b > 0]
+            if ratios:
+                t = replace(t, speedup=statistics.median(ratios), speedup_range=_iqr(ratios))
+        out[name] = t
+    return out
+
+
+def _iqr(xs: list[float]) -> tuple[float, float]:
+    if len(xs) < 4:
+        return (min(xs), max(xs))
+    q = statistics.quantiles(xs, n=4)
+    return (q[0], q[2])

@@ -71,10 +71,23 @@ def test_opset_too_old_to_quantize(tmp_path: Path) -> None:
     _no_leftovers(tmp_path, {"old.onnx", "d.npz"})
 
 
-def test_external_data_model_is_refused(tmp_path: Path) -> None:
+def test_external_data_model_is_converted(tmp_path: Path) -> None:
     model = _tiny(tmp_path / "ext.onnx", external=True)
     np.savez(tmp_path / "d.npz", x=np.ones((4, 4), np.float32))
-    with pytest.raises(ConversionError, match=r"external data.*'W'"):
+    report = convert(model, tmp_path / "pkg", ConvertOptions(val=tmp_path / "d.npz"))
+    assert report.manifest is not None
+    assert report.manifest.metadata["source_external_data"] is True
+    # below 2 GiB the weights are inlined: the package has one self-contained file
+    assert not list((tmp_path / "pkg").glob("*.data"))
+
+
+def test_external_data_file_missing_is_bad_input(tmp_path: Path) -> None:
+    model = _tiny(tmp_path / "ext.onnx", external=True)
+    for f in tmp_path.iterdir():
+        if f.suffix not in (".onnx",):
+            f.unlink()
+    np.savez(tmp_path / "d.npz", x=np.ones((4, 4), np.float32))
+    with pytest.raises(DataError, match=r"external data in .*not next to the model"):
         convert(model, tmp_path / "pkg", ConvertOptions(val=tmp_path / "d.npz"))
 
 
@@ -83,7 +96,7 @@ def test_model_over_2gb_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     model = _tiny(tmp_path / "big.onnx")
     monkeypatch.setattr(model_mod, "MAX_MODEL_BYTES", model.stat().st_size - 1)
     np.savez(tmp_path / "d.npz", x=np.ones((4, 4), np.float32))
-    with pytest.raises(ConversionError, match="over the 2 GiB single-file ONNX limit"):
+    with pytest.raises(ConversionError, match="over protobuf's 2 GiB limit"):
         convert(model, tmp_path / "pkg", ConvertOptions(val=tmp_path / "d.npz"))
 
 
@@ -192,7 +205,7 @@ def test_cli_bad_inputs_exit_codes_without_traceback(tmp_path: Path, samples_dir
         )
 
     r = run(bad, "--out", tmp_path / "p", "--val", samples_dir / "data/edge_val.npz")
-    assert r.returncode == 1
+    assert r.returncode == 2  # bad input
     assert "is not an ONNX model" in r.stderr
     assert "Traceback" not in r.stderr
     np.savez(tmp_path / "c.npz", input=np.zeros((2, 63), np.float32))

@@ -60,6 +60,12 @@ def register(sub: Any) -> None:
     g.add_argument("--calib", type=Path, help="calibration DATA (.npz, .npy or folder)")
     g.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax")
     g.add_argument("--calib-samples", type=int, help="use at most N calibration samples")
+    g.add_argument(
+        "--calib-batch",
+        type=int,
+        default=16,
+        help="calibration batch size (16; capped at a fixed batch dimension)",
+    )
     pc = g.add_mutually_exclusive_group()
     pc.add_argument(
         "--per-channel",
@@ -88,9 +94,9 @@ def register(sub: Any) -> None:
     )
     s.add_argument(
         "--search-budget",
-        default="20",
+        default="20,120s",
         metavar="N|SECONDS",
-        help="stop after N trials (20), a time (120s, 2m) or both (20,120s)",
+        help="stop after N trials, a time (120s, 2m) or both (default 20,120s)",
     )
     s.add_argument(
         "--search-report",
@@ -132,7 +138,16 @@ def register(sub: Any) -> None:
         default=1.0,
         help="max relative drop of the gate metric, in percent (default 1.0)",
     )
-    v.add_argument("--task", choices=("classification", "embedding", "regression"))
+    v.add_argument(
+        "--task",
+        choices=("classification", "embedding", "regression", "detection"),
+        help="the gate's task (default: inferred from the graph and output names)",
+    )
+    v.add_argument(
+        "--score-output",
+        metavar="NAME",
+        help="the output confidence and the gate read (default: chosen by role, never int)",
+    )
     v.add_argument("--sign", type=Path, help="Ed25519 private key (edgecloud keys generate)")
     v.add_argument("--name")
     v.add_argument("--version", default="1")
@@ -161,10 +176,49 @@ def _labels(text: str | None) -> tuple[str, ...] | None:
     path = Path(text)
     if path.is_file():
         return tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    if "," not in text and (path.suffix in (".txt", ".csv", ".json", ".names") or "/" in text):
+        raise ConfigError(f"--labels {text}: no such file (give LABEL,LABEL,... or a file)")
     return _csv(text)
 
 
+def _check_name(name: str | None) -> str | None:
+    import re
+
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name):
+        raise ConfigError(
+            f"--name {name!r}: use letters, digits, '.', '_' or '-' (at most 128, starting "
+            "with a letter or digit)"
+        )
+    return name
+
+
+def _json_error(exc: BaseException) -> int:
+    from edgecloud.errors import DataError, InputError, MissingDependencyError
+
+    if isinstance(exc, MissingDependencyError):
+        code = 3
+    elif isinstance(exc, ConfigError | DataError | InputError):
+        code = 2
+    else:
+        code = EXIT_REFUSED
+    doc = {"ok": False, "error": {"type": type(exc).__name__, "message": str(exc)}, "exit": code}
+    json.dump(doc, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return code
+
+
 def _run(args: argparse.Namespace) -> int:
+    if not args.json:
+        return _convert(args)
+    from edgecloud.errors import EdgeCloudError
+
+    try:
+        return _convert(args)
+    except EdgeCloudError as exc:
+        return _json_error(exc)
+
+
+def _convert(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from converters import ConvertOptions, convert
@@ -174,13 +228,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.latency_runs < 1:
         raise ConfigError(f"--latency-runs must be >= 1, got {args.latency_runs}")
     opts = ConvertOptions(
-        name=args.name,
+        name=_check_name(args.name),
         version=args.version,
         fp16=args.fp16,
         int8=tuple(dict.fromkeys(args.int8)),
         calib=args.calib,
         calib_method=args.calib_method,
         calib_samples=args.calib_samples,
+        calib_batch=args.calib_batch,
         per_channel=args.per_channel,
         activation_type=args.activation_type,
         weight_type=args.weight_type,
@@ -199,6 +254,7 @@ def _run(args: argparse.Namespace) -> int:
         labels=_labels(args.labels),
         confidence=args.confidence,
         task=args.task,
+        score_output=args.score_output,
         force=args.force,
         keep_rejected=args.keep_rejected,
         latency_runs=args.latency_runs,
@@ -238,5 +294,19 @@ def _run(args: argparse.Namespace) -> int:
         for r in report.rejected:
             what = "kept, marked rejected" if r.verdict == "kept-rejected" else "not written"
             out.print(f"[red]refused[/red] {r.name} ({what}): {r.gate.reason if r.gate else ''}")
-        out.print(f"package written to {report.package}")
+        for r in report.variants:
+            if r.verdict == "failed":
+                out.print(f"[red]failed[/red] {r.name} (not written, the others were): {r.error}")
+            elif r.verdict == "dropped":
+                out.print(f"[yellow]dropped[/yellow] {r.name} (not written): {r.error}")
+        roles = report.roles
+        out.print(
+            f"task: {report.task} ({roles.get('task_reason', '')}); score output "
+            f"'{roles.get('score_output', '')}' ({roles.get('score_reason', '')})"
+        )
+        for kind, choice in report.device_choice.items():
+            out.print(
+                f"a {kind.upper()} device loads: {choice['variant'] or 'nothing'} ({choice['why']})"
+            )
+        out.print(f"package written to {report.package} in {report.seconds:.1f} s")
     return EXIT_OK if report.ok else EXIT_REFUSED

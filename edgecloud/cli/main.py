@@ -63,9 +63,21 @@ def _broken(name: str, exc: BaseException) -> Callable[[argparse.Namespace], int
     return run
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edgecloud")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgecloud", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="edgecloud", description=__doc__.splitlines()[0].replace("``", "")
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument("--version", action="version", version=f"edgecloud {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
         if only is not None and name != only:

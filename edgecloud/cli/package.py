@@ -10,8 +10,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from edgecloud.errors import PackageError
-from edgecloud.package import load_public_key, read_manifest, verify_package
+from edgecloud.errors import EdgeCloudError, PackageError
+from edgecloud.package import Manifest, load_public_key, read_manifest, verify_package
 
 
 def register(sub: Any) -> None:
@@ -94,4 +94,21 @@ def _inspect(args: argparse.Namespace) -> int:
         )
         vt.add_row(v.name, v.file, v.format, v.precision, v.target, f"{v.size:,}", metrics)
     console.print(vt)
+    _print_choice(console, m)
     return 0
+
+
+def _print_choice(console: Console, m: Manifest) -> None:
+    """Which variant a CPU-only and a GPU device would load automatically, and why."""
+    from edgecloud.runtime.loader import explain_selection
+
+    for kind, providers in (
+        ("CPU", ["CPUExecutionProvider"]),
+        ("GPU", ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+    ):
+        try:
+            v, why = explain_selection(m, providers=providers, trt_ok=False)
+        except EdgeCloudError as exc:
+            console.print(f"a {kind} device loads nothing: {exc}")
+            continue
+        console.print(f"a {kind} device loads [bold]{v.name}[/bold]: {why}", highlight=False)

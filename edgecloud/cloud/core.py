@@ -48,11 +48,13 @@ from edgecloud.errors import (
     DTypeError,
     EdgeCloudError,
     InputError,
+    IntegrityError,
     PackageError,
     ProtocolError,
     RemoteError,
     RuntimeBackendError,
     ShapeError,
+    SignatureError,
     TransportTimeout,
 )
 from edgecloud.package import MANIFEST_FILE, ModelPackage, TensorSpec, verify_package
@@ -584,9 +586,22 @@ class ServingCore:
         self._stats_lock = threading.Lock()
         self._batch_rows: Counter[int] = Counter()
         self._batch_requests: Counter[int] = Counter()
+        #: model name -> why it could not be loaded at start (the others still serve)
+        self.unavailable: dict[str, str] = {}
         if preload:
             for name in self.repository.models():
-                self._worker(name, None)
+                try:
+                    self._worker(name, None)
+                except (IntegrityError, SignatureError):
+                    raise  # a tampered package fails the region loudly, as before
+                except EdgeCloudError as exc:  # one bad model (a ZipMap output...) is not all
+                    log.error("model '%s' is not served: %s", name, exc)
+                    self.unavailable[name] = str(exc)
+            if self.unavailable and len(self.unavailable) == len(self.repository.models()):
+                raise ConfigError(
+                    f"model repository {self.repository.path}: no model can be served: "
+                    + "; ".join(f"{k}: {v}" for k, v in self.unavailable.items())
+                )
 
     # -- public API
     def submit(

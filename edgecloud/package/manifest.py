@@ -159,6 +159,8 @@ class Manifest:
     task: str = "classification"
     confidence: ConfidenceKind = "logits"
     confidence_output: str | None = None
+    #: output name -> role ("score", "boxes", "labels", "embedding", ...); additive, may be empty
+    output_roles: dict[str, str] = field(default_factory=dict)
     labels: tuple[str, ...] = ()
     source_sha256: str = ""
     files: tuple[FileEntry, ...] = ()
@@ -183,6 +185,15 @@ class Manifest:
         names = [v.name for v in self.variants]
         if len(set(names)) != len(names):
             raise PackageError(f"manifest: duplicate variant names in {names}")
+        outs = {t.name for t in self.outputs}
+        if self.confidence_output is not None and self.confidence_output not in outs:
+            raise PackageError(
+                f"manifest: confidence output {self.confidence_output!r} is not an output "
+                f"(outputs: {sorted(outs)})"
+            )
+        unknown = sorted(set(self.output_roles) - outs)
+        if unknown:
+            raise PackageError(f"manifest: output_roles names unknown outputs {unknown}")
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:
@@ -197,7 +208,7 @@ class Manifest:
         return self.confidence_output or self.outputs[0].name
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "schema_version": self.schema_version,
             "name": self.name,
             "version": self.version,
@@ -214,6 +225,9 @@ class Manifest:
             "metadata": self.metadata,
             **({"routing": self.routing} if self.routing else {}),  # absent: old bytes unchanged
         }
+        if self.output_roles:  # only when known: older manifests stay byte-identical
+            out["output_roles"] = dict(self.output_roles)
+        return out
 
     def to_json(self) -> bytes:
         """Canonical bytes (sorted keys, fixed separators): what the signature covers."""
@@ -251,6 +265,7 @@ class Manifest:
             task=str(d.get("task", "classification")),
             confidence=conf.get("kind", "logits"),
             confidence_output=conf.get("output"),
+            output_roles=_roles(d.get("output_roles", {})),
             labels=tuple(str(x) for x in d.get("labels", [])),
             inputs=tuple(TensorSpec.from_dict(t) for t in _need(d, "inputs", "the manifest")),
             outputs=tuple(TensorSpec.from_dict(t) for t in _need(d, "outputs", "the manifest")),
@@ -276,6 +291,14 @@ def _routing(raw: Any) -> dict[str, Any]:
     if raw is not None and not isinstance(raw, Mapping):
         raise PackageError("manifest: 'routing' must be an object")
     return dict(raw or {})
+
+
+def _roles(raw: Any) -> dict[str, str]:
+    if not isinstance(raw, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in raw.items()
+    ):
+        raise PackageError("manifest: 'output_roles' must be an object of output name -> role")
+    return dict(raw)
 
 
 def shape_matches(spec: Sequence[Dim], shape: Sequence[int]) -> bool:

@@ -5,7 +5,7 @@ docs/routing.md for how the router uses the result.
 """
 
 from edgecloud.runtime.base import Backend, InputPolicy
-from edgecloud.runtime.loader import LoadedModel, load_backend, select_variant
+from edgecloud.runtime.loader import LoadedModel, explain_selection, load_backend, select_variant
 from edgecloud.runtime.ort import OnnxRuntimeBackend, available_providers, choose_providers
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "OnnxRuntimeBackend",
     "available_providers",
     "choose_providers",
+    "explain_selection",
     "load_backend",
     "select_variant",
 ]

@@ -8,7 +8,9 @@ Automatic variant choice, first that fits wins:
 
 1. a TensorRT engine whose TensorRT version and compute capability match this GPU;
 2. an INT8 ONNX variant (fast on CPUs with VNNI and on GPUs alike) — on a CPU-only device, not
-   one that the converter measured slower than FP32 at batch 1 and 32 (tiny models);
+   one that the converter measured slower than FP32 at batch 1 and 32 (tiny models), nor one
+   whose compute is mostly still float (``extra.quantized_fraction`` below 0.25: an "int8" file
+   that runs float kernels plus conversions);
 3. an FP16 ONNX variant, only when a GPU execution provider is present (FP16 is slow on CPU);
 4. an FP32 ONNX variant;
 5. any ONNX variant left whose target does not demand a GPU we lack.
@@ -32,7 +34,10 @@ from edgecloud.package.signing import load_public_key
 from edgecloud.runtime.base import Backend, InputPolicy
 from edgecloud.runtime.ort import GPU_PROVIDERS, OnnxRuntimeBackend, available_providers
 
-__all__ = ["LoadedModel", "load_backend", "select_variant"]
+__all__ = ["LoadedModel", "explain_selection", "load_backend", "select_variant"]
+
+#: an INT8 variant with less of its weights in int8 than this is mostly float: not preferred
+MIN_QUANTIZED_FRACTION = 0.25
 
 _GPU_TARGETS = ("gpu", "cuda", "jetson", "tensorrt", "nvidia")
 
@@ -49,6 +54,15 @@ def _measured_slower_on_cpu(v: Variant) -> bool:
     return bool(known) and all(x < 1.0 for x in known)
 
 
+def _mostly_float(v: Variant) -> bool:
+    frac = v.extra.get("quantized_fraction")
+    return (
+        v.precision.lower() == "int8"
+        and isinstance(frac, int | float)
+        and frac < MIN_QUANTIZED_FRACTION
+    )
+
+
 def select_variant(
     manifest: Manifest,
     variant: str = "auto",
@@ -61,15 +75,26 @@ def select_variant(
     ``providers`` are the execution providers present (default: onnxruntime's); ``trt_ok`` says
     whether native TensorRT engines can run (default: probe lazily only when the package has one).
     """
+    return explain_selection(manifest, variant, providers=providers, trt_ok=trt_ok)[0]
+
+
+def explain_selection(
+    manifest: Manifest,
+    variant: str = "auto",
+    *,
+    providers: Sequence[str] | None = None,
+    trt_ok: bool | None = None,
+) -> tuple[Variant, str]:
+    """``select_variant`` and the reason in words (for ``convert``'s report, ``inspect``)."""
     if not manifest.variants:
         raise PackageError(f"package '{manifest.name}' has no variants")
     if variant != "auto":
         for v in manifest.variants:
             if v.name == variant:
-                return v
+                return v, f"asked for by name ({variant!r})"
         by_precision = [v for v in manifest.variants if v.precision == variant]
         if len(by_precision) == 1:
-            return by_precision[0]
+            return by_precision[0], f"the only {variant} variant, asked for by precision"
         known = ", ".join(f"{v.name} ({v.precision}, {v.format})" for v in manifest.variants)
         why = "several match that precision" if by_precision else "none is named so"
         raise PackageError(
@@ -88,20 +113,37 @@ def select_variant(
         else:
             matching = engines if trt_ok else []
         if matching:
-            return matching[0]
+            return matching[0], "a TensorRT engine built for this GPU and TensorRT version"
     onnx = [v for v in usable if v.format == "onnx" and (has_gpu or not _needs_gpu(v))]
+    passed_over: list[str] = []
     if not has_gpu:
         # The converter times every variant against FP32 on the CPU; an INT8 variant it measured
         # slower at both batch sizes (tiny models, where quantize/dequantize costs more than the
-        # integer kernels save) would only make the device slower: prefer the float one.
-        onnx = [v for v in onnx if not _measured_slower_on_cpu(v)] or onnx
+        # integer kernels save) would only make the device slower: prefer the float one. So
+        # would one whose weights are mostly still float.
+        skip = [v for v in onnx if _measured_slower_on_cpu(v) or _mostly_float(v)]
+        passed_over = [
+            v.name
+            + (" (measured slower than FP32)" if _measured_slower_on_cpu(v) else " (mostly float)")
+            for v in skip
+        ]
+        onnx = [v for v in onnx if v not in skip] or onnx
     order = ["int8", "fp16", "fp32"] if has_gpu else ["int8", "fp32"]
     for precision in order:
         for v in onnx:
             if v.precision.lower() == precision:
-                return v
+                why = {
+                    "int8": "INT8 comes first (integer kernels)",
+                    "fp16": "FP16 on a GPU execution provider",
+                    "fp32": "FP32: no faster variant fits this device",
+                }[precision]
+                if precision == "int8" and isinstance(v.metrics.get("speedup_b1"), int | float):
+                    why += f", measured {v.metrics['speedup_b1']:.2f}x FP32 at batch 1"
+                if passed_over:
+                    why += "; passed over " + ", ".join(passed_over)
+                return v, why
     if onnx:
-        return onnx[0]
+        return onnx[0], "the first ONNX variant this device can run"
     known = ", ".join(f"{v.name} ({v.format}, target {v.target})" for v in manifest.variants)
     raise PackageError(
         f"package '{manifest.name}': no variant runs on this device (it has: {known}; "
