@@ -106,7 +106,7 @@ def test_remote_errors_carry_status_message_and_region(
         with pytest.raises(AuthError, match="HTTP 401") as ai:
             t.infer(InferRequest(MODEL, {"input": x[:1]}), timeout=5)
         assert (ai.value.status, ai.value.region) == (401, "r1")
-        assert t.ready(timeout=2) is True  # health stays open without a token
+        assert t.ready(timeout=10) is True, t.ready_detail  # health stays open without a token
     with HttpTransport(server.url, region="r1", token="bad") as t:
         with pytest.raises(AuthError):
             t.infer(InferRequest(MODEL, {"input": x[:1]}), timeout=5)

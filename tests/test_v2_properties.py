@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgecloud.errors import ProtocolError
@@ -62,7 +62,9 @@ request = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=150, deadline=None, database=None)
+@settings(
+    max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(body=request, tail=st.binary(max_size=64), hl=st.one_of(st.none(), st.integers(-3, 400)))
 def test_decode_request_raises_only_protocol_errors(body: Any, tail: bytes, hl: int | None) -> None:
     raw = json.dumps(body).encode()
@@ -75,7 +77,9 @@ def test_decode_request_raises_only_protocol_errors(body: Any, tail: bytes, hl: 
         assert isinstance(arr, np.ndarray)
 
 
-@settings(max_examples=150, deadline=None, database=None)
+@settings(
+    max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(st.binary(max_size=300))
 def test_decode_request_of_any_bytes(data: bytes) -> None:
     try:
@@ -84,7 +88,9 @@ def test_decode_request_of_any_bytes(data: bytes) -> None:
         pass
 
 
-@settings(max_examples=150, deadline=None, database=None)
+@settings(
+    max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(
     st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=1, max_size=20),
     st.booleans(),

@@ -706,6 +706,29 @@ def _limit_parser_warnings(per_minute: int) -> None:
         logger.addFilter(_ParserWarningFilter(per_minute))
 
 
+def _server_class(uvicorn: Any) -> Any:
+    """uvicorn's Server, closing every connection still open when its shutdown is done.
+
+    uvicorn asks each connection to finish and cancels what outlives the graceful timeout, but it
+    leaves those connections' sockets open when its loop ends (a client that never finished its
+    request, a connection refused mid-body): in a process that stops and starts servers, as an
+    embedding application or a test suite does, they stay open until garbage collection.
+    """
+
+    class _Server(uvicorn.Server):  # type: ignore[misc,name-defined]
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().shutdown(sockets=sockets)
+            left = list(self.server_state.connections)
+            for conn in left:
+                transport = getattr(conn, "transport", None)
+                if transport is not None:
+                    transport.abort()
+            if left:
+                await asyncio.sleep(0)  # let the aborted transports run connection_lost
+
+    return _Server
+
+
 class CloudServer:
     """A V2 server on a uvicorn thread: ``start()`` returns once it accepts connections.
 
@@ -763,7 +786,7 @@ class CloudServer:
             backlog=backlog,
             h11_max_incomplete_event_size=limits.max_header_bytes,  # when httptools is missing
         )
-        self._server = uvicorn.Server(config)
+        self._server = _server_class(uvicorn)(config)
         _limit_parser_warnings(limits.log_per_minute)
         self._thread: threading.Thread | None = None
 
