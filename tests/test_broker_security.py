@@ -162,7 +162,7 @@ def test_worker_with_another_group_is_refused(broker: MosquittoBroker) -> None:
 
 def test_generator_cli_and_bad_input(tmp_path: Path) -> None:
     users = tmp_path / "users.txt"
-    users.write_text("# comment\nworker pw worker\ndev-1 pw device\n")
+    users.write_text("# comment\nworker Clear-Text-1 worker\ndev-1 Clear-Text-2 device\n")
     out = subprocess.run(
         [
             sys.executable,
@@ -188,7 +188,7 @@ def test_generator_cli_and_bad_input(tmp_path: Path) -> None:
         "priority": 0,
         "allow": True,
     }
-    assert "pw" not in out.stdout.replace('"password"', "")  # hashed, never in clear
+    assert "Clear-Text" not in out.stdout  # hashed, never in clear
     users.write_text("dev/1 pw device\n")
     bad = subprocess.run(
         [sys.executable, "-m", "edgecloud.broker_security", "--users", str(users)],
