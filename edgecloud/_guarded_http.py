@@ -349,6 +349,16 @@ class _Guard:
                 self._unpark(sock)
         for sock in parked:
             self.server.shutdown_request(sock)
+        # Connections already queued for a handler thread are closed here: a worker that sees
+        # ``_closing`` takes one item and exits, so with fewer threads than queued connections
+        # the rest would only be closed by the garbage collector (a ResourceWarning, an fd held).
+        while True:
+            try:
+                item = self._ready.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                self.server.shutdown_request(item[0])
         for _ in range(len(self._threads)):
             self._ready.put(None)
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _collect_garbage_per_module() -> Iterator[None]:
+    """Run the collector when a module ends, so a leaked socket or file warns in its own module.
+
+    Left to chance, the collector runs whenever allocations happen to trigger it, and a socket a
+    module forgot to close fails (``filterwarnings = error``) some unrelated test later on.
+    """
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

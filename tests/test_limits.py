@@ -346,3 +346,50 @@ def test_parser_warnings_are_rate_limited(server: CloudServer) -> None:
         uv.removeHandler(handler)
     invalid = [m for m in seen if m.startswith("Invalid HTTP request")]
     assert len(invalid) <= LIMITS.log_per_minute  # 30 refused, at most 10 logged a minute
+
+
+def test_server_close_closes_connections_still_queued_for_a_thread() -> None:
+    """One busy thread, three connections queued behind it: closing the server closes all four.
+
+    A worker that saw the server closing took one queued connection and exited, so the others
+    stayed open until the garbage collector found them (a ResourceWarning in a later test).
+    """
+    from edgecloud._guarded_http import GuardedHandler, GuardedThreadingHTTPServer
+
+    busy, release = threading.Event(), threading.Event()
+
+    class Slow(GuardedHandler):
+        def do_GET(self) -> None:
+            busy.set()
+            release.wait(10)
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+    server_cls = type("S", (GuardedThreadingHTTPServer,), {"limits": Limits(max_threads=1)})
+    srv = server_cls(("127.0.0.1", 0), Slow)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    socks: list[socket.socket] = []
+    try:
+        for i in range(4):
+            s = socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=10)
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            socks.append(s)
+            if i == 0:
+                assert busy.wait(10)
+        time.sleep(0.3)  # the three others are readable and queued behind the busy thread
+        srv.shutdown()
+        srv.server_close()
+        release.set()
+        for s in socks:
+            s.settimeout(5)
+            data = b""
+            while chunk := s.recv(4096):  # a timeout here is a connection left open
+                data += chunk
+            assert data == b"" or data.startswith(b"HTTP/1.1 200")
+    finally:
+        release.set()
+        for s in socks:
+            s.close()
