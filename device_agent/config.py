@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from edgecloud.errors import ConfigError
+from edgecloud.settings import RegionConfig, check_threshold
 from edgecloud.topics import DEFAULT_PREFIX, Topics, check_segment
 
 __all__ = [
@@ -84,29 +85,6 @@ class PolicyConfig:
     threshold: float | None = None
     deadline_s: float | None = 1.0
     max_concurrency: int = 1
-
-
-@dataclass(frozen=True)
-class RegionConfig:
-    name: str
-    endpoint: str
-    priority: int = 0
-    model: str | None = None
-    version: str | None = None
-    timeout_s: float | None = None
-    cloud_input_shape: tuple[int, ...] | None = None
-
-    def as_client_region(self) -> dict[str, object]:
-        """The mapping ``HybridClient(regions=...)`` takes."""
-        return {
-            "name": self.name,
-            "endpoint": self.endpoint,
-            "priority": self.priority,
-            "model": self.model,
-            "version": self.version,
-            "timeout": self.timeout_s,
-            "cloud_input_shape": list(self.cloud_input_shape) if self.cloud_input_shape else None,
-        }
 
 
 @dataclass(frozen=True)
@@ -252,7 +230,7 @@ class AgentConfig:
             raise ConfigError(f"policy.mode: expected one of {list(_MODES)}, got {mode!r}")
         policy = PolicyConfig(
             mode=mode,
-            threshold=po.number("threshold", 0.0, lo=0.0, hi=1.0) if "threshold" in po.d else None,
+            threshold=_threshold(po.d["threshold"]) if "threshold" in po.d else None,
             deadline_s=po.number("deadline_s", 1.0, lo=0.001) if "deadline_s" in po.d else 1.0,
             max_concurrency=int(po.number("max_concurrency", 1, lo=1, hi=1024, integer=True)),
         )
@@ -262,47 +240,10 @@ class AgentConfig:
         if not isinstance(raw_regions, list):
             raise ConfigError("regions: expected an array of tables ([[regions]])")
         for i, reg in enumerate(raw_regions):
-            if not isinstance(reg, Mapping):
-                raise ConfigError(f"regions[{i}]: expected a table")
-            rr = _Reader(reg, f"regions[{i}].", base)
-            rr.known(
-                "name",
-                "endpoint",
-                "priority",
-                "model",
-                "version",
-                "timeout_s",
-                "cloud_input_shape",
-            )
-            name = rr.string("name")
-            _segment(name, f"regions[{i}].name")
-            endpoint = rr.string("endpoint")
-            if urlsplit(endpoint).scheme not in ("http", "https", "mqtt", "mqtts"):
-                raise ConfigError(
-                    f"regions[{i}].endpoint: expected an http(s):// or mqtt(s):// URL, "
-                    f"got {endpoint!r}"
-                )
-            shape = reg.get("cloud_input_shape")
-            if shape is not None and (
-                not isinstance(shape, list)
-                or not shape
-                or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
-            ):
-                raise ConfigError(
-                    f"regions[{i}].cloud_input_shape: expected a list of positive integers "
-                    f"(per-sample shape the region's model wants), got {shape!r}"
-                )
-            regions.append(
-                RegionConfig(
-                    name=name,
-                    endpoint=endpoint,
-                    priority=int(rr.number("priority", 0, integer=True)),
-                    model=rr.opt_string("model"),
-                    version=rr.opt_string("version"),
-                    timeout_s=rr.number("timeout_s", 1.0, lo=0.001) if "timeout_s" in reg else None,
-                    cloud_input_shape=tuple(shape) if shape else None,
-                )
-            )
+            # The client's own region schema (edgecloud.settings): the same keys and checks.
+            region = RegionConfig.from_mapping(reg, f"regions[{i}]")
+            _segment(region.name, f"regions[{i}].name")
+            regions.append(region)
         names = [x.name for x in regions]
         if len(set(names)) != len(names):
             raise ConfigError(f"regions: duplicate region names in {names}")
@@ -381,6 +322,15 @@ def load_config(path: Path | str) -> AgentConfig:
         raise ConfigError(f"{p} is not valid TOML: {exc}") from exc
     cfg = AgentConfig.from_dict(d, base_dir=p.resolve().parent)
     return AgentConfig(**{**cfg.__dict__, "source": p.resolve()})
+
+
+def _threshold(value: object) -> float:
+    """One number here (the fleet's policy documents send one): the client's threshold check."""
+    if isinstance(value, Mapping):
+        raise ConfigError(f"policy.threshold: expected a number, got {value!r}")
+    checked = check_threshold(value, "policy.threshold")
+    assert isinstance(checked, float)
+    return checked
 
 
 def _segment(value: str, key: str) -> None:

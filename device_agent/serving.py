@@ -24,6 +24,7 @@ import numpy as np
 
 from edgecloud.client import HybridClient, HybridResult
 from edgecloud.package import Manifest, ModelPackage
+from edgecloud.routing.factory import RegionSpec
 from edgecloud.routing.modes import Mode
 from edgecloud.runtime.base import Backend
 
@@ -220,7 +221,7 @@ class AgentClient(HybridClient):
         *,
         mode: str = "edge_first",
         threshold: float | None = None,
-        regions: Sequence[Mapping[str, Any]] = (),
+        regions: Sequence[RegionSpec] = (),
         metrics: Metrics | None = None,
         **kwargs: Any,
     ) -> None:

@@ -28,11 +28,13 @@ works from any working directory.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgecloud.errors import ConfigError
+from edgecloud.runtime.base import InputPolicy
+from edgecloud.settings import ClientSettings, EscalationSettings, RegionConfig, check_threshold
 
 __all__ = ["ClientConfig", "RegionConfig", "load_config", "parse_config"]
 
@@ -40,53 +42,23 @@ Shape = tuple[int, ...]
 
 
 @dataclass(frozen=True)
-class RegionConfig:
-    """One ``[[regions]]`` entry."""
-
-    name: str
-    endpoint: str
-    model: str | None = None
-    version: str | None = None
-    priority: int = 0
-    timeout: float | None = None
-    cloud_input_shape: Shape | dict[str, Shape] | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class ClientConfig:
-    """Everything ``HybridClient.from_config`` needs; field names are the TOML keys."""
+    """What a config file says: the model to load, the settings and the regions."""
 
-    # [model]
     package: Path | None = None
     public_key: Path | None = None
-    require_signature: bool = True
-    variant: str = "auto"
-    providers: tuple[str, ...] | None = None
-    threads: int | None = None
-    inter_op_threads: int | None = None
-    allow_cast: bool = False
-    allow_int_to_float: bool = False
-    nonfinite: str = "refuse"
-    # [routing]
-    mode: str = "edge_first"
-    threshold: float | dict[str, float] | None = None
-    confidence: str = "max_probability"
-    deadline: float | None = 1.0
-    max_concurrency: int = 1
-    max_queue: int = 0
-    max_wait: float = 0.05
-    max_cpu_percent: float | None = None
-    probe_interval: float | None = 5.0
-    probe_timeout: float = 1.0
-    failure_threshold: int = 3
-    cooldown: float = 10.0
-    cloud_input_shape: Shape | dict[str, Shape] | None = None
-    escalate: str = "sync"  # escalation controls: edgecloud/routing/escalation.py
-    audit_rate: float = 0.0
-    escalation_rate_limit: float | None = None
-    # [[regions]]
+    settings: ClientSettings = field(default_factory=ClientSettings)
     regions: tuple[RegionConfig, ...] = ()
+
+
+#: [model] keys that make the input policy rather than a ``LocalSettings`` field of their name.
+_INPUT_POLICY_KEYS = ("allow_cast", "allow_int_to_float", "nonfinite")
+#: [routing] keys of the escalation settings, and the field each one sets.
+_ESCALATION_KEYS = {
+    "escalate": "escalate",
+    "audit_rate": "audit_rate",
+    "escalation_rate_limit": "rate_limit",
+}
 
 
 _MODEL_KEYS = {
@@ -119,16 +91,6 @@ _ROUTING_KEYS = {
     "audit_rate": "float",
     "escalation_rate_limit": "float",
 }
-_REGION_KEYS = {
-    "name": str,
-    "endpoint": str,
-    "model": str,
-    "version": str,
-    "priority": int,
-    "timeout": "posfloat",
-    "cloud_input_shape": "shape",
-    "options": dict,
-}
 
 
 def _shape(value: Any, where: str) -> Shape:
@@ -159,8 +121,11 @@ def _value(kind: Any, value: Any, where: str, base: Path) -> Any:
         return float(value)
     if kind == "threshold":
         if isinstance(value, dict):
-            return {str(k): _value("float", v, f"{where}.{k}", base) for k, v in value.items()}
-        return _value("float", value, where, base)
+            for k, v in value.items():
+                _value("float", v, f"{where}.{k}", base)
+        else:
+            _value("float", value, where, base)
+        return check_threshold(value, where)
     if kind == "shape":
         if isinstance(value, dict):
             return {str(k): _shape(v, f"{where}.{k}") for k, v in value.items()}
@@ -193,39 +158,38 @@ def parse_config(
     unknown = sorted(set(data) - {"model", "routing", "regions"})
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {unknown} (known: model, routing, regions)")
-    values: dict[str, Any] = {}
-    values.update(_section(data.get("model", {}), _MODEL_KEYS, f"{where} [model]", base))
-    values.update(_section(data.get("routing", {}), _ROUTING_KEYS, f"{where} [routing]", base))
-    _check_escalation(values, f"{where} [routing]")
+    model = _section(data.get("model", {}), _MODEL_KEYS, f"{where} [model]", base)
+    routing = _section(data.get("routing", {}), _ROUTING_KEYS, f"{where} [routing]", base)
+    package, public_key = model.pop("package", None), model.pop("public_key", None)
+    policy = {k: model.pop(k) for k in _INPUT_POLICY_KEYS if k in model}
+    escalation = {f: routing.pop(k) for k, f in _ESCALATION_KEYS.items() if k in routing}
+    try:
+        settings = ClientSettings(escalation=EscalationSettings(**escalation)).with_options(
+            input_policy=InputPolicy(**policy), **model, **routing
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    _check_escalation(settings.escalation, f"{where} [routing]")
     regions_raw = data.get("regions", [])
     if not isinstance(regions_raw, list):
         raise ConfigError(f"{where}: 'regions' must be an array of tables ([[regions]])")
-    regions = []
-    for i, r in enumerate(regions_raw):
-        rw = f"{where} [[regions]] #{i + 1}"
-        vals = _section(r, _REGION_KEYS, rw, base)
-        for need in ("name", "endpoint"):
-            if need not in vals:
-                raise ConfigError(f"{rw}: missing required key '{need}'")
-        regions.append(RegionConfig(**vals))
+    regions = [
+        RegionConfig.from_mapping(r, f"{where} [[regions]] #{i + 1}")
+        for i, r in enumerate(regions_raw)
+    ]
     names = [r.name for r in regions]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: region names must be unique, got {names}")
-    values["regions"] = tuple(regions)
-    known = {f.name for f in fields(ClientConfig)}
-    assert set(values) <= known
-    return ClientConfig(**values)
+    return ClientConfig(
+        package=package, public_key=public_key, settings=settings, regions=tuple(regions)
+    )
 
 
-def _check_escalation(values: Mapping[str, Any], where: str) -> None:
+def _check_escalation(settings: EscalationSettings, where: str) -> None:
     from edgecloud.routing.escalation import Escalation
 
     try:  # the same checks the client runs, so load_config alone catches a bad value
-        Escalation(
-            escalate=values.get("escalate", "sync"),
-            audit_rate=values.get("audit_rate", 0.0),
-            rate_limit=values.get("escalation_rate_limit"),
-        )
+        Escalation.from_settings(settings).close()
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 

@@ -216,6 +216,15 @@ class Escalation:
             "dropped": 0,
         }
 
+    @classmethod
+    def from_settings(
+        cls, settings: Any, *, clock: Callable[[], float] = time.monotonic
+    ) -> Escalation:
+        """Build from an ``edgecloud.settings.EscalationSettings`` (its fields are the keywords)."""
+        import dataclasses
+
+        return cls(**dataclasses.asdict(settings), clock=clock)
+
     @property
     def audit_rate(self) -> float:
         return self.audit.rate
@@ -286,7 +295,7 @@ class Escalation:
         self.pool.close(timeout)
 
 
-# -- the client side (duck-typed on HybridClient's internals to keep client.py's hooks short) --
+# -- the routing side (duck-typed on ``routing.engine.Router``, which imports this module) --
 
 
 def _copy(feed: dict[str, Any]) -> dict[str, Any]:
@@ -309,28 +318,28 @@ def _summary(r: Any, **extra: Any) -> dict[str, Any]:
 
 
 def background(
-    client: Any, slot: Any, feed: dict[str, Any], outputs: Any, rows: Any, conf: float, local: float
+    router: Any, slot: Any, feed: dict[str, Any], outputs: Any, rows: Any, conf: float, local: float
 ) -> Any:
     """The local answer now (``reason = background``), the cloud's later on ``cloud_future``."""
     from edgecloud.errors import RoutingError
     from edgecloud.routing.deadline import Deadline
     from edgecloud.routing.modes import Reason
 
-    esc: Escalation = client.escalation
+    esc: Escalation = router.escalation
     feed = _copy(feed)
 
     def local_answer(reason: Reason, err: Any, **kw: Any) -> Any:
-        return client._result(
+        return router.result(
             slot, outputs, "edge", reason, rows, conf=conf, degraded=True, local_time=local,
             errors=err, **kw,
         )  # fmt: skip
 
     def run() -> Any:
-        out = client.selector.route(
-            client._requester(slot, feed), Deadline(esc.deadline, clock=client._clock)
+        out = router.selector.route(
+            router.requester(slot, feed), Deadline(esc.deadline, clock=router.clock)
         )
         if out.response is not None:
-            r = client._cloud_result(slot, out, Reason.LOW_CONFIDENCE, local, outputs)
+            r = router.cloud_result(slot, out, Reason.LOW_CONFIDENCE, local, outputs)
             esc._count("background_answered")
         else:
             reason = Reason.DEADLINE if out.deadline_hit else Reason.CLOUD_FAILED
@@ -349,42 +358,42 @@ def background(
         fut.set_result(dropped("background queue full: escalation dropped"))
     else:
         esc._count("background_sent")
-    r = client._result(slot, outputs, "edge", Reason.BACKGROUND, rows, conf=conf, local_time=local)
+    r = router.result(slot, outputs, "edge", Reason.BACKGROUND, rows, conf=conf, local_time=local)
     r.cloud_future = fut
     return r
 
 
-def rate_limited(client: Any, slot: Any, outputs: Any, rows: Any, conf: float, local: float) -> Any:
+def rate_limited(router: Any, slot: Any, outputs: Any, rows: Any, conf: float, local: float) -> Any:
     from edgecloud.errors import RoutingError
     from edgecloud.routing.modes import Reason
 
-    lim = client.escalation.limiter
+    lim = router.escalation.limiter
     err = RoutingError(f"escalation rate limit ({lim.rate:g}/s) reached on this device")
-    return client._result(
+    return router.result(
         slot, outputs, "edge", Reason.RATE_LIMITED, rows, conf=conf, degraded=True,
         local_time=local, errors={"rate_limit": err},
     )  # fmt: skip
 
 
-def audit(client: Any, slot: Any, feed: dict[str, Any], result: Any) -> None:
+def audit(router: Any, slot: Any, feed: dict[str, Any], result: Any) -> None:
     """Send a confident request to the cloud in the background and count agreement."""
     from edgecloud.routing.audit import agree
     from edgecloud.routing.deadline import Deadline
     from edgecloud.routing.modes import Reason
 
-    esc: Escalation = client.escalation
+    esc: Escalation = router.escalation
     feed = _copy(feed)
     local_outputs = result.outputs
 
     def run() -> Any:
-        out = client.selector.route(
-            client._requester(slot, feed), Deadline(esc.deadline, clock=client._clock)
+        out = router.selector.route(
+            router.requester(slot, feed), Deadline(esc.deadline, clock=router.clock)
         )
         if out.response is None:
             esc._count("failed", "audits")
             esc.notify("audit", {"model": result.model, "version": result.version, "agreed": None})
             return None
-        r = client._cloud_result(slot, out, Reason.AUDIT, 0.0, local_outputs)
+        r = router.cloud_result(slot, out, Reason.AUDIT, 0.0, local_outputs)
         ok = agree(local_outputs, r.outputs, slot.score_output)
         esc._count("incomparable" if ok is None else ("agreed" if ok else "disagreed"), "audits")
         esc.notify(

@@ -15,22 +15,8 @@ For one request, ``RegionSelector.route``:
    a V2 error body, a malformed reply) counts against the region's breaker and the next region is
    tried while the deadline lasts.
 
-Measurements come from a ``HealthProber`` thread that asks every region's transport whether the
-*model* it would be sent is ready (``Transport.model_ready``: for HTTP the V2
-``/v2/models/{model}[/versions/{v}]/ready``, the server-level probe only where that path is not
-routed) every ``interval`` seconds (also the half-open probe for regions whose breaker is cooling
-down), and from real requests. A server can be up while its model is unknown or still loading: a
-region whose model is not ready (by probe, or because it answered 404 for the model) sorts after
-every region whose model is, whatever its priority or RTT, so it is chosen only when no other
-region is left; a ready probe or an answer puts it back. A transport without a cheap probe
-(``model_ready`` returns None) is judged by real requests alone.
-
-Failures are classified (``failure_kind``): timeouts, refused connections, 429/503 overload and
-5xx are transient; 401/403 (auth), malformed answers (protocol), 404 (unknown model) and other 4xx
-(rejected) are not, and retrying them will not help. The first failure of a non-transient kind in
-a region is logged at ERROR once (again only after the region answered in between), and every
-region keeps counts by kind: ``RegionSelector.health`` is the per-region summary an application
-(or its metrics exporter) reads.
+Readiness comes from ``routing.prober.HealthProber`` and from real requests; failures are
+counted by kind (``routing.health``).
 
 How it fails
 ------------
@@ -47,7 +33,6 @@ Clock, and therefore every timing decision, is injected so the policy is tested 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -58,68 +43,27 @@ from typing import Any
 
 import numpy as np
 
-from edgecloud.errors import (
-    AuthError,
-    ConfigError,
-    ConnectionFailed,
-    EdgeCloudError,
-    InputError,
-    ProtocolError,
-    RemoteError,
-    TransportError,
-    TransportTimeout,
-)
-from edgecloud.routing.breaker import BreakerState, CircuitBreaker
+from edgecloud.errors import ConfigError, EdgeCloudError, TransportError, TransportTimeout
+from edgecloud.routing.breaker import CircuitBreaker
 from edgecloud.routing.deadline import Deadline
+from edgecloud.routing.health import PERSISTENT_KINDS, RegionHealth, failure_kind, health_metrics
 from edgecloud.transport.base import Transport
 from edgecloud.transport.v2 import InferRequest, InferResponse
 
 __all__ = [
+    "MIN_ATTEMPT",
     "PERSISTENT_KINDS",
+    "CloudInputs",
     "CloudOutcome",
-    "HealthProber",
     "Region",
     "RegionHealth",
     "RegionSelector",
+    "as_edge_error",
     "failure_kind",
     "health_metrics",
 ]
 
 log = logging.getLogger(__name__)
-
-#: Failure kinds that retrying will not cure: logged loudly once per region.
-PERSISTENT_KINDS = frozenset({"auth", "protocol", "unknown_model", "rejected", "config"})
-
-
-def failure_kind(err: BaseException) -> str:
-    """What kind of failure ``err`` is, for health counts and for the loud-once log.
-
-    ``timeout``, ``connection``, ``overloaded`` (429/503), ``server_error`` (other 5xx),
-    ``not_ready`` and ``other`` are transient; the kinds in ``PERSISTENT_KINDS`` are not.
-    """
-    if isinstance(err, TransportTimeout):
-        return "timeout"
-    if isinstance(err, ConnectionFailed):
-        return "connection"
-    if isinstance(err, AuthError):
-        return "auth"
-    if isinstance(err, ProtocolError):
-        return "protocol"
-    if isinstance(err, RemoteError):
-        status = err.status or 0
-        if status == 404:
-            return "unknown_model"
-        if status in (429, 503):
-            return "overloaded"
-        if status == 408 or status >= 500:
-            return "server_error"
-        if 400 <= status < 500:
-            return "rejected"
-        return "other"
-    if isinstance(err, ConfigError | InputError):
-        return "config"
-    return "other"
-
 
 CloudInputs = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -246,78 +190,6 @@ class Region:
         return f"Region({self.name!r}, rtt={self.rtt}, state={self.breaker.state.value})"
 
 
-@dataclass(frozen=True)
-class RegionHealth:
-    """One region's health, as an application or a metrics exporter reads it.
-
-    ``ready`` is whether the region's model was ready at the last probe or answer (None before
-    either). ``failures_by_kind`` counts failed requests by ``failure_kind``;
-    ``persistent_error`` is the last failure that retrying will not fix (auth, protocol, unknown
-    model, rejected), cleared when the region answers again: a region with one fails every
-    offload until someone fixes it. ``features`` is what the transport negotiated (for HTTP: the
-    server's extensions and whether binary tensors are used), None for transports that have none.
-    """
-
-    name: str
-    state: str
-    ready: bool | None
-    rtt_ms: float | None
-    requests: int
-    answered: int
-    failures: int
-    consecutive_failures: int
-    failures_by_kind: dict[str, int]
-    persistent_error: str | None
-    last_error: str | None
-    features: dict[str, Any] | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def health_metrics(healths: Sequence[RegionHealth]) -> str:
-    """The health summaries in the Prometheus text format, for an application's /metrics.
-
-    No client library needed: append the text to what the application exports. Series:
-    ``edgecloud_region_ready`` (1 ready, 0 not, -1 unknown), ``edgecloud_region_requests_total``,
-    ``edgecloud_region_answered_total``, ``edgecloud_region_failures_total{kind=...}``,
-    ``edgecloud_region_persistent_error`` (1 while a non-transient failure stands) and
-    ``edgecloud_region_breaker_open`` (1 open, 0.5 half-open, 0 closed).
-    """
-    lines = [
-        "# HELP edgecloud_region_ready Model ready at the last probe or answer: 1, 0, -1 unknown",
-        "# TYPE edgecloud_region_ready gauge",
-        "# HELP edgecloud_region_requests_total Requests sent to the region",
-        "# TYPE edgecloud_region_requests_total counter",
-        "# HELP edgecloud_region_answered_total Requests the region answered",
-        "# TYPE edgecloud_region_answered_total counter",
-        "# HELP edgecloud_region_failures_total Failed requests by kind",
-        "# TYPE edgecloud_region_failures_total counter",
-        "# HELP edgecloud_region_persistent_error 1 while a failure retrying will not fix stands",
-        "# TYPE edgecloud_region_persistent_error gauge",
-        "# HELP edgecloud_region_breaker_open Circuit breaker: 1 open, 0.5 half-open, 0 closed",
-        "# TYPE edgecloud_region_breaker_open gauge",
-    ]
-    breaker = {"open": 1.0, "half_open": 0.5, "closed": 0.0}
-    for h in healths:
-        r = f'region="{_label(h.name)}"'
-        ready = -1 if h.ready is None else int(h.ready)
-        lines.append(f"edgecloud_region_ready{{{r}}} {ready}")
-        lines.append(f"edgecloud_region_requests_total{{{r}}} {h.requests}")
-        lines.append(f"edgecloud_region_answered_total{{{r}}} {h.answered}")
-        for kind, n in sorted(h.failures_by_kind.items()):
-            lines.append(f'edgecloud_region_failures_total{{{r},kind="{_label(kind)}"}} {n}')
-        lines.append(
-            f"edgecloud_region_persistent_error{{{r}}} {int(h.persistent_error is not None)}"
-        )
-        lines.append(f"edgecloud_region_breaker_open{{{r}}} {breaker.get(h.state, 1.0)}")
-    return "\n".join(lines) + "\n"
-
-
 @dataclass
 class CloudOutcome:
     """What ``route`` got: the answer and who gave it, or every region's error."""
@@ -329,7 +201,7 @@ class CloudOutcome:
     deadline_hit: bool = False
 
 
-def _as_edge_error(exc: BaseException, region: str) -> EdgeCloudError:
+def as_edge_error(exc: BaseException, region: str) -> EdgeCloudError:
     if isinstance(exc, EdgeCloudError):
         return exc
     err = TransportError(f"region '{region}': {type(exc).__name__}: {exc}", region=region)
@@ -398,7 +270,7 @@ class RegionSelector:
                 request = make_request(region)
                 response = region.transport.infer(request, timeout=timeout)
             except Exception as exc:  # a user's transport or adapter may raise anything
-                err = _as_edge_error(exc, name)
+                err = as_edge_error(exc, name)
                 region.record_failure(err)
                 region.breaker.record_failure()
                 out.errors[name] = err
@@ -421,102 +293,3 @@ class RegionSelector:
     def health(self) -> list[RegionHealth]:
         """Every region's health summary, in config order."""
         return [r.health() for r in self.regions]
-
-
-class HealthProber:
-    """Probes every region's readiness in a background thread, every ``interval`` seconds.
-
-    ``probe_once`` does one round synchronously (what the thread runs, and what tests call).
-    The thread is a daemon and ``stop`` ends it within one probe timeout.
-    """
-
-    def __init__(
-        self,
-        selector: RegionSelector,
-        *,
-        interval: float = 5.0,
-        timeout: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
-        model_for: Callable[[Region], str | None] | None = None,
-    ) -> None:
-        """``model_for(region)`` names the model to probe (default: the region's ``model``)."""
-        if not 0.01 <= interval <= 3600:
-            raise ConfigError(f"probe interval must be in [0.01, 3600] seconds, got {interval}")
-        if not timeout > 0:
-            raise ConfigError(f"probe timeout must be > 0 seconds, got {timeout}")
-        self.selector = selector
-        self.interval = interval
-        self.timeout = min(timeout, interval)
-        self._clock = clock
-        self._model_for = model_for or (lambda r: r.model)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def probe_once(self) -> None:
-        for region in self.selector.regions:
-            if self._stop.is_set():
-                return
-            self._probe(region)
-
-    def _probe(self, region: Region) -> None:
-        state = region.breaker.state
-        if state is BreakerState.OPEN:
-            return
-        if state is BreakerState.HALF_OPEN and not region.breaker.allow():
-            return
-        t0 = self._clock()
-        try:
-            probe = getattr(region.transport, "model_ready", None)
-            if probe is None:  # a duck-typed transport that is not a ``Transport``
-                ok = region.transport.ready(timeout=self.timeout)
-            else:
-                ok = probe(self._model_for(region), region.version, timeout=self.timeout)
-        except Exception as exc:
-            region.last_error = _as_edge_error(exc, region.name)
-            region.breaker.record_failure()
-            return
-        if ok is None:
-            if state is BreakerState.HALF_OPEN:
-                region.breaker.release()
-            return
-        if ok:
-            region.model_ready = True
-            region.observe_rtt(self._clock() - t0)
-            # A probe closes a half-open breaker, but must not wipe the failures that real
-            # requests counted against a closed one: a region whose health endpoint (or, for
-            # MQTT, whose broker) answers while its inference path fails would otherwise never
-            # trip, and every request would wait out its timeout there.
-            if state is BreakerState.HALF_OPEN:
-                region.breaker.record_success()
-        else:
-            region.model_ready = False
-            detail = getattr(region.transport, "ready_detail", None)
-            region.last_error = TransportError(
-                f"region '{region.name}' reports not ready" + (f": {detail}" if detail else ""),
-                region=region.name,
-            )
-            region.breaker.record_failure()
-
-    def start(self) -> HealthProber:
-        if self._thread is not None:
-            return self
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="edgecloud-prober", daemon=True)
-        self._thread.start()
-        return self
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.probe_once()
-            self._stop.wait(self.interval)
-
-    def stop(self, timeout: float | None = None) -> None:
-        self._stop.set()
-        t = self._thread
-        if t is not None:
-            t.join(self.timeout + 1.0 if timeout is None else timeout)
-        self._thread = None
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()

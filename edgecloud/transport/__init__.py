@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from edgecloud.errors import ConfigError
 from edgecloud.transport.base import MockTransport, Transport
 
-__all__ = ["SCHEMES", "MockTransport", "Transport", "open_transport"]
+__all__ = ["SCHEMES", "MockTransport", "Transport", "check_endpoint", "open_transport"]
 
 #: URL scheme -> (module, class) of the transport that serves it.
 SCHEMES: dict[str, tuple[str, str]] = {
@@ -26,10 +26,10 @@ SCHEMES: dict[str, tuple[str, str]] = {
 }
 
 
-def open_transport(endpoint: str, *, region: str, **options: Any) -> Transport:
-    """Create the transport for ``endpoint`` by its scheme; ``options`` go to its constructor.
+def check_endpoint(endpoint: object, *, region: str) -> tuple[str, str]:
+    """The (module, class) serving ``endpoint``; a ``ConfigError`` naming the region if none.
 
-    An unknown scheme or a bad option is a ``ConfigError`` naming the region and the endpoint.
+    Config readers call it so that a bad scheme fails when the file is read, not at first use.
     """
     if not isinstance(endpoint, str) or "://" not in endpoint:
         raise ConfigError(
@@ -38,12 +38,20 @@ def open_transport(endpoint: str, *, region: str, **options: Any) -> Transport:
         )
     scheme = urlsplit(endpoint).scheme.lower()
     try:
-        module_name, class_name = SCHEMES[scheme]
+        return SCHEMES[scheme]
     except KeyError:
         raise ConfigError(
             f"region '{region}': unknown endpoint scheme {scheme!r} in {endpoint!r} "
             f"(supported: {', '.join(sorted(SCHEMES))})"
         ) from None
+
+
+def open_transport(endpoint: str, *, region: str, **options: Any) -> Transport:
+    """Create the transport for ``endpoint`` by its scheme; ``options`` go to its constructor.
+
+    An unknown scheme or a bad option is a ``ConfigError`` naming the region and the endpoint.
+    """
+    module_name, class_name = check_endpoint(endpoint, region=region)
     import importlib
 
     cls = getattr(importlib.import_module(module_name), class_name)
