@@ -172,19 +172,11 @@ class EdgeFirst(_Policy):
             return r.result(slot, outputs, "edge", Reason.NO_CONFIDENCE, None, local_time=local)
         conf, rows = policy.lowest(outputs)
         if conf >= (slot.threshold if threshold is None else threshold):
+            # Positional: the confident answer is the hot path (see ModelSlot.identity).
             res = HybridResult(
-                outputs=outputs,
-                source="edge",
-                reason=Reason.CONFIDENT,
-                confidence=conf,
-                local_time=local,
-                confidences=rows,
-                model=slot.model,
-                labels=slot.labels,
-                score_output=slot.score_output,
-                score_kind=slot.score_kind,
-                version=slot.version,
-            )
+                outputs, "edge", Reason.CONFIDENT, conf, False, local, 0.0, {}, rows,
+                *slot.identity,
+            )  # fmt: skip
             esc = r.escalation
             if esc.audit.rate and r.selector.regions and esc.audit():
                 _esc.audit(r, slot, feed, res)
