@@ -119,12 +119,10 @@ def _value(kind: Any, value: Any, where: str, base: Path) -> Any:
         if value < 0:
             raise ConfigError(f"{where}: expected a number >= 0, got {value!r}")
         return float(value)
-    if kind == "threshold":
-        if isinstance(value, dict):
-            for k, v in value.items():
-                _value("float", v, f"{where}.{k}", base)
-        else:
-            _value("float", value, where, base)
+    if kind == "threshold":  # the type here, the range in the one threshold check
+        for k, v in value.items() if isinstance(value, dict) else [("", value)]:
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise ConfigError(f"{where}{'.' + k if k else ''}: expected a number, got {v!r}")
         return check_threshold(value, where)
     if kind == "shape":
         if isinstance(value, dict):
