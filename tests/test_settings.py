@@ -43,6 +43,7 @@ cloud_input_shape = [1, 8, 8]
 
 
 def _agent(tmp_path: Path, extra: str) -> Any:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     keys = Keys(tmp_path)
     path = write_config(
         tmp_path / "agent.toml",
@@ -251,3 +252,20 @@ def test_the_client_keeps_its_settings_current(tmp_path: Path) -> None:
         assert c.mode is Mode.CLOUD_ONLY
     with pytest.raises(ConfigError, match=r"escalation: .*unexpected keyword argument 'speed'"):
         HybridClient(escalation={"speed": 1})
+
+
+def test_the_agent_takes_every_key_of_the_schema(tmp_path: Path) -> None:
+    """docs/agent.md: `timeout` or `timeout_s`, grpc(s) endpoints, `[regions.options]`."""
+    agent = _agent(
+        tmp_path,
+        '\n[[regions]]\nname = "eu"\nendpoint = "grpc://127.0.0.1:8001"\ntimeout = 0.5\n'
+        '[regions.options]\ntoken = "s3cret"\n',
+    )
+    (region,) = agent.regions
+    assert (region.endpoint, region.timeout_s, region.options) == (
+        "grpc://127.0.0.1:8001",
+        0.5,
+        {"token": "s3cret"},
+    )
+    with pytest.raises(ConfigError, match=r"regions\[0\]\.name"):
+        _agent(tmp_path / "two", '\n[[regions]]\nname = "e/u"\nendpoint = "http://127.0.0.1:1"\n')
