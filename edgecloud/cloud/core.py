@@ -1,4 +1,9 @@
-"""The transport-agnostic serving core of a cloud region: model repository, sessions, batching.
+"""The transport-agnostic serving core of a cloud region: model repository, batching.
+
+Models run through the runtime's ``Backend`` seam (``edgecloud.runtime``): the same
+``OnnxRuntimeBackend``, the same input validator (with the region's V2 wording) and the same
+variant choice (``select_variant(prefer="accuracy")``) as on a device; this module adds only
+what a region has and a device has not: a repository of versions, queues and batching.
 
 HTTP (``edgecloud.cloud.server``) and the MQTT workers (``edgecloud.cloud.mqtt_worker``) both hand
 decoded V2 requests to one ``ServingCore``, so a region batches, validates and fails the same way
@@ -49,7 +54,6 @@ from edgecloud.errors import (
     EdgeCloudError,
     InputError,
     IntegrityError,
-    PackageError,
     ProtocolError,
     RemoteError,
     RuntimeBackendError,
@@ -58,6 +62,9 @@ from edgecloud.errors import (
     TransportTimeout,
 )
 from edgecloud.package import MANIFEST_FILE, ModelPackage, TensorSpec, verify_package
+from edgecloud.runtime.base import InputMessages, InputPolicy
+from edgecloud.runtime.loader import select_variant
+from edgecloud.runtime.ort import OnnxRuntimeBackend, read_specs
 from edgecloud.transport.v2 import DTYPE_TO_V2, InferRequest, InferResponse
 
 __all__ = [
@@ -75,21 +82,6 @@ log = logging.getLogger(__name__)
 
 PLAIN_MODEL_FILE = "model.onnx"
 PLATFORM = "onnxruntime_onnx"
-
-_ORT_TYPES = {
-    "tensor(float)": "float32",
-    "tensor(float16)": "float16",
-    "tensor(double)": "float64",
-    "tensor(int8)": "int8",
-    "tensor(uint8)": "uint8",
-    "tensor(int16)": "int16",
-    "tensor(int32)": "int32",
-    "tensor(int64)": "int64",
-    "tensor(bool)": "bool",
-}
-# Variant preference on a CPU region: full precision first (the cloud is the accurate fallback),
-# then INT8, then FP16 (slow on most CPUs).
-_PRECISION_ORDER = {"fp32": 0, "float32": 0, "int8": 1, "fp16": 2, "float16": 2}
 
 
 class ModelNotFoundError(RemoteError, LookupError):
@@ -139,25 +131,6 @@ class ModelEntry:
 
 def _version_key(v: str) -> tuple[int, int, str]:
     return (1, int(v), v) if v.isdigit() else (0, 0, v)
-
-
-def _ort_specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """Input/output specs of a plain ONNX file, read from a throwaway session."""
-    import onnxruntime as ort
-
-    try:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-        raise PackageError(f"{path}: onnxruntime cannot load it: {exc}") from exc
-
-    def spec(a: Any) -> TensorSpec:
-        dtype = _ORT_TYPES.get(a.type)
-        if dtype is None:
-            raise PackageError(f"{path}: tensor '{a.name}' has unsupported type {a.type}")
-        dims = tuple(d if isinstance(d, int) else (d or "?") for d in a.shape)
-        return TensorSpec(a.name, dtype, dims)
-
-    return tuple(spec(a) for a in sess.get_inputs()), tuple(spec(a) for a in sess.get_outputs())
 
 
 class ModelRepository:
@@ -236,14 +209,8 @@ class ModelRepository:
             pkg = verify_package(
                 vdir, self.public_key, require_signature=self.public_key is not None
             )
-            onnx = [v for v in pkg.manifest.variants if v.format == "onnx"]
-            cpu = [v for v in onnx if v.target in ("cpu", "any", "")] or onnx
-            if not cpu:
-                raise PackageError(
-                    f"{vdir}: package '{pkg.manifest.name}' has no ONNX variant a CPU region "
-                    f"can run (variants: {', '.join(v.name for v in pkg.manifest.variants)})"
-                )
-            best = min(cpu, key=lambda v: _PRECISION_ORDER.get(v.precision.lower(), 9))
+            # The region is every device's accurate fallback: FP32 first (runtime's order).
+            best = select_variant(pkg.manifest, prefer="accuracy")
             return ModelEntry(
                 name=name,
                 version=version,
@@ -254,7 +221,7 @@ class ModelRepository:
                 variant=best.name,
             )
         path = vdir / PLAIN_MODEL_FILE
-        inputs, outputs = _ort_specs(path)
+        inputs, outputs = read_specs(path)
         return ModelEntry(name=name, version=version, path=path, inputs=inputs, outputs=outputs)
 
 
@@ -287,30 +254,70 @@ def _v2(dtype: str) -> str:
     return DTYPE_TO_V2[np.dtype(dtype)]
 
 
+class _V2Messages(InputMessages):
+    """The region's words for the runtime validator's errors: V2 datatypes, -1 for dynamic dims,
+    the model named, as V2 clients (tritonclient, our transports) read them."""
+
+    def __init__(self, model: str) -> None:
+        self.model = f"model '{model}'"
+
+    def names(self, missing: list[str], unknown: list[str], expected: list[str]) -> InputError:
+        if unknown:
+            return InputError(
+                f"{self.model} has no input '{unknown[0]}' (inputs: {', '.join(expected)})",
+                input_name=unknown[0],
+            )
+        return InputError(f"{self.model}: input '{missing[0]}' is missing", input_name=missing[0])
+
+    def dtype(self, spec: TensorSpec, got: np.dtype[Any], *, cast_hint: bool) -> DTypeError:
+        return DTypeError(
+            f"{self.model} input '{spec.name}': expected datatype {_v2(spec.dtype)}, got "
+            f"{DTYPE_TO_V2.get(got, str(got))}",
+            input_name=spec.name,
+        )
+
+    def rank(self, spec: TensorSpec, shape: tuple[int, ...]) -> ShapeError:
+        shape_txt = [d if isinstance(d, int) else -1 for d in spec.shape]
+        return ShapeError(
+            f"{self.model} input '{spec.name}': expected shape {shape_txt}, got {list(shape)}",
+            input_name=spec.name,
+        )
+
+    def dim(self, spec: TensorSpec, shape: tuple[int, ...], index: int) -> ShapeError:
+        return self.rank(spec, shape)
+
+
+#: The region serves what a V2 client sends: exact datatypes (as the device), NaN/Inf passed to
+#: the model (as before the shared validator: a remote client's data is its own business).
+_REGION_POLICY = InputPolicy(nonfinite="allow")
+
+
 class _ModelWorker:
-    """One loaded model version: its onnxruntime session, its queue and its batcher thread."""
+    """One loaded model version: its backend (``runtime.OnnxRuntimeBackend`` on the CPU), its
+    queue and its batcher thread."""
 
     def __init__(self, core: ServingCore, entry: ModelEntry) -> None:
-        import onnxruntime as ort
-
         self.core = core
         self.entry = entry
-        opts = ort.SessionOptions()
-        # No busy-waiting between runs: onnxruntime's spinning threads would take the cores the
-        # HTTP event loop and the MQTT workers need to decode the next requests.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if core.intra_op_threads is not None:
-            opts.intra_op_num_threads = core.intra_op_threads
         try:
-            self.session = ort.InferenceSession(
-                str(entry.path), sess_options=opts, providers=["CPUExecutionProvider"]
+            # No busy-waiting between runs: onnxruntime's spinning threads would take the cores
+            # the HTTP event loop and the MQTT workers need to decode the next requests.
+            self.backend = OnnxRuntimeBackend(
+                entry.path,
+                entry.inputs,
+                entry.outputs,
+                providers=["CPUExecutionProvider"],
+                threads=core.intra_op_threads,
+                policy=_REGION_POLICY,
+                messages=_V2Messages(entry.name),
+                allow_spinning=False,
             )
-        except Exception as exc:
+        except EdgeCloudError as exc:
             raise RuntimeBackendError(
                 f"model '{entry.name}' version {entry.version}: onnxruntime cannot load "
                 f"{entry.path}: {exc}"
             ) from exc
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_names = [o.name for o in entry.outputs]
         # Batch along dim 0 only when every input and output has a symbolic leading dim.
         self.batchable = all(
             s.shape and isinstance(s.shape[0], str) for s in (*entry.inputs, *entry.outputs)
@@ -319,7 +326,6 @@ class _ModelWorker:
         # is waiting in one lock hold instead of one lock round trip (and notify) per request.
         self._items: deque[_Item | None] = deque()
         self._cond = threading.Condition(threading.Lock())
-        self._specs = {s.name: s for s in entry.inputs}
         self._first_input = entry.inputs[0].name if entry.inputs else ""
         self.thread = threading.Thread(
             target=self._run, name=f"batcher-{entry.name}-{entry.version}", daemon=True
@@ -328,17 +334,9 @@ class _ModelWorker:
 
     # -- validation, in the caller's thread so bad input never occupies the queue
     def validate(self, request: InferRequest) -> tuple[dict[str, np.ndarray], int, tuple[Any, ...]]:
-        specs = self._specs
+        """The runtime's one validator (names, datatypes, shapes), then the batching rules."""
         model = f"model '{self.entry.name}'"
-        unknown = sorted(set(request.inputs) - specs.keys())
-        if unknown:
-            raise InputError(
-                f"{model} has no input '{unknown[0]}' (inputs: {', '.join(specs)})",
-                input_name=unknown[0],
-            )
-        missing = [n for n in specs if n not in request.inputs]
-        if missing:
-            raise InputError(f"{model}: input '{missing[0]}' is missing", input_name=missing[0])
+        checked = self.backend.validate(request.inputs)
         bad_out = [o for o in request.outputs if o not in self.output_names]
         if bad_out:
             raise InputError(
@@ -347,23 +345,7 @@ class _ModelWorker:
         feed: dict[str, np.ndarray] = {}
         rows = 1
         key: list[Any] = [tuple(request.outputs)]
-        for name, spec in specs.items():
-            arr = np.asarray(request.inputs[name])
-            want = np.dtype(spec.dtype)
-            if arr.dtype != want:
-                raise DTypeError(
-                    f"{model} input '{name}': expected datatype {_v2(spec.dtype)}, got "
-                    f"{DTYPE_TO_V2.get(arr.dtype, str(arr.dtype))}",
-                    input_name=name,
-                )
-            shape_txt = [d if isinstance(d, int) else -1 for d in spec.shape]
-            if arr.ndim != len(spec.shape) or any(
-                isinstance(d, int) and d != n for d, n in zip(spec.shape, arr.shape, strict=False)
-            ):
-                raise ShapeError(
-                    f"{model} input '{name}': expected shape {shape_txt}, got {list(arr.shape)}",
-                    input_name=name,
-                )
+        for name, arr in checked.items():
             if self.batchable:
                 if arr.shape[0] == 0:
                     raise ShapeError(
@@ -498,17 +480,17 @@ class _ModelWorker:
                     for name in live[0].inputs
                 }
             t0 = time.perf_counter()
-            values = self.session.run(self.output_names, feed)
+            outputs = self.backend.run_validated(feed)
             seconds = time.perf_counter() - t0
         except Exception as exc:
+            cause = exc.__cause__ if isinstance(exc, RuntimeBackendError) and exc.__cause__ else exc
             err = RuntimeBackendError(
-                f"model '{self.entry.name}' version {self.entry.version} failed: {exc}"
+                f"model '{self.entry.name}' version {self.entry.version} failed: {cause}"
             )
             err.__cause__ = exc
             for it in live:
                 it.future.set_exception(err)
             return
-        outputs = dict(zip(self.output_names, values, strict=True))
         offset = 0
         for it in live:
             wanted = it.request.outputs or self.output_names
@@ -532,6 +514,8 @@ class _ModelWorker:
             self._items.append(None)
             self._cond.notify()
         self.thread.join(timeout=10)
+        if not self.thread.is_alive():
+            self.backend.close()
         # Anything still queued after the stop marker never ran.
         with self._cond:
             left = list(self._items)
