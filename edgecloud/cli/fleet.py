@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from edgecloud import environment
 from edgecloud.errors import ConfigError, EdgeCloudError
 from edgecloud.fleet.jobs import parse_duration, parse_rate, parse_retry
 from edgecloud.fleet.messages import validate_policy
@@ -245,7 +246,7 @@ def _serve(args: argparse.Namespace) -> int:
     from edgecloud.package import load_public_key
 
     key = load_public_key(args.public_key) if args.public_key else None
-    token = args.token or os.environ.get("EDGECLOUD_FLEET_TOKEN") or None
+    token = args.token or environment.fleet_token() or None
     if token is None and args.http_host not in ("127.0.0.1", "::1", "localhost"):
         print(
             f"edgecloud fleet serve: warning: the API on {args.http_host} has no --token; anyone "
