@@ -366,7 +366,7 @@ def test_closed_backend_refuses(edge_pkg: tuple[Path, Path]) -> None:
 
 
 def test_tensorrt_backend_missing_library_names_the_extra() -> None:
-    from edgecloud._deps import available
+    from edgecloud.deps import available
     from edgecloud.runtime.tensorrt import TensorRTBackend, engine_matches
 
     if available("tensorrt"):
@@ -380,7 +380,7 @@ def test_tensorrt_backend_missing_library_names_the_extra() -> None:
 
 
 def test_tensorrt_variant_without_tensorrt_fails_clearly_when_forced(tmp_path: Path) -> None:
-    from edgecloud._deps import available
+    from edgecloud.deps import available
 
     if available("tensorrt"):
         pytest.skip("TensorRT is installed here")

@@ -35,8 +35,8 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from edgecloud import __version__ as _edgecloud_version
-from edgecloud._deps import require
 from edgecloud.cloud.core import BatchEvent, ServingCore, status_for
+from edgecloud.deps import require
 from edgecloud.errors import ConfigError, EdgeCloudError, ProtocolError
 from edgecloud.limits import (
     DEFAULT_LIMITS,
