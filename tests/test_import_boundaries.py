@@ -277,7 +277,7 @@ def test_the_import_graph_sees_the_imports_it_must() -> None:
     # The analysis itself: known edges of each kind are found, TYPE_CHECKING ones are not.
     edges = _imports()
     pairs = {(e.importer, e.target, e.lazy) for e in edges}
-    assert ("edgecloud.cloud.core", "edgecloud.runtime.ort", False) in pairs
+    assert ("edgecloud.cloud.batcher", "edgecloud.runtime.ort", False) in pairs
     assert ("edgecloud.cli.demo", "edgecloud.cli._demo_console", True) in pairs
     assert (
         "edgecloud.transport.grpc",
