@@ -45,21 +45,13 @@ from edgecloud.package import (
 from edgecloud.topics import Topics
 from tests.fixtures.broker import MosquittoBroker
 from tests.fixtures.packages import LABELS, write_sample_package
+from tests.fixtures.wait import wait_until
 
 pytestmark = pytest.mark.mqtt
 
 T = Topics()
 ROOT = Path(__file__).resolve().parent.parent
 EDGE_MODEL = ROOT / "samples" / "models" / "digits_edge.onnx"
-
-
-def wait_until(pred: Any, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class SimDevice:

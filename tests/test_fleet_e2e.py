@@ -32,8 +32,8 @@ from edgecloud.fleet.server import FleetHTTPServer
 from edgecloud.fleet.store import SqliteFleetStore
 from edgecloud.package import MANIFEST_FILE
 from tests.fixtures.broker import MosquittoBroker, free_port
+from tests.fixtures.wait import wait_until
 from tests.test_agent_util import Keys, make_package, val_inputs, write_config
-from tests.test_fleet import wait_until
 
 pytestmark = pytest.mark.mqtt
 ROOT = Path(__file__).resolve().parent.parent
