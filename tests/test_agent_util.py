@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecloud.fleet.messages import dumps
+from tests.fixtures.agents import start_agent, write_config  # noqa: F401
 
 # The agent tests import these from here; they live in the shared factory.
 from tests.fixtures.packages import (  # noqa: F401
@@ -26,51 +27,6 @@ from tests.fixtures.packages import (  # noqa: F401
 from tests.fixtures.packages import agent_package as make_package  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def write_config(
-    path: Path,
-    *,
-    device: str,
-    broker_url: str,
-    store: Path,
-    public_key: Path,
-    interval: float = 60.0,
-    extra: str = "",
-    endpoint_port: int = 0,
-    min_free_mb: float = 0,
-    step_timeout_s: float = 60,
-) -> Path:
-    path.write_text(
-        f"""
-[device]
-id = "{device}"
-group = "lab"
-labels = {{ site = "bench" }}
-
-[broker]
-url = "{broker_url}"
-keepalive = 5
-reconnect_min_s = 0.1
-reconnect_max_s = 1.0
-
-[store]
-path = "{store}"
-public_key = "{public_key}"
-min_free_mb = {min_free_mb}
-
-[telemetry]
-interval_s = {interval}
-
-[endpoint]
-port = {endpoint_port}
-
-[jobs]
-step_timeout_s = {step_timeout_s}
-{extra}
-"""
-    )
-    return path
 
 
 class TcpGate:
@@ -146,19 +102,6 @@ class TcpGate:
         self._stop = True
         self.close_link()
         self._srv.close()
-
-
-def start_agent(config: Path, timeout: float = 15.0) -> Any:
-    """An in-process agent, started and subscribed."""
-    from device_agent.agent import Agent
-    from device_agent.config import load_config
-
-    agent = Agent(load_config(config)).start()
-    deadline = time.monotonic() + timeout
-    while not agent.connected and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert agent.connected, "agent did not connect to the broker"
-    return agent
 
 
 class Observer:
