@@ -124,7 +124,9 @@ class _InputCheck:
         "spec",
     )
 
-    def __init__(self, spec: TensorSpec, policy: InputPolicy, messages: InputMessages) -> None:
+    def __init__(
+        self, spec: TensorSpec, policy: InputPolicy, messages: InputMessages | None = None
+    ) -> None:
         self.spec = spec
         self.name = spec.name
         self.dtype = np.dtype(spec.dtype)
@@ -132,7 +134,7 @@ class _InputCheck:
         self.fixed = tuple((i, d) for i, d in enumerate(spec.shape) if isinstance(d, int))
         self.float_kind = self.dtype.kind == "f" and policy.nonfinite == "refuse"
         self.policy = policy
-        self.messages = messages
+        self.messages = messages or InputMessages()
 
     def check(self, value: Any) -> np.ndarray:
         arr = value if type(value) is np.ndarray else self._as_array(value)
