@@ -390,3 +390,17 @@ def test_environment_is_read_in_one_module() -> None:
                     if names & {"environ", "getenv", "environb"}:
                         readers.append(f"{rel}:{node.lineno}")
     assert readers == [], f"read the environment through {ENVIRONMENT_MODULE}: {readers}"
+
+
+def test_the_size_marker_is_read_from_the_docstring_top(tmp_path: Path) -> None:
+    long_body = "x = 1\n" * (MAX_LINES + 1)
+    with_reason = tmp_path / "a.py"
+    with_reason.write_text(
+        f'"""One job.\n\n{SIZE_MARKER} one state machine, read top down.\n"""\n' + long_body
+    )
+    too_deep = tmp_path / "b.py"
+    too_deep.write_text(
+        '"""One job.\n' + "\n" * SIZE_LINES + f'{SIZE_MARKER} too late.\n"""\n' + long_body
+    )
+    assert any(line.startswith(SIZE_MARKER) for line in _docstring_head(with_reason))
+    assert not any(line.startswith(SIZE_MARKER) for line in _docstring_head(too_deep))
