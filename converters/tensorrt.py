@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgecloud._deps import require
+from edgecloud.deps import require
 from edgecloud.errors import ConfigError, ConversionError
 from edgecloud.package import TensorSpec
 

@@ -2,7 +2,7 @@
 
 Standard library only (``http.server``): a device should not need a web framework to serve its
 own applications, and the import-boundary test keeps starlette/uvicorn out of the agent. The
-server is bounded by the same ``Limits`` as the cloud region (``edgecloud._guarded_http``): a body
+server is bounded by the same ``Limits`` as the cloud region (``edgecloud.guarded_http``): a body
 larger than ``max_body_bytes`` is refused with 413 before it is read, the JSON part, its depth
 and the rows per request are checked as in the region, every request has a deadline (not a
 timeout per read), idle connections wait without a thread, at most ``max_threads`` requests are
@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from device_agent.serving import AgentClient
-from edgecloud._guarded_http import GuardedHandler, GuardedServerMixin
 from edgecloud.errors import EdgeCloudError, InputError, ProtocolError, RuntimeBackendError
+from edgecloud.guarded_http import GuardedHandler, GuardedServerMixin
 from edgecloud.limits import DEFAULT_LIMITS, LimitExceeded, Limits, check_rows, parse_decimal
 from edgecloud.transport.v2 import (
     DTYPE_TO_V2,

@@ -16,7 +16,7 @@ SAMPLES = ROOT / "samples"
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip ``gpu`` tests cleanly where TensorRT or an NVIDIA GPU is missing."""
-    from edgecloud._deps import available
+    from edgecloud.deps import available
 
     has_gpu = available("tensorrt") and Path("/dev/nvidia0").exists()
     if has_gpu:

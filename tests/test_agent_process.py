@@ -3,20 +3,16 @@ a download interrupted by a kill resumes after the restart and the job completes
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.fixtures.agents import AgentProcess
 from tests.fixtures.broker import MosquittoBroker
 from tests.test_agent_download import PackageServer
 from tests.test_agent_util import (
-    ROOT,
     Keys,
     Observer,
     TcpGate,
@@ -26,34 +22,6 @@ from tests.test_agent_util import (
 )
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
-
-
-class AgentProcess:
-    def __init__(self, config: Path, log: Path, *, via_cli: bool = False) -> None:
-        cmd = (
-            [sys.executable, "-m", "edgecloud", "agent", "run", "--config", str(config)]
-            if via_cli
-            else [sys.executable, "-m", "device_agent", "--config", str(config)]
-        )
-        self.log = log
-        with open(log, "ab") as f:
-            self.proc = subprocess.Popen(
-                cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def terminate(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            return self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
 
 
 @pytest.fixture

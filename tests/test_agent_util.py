@@ -13,134 +13,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edgecloud.fleet.messages import dumps
-from edgecloud.package import (
-    Manifest,
-    TensorSpec,
-    Variant,
-    generate_keypair,
-    load_private_key,
-    pack_package,
-    write_package,
+from tests.fixtures.agents import start_agent, write_config  # noqa: F401
+
+# The agent tests import these from here; they live in the shared factory.
+from tests.fixtures.packages import (  # noqa: F401
+    EDGE_ONNX,
+    EDGE_VAL,
+    Keys,
+    ort_outputs,
+    val_inputs,
 )
+from tests.fixtures.packages import agent_package as make_package  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
-EDGE_ONNX = ROOT / "samples" / "models" / "digits_edge.onnx"
-EDGE_VAL = ROOT / "samples" / "data" / "edge_val.npz"
-
-
-def val_inputs(n: int = 8) -> np.ndarray:
-    with np.load(EDGE_VAL) as z:
-        return np.asarray(z["input"][:n], dtype=np.float32)
-
-
-def ort_outputs(x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    s = ort.InferenceSession(str(EDGE_ONNX), providers=["CPUExecutionProvider"])
-    return np.asarray(s.run(["logits"], {"input": x})[0])
-
-
-class Keys:
-    def __init__(self, d: Path) -> None:
-        self.private, self.public = generate_keypair(d / "fleet.key")
-
-
-def make_package(
-    tmp: Path,
-    keys: Keys,
-    version: str,
-    *,
-    bad_warmup: bool = False,
-    tamper: bool = False,
-    signing_key: Path | None = None,
-) -> Path:
-    """Write a signed package of the edge MLP and pack it; returns the ``.tar.gz``."""
-    work = tmp / f"build-{version}"
-    work.mkdir(parents=True, exist_ok=True)
-    x = val_inputs(8)
-    y = ort_outputs(x)
-    if bad_warmup:
-        y = -y  # a model whose outputs do not match what the package promised
-    # the converters' layout (docs/package.md): input.<name> / output.<name>
-    np.savez(work / "warmup.npz", **{"input.input": x, "output.logits": y})
-    manifest = Manifest(
-        name="digits",
-        version=version,
-        inputs=(TensorSpec("input", "float32", ("batch", 64)),),
-        outputs=(TensorSpec("logits", "float32", ("batch", 10)),),
-        variants=(Variant("fp32", "model.onnx", "onnx", "fp32", "cpu", 0, ""),),
-        warmup={
-            "file": "warmup.npz",
-            "inputs": ["input.input"],
-            "outputs": ["output.logits"],
-            "compare_output": "logits",
-            "min_top1_agreement": 0.99,
-            "max_rel_l2": 1e-3,
-        },
-    )
-    pkg = work / "pkg"
-    write_package(
-        pkg,
-        manifest,
-        {"model.onnx": EDGE_ONNX, "warmup.npz": work / "warmup.npz"},
-        signing_key=load_private_key(signing_key or keys.private),
-        force=True,
-    )
-    if tamper:
-        data = bytearray((pkg / "model.onnx").read_bytes())
-        data[-5] ^= 0xFF
-        (pkg / "model.onnx").write_bytes(bytes(data))
-    archive = tmp / f"digits-{version}{'-tampered' if tamper else ''}.tar.gz"
-    pack_package(pkg, archive)
-    return archive
-
-
-def write_config(
-    path: Path,
-    *,
-    device: str,
-    broker_url: str,
-    store: Path,
-    public_key: Path,
-    interval: float = 60.0,
-    extra: str = "",
-    endpoint_port: int = 0,
-    min_free_mb: float = 0,
-    step_timeout_s: float = 60,
-) -> Path:
-    path.write_text(
-        f"""
-[device]
-id = "{device}"
-group = "lab"
-labels = {{ site = "bench" }}
-
-[broker]
-url = "{broker_url}"
-keepalive = 5
-reconnect_min_s = 0.1
-reconnect_max_s = 1.0
-
-[store]
-path = "{store}"
-public_key = "{public_key}"
-min_free_mb = {min_free_mb}
-
-[telemetry]
-interval_s = {interval}
-
-[endpoint]
-port = {endpoint_port}
-
-[jobs]
-step_timeout_s = {step_timeout_s}
-{extra}
-"""
-    )
-    return path
 
 
 class TcpGate:
@@ -216,19 +102,6 @@ class TcpGate:
         self._stop = True
         self.close_link()
         self._srv.close()
-
-
-def start_agent(config: Path, timeout: float = 15.0) -> Any:
-    """An in-process agent, started and subscribed."""
-    from device_agent.agent import Agent
-    from device_agent.config import load_config
-
-    agent = Agent(load_config(config)).start()
-    deadline = time.monotonic() + timeout
-    while not agent.connected and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert agent.connected, "agent did not connect to the broker"
-    return agent
 
 
 class Observer:

@@ -34,15 +34,11 @@ from edgecloud.errors import (
     TransportTimeout,
 )
 from edgecloud.package import (
-    Manifest,
-    TensorSpec,
-    Variant,
     generate_keypair,
-    load_private_key,
     load_public_key,
-    write_package,
 )
 from edgecloud.transport.v2 import InferRequest
+from tests.fixtures.packages import write_sample_package
 from tests.fixtures.servers import make_repository
 
 MODEL = "digits_cloud"
@@ -68,21 +64,14 @@ def core(tmp_path_factory: pytest.TempPathFactory, cloud_onnx: Path) -> ServingC
 
 
 def _package(tmp: Path, onnx: Path, version: str, key: Path | None = None) -> Path:
-    manifest = Manifest(
+    return write_sample_package(
+        tmp / f"pkg-{version}",
+        model=onnx,
         name=MODEL,
         version=version,
-        inputs=(TensorSpec("input", "float32", ("batch", 1, 8, 8)),),
-        outputs=(TensorSpec("logits", "float32", ("batch", 10)),),
-        variants=(Variant("fp32", "model_fp32.onnx", "onnx", "fp32", "cpu", 0, ""),),
+        signing_key=key,
+        variant_file="model_{variant}.onnx",
     )
-    out = tmp / f"pkg-{version}"
-    write_package(
-        out,
-        manifest,
-        {"model_fp32.onnx": onnx},
-        signing_key=load_private_key(key) if key else None,
-    )
-    return out
 
 
 # ----------------------------------------------------------------------------- repository

@@ -526,7 +526,7 @@ def test_write_coalescer_joins_one_loop_iteration_and_flushes_before_close() -> 
     # Logic test of the proxy (the whole suite above runs every response through it for real).
     import asyncio
 
-    from edgecloud.cloud.server import _WriteCoalescer
+    from edgecloud.cloud.http_protocol import WriteCoalescer as _WriteCoalescer
 
     class Recorder:
         def __init__(self) -> None:

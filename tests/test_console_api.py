@@ -29,7 +29,8 @@ from edgecloud.package import generate_keypair
 from edgecloud.routing.modes import Reason
 from edgecloud.topics import Topics
 from tests.fixtures.broker import MosquittoBroker
-from tests.test_fleet import Fleet, SimDevice, devices, make_package, wait_until
+from tests.fixtures.wait import wait_until
+from tests.test_fleet import Fleet, SimDevice, devices, make_package
 
 pytestmark = pytest.mark.mqtt
 T = Topics("edgecloud")
@@ -232,7 +233,12 @@ def test_console_routes_fuzzed_never_answer_5xx(fleet: Fleet, mosquitto: Mosquit
     publish(dev, time.time() - 5, beat(1, 0, 0, {"r": (1, 1, "open")}))
     publish(dev, time.time(), {"requests": "many", "regions": ["not", "a", "map"]})
     publish(dev, time.time(), {"regions": {"r": {"requests": None, "failures": -3}}})
-    wait_until(lambda: fleet.ctl.devices["fz"].counters.get("telemetry", 0) == 3, what="fz")
+    wait_until(
+        lambda: (
+            (d := fleet.ctl.devices.get("fz")) is not None and d.counters.get("telemetry", 0) == 3
+        ),
+        what="fz registered with 3 telemetry records",
+    )
     rng = random.Random(16)
     junk = string.ascii_letters + string.digits + "%&=?/.-_~:;+ #\x7f"
     values = ["", "0", "-1", "9", "10", "1e309", "nan", "inf", "-inf", "86400", "86401", "1e-9"]

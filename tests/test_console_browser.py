@@ -29,8 +29,8 @@ from edgecloud.fleet.server import FleetHTTPServer
 from edgecloud.fleet.store import SqliteFleetStore
 from tests.fixtures.broker import MosquittoBroker, free_port
 from tests.fixtures.servers import make_repository, running_cloud_server
+from tests.fixtures.wait import wait_until
 from tests.test_agent_util import Keys, make_package, val_inputs, write_config
-from tests.test_fleet import wait_until
 from tests.test_fleet_e2e import AgentProc, _tamper
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]

@@ -179,7 +179,7 @@ def test_existing_output_refused_before_any_work(tmp_path: Path) -> None:
 
 def test_tensorrt_missing_fails_first(tmp_path: Path, samples_dir: Path) -> None:
     pytest.importorskip("onnx")
-    from edgecloud._deps import available
+    from edgecloud.deps import available
 
     if available("tensorrt"):
         pytest.skip("TensorRT is installed here")
@@ -227,7 +227,7 @@ def test_cli_bad_inputs_exit_codes_without_traceback(tmp_path: Path, samples_dir
         "--val",
         samples_dir / "data/edge_val.npz",
     )
-    from edgecloud._deps import available
+    from edgecloud.deps import available
 
     if not available("tensorrt"):
         assert r.returncode == 3

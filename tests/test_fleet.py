@@ -40,30 +40,18 @@ from edgecloud.fleet.packages import PackageStore
 from edgecloud.fleet.server import FleetHTTPServer, parse_range
 from edgecloud.fleet.store import ShadowConflict, SqliteFleetStore
 from edgecloud.package import (
-    Manifest,
-    TensorSpec,
-    Variant,
     generate_keypair,
-    load_private_key,
-    write_package,
 )
 from edgecloud.topics import Topics
 from tests.fixtures.broker import MosquittoBroker
+from tests.fixtures.packages import LABELS, write_sample_package
+from tests.fixtures.wait import wait_until
 
 pytestmark = pytest.mark.mqtt
 
 T = Topics()
 ROOT = Path(__file__).resolve().parent.parent
 EDGE_MODEL = ROOT / "samples" / "models" / "digits_edge.onnx"
-
-
-def wait_until(pred: Any, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class SimDevice:
@@ -179,18 +167,15 @@ class SimDevice:
 def make_package(
     tmp: Path, version: str, keys: tuple[Path, Path], note: str = "", model: Path = EDGE_MODEL
 ) -> Path:
-    manifest = Manifest(
-        name="digits",
+    return write_sample_package(
+        tmp / f"digits-{version}",
+        model=model,
         version=version,
-        inputs=(TensorSpec("input", "float32", ("batch", 64)),),
-        outputs=(TensorSpec("logits", "float32", ("batch", 10)),),
-        variants=(Variant("fp32", "model.onnx", "onnx", "fp32", "cpu", 0, ""),),
-        labels=tuple(str(i) for i in range(10)),
+        signing_key=keys[0],
+        variant_file="model.onnx",
+        labels=LABELS,
         metadata={"note": note} if note else {},
     )
-    out = tmp / f"digits-{version}"
-    write_package(out, manifest, {"model.onnx": model}, signing_key=load_private_key(keys[0]))
-    return out
 
 
 @pytest.fixture

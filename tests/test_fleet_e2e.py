@@ -8,9 +8,11 @@ controller's package server, verify, swap and report on their own.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -30,8 +32,8 @@ from edgecloud.fleet.server import FleetHTTPServer
 from edgecloud.fleet.store import SqliteFleetStore
 from edgecloud.package import MANIFEST_FILE
 from tests.fixtures.broker import MosquittoBroker, free_port
+from tests.fixtures.wait import wait_until
 from tests.test_agent_util import Keys, make_package, val_inputs, write_config
-from tests.test_fleet import wait_until
 
 pytestmark = pytest.mark.mqtt
 ROOT = Path(__file__).resolve().parent.parent
@@ -312,7 +314,27 @@ def test_broker_outage_telemetry_arrives_in_order(
     )
     mosquitto.stop()
     down_at = time.time()
-    time.sleep(float(os.environ.get("OUTAGE", 30)))
+    # The outage lasts until every agent holds, queued on its disk, as many records made during
+    # it as the checks below ask for (40 per 30 s at a 0.5 s interval): a wait on that, not on
+    # the clock, so a loaded machine gets the records it needs and a quiet one waits ~21 s.
+    outage = float(os.environ.get("OUTAGE", 30))
+    need = int(40 * outage / 30) + 1
+
+    def queued_during(agent: AgentProc) -> int:
+        db = agent.config.parent / "store" / "agent.db"
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as c:
+            (n,) = c.execute(
+                "SELECT COUNT(*) FROM outbox WHERE kind = 'telemetry' AND created > ? "
+                "AND created < ?",
+                (down_at + 1.5, time.time() - 1.5),
+            ).fetchone()
+        return int(n)
+
+    wait_until(
+        lambda: all(queued_during(a) >= need for a in e2e.agents),
+        timeout=outage + 60,
+        what=f"{need} telemetry records queued on every agent during the outage",
+    )
     up_at = time.time()
     mosquitto.start()
     # every agent produced ~60 records while the broker was down; all of them must arrive

@@ -29,8 +29,8 @@ import pytest
 
 from edgecloud.cli.main import main as cli_main
 from tests.fixtures.broker import MosquittoBroker, free_port, sample_broker
+from tests.fixtures.wait import wait_until
 from tests.test_agent_util import Keys, make_package
-from tests.test_fleet import wait_until
 from tests.test_fleet_e2e import AgentProc
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]

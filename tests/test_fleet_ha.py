@@ -17,8 +17,8 @@ import pytest
 
 from tests.fixtures.broker import free_port, sample_broker
 from tests.fixtures.postgres import postgres_bin, running_postgres
+from tests.fixtures.wait import wait_until
 from tests.test_agent_util import Keys
-from tests.test_fleet import wait_until
 from tests.test_fleet_e2e import AgentProc
 from tests.test_fleet_faults import SAMPLE, ControllerProc, Fleet, SlowLink
 

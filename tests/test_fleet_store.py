@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from edgecloud._deps import available
+from edgecloud.deps import available
 from edgecloud.errors import FleetError, MissingDependencyError
 from edgecloud.fleet.jobs import AbortCriterion, Execution, JobEngine, RolloutConfig
 from edgecloud.fleet.messages import ExecutionState

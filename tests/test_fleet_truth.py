@@ -40,7 +40,8 @@ from edgecloud.fleet.store import SqliteFleetStore
 from edgecloud.package import pack_package
 from edgecloud.topics import Topics
 from tests.fixtures.broker import MosquittoBroker
-from tests.test_fleet import make_package, wait_until
+from tests.fixtures.wait import wait_until
+from tests.test_fleet import make_package
 
 pytestmark = pytest.mark.mqtt
 T = Topics()

@@ -35,9 +35,9 @@ from tests.fixtures.hostile import (
     SilentClose,
     http_cases,
     rss_mib,
-    wait_until,
 )
 from tests.fixtures.servers import make_repository, running_cloud_server
+from tests.fixtures.wait import poll_until
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -294,7 +294,7 @@ def test_agent_endpoint_survives_a_seeded_hostile_mix_and_idle_connections(
     finally:
         for s in idle:
             s.close()
-    assert wait_until(lambda: rss_mib(os.getpid()) - before < 50, 5), (before, counts)
+    assert poll_until(lambda: rss_mib(os.getpid()) - before < 50, 5), (before, counts)
 
 
 @pytest.mark.mqtt
@@ -370,7 +370,7 @@ def test_fleet_api_survives_a_seeded_hostile_mix(mosquitto: Any, tmp_path: Path)
         before = rss_mib(os.getpid())  # the controller's HTTP server runs in this process
         counts = run_mix(http.host, http.port, cases, "fleet")
         assert counts.get("400", 0) > 100, counts
-        assert wait_until(lambda: rss_mib(os.getpid()) - before < 50, 5), (before, counts)
+        assert poll_until(lambda: rss_mib(os.getpid()) - before < 50, 5), (before, counts)
         idle = [socket.create_connection((http.host, http.port), timeout=5) for _ in range(300)]
         try:  # idle connections hold no handler thread: the API still answers
             with httpx.Client(base_url=http.url, timeout=10) as c:

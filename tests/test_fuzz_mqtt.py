@@ -36,8 +36,9 @@ from edgecloud.transport._mqtt_common import (
 from edgecloud.transport.mqtt import MqttTransport
 from edgecloud.transport.v2 import HEADER_LENGTH, InferRequest
 from tests.fixtures.broker import MosquittoBroker
-from tests.fixtures.hostile import hostile_v2_body, rss_mib, wait_until
+from tests.fixtures.hostile import hostile_v2_body, rss_mib
 from tests.fixtures.servers import make_repository
+from tests.fixtures.wait import poll_until
 
 pytestmark = pytest.mark.mqtt
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,8 +207,8 @@ def test_mqtt_workers_survive_a_seeded_hostile_mix(
                 continue
             answered[corr] = f"#{i} {kind}"
             if i % 100 == 99:  # keep the worker's queue from overflowing (that is a 503 test)
-                wait_until(lambda: dev.count() + bad_id.count() >= len(answered) - 50, 30)
-        assert wait_until(lambda: dev.count() + bad_id.count() >= len(answered), 60), (
+                poll_until(lambda: dev.count() + bad_id.count() >= len(answered) - 50, 30)
+        assert poll_until(lambda: dev.count() + bad_id.count() >= len(answered), 60), (
             f"{len(answered) - dev.count() - bad_id.count()} requests unanswered"
         )
         time.sleep(0.5)
@@ -238,7 +239,7 @@ def test_mqtt_workers_survive_a_seeded_hostile_mix(
         after_answer = t.infer(InferRequest(MODEL, {"input": x}), timeout=10).outputs["logits"]
     np.testing.assert_array_equal(after_answer, before_answer)
     print(f"mqtt worker: RSS {before:.0f} -> {rss_mib(worker_proc.pid):.0f} MiB")
-    assert wait_until(lambda: rss_mib(worker_proc.pid) - before < 50, 5), (
+    assert poll_until(lambda: rss_mib(worker_proc.pid) - before < 50, 5), (
         before,
         rss_mib(worker_proc.pid),
     )
@@ -264,14 +265,14 @@ def test_two_devices_with_the_same_correlation_data_are_both_answered(
         for d in devices:
             for n in range(3):  # a restarted counter: distinct requests, same bytes each time
                 d.send(echo.region, BODY, corr=bytes([n]) + corr[1:])
-        assert wait_until(lambda: all(d.count() == 3 for d in devices), 10), [
+        assert poll_until(lambda: all(d.count() == 3 for d in devices), 10), [
             d.count() for d in devices
         ]
         assert echo.stats["duplicates"] == 0
         # a true redelivery (same sender, same id, deadline not passed) is still dropped
         devices[0].send(echo.region, BODY, corr=b"redelivered")
         devices[0].send(echo.region, BODY, corr=b"redelivered")
-        assert wait_until(lambda: echo.stats["duplicates"] == 1, 5)
+        assert poll_until(lambda: echo.stats["duplicates"] == 1, 5)
     finally:
         for d in devices:
             d.close()
@@ -285,10 +286,10 @@ def test_reused_id_after_its_deadline_expired_is_answered(
         corr = b"counter-0000001"
         user = [("model", "m"), ("deadline-ms", _now_ms(0.3))]
         d.send(echo.region, BODY, corr=corr, user=user)
-        assert wait_until(lambda: d.count() == 1, 5)
+        assert poll_until(lambda: d.count() == 1, 5)
         time.sleep(0.3 + echo.clock_skew_ms / 1000 + 0.3)  # the first request's deadline is over
         d.send(echo.region, BODY, corr=corr, user=[("model", "m"), ("deadline-ms", _now_ms(5))])
-        assert wait_until(lambda: d.count() == 2, 5), d.replies
+        assert poll_until(lambda: d.count() == 2, 5), d.replies
         assert echo.stats["duplicates"] == 0
     finally:
         d.close()
@@ -306,7 +307,7 @@ def test_binary_data_output_is_honoured_over_mqtt(
             }
         ).encode()
         corr = d.send(echo.region, body, user=[("model", "m")])
-        assert wait_until(lambda: d.count() == 1, 5)
+        assert poll_until(lambda: d.count() == 1, 5)
         payload, props, _ = d.replies[corr][0]
         assert props["status"] == "200"
         hl = int(props[HEADER_LENGTH])

@@ -35,6 +35,7 @@ from edgecloud.transport._proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from edgecloud.transport.grpc import GrpcTransport, decode_tensors, translate_grpc_error
 from edgecloud.transport.v2 import InferRequest
 from tests.fixtures.servers import CloudProcess, make_repository, running_cloud_server
+from tests.fixtures.wait import wait_until
 
 MODEL = "digits_cloud"
 TOKEN = "s3cret"
@@ -362,7 +363,8 @@ def test_concurrent_rpc_limit_refuses_at_once(repo: Path, x: np.ndarray) -> None
                 first = stub.ModelInfer.future(req, timeout=30)
                 assert first.result(timeout=30).outputs
                 held = [stub.ModelInfer.future(req, timeout=30) for _ in range(2)]
-                time.sleep(0.5)  # both reach the server and wait in the queue
+                # both reach the server and wait in the queue behind the held batch
+                wait_until(lambda: core.queue_depth(MODEL) == 2, what="two queued requests")
                 with pytest.raises(RemoteError) as ei:
                     t.infer(InferRequest(MODEL, {"input": x[:1]}), timeout=10)
                 assert ei.value.status == 429

@@ -25,7 +25,7 @@ from edgecloud.errors import (
     TransportError,
     TransportTimeout,
 )
-from edgecloud.transport import http as http_mod
+from edgecloud.transport import http_common as http_mod
 from edgecloud.transport.http import AsyncHttpTransport, HttpTransport, translate_httpx_error
 from edgecloud.transport.v2 import HEADER_LENGTH, InferRequest
 from tests.fixtures.servers import InProcessServer, make_repository, running_cloud_server

@@ -18,8 +18,9 @@ import pytest
 
 from edgecloud.client import HybridClient
 from edgecloud.errors import AuthError, ConnectionFailed, NoRouteError, RemoteError, ShapeError
+from tests.fixtures.packages import CLOUD_ONNX, SAMPLES
+from tests.fixtures.packages import signed_sample_package as make_package
 from tests.fixtures.servers import make_repository, running_cloud_server
-from tests.test_runtime import CLOUD_ONNX, SAMPLES, make_package
 
 FAR_MS = 40.0
 

@@ -258,7 +258,7 @@ def test_rate_limited_log_counts_what_it_suppresses(caplog: pytest.LogCaptureFix
 
 def test_agent_endpoint_unknown_method_is_json_405() -> None:
     """The stdlib answered unknown methods with an HTML 501."""
-    from edgecloud._guarded_http import GuardedHandler, GuardedThreadingHTTPServer
+    from edgecloud.guarded_http import GuardedHandler, GuardedThreadingHTTPServer
 
     class H(GuardedHandler):
         def do_GET(self) -> None:
@@ -291,7 +291,7 @@ def test_idle_connection_is_closed_without_a_reply(server: CloudServer) -> None:
 
 def test_stdlib_thread_cap_queues_then_refuses() -> None:
     """One handler thread: requests queue behind it; a queue of 4x the threads gets 503."""
-    from edgecloud._guarded_http import GuardedHandler, GuardedThreadingHTTPServer
+    from edgecloud.guarded_http import GuardedHandler, GuardedThreadingHTTPServer
 
     release = threading.Event()
 
@@ -354,7 +354,7 @@ def test_server_close_closes_connections_still_queued_for_a_thread() -> None:
     A worker that saw the server closing took one queued connection and exited, so the others
     stayed open until the garbage collector found them (a ResourceWarning in a later test).
     """
-    from edgecloud._guarded_http import GuardedHandler, GuardedThreadingHTTPServer
+    from edgecloud.guarded_http import GuardedHandler, GuardedThreadingHTTPServer
 
     busy, release = threading.Event(), threading.Event()
 

@@ -41,53 +41,8 @@ from edgecloud.runtime import (
     load_backend,
     select_variant,
 )
-
-SAMPLES = Path(__file__).resolve().parent.parent / "samples"
-EDGE_ONNX = SAMPLES / "models" / "digits_edge.onnx"
-CLOUD_ONNX = SAMPLES / "models" / "digits_cloud.onnx"
-LABELS = tuple(str(i) for i in range(10))
-
-
-def make_package(
-    out: Path,
-    *,
-    role: str = "edge",
-    name: str | None = None,
-    version: str = "1",
-    keys: Path | None = None,
-    variants: dict[str, tuple[str, str]] | None = None,
-    metadata: dict[str, object] | None = None,
-) -> tuple[Path, Path]:
-    """Write a signed package of a sample digits model; return (package dir, public key path).
-
-    ``keys`` is a private key path (its ``.pub`` beside it), made when missing. ``variants``
-    maps a variant name to (precision, target); every variant uses the same ONNX file
-    (enough to test the choice logic, which reads only the manifest).
-    """
-    src = EDGE_ONNX if role == "edge" else CLOUD_ONNX
-    shape: tuple[int | str, ...] = ("batch", 64) if role == "edge" else ("batch", 1, 8, 8)
-    priv = keys or out.parent / f"{out.name}.key"
-    pub = priv.with_name(priv.name + ".pub")
-    if not priv.exists():
-        generate_keypair(priv)
-    variants = variants or {"fp32": ("fp32", "cpu")}
-    files = {f"{v}.onnx": src for v in variants}
-    manifest = Manifest(
-        name=name or f"digits_{role}",
-        version=version,
-        inputs=(TensorSpec("input", "float32", shape),),
-        outputs=(TensorSpec("logits", "float32", ("batch", 10)),),
-        variants=tuple(
-            Variant(v, f"{v}.onnx", "onnx", prec, target, 0, "")
-            for v, (prec, target) in variants.items()
-        ),
-        task="classification",
-        confidence="logits",
-        labels=LABELS,
-        metadata=dict(metadata or {}),
-    )
-    write_package(out, manifest, files, signing_key=load_private_key(priv))
-    return out, pub
+from tests.fixtures.packages import EDGE_ONNX, SAMPLES
+from tests.fixtures.packages import signed_sample_package as make_package
 
 
 @pytest.fixture(scope="module")
@@ -366,7 +321,7 @@ def test_closed_backend_refuses(edge_pkg: tuple[Path, Path]) -> None:
 
 
 def test_tensorrt_backend_missing_library_names_the_extra() -> None:
-    from edgecloud._deps import available
+    from edgecloud.deps import available
     from edgecloud.runtime.tensorrt import TensorRTBackend, engine_matches
 
     if available("tensorrt"):
@@ -380,7 +335,7 @@ def test_tensorrt_backend_missing_library_names_the_extra() -> None:
 
 
 def test_tensorrt_variant_without_tensorrt_fails_clearly_when_forced(tmp_path: Path) -> None:
-    from edgecloud._deps import available
+    from edgecloud.deps import available
 
     if available("tensorrt"):
         pytest.skip("TensorRT is installed here")

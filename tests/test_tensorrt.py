@@ -217,7 +217,7 @@ def test_engine_compatible(extra: dict, device: dict, ok: bool, why: str) -> Non
 
 
 def test_device_facts_without_tensorrt() -> None:
-    from edgecloud._deps import available
+    from edgecloud.deps import available
 
     facts = device_facts()
     assert "platform" in facts
@@ -230,7 +230,7 @@ def test_device_facts_without_tensorrt() -> None:
 
 def test_check_tensorrt_names_the_extra() -> None:
     from converters.tensorrt import check_tensorrt
-    from edgecloud._deps import available
+    from edgecloud.deps import available
 
     if available("tensorrt"):
         pytest.skip("TensorRT is installed here")

@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
+from edgecloud import environment
 from edgecloud.errors import ConfigError, MissingDependencyError
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def register(sub: Any) -> None:
     s.add_argument("--max-queue", type=int, default=1024, help="queued requests per model (503)")
     s.add_argument(
         "--token",
-        default=os.environ.get("EDGECLOUD_TOKEN"),
+        default=environment.region_token(),
         help="bearer token required on every route but health (default: $EDGECLOUD_TOKEN)",
     )
     s.add_argument(
@@ -78,7 +78,7 @@ def register(sub: Any) -> None:
     s.add_argument("--mqtt-username", help="MQTT user name")
     s.add_argument(
         "--mqtt-password",
-        default=os.environ.get("EDGECLOUD_MQTT_PASSWORD"),
+        default=environment.mqtt_password(),
         help="MQTT password (default: $EDGECLOUD_MQTT_PASSWORD)",
     )
     s.add_argument("--mqtt-ca", type=Path, help="CA certificate for mqtts://")

@@ -20,24 +20,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
 import socket
-import subprocess
 import sys
 import time
-from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgecloud.errors import ConfigError, EdgeCloudError
-
-_ROOT = Path(__file__).resolve().parents[2]
-SAMPLES = _ROOT / "samples"
+from edgecloud.cli.demo_services import (
+    SAMPLES,
+    _free_port,
+    _mosquitto,
+    _Procs,
+    _services,
+    _wait_port,
+)
+from edgecloud.cli.demo_sweep import _drive, _pct, _plot, _sweep
+from edgecloud.errors import ConfigError
 
 
 def register(sub: Any) -> None:
@@ -62,261 +63,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_run)
 
 
-# -- small process helpers ---------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _mosquitto() -> str | None:
-    found = shutil.which("mosquitto")
-    if found:
-        return found
-    for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
-        if os.path.exists(p):
-            return p
-    return None
-
-
-@dataclass
-class _Proc:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-
-@dataclass
-class _Procs:
-    items: list[_Proc] = field(default_factory=list)
-
-    def start(self, name: str, cmd: Sequence[str], logdir: Path) -> _Proc:
-        log = logdir / f"{name}.log"
-        with open(log, "wb") as f:
-            proc = subprocess.Popen(
-                list(cmd), stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        p = _Proc(name, proc, log)
-        self.items.append(p)
-        return p
-
-    def stop_all(self) -> None:
-        for p in reversed(self.items):
-            p.stop()
-
-
-def _wait_port(p: _Proc, port: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if p.proc.poll() is not None:
-            raise EdgeCloudError(
-                f"{p.name} exited with {p.proc.returncode}; its log:\n{p.log.read_text()[-3000:]}"
-            )
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.1)
-    raise EdgeCloudError(f"{p.name} did not listen on port {port} within {timeout:.0f} s")
-
-
-def _wait_ready(p: _Proc, url: str, timeout: float = 60.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if p.proc.poll() is not None:
-            raise EdgeCloudError(
-                f"{p.name} exited with {p.proc.returncode}; its log:\n{p.log.read_text()[-3000:]}"
-            )
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/v2/health/ready", timeout=1.0).status_code == 200:
-                return
-        time.sleep(0.1)
-    raise EdgeCloudError(f"{p.name} at {url} was not ready within {timeout:.0f} s")
-
-
 # -- the demo ----------------------------------------------------------------------------------
-
-
-def _pct(values: Sequence[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values) * 1000.0, q)) if values else float("nan")
-
-
-@dataclass
-class _Run:
-    """What one pass of inputs through the client produced."""
-
-    correct: int = 0
-    total: int = 0
-    sources: Counter[str] = field(default_factory=Counter)
-    reasons: Counter[str] = field(default_factory=Counter)
-    degraded: int = 0
-    errors: int = 0
-    latency: dict[str, list[float]] = field(default_factory=dict)
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.total if self.total else float("nan")
-
-    @property
-    def offloaded(self) -> float:
-        cloud = sum(n for s, n in self.sources.items() if s.startswith("cloud:"))
-        return cloud / self.total if self.total else 0.0
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "accuracy": self.accuracy,
-            "n": self.total,
-            "offloaded": self.offloaded,
-            "sources": dict(self.sources),
-            "reasons": dict(self.reasons),
-            "degraded": self.degraded,
-            "errors": self.errors,
-            "latency_ms": {
-                k: {"p50": _pct(v, 50), "p95": _pct(v, 95), "n": len(v)}
-                for k, v in sorted(self.latency.items())
-            },
-        }
-
-
-def _drive(client: Any, xs: np.ndarray, ys: np.ndarray, *, mode: str | None = None) -> _Run:
-    run = _Run()
-    for x, y in zip(xs, ys, strict=True):
-        t0 = time.perf_counter()
-        try:
-            r = client.infer({"input": x[None, :]}, mode=mode)
-        except EdgeCloudError:
-            run.errors += 1
-            run.total += 1
-            continue
-        dt = time.perf_counter() - t0
-        run.total += 1
-        pred = int(np.argmax(r.outputs["logits"][0]))
-        run.correct += int(pred == int(y))
-        run.sources[r.source] += 1
-        run.reasons[str(r.reason)] += 1
-        run.degraded += int(r.degraded)
-        run.latency.setdefault(r.source, []).append(dt)
-    return run
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return np.asarray(e / e.sum(axis=1, keepdims=True))
-
-
-def _sweep(
-    edge_logits: np.ndarray, cloud_pred: np.ndarray, labels: np.ndarray
-) -> list[dict[str, float]]:
-    conf = _softmax(edge_logits.astype(np.float64)).max(axis=1)
-    edge_pred = edge_logits.argmax(axis=1)
-    rows = []
-    for t in [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999]:
-        off = conf < t
-        pred = np.where(off, cloud_pred, edge_pred)
-        rows.append(
-            {
-                "threshold": t,
-                "accuracy": float((pred == labels).mean()),
-                "offloaded": float(off.mean()),
-            }
-        )
-    return rows
-
-
-def _plot(rows: list[dict[str, float]], edge_acc: float, cloud_acc: float, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    t = [r["threshold"] for r in rows]
-    fig, ax1 = plt.subplots(figsize=(7, 4.2), dpi=110)
-    ax1.plot(
-        t, [100 * r["accuracy"] for r in rows], "o-", color="tab:blue", label="hybrid accuracy"
-    )
-    ax1.axhline(100 * cloud_acc, color="tab:green", ls="--", label="cloud only")
-    ax1.axhline(100 * edge_acc, color="tab:red", ls=":", label="edge only")
-    ax1.set_xlabel("edge confidence threshold (max softmax probability)")
-    ax1.set_ylabel("accuracy on held-out digits (%)")
-    ax2 = ax1.twinx()
-    ax2.plot(t, [100 * r["offloaded"] for r in rows], "s-", color="tab:orange", label="offloaded")
-    ax2.set_ylabel("requests sent to the cloud (%)")
-    lines = ax1.get_legend_handles_labels()
-    lines2 = ax2.get_legend_handles_labels()
-    ax1.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="lower right", fontsize=8)
-    ax1.set_title("edgecloud demo: hybrid accuracy and offload vs threshold")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
-
-
-@contextlib.contextmanager
-def _services(out: Path, use_mqtt: bool, far_latency_ms: float) -> Iterator[dict[str, Any]]:
-    procs = _Procs()
-    logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    repo = out / "repository" / "digits_cloud" / "1"
-    repo.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(SAMPLES / "models" / "digits_cloud.onnx", repo / "model.onnx")
-    info: dict[str, Any] = {"procs": {}, "mqtt": None}
-    try:
-        broker_url = None
-        if use_mqtt:
-            port = _free_port()
-            conf = out / "mosquitto.conf"
-            conf.write_text(
-                f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
-                "persistence false\nlog_dest stderr\nlog_type error\nlog_type warning\n"
-            )
-            binary = _mosquitto()
-            assert binary is not None
-            b = procs.start("mosquitto", [binary, "-c", str(conf)], logs)
-            _wait_port(b, port)
-            broker_url = f"mqtt://127.0.0.1:{port}"
-            info["mqtt"] = broker_url
-        py = sys.executable
-        for region, latency in (("near", 0.0), ("far", far_latency_ms)):
-            port = _free_port()
-            cmd = [
-                py,
-                "-m",
-                "edgecloud",
-                "cloud",
-                "serve",
-                "--repository",
-                str(out / "repository"),
-                "--port",
-                str(port),
-                "--region",
-                region,
-                "--latency-ms",
-                str(latency),
-                "--threads",
-                "1",
-            ]
-            if broker_url and region == "near":
-                cmd += ["--mqtt", broker_url, "--mqtt-workers", "1"]
-            p = procs.start(f"region-{region}", cmd, logs)
-            url = f"http://127.0.0.1:{port}"
-            _wait_ready(p, url)
-            info["procs"][region] = (p, url)
-        yield info
-    finally:
-        procs.stop_all()
 
 
 def _open_console(args: argparse.Namespace, out: Path, console: Any) -> tuple[Any, Any]:

@@ -174,7 +174,7 @@ def _print(res: Any, written: Any, regressions: list[str]) -> None:
 
 def plot(res: Any, path: Path) -> Path:
     """Accuracy vs offload, raw and calibrated, the targets' points marked."""
-    from edgecloud._deps import require
+    from edgecloud.deps import require
 
     require("matplotlib", "dev", "tune --plot draws with matplotlib")
     import matplotlib

@@ -49,6 +49,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
+from edgecloud import environment
 from edgecloud.errors import (
     ConfigError,
     EdgeCloudError,
@@ -601,7 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--group", default=None)
     p.add_argument("--prefix", default="edgecloud")
     p.add_argument("--username", default=None)
-    p.add_argument("--password", default=os.environ.get("EDGECLOUD_MQTT_PASSWORD"))
+    p.add_argument("--password", default=environment.mqtt_password())
     p.add_argument("--qos", type=int, default=1, choices=(0, 1))
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-request-bytes", type=int, default=None, help="413 above (64 MiB)")

@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import re
-import resource
 import socket
 import threading
 import time
@@ -35,8 +34,16 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from edgecloud import __version__ as _edgecloud_version
-from edgecloud._deps import require
-from edgecloud.cloud.core import BatchEvent, ServingCore, status_for
+from edgecloud.cloud.core import ServingCore, status_for
+from edgecloud.cloud.http_protocol import (
+    REGION_HEADER,
+    accept_backlog,
+    http_protocol,
+    limit_parser_warnings,
+    server_class,
+)
+from edgecloud.cloud.metrics import RegionMetrics
+from edgecloud.deps import require
 from edgecloud.errors import ConfigError, EdgeCloudError, ProtocolError
 from edgecloud.limits import (
     DEFAULT_LIMITS,
@@ -65,7 +72,6 @@ __all__ = ["DEFAULT_MAX_REQUEST_BYTES", "CloudServer", "create_app", "encode_res
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = DEFAULT_LIMITS.max_body_bytes
-REGION_HEADER = "X-Edgecloud-Region"
 _OFFLOAD_BYTES = 256 * 1024  # bodies above this are decoded/encoded off the event loop
 _MAX_TIMEOUT_US = 86_400 * 1e6  # a request's own "timeout" parameter, capped at a day
 # The infer routes, matched before Starlette's middleware and router (see create_app).
@@ -101,80 +107,6 @@ def _bearer_ok(got: str, token: str) -> bool:
     )
 
 
-class _Metrics:
-    """Prometheus metrics in a registry of their own, so several servers fit in one process."""
-
-    def __init__(self, core: ServingCore, region: str) -> None:
-        prom = require("prometheus_client", "cloud", "the cloud server's /metrics")
-        self.prom = prom
-        self.registry = prom.CollectorRegistry()
-        r = self.registry
-        self.requests = prom.Counter(
-            "edgecloud_cloud_requests",
-            "Inference requests by model and HTTP status",
-            ["model", "status"],
-            registry=r,
-        )
-        self.latency = prom.Histogram(
-            "edgecloud_cloud_request_seconds",
-            "Inference request latency inside the server (decode, queue, run, encode)",
-            ["model"],
-            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
-            registry=r,
-        )
-        self.batch_rows = prom.Histogram(
-            "edgecloud_cloud_batch_size",
-            "Rows per onnxruntime run (dynamic batching joins requests along dim 0)",
-            ["model"],
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-            registry=r,
-        )
-        self.batch_requests = prom.Histogram(
-            "edgecloud_cloud_batch_requests",
-            "Requests joined into one onnxruntime run",
-            ["model"],
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-            registry=r,
-        )
-        self.run_seconds = prom.Histogram(
-            "edgecloud_cloud_run_seconds",
-            "onnxruntime time per batch",
-            ["model"],
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1),
-            registry=r,
-        )
-        depth = prom.Gauge(
-            "edgecloud_cloud_queue_depth", "Requests waiting for a batch", ["model"], registry=r
-        )
-        for m in core.models():
-            depth.labels(m).set_function(lambda m=m: core.queue_depth(m))
-        info = prom.Info("edgecloud_cloud", "Cloud region server", registry=r)
-        info.info({"region": region, "version": _edgecloud_version})
-        core.add_listener(self.on_batch)
-        self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
-
-    def observe_request(self, model: str, status: int, seconds: float) -> None:
-        """Count one request; the labelled children are cached (``labels()`` takes a lock and
-        builds a key on every call, a measurable share of a small request's CPU)."""
-        children = self._request_children.get((model, status))
-        if children is None:
-            children = (
-                self.requests.labels(model, str(status)),
-                self.latency.labels(model),
-            )
-            self._request_children[(model, status)] = children
-        children[0].inc()
-        children[1].observe(seconds)
-
-    def on_batch(self, ev: BatchEvent) -> None:
-        self.batch_rows.labels(ev.model).observe(ev.rows)
-        self.batch_requests.labels(ev.model).observe(ev.requests)
-        self.run_seconds.labels(ev.model).observe(ev.seconds)
-
-    def render(self) -> bytes:
-        return bytes(self.prom.generate_latest(self.registry))
-
-
 def create_app(
     core: ServingCore,
     *,
@@ -207,7 +139,7 @@ def create_app(
     large_slots: list[asyncio.Semaphore] = []
     if latency_ms < 0:
         raise ConfigError(f"latency_ms must be >= 0, got {latency_ms}")
-    metrics = _Metrics(core, region)
+    metrics = RegionMetrics(core, region)
     known_models = frozenset(core.models())
     expected_auth = f"Bearer {token}".encode() if token else None
     delay = latency_ms / 1000.0
@@ -433,302 +365,6 @@ def create_app(
     return app
 
 
-class _WriteCoalescer:
-    """An asyncio transport proxy that sends everything written in one loop iteration at once.
-
-    uvicorn writes a response's status line and headers, then its body, as two ``write`` calls:
-    two send syscalls and two TCP segments for every small V2 response, roughly a sixth of the
-    server's CPU per request on loopback. Buffering until the end of the current loop iteration
-    joins them without delaying anything past that iteration.
-    """
-
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self._transport = transport
-        self._loop = loop
-        self._buffer: list[bytes] = []
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not self._buffer:
-            self._loop.call_soon(self._flush)
-        self._buffer.append(bytes(data))
-
-    def _flush(self) -> None:
-        if not self._buffer:
-            return
-        data = self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer)
-        self._buffer.clear()
-        if not self._transport.is_closing():
-            self._transport.write(data)
-
-    def writelines(self, lines: Any) -> None:
-        for line in lines:
-            self.write(line)
-
-    def write_eof(self) -> None:
-        self._flush()
-        self._transport.write_eof()
-
-    def close(self) -> None:
-        self._flush()
-        self._transport.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
-_REASONS = {
-    400: "Bad Request",
-    408: "Request Timeout",
-    431: "Request Header Fields Too Large",
-    503: "Service Unavailable",
-}
-
-
-def _canned(status: int, message: str, region: str) -> bytes:
-    """A complete V2 error response for the protocol layer, which runs before the app."""
-    body = encode_error(message)
-    head = (
-        f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
-        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
-        f"connection: close\r\n{REGION_HEADER}: {region}\r\n\r\n"
-    )
-    return head.encode("latin-1") + body
-
-
-_FD_RESERVE = 64  # files the process needs besides connections (models, logs, the loop)
-
-
-def accept_backlog() -> int:
-    """The listen backlog, which asyncio also uses as the most connections accepted at once."""
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return 2048
-    return max(16, min(2048, (soft - _FD_RESERVE) // 8))
-
-
-def connection_cap(limits: Limits) -> int:
-    """``limits.max_connections``, lowered to fit the process's open-file limit.
-
-    Past ``RLIMIT_NOFILE`` accept() fails and the server stops answering anyone ("Too many open
-    files"). asyncio accepts up to a backlog's worth of connections before any of them runs its
-    ``connection_made`` (where the cap evicts), so the cap leaves room for a few such bursts.
-    """
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return limits.max_connections
-    return max(8, min(limits.max_connections, soft - _FD_RESERVE - 3 * accept_backlog()))
-
-
-def _http_protocol(limits: Limits = DEFAULT_LIMITS, region: str = "local") -> Any:
-    """uvicorn's httptools protocol with coalesced writes and the connection ``limits``.
-
-    uvicorn arms no timer before a connection's first request and none while a request is being
-    received, so an idle or half-sent connection would be held forever. This protocol adds:
-
-    - idle: a connection that has not started a request within ``idle_timeout_s`` is closed
-      (uvicorn's own keep-alive timer does the same between requests);
-    - header/request: a started request whose headers take over ``header_timeout_s``, or whose
-      headers and body take over ``request_timeout_s``, gets a 408 V2 error and is closed;
-    - headers over ``max_header_bytes``: 431;
-    - connections over the cap: the longest-idle connection is closed to make room; when every
-      connection is busy the new one gets 503;
-    - HTTP the parser rejects: a 400 V2 error body instead of uvicorn's plain text.
-
-    "auto" (uvicorn's choice, without these guards) when httptools is missing.
-    """
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-    except ImportError:
-        return "auto"
-    cap = connection_cap(limits)
-
-    class _GuardedHttpToolsProtocol(HttpToolsProtocol):
-        _timer: asyncio.TimerHandle | None = None
-        _phase = "idle"  # idle | headers | body | busy
-        _idle_since = 0.0
-        _started = 0.0
-        _header_bytes = 0
-
-        def connection_made(self, transport: Any) -> None:
-            super().connection_made(_WriteCoalescer(transport, self.loop))  # type: ignore[arg-type]
-            self._to_idle()
-            if len(self.connections) > cap:
-                self._make_room()
-
-        def _make_room(self) -> None:
-            # Connections closed in this loop iteration are still in the set until their
-            # connection_lost runs: count (and evict) only the live ones.
-            live: list[Any] = [c for c in self.connections if getattr(c, "_phase", "") != "closed"]
-            excess = len(live) - cap
-            if excess <= 0:
-                return
-            idle = sorted(
-                (c for c in live if c is not self and getattr(c, "_phase", "") == "idle"),
-                key=lambda c: float(c._idle_since),
-            )
-            for victim in idle[:excess]:
-                victim._disarm("closed")
-                victim.transport.close()  # idle: nothing was asked, nothing to answer
-            if len(idle) < excess:
-                self._refuse(503, f"the server has {cap} busy connections; retry later")
-
-        def _arm(self, seconds: float, phase: str) -> None:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._phase = phase
-            self._timer = self.loop.call_later(max(0.0, seconds), self._expired)
-
-        def _disarm(self, phase: str) -> None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            self._phase = phase
-
-        def _to_idle(self) -> None:
-            self._idle_since = self.loop.time()
-            self._arm(limits.idle_timeout_s, "idle")
-
-        def _expired(self) -> None:
-            self._timer = None
-            if self.transport.is_closing():
-                return
-            if self._phase == "idle":
-                self.transport.close()
-            elif self._phase == "headers":
-                self._refuse(408, f"request headers not received within {limits.header_timeout_s}s")
-            elif self._phase == "body":
-                self._refuse(408, f"request not received within {limits.request_timeout_s}s")
-
-        def _refuse(self, status: int, message: str) -> None:
-            self._disarm("closed")
-            if not self.transport.is_closing():
-                self.transport.write(_canned(status, message, region))
-                self.transport.close()
-
-        def send_400_response(self, msg: str) -> None:
-            self._refuse(400, f"malformed HTTP request: {msg}")
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm("closed")
-            super().connection_lost(exc)
-
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._started = self.loop.time()
-            self._header_bytes = 0
-            self._arm(limits.header_timeout_s, "headers")
-
-        def on_url(self, url: bytes) -> None:
-            super().on_url(url)
-            self._count_header(len(url))
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            super().on_header(name, value)
-            self._count_header(len(name) + len(value) + 4)
-
-        def _count_header(self, n: int) -> None:
-            self._header_bytes += n
-            if self._header_bytes > limits.max_header_bytes and self._phase == "headers":
-                self._refuse(
-                    431, f"request line and headers exceed {limits.max_header_bytes} bytes"
-                )
-
-        def on_headers_complete(self) -> None:
-            if self._phase == "closed":
-                return
-            left = limits.request_timeout_s - (self.loop.time() - self._started)
-            self._arm(left, "body")
-            super().on_headers_complete()
-
-        def data_received(self, data: bytes) -> None:
-            if self._phase != "closed":  # refused: what follows is not parsed
-                super().data_received(data)
-
-        def on_body(self, body: bytes) -> None:
-            if self._phase != "closed":
-                super().on_body(body)
-
-        def on_message_complete(self) -> None:
-            if self._phase == "closed":
-                return
-            self._disarm("busy")
-            super().on_message_complete()
-
-        def on_response_complete(self) -> None:
-            if self._phase in ("headers", "body"):
-                # Answered before the request was fully received (e.g. 413 on Content-Length):
-                # what follows on this connection is the rest of that body, not a request.
-                self._disarm("closed")
-                self.transport.close()
-                return
-            super().on_response_complete()
-            if self._phase == "busy" and not self.transport.is_closing():
-                # uvicorn armed its keep-alive timer; this one marks the connection evictable.
-                self._disarm("idle")
-                self._idle_since = self.loop.time()
-
-    return _GuardedHttpToolsProtocol
-
-
-class _ParserWarningFilter(logging.Filter):
-    """At most ``per_minute`` of uvicorn's "Invalid HTTP request received." lines a minute.
-
-    uvicorn logs one warning per request its parser rejects, so a client could grow the log at
-    will; the rest are dropped (and the count of them said on the next line let through).
-    """
-
-    def __init__(self, per_minute: int) -> None:
-        super().__init__()
-        self.per_minute = per_minute
-        self._start = 0.0
-        self._logged = 0
-        self._dropped = 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith("Invalid HTTP request"):
-            return True
-        now = time.monotonic()
-        if now - self._start >= 60.0:
-            self._start, self._logged = now, 0
-        if self._logged >= self.per_minute:
-            self._dropped += 1
-            return False
-        self._logged += 1
-        if self._dropped:
-            record.msg = f"{record.msg} ({self._dropped} similar messages suppressed)"
-            self._dropped = 0
-        return True
-
-
-def _limit_parser_warnings(per_minute: int) -> None:
-    logger = logging.getLogger("uvicorn.error")
-    if not any(isinstance(f, _ParserWarningFilter) for f in logger.filters):
-        logger.addFilter(_ParserWarningFilter(per_minute))
-
-
-def _server_class(uvicorn: Any) -> Any:
-    """uvicorn's Server, closing every connection still open when its shutdown is done.
-
-    uvicorn asks each connection to finish and cancels what outlives the graceful timeout, but it
-    leaves those connections' sockets open when its loop ends (a client that never finished its
-    request, a connection refused mid-body): in a process that stops and starts servers, as an
-    embedding application or a test suite does, they stay open until garbage collection.
-    """
-
-    class _Server(uvicorn.Server):  # type: ignore[misc,name-defined]
-        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-            await super().shutdown(sockets=sockets)
-            left = list(self.server_state.connections)
-            for conn in left:
-                transport = getattr(conn, "transport", None)
-                if transport is not None:
-                    transport.abort()
-            if left:
-                await asyncio.sleep(0)  # let the aborted transports run connection_lost
-
-    return _Server
-
-
 class CloudServer:
     """A V2 server on a uvicorn thread: ``start()`` returns once it accepts connections.
 
@@ -777,7 +413,7 @@ class CloudServer:
         self.port: int = self._sock.getsockname()[1]
         config = uvicorn.Config(
             self.app,
-            http=_http_protocol(limits, region),
+            http=http_protocol(limits, region),
             log_level=log_level,
             lifespan="off",
             access_log=False,
@@ -786,8 +422,8 @@ class CloudServer:
             backlog=backlog,
             h11_max_incomplete_event_size=limits.max_header_bytes,  # when httptools is missing
         )
-        self._server = _server_class(uvicorn)(config)
-        _limit_parser_warnings(limits.log_per_minute)
+        self._server = server_class(uvicorn)(config)
+        limit_parser_warnings(limits.log_per_minute)
         self._thread: threading.Thread | None = None
 
     @property

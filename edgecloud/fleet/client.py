@@ -8,13 +8,13 @@ refusals -> ``FleetError`` carrying the controller's own message.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from edgecloud import environment
 from edgecloud.errors import (
     AuthError,
     ConfigError,
@@ -27,22 +27,20 @@ from edgecloud.errors import (
 __all__ = ["DEFAULT_CONTROLLER", "ControllerClient"]
 
 DEFAULT_CONTROLLER = "http://127.0.0.1:8780"
-ENV_CONTROLLER = "EDGECLOUD_CONTROLLER"
-ENV_TOKEN = "EDGECLOUD_FLEET_TOKEN"
+ENV_CONTROLLER = environment.CONTROLLER.name
+ENV_TOKEN = environment.FLEET_TOKEN.name
 
 
 class ControllerClient:
     def __init__(
         self, base_url: str | None = None, *, token: str | None = None, timeout: float = 10.0
     ) -> None:
-        self.base_url = (base_url or os.environ.get(ENV_CONTROLLER) or DEFAULT_CONTROLLER).rstrip(
-            "/"
-        )
+        self.base_url = (base_url or environment.controller_url() or DEFAULT_CONTROLLER).rstrip("/")
         if not self.base_url.startswith(("http://", "https://")):
             raise ConfigError(
                 f"controller URL {self.base_url!r} must start with http:// or https://"
             )
-        token = token if token is not None else os.environ.get(ENV_TOKEN)
+        token = token if token is not None else environment.fleet_token()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
 

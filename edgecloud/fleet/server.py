@@ -50,13 +50,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from edgecloud._guarded_http import GuardedHandler, GuardedThreadingHTTPServer
 from edgecloud.errors import ConfigError, EdgeCloudError, FleetError, PackageError, ProtocolError
 from edgecloud.fleet import console
 from edgecloud.fleet.controller import FleetController, NotActive, NotFound
 from edgecloud.fleet.jobs import AbortCriterion, RolloutConfig
 from edgecloud.fleet.packages import StoredPackage
 from edgecloud.fleet.store import ShadowConflict
+from edgecloud.guarded_http import GuardedHandler, GuardedThreadingHTTPServer
 from edgecloud.limits import DEFAULT_LIMITS, Limits, check_json_depth, parse_decimal
 from edgecloud.package import unpack_package
 

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from edgecloud._deps import available, require
+from edgecloud.deps import available, require
 from edgecloud.errors import ConfigError, FleetError, MissingDependencyError
 from edgecloud.fleet.jobs import Execution, Job
 from edgecloud.fleet.registry import Device, Shadow

@@ -37,7 +37,7 @@ class CpuLoadGate:
         self.interval = interval
         self._clock = clock
         if sampler is None:
-            from edgecloud._deps import require
+            from edgecloud.deps import require
 
             psutil = require("psutil", "fleet", "the CPU load gate")
             psutil.cpu_percent(interval=None)  # first call primes the counters

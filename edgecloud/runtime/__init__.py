@@ -4,12 +4,18 @@
 docs/routing.md for how the router uses the result.
 """
 
-from edgecloud.runtime.base import Backend, InputPolicy
+from edgecloud.runtime.base import Backend, InputMessages, InputPolicy
 from edgecloud.runtime.loader import LoadedModel, explain_selection, load_backend, select_variant
-from edgecloud.runtime.ort import OnnxRuntimeBackend, available_providers, choose_providers
+from edgecloud.runtime.ort import (
+    OnnxRuntimeBackend,
+    available_providers,
+    choose_providers,
+    read_specs,
+)
 
 __all__ = [
     "Backend",
+    "InputMessages",
     "InputPolicy",
     "LoadedModel",
     "OnnxRuntimeBackend",
@@ -17,5 +23,6 @@ __all__ = [
     "choose_providers",
     "explain_selection",
     "load_backend",
+    "read_specs",
     "select_variant",
 ]

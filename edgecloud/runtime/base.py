@@ -11,6 +11,11 @@ input: present and known (``InputError``), dtype (``DTypeError``; casts only whe
 configured), rank and fixed dims (``ShapeError``; symbolic dims accept any size), NaN/Inf
 (``NonFiniteError`` when the policy refuses them). Every message names the input, what was
 expected and what came.
+
+The checks are one; their words are not: a device reports numpy dtypes and ranks to the
+application that called it, a cloud region reports V2 datatypes to a remote client (KServe's
+wording, which V2 clients match on). ``InputMessages`` holds the words, so the region
+(``edgecloud.cloud.core``) runs this same validator with its own ``InputMessages`` subclass.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from edgecloud.errors import (
 )
 from edgecloud.package.manifest import Manifest, TensorSpec, Variant
 
-__all__ = ["Backend", "InputPolicy"]
+__all__ = ["Backend", "InputMessages", "InputPolicy"]
 
 _isfinite = np.isfinite
 _MISSING: Any = object()
@@ -60,6 +65,51 @@ class InputPolicy:
             raise ConfigError(f"nonfinite must be 'refuse' or 'allow', got {self.nonfinite!r}")
 
 
+class InputMessages:
+    """The words of the validator's errors (the checks themselves live in ``Backend.validate``).
+
+    Each method returns the error to raise, so a subclass changes wording only: what is
+    checked, in which order, and which error class says so stay the same for every backend.
+    """
+
+    def names(self, missing: list[str], unknown: list[str], expected: list[str]) -> InputError:
+        """Inputs missing or not known to the model (at least one list is non-empty)."""
+        parts = []
+        if missing:
+            parts.append(f"missing input(s) {missing}")
+        if unknown:
+            parts.append(f"unknown input(s) {unknown}")
+        name = missing[0] if missing else (unknown[0] if unknown else None)
+        return InputError(f"{'; '.join(parts)}: the model expects {expected}", input_name=name)
+
+    def dtype(self, spec: TensorSpec, got: np.dtype[Any], *, cast_hint: bool) -> DTypeError:
+        """The input's dtype is not the model's and the policy allows no cast from it."""
+        hint = " (set allow_cast=True to cast; it may round)" if cast_hint else ""
+        return DTypeError(
+            f"input '{spec.name}': expected dtype {np.dtype(spec.dtype)}, got {got}{hint}",
+            input_name=spec.name,
+        )
+
+    def rank(self, spec: TensorSpec, shape: tuple[int, ...]) -> ShapeError:
+        return ShapeError(
+            f"input '{spec.name}': expected rank {len(spec.shape)} {_shape_text(spec)}, "
+            f"got rank {len(shape)} {list(shape)}",
+            input_name=spec.name,
+        )
+
+    def dim(self, spec: TensorSpec, shape: tuple[int, ...], index: int) -> ShapeError:
+        """A fixed dim (``spec.shape[index]`` is an int) has another size."""
+        return ShapeError(
+            f"input '{spec.name}': expected shape {_shape_text(spec)}, got {list(shape)} "
+            f"(dim {index} must be {spec.shape[index]})",
+            input_name=spec.name,
+        )
+
+
+def _shape_text(spec: TensorSpec) -> str:
+    return "[" + ", ".join(str(d) for d in spec.shape) + "]"
+
+
 class _InputCheck:
     """Precomputed facts about one input, so the per-call check is only comparisons."""
 
@@ -67,20 +117,24 @@ class _InputCheck:
         "dtype",
         "fixed",
         "float_kind",
+        "messages",
         "name",
         "policy",
         "rank",
-        "shape_text",
+        "spec",
     )
 
-    def __init__(self, spec: TensorSpec, policy: InputPolicy) -> None:
+    def __init__(
+        self, spec: TensorSpec, policy: InputPolicy, messages: InputMessages | None = None
+    ) -> None:
+        self.spec = spec
         self.name = spec.name
         self.dtype = np.dtype(spec.dtype)
         self.rank = len(spec.shape)
         self.fixed = tuple((i, d) for i, d in enumerate(spec.shape) if isinstance(d, int))
         self.float_kind = self.dtype.kind == "f" and policy.nonfinite == "refuse"
         self.policy = policy
-        self.shape_text = "[" + ", ".join(str(d) for d in spec.shape) + "]"
+        self.messages = messages or InputMessages()
 
     def check(self, value: Any) -> np.ndarray:
         arr = value if type(value) is np.ndarray else self._as_array(value)
@@ -88,18 +142,10 @@ class _InputCheck:
             arr = self._cast(arr)
         shape = arr.shape
         if len(shape) != self.rank:
-            raise ShapeError(
-                f"input '{self.name}': expected rank {self.rank} {self.shape_text}, "
-                f"got rank {len(shape)} {list(shape)}",
-                input_name=self.name,
-            )
+            raise self.messages.rank(self.spec, shape)
         for i, d in self.fixed:
             if shape[i] != d:
-                raise ShapeError(
-                    f"input '{self.name}': expected shape {self.shape_text}, got {list(shape)} "
-                    f"(dim {i} must be {d})",
-                    input_name=self.name,
-                )
+                raise self.messages.dim(self.spec, shape, i)
         if self.float_kind and not self._finite(arr):
             bad = ~np.isfinite(arr)
             if bad.any():
@@ -131,11 +177,7 @@ class _InputCheck:
         if not ok and self.policy.allow_int_to_float and dst.kind == "f":
             ok = src.kind in "biu"
         if not ok:
-            hint = "" if self.policy.allow_cast else " (set allow_cast=True to cast; it may round)"
-            raise DTypeError(
-                f"input '{self.name}': expected dtype {dst}, got {src}{hint}",
-                input_name=self.name,
-            )
+            raise self.messages.dtype(self.spec, src, cast_hint=not self.policy.allow_cast)
         return arr.astype(dst)
 
 
@@ -144,6 +186,7 @@ class Backend(ABC):
 
     Subclasses call ``super().__init__`` with the model's input/output specs and implement
     ``_infer_impl``; ``infer`` validates once, here, before any backend sees the data.
+    ``messages`` words the validation errors (default: the device's wording).
     """
 
     #: Name of the backend ("onnxruntime", "tensorrt") for results and metrics.
@@ -155,11 +198,13 @@ class Backend(ABC):
         outputs: tuple[TensorSpec, ...],
         *,
         policy: InputPolicy | None = None,
+        messages: InputMessages | None = None,
     ) -> None:
         self.input_specs = inputs
         self.output_specs = outputs
         self.policy = policy or InputPolicy()
-        self._checks = tuple(_InputCheck(s, self.policy) for s in inputs)
+        self.messages = messages or InputMessages()
+        self._checks = tuple(_InputCheck(s, self.policy, self.messages) for s in inputs)
         self._input_names = frozenset(s.name for s in inputs)
         self._closed = False
         #: Set by ``load_backend``: the package's manifest and the variant this backend runs.
@@ -201,14 +246,7 @@ class Backend(ABC):
         got = set(inputs.keys())
         missing = sorted(self._input_names - got)
         unknown = sorted(str(k) for k in got - self._input_names)
-        parts = []
-        if missing:
-            parts.append(f"missing input(s) {missing}")
-        if unknown:
-            parts.append(f"unknown input(s) {unknown}")
-        expected = [s.name for s in self.input_specs]
-        name = missing[0] if missing else (unknown[0] if unknown else None)
-        raise InputError(f"{'; '.join(parts)}: the model expects {expected}", input_name=name)
+        raise self.messages.names(missing, unknown, [s.name for s in self.input_specs])
 
     @abstractmethod
     def _infer_impl(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -18,12 +18,18 @@ Automatic variant choice, first that fits wins:
 A variant whose ``target`` names a GPU ("gpu", "cuda", "jetson...") is skipped without one. A
 variant marked ``extra.rejected`` (kept by ``edgecloud convert --keep-rejected`` for inspection)
 is never chosen automatically, only by name.
+
+``prefer="accuracy"`` is the order of a CPU cloud region, which is the accurate fallback of
+every device: ONNX only (no engines), FP32, then INT8, then FP16 (slow on most CPUs), among
+variants targeted at a CPU ("cpu", "any" or none), else among all ONNX variants, since
+onnxruntime runs a GPU-targeted ONNX file on a CPU too, only slower.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -40,6 +46,12 @@ __all__ = ["LoadedModel", "explain_selection", "load_backend", "select_variant"]
 MIN_QUANTIZED_FRACTION = 0.25
 
 _GPU_TARGETS = ("gpu", "cuda", "jetson", "tensorrt", "nvidia")
+
+#: ``prefer="accuracy"``: precision rank, full precision first (aliases as converters write them)
+_ACCURACY_ORDER = {"fp32": 0, "float32": 0, "int8": 1, "fp16": 2, "float16": 2}
+_CPU_TARGETS = ("cpu", "any", "")
+
+Preference = Literal["speed", "accuracy"]
 
 
 def _needs_gpu(v: Variant) -> bool:
@@ -69,13 +81,17 @@ def select_variant(
     *,
     providers: Sequence[str] | None = None,
     trt_ok: bool | None = None,
+    prefer: Preference = "speed",
 ) -> Variant:
     """The variant to load: by name or precision when given, else by the rules above.
 
     ``providers`` are the execution providers present (default: onnxruntime's); ``trt_ok`` says
     whether native TensorRT engines can run (default: probe lazily only when the package has one).
+    ``prefer`` is "speed" on a device and "accuracy" on a cloud region (see the module doc).
     """
-    return explain_selection(manifest, variant, providers=providers, trt_ok=trt_ok)[0]
+    return explain_selection(manifest, variant, providers=providers, trt_ok=trt_ok, prefer=prefer)[
+        0
+    ]
 
 
 def explain_selection(
@@ -84,10 +100,13 @@ def explain_selection(
     *,
     providers: Sequence[str] | None = None,
     trt_ok: bool | None = None,
+    prefer: Preference = "speed",
 ) -> tuple[Variant, str]:
     """``select_variant`` and the reason in words (for ``convert``'s report, ``inspect``)."""
     if not manifest.variants:
         raise PackageError(f"package '{manifest.name}' has no variants")
+    if prefer not in ("speed", "accuracy"):
+        raise ConfigError(f"prefer must be 'speed' or 'accuracy', got {prefer!r}")
     if variant != "auto":
         for v in manifest.variants:
             if v.name == variant:
@@ -100,6 +119,8 @@ def explain_selection(
         raise PackageError(
             f"package '{manifest.name}': cannot pick variant {variant!r}, {why} (it has: {known})"
         )
+    if prefer == "accuracy" and variant == "auto":
+        return _most_accurate(manifest)
     avail = list(providers) if providers is not None else available_providers()
     has_gpu = bool(GPU_PROVIDERS.intersection(avail))
     # ``--keep-rejected`` ships refused variants for inspection only: never pick one unasked
@@ -149,6 +170,19 @@ def explain_selection(
         f"package '{manifest.name}': no variant runs on this device (it has: {known}; "
         f"execution providers here: {avail})"
     )
+
+
+def _most_accurate(manifest: Manifest) -> tuple[Variant, str]:
+    usable = [v for v in manifest.variants if not v.extra.get("rejected")]
+    onnx = [v for v in usable if v.format == "onnx"]
+    cpu = [v for v in onnx if v.target.lower() in _CPU_TARGETS] or onnx
+    if not cpu:
+        raise PackageError(
+            f"package '{manifest.name}' has no ONNX variant a CPU region can run "
+            f"(variants: {', '.join(v.name for v in manifest.variants)})"
+        )
+    best = min(cpu, key=lambda v: _ACCURACY_ORDER.get(v.precision.lower(), 9))
+    return best, f"{best.precision} ONNX: the most accurate variant a CPU region can run"
 
 
 class LoadedModel:

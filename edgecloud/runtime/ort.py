@@ -15,11 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from edgecloud.errors import BackendUnavailableError, ConfigError, RuntimeBackendError
+from edgecloud.errors import BackendUnavailableError, ConfigError, PackageError, RuntimeBackendError
 from edgecloud.package.manifest import TensorSpec
-from edgecloud.runtime.base import Backend, InputPolicy
+from edgecloud.runtime.base import Backend, InputMessages, InputPolicy
 
-__all__ = ["PROVIDER_PREFERENCE", "OnnxRuntimeBackend", "available_providers", "choose_providers"]
+__all__ = [
+    "PROVIDER_PREFERENCE",
+    "OnnxRuntimeBackend",
+    "available_providers",
+    "choose_providers",
+    "read_specs",
+]
 
 #: Most capable first; CPU is always the last resort.
 PROVIDER_PREFERENCE = (
@@ -28,6 +34,42 @@ PROVIDER_PREFERENCE = (
     "CPUExecutionProvider",
 )
 GPU_PROVIDERS = frozenset({"TensorrtExecutionProvider", "CUDAExecutionProvider"})
+
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(int16)": "int16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(bool)": "bool",
+}
+
+
+def read_specs(path: Path | str) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Input and output specs of a plain ONNX file (no manifest), read from a CPU session.
+
+    A tensor type outside the V2 datatypes (a ZipMap's sequence of maps, strings) is a
+    ``PackageError`` naming the tensor, so a caller refuses the file before serving it.
+    """
+    import onnxruntime as ort
+
+    path = Path(path)
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        raise PackageError(f"{path}: onnxruntime cannot load it: {exc}") from exc
+
+    def spec(a: Any) -> TensorSpec:
+        dtype = _ORT_TYPES.get(a.type)
+        if dtype is None:
+            raise PackageError(f"{path}: tensor '{a.name}' has unsupported type {a.type}")
+        dims = tuple(d if isinstance(d, int) else (d or "?") for d in a.shape)
+        return TensorSpec(a.name, dtype, dims)
+
+    return tuple(spec(a) for a in sess.get_inputs()), tuple(spec(a) for a in sess.get_outputs())
 
 
 def available_providers() -> list[str]:
@@ -61,7 +103,12 @@ def choose_providers(
 
 
 class OnnxRuntimeBackend(Backend):
-    """An ``onnxruntime.InferenceSession`` on one ONNX file, behind the ``Backend`` seam."""
+    """An ``onnxruntime.InferenceSession`` on one ONNX file, behind the ``Backend`` seam.
+
+    ``allow_spinning=False`` stops onnxruntime's intra-op threads from busy-waiting between
+    runs: a cloud region sets it so that they leave the cores to the threads that decode the
+    next requests; a device running one model keeps onnxruntime's default.
+    """
 
     kind = "onnxruntime"
 
@@ -75,8 +122,10 @@ class OnnxRuntimeBackend(Backend):
         threads: int | None = None,
         inter_op_threads: int | None = None,
         policy: InputPolicy | None = None,
+        messages: InputMessages | None = None,
+        allow_spinning: bool = True,
     ) -> None:
-        super().__init__(inputs, outputs, policy=policy)
+        super().__init__(inputs, outputs, policy=policy, messages=messages)
         import onnxruntime as ort
 
         for what, n in (("threads", threads), ("inter_op_threads", inter_op_threads)):
@@ -91,6 +140,8 @@ class OnnxRuntimeBackend(Backend):
             opts.inter_op_num_threads = inter_op_threads
             opts.execution_mode = ort.ExecutionMode.ORT_PARALLEL
         opts.log_severity_level = 3
+        if not allow_spinning:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.model_path = Path(model_path)
         try:
             self.session = ort.InferenceSession(

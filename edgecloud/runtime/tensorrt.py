@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecloud._deps import require
+from edgecloud.deps import require
 from edgecloud.errors import BackendUnavailableError, RuntimeBackendError
 from edgecloud.package.manifest import TensorSpec, Variant
 from edgecloud.runtime.base import Backend, InputPolicy
