@@ -24,7 +24,8 @@ class Trial:
 
     index: int
     label: str
-    phase: Literal["settings", "exclusion"]
+    #: settings: full INT8; exclusion: top-k sensitive nodes in float; revert: a block re-quantized
+    phase: Literal["settings", "exclusion", "revert"]
     family: Family
     settings: dict[str, Any]
     excluded: tuple[str, ...]

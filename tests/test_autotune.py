@@ -545,3 +545,59 @@ def test_cli_search_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str
     rc = run("--tolerance", "0", "--task", "regression", "--search-budget", "2", out="x")
     assert rc == 1  # refused
     assert "refused" in capsys.readouterr().out
+
+
+def test_block_names() -> None:
+    from converters.autotune import block_of, blocks
+
+    assert block_of("/encoder/layer.0/attention/self/query/MatMul") == "/encoder/layer.0/attention"
+    assert block_of("/encoder/layer.11/output/dense/MatMul") == "/encoder/layer.11/output"
+    assert block_of("layer0.attn/QK") == "layer0.attn"
+    assert block_of("proj/MatMul") == "proj"
+    assert block_of("fc") == "fc"
+    ranked = ["layer1.ffn/fc2", "layer0.attn/q", "layer1.ffn/fc1", "layer0.attn/QK", "head"]
+    # least sensitive block first; the fragile node stays out of every block
+    assert blocks(ranked, {"layer0.attn/QK"}) == [
+        ["head"],
+        ["layer0.attn/q"],
+        ["layer1.ffn/fc2", "layer1.ffn/fc1"],
+    ]
+
+
+def test_greedy_block_revert_when_only_most_nodes_in_float_pass(tmp_path: Path) -> None:
+    """At tolerance 0 only the all-float exclusion passes: the search then re-quantizes one
+    whole block at a time (least sensitive first), never a known-fragile node."""
+    from converters.autotune import block_of
+
+    result = autotune(
+        ENCODER,
+        DATA / "edge_calib.npz",
+        DATA / "edge_val.npz",
+        tolerance=0.0,
+        task="regression",
+        int8="dynamic",
+        budget=40,
+        check=False,
+        work_dir=tmp_path,
+    )
+    assert result.sensitivity is not None
+    ranked = result.sensitivity.ranked_names()
+    exclusion = [t for t in result.trials if t.phase == "exclusion"]
+    smallest = min((t for t in exclusion if t.passed), key=lambda t: len(t.excluded))
+    assert len(smallest.excluded) > len(ranked) / 2  # most nodes in float: worth refining
+    reverts = [t for t in result.trials if t.phase == "revert"]
+    assert reverts, [(t.phase, len(t.excluded)) for t in result.trials]
+    (tmp_path / "frag").mkdir()
+    fragile = set(fragile_nodes(_preprocessed(ENCODER, tmp_path / "frag")))
+    tried = []
+    floats = set(smallest.excluded)  # the passing set, minus the reverts that kept passing
+    for t in reverts:
+        requantized = floats - set(t.excluded)
+        assert len({block_of(n) for n in requantized}) == 1, requantized  # one whole block
+        assert not requantized & fragile
+        assert set(t.excluded) == floats - requantized
+        tried.append(min(ranked.index(n) for n in requantized))
+        if t.passed:
+            floats -= requantized
+    assert tried == sorted(tried, reverse=True)  # least sensitive block first
+    assert fragile & set(smallest.excluded) <= floats  # fragile nodes never re-quantized
