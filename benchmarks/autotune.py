@@ -231,7 +231,7 @@ def _no_reuse_seconds(sc: Scenario, result: Any, work: Path, threads: int) -> fl
             weight_type=s["weight_type"],
             reduce_range=s["reduce_range"],
             exclude_nodes=tuple(s["exclude_nodes"]),
-            extra_options=({"ActivationSymmetric": True} if s["activation_type"] == "int8" else {}),
+            activation_symmetric=bool(s.get("activation_symmetric")),
         )
         for f in ctx.quantizer.cache_dir.glob("*.json"):
             f.unlink()

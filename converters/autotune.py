@@ -12,7 +12,12 @@ with the converter's own validation gate as the judge, so it is on by default an
 2. **Exclusions**, when no setting passes: the best setting's nodes are ranked by sensitivity
    (``converters.sensitivity``: the output error when only that node is quantized, SQNR for
    QDQ), and the top k are kept in float. k doubles (1, 2, 4, ...) until a variant passes, then
-   bisects down to the smallest k that passes: about 2 log2(N) trials for N nodes.
+   bisects down to the smallest k that passes: about 2 log2(N) trials for N nodes. On
+   transformers the known-fragile nodes (attention score/context MatMuls, FFN output
+   projections) go first. When the smallest passing k keeps most nodes in float, whole blocks
+   (an attention or FFN block, from the node names) are re-quantized one at a time, least
+   sensitive first, keeping each that still passes (greedy revert, as NNCF's accuracy control
+   and INC's block-wise fallback do): a node the ranking placed wrongly costs one block.
 3. **Choice**: the fastest passing trial; trials within 5 % of the fastest count as ties (the
    timing noise of a shared CPU), broken by fewer float nodes, then by trial order.
 
@@ -26,345 +31,44 @@ The tolerance is the gate's: relative, in percent of the original's metric (docs
 
 from __future__ import annotations
 
-import argparse
+import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-from converters.data import ArrayCalibrationReader, Dataset, load_dataset
-from converters.model import inspect_model, preprocess
+from converters.data import Dataset
 from converters.progress import NullReporter, Reporter
-from converters.search_runner import Evaluation, TrialEvaluator, TrialQuantizer, dump_json
+from converters.search_result import SearchResult, Trial
+from converters.search_runner import Evaluation, Int8Mode, SearchContext, prepare
 from converters.search_space import (
     Budget,
     Candidate,
-    Family,
     candidates,
     fragile_nodes,
-    model_profile,
 )
 from converters.search_space import parse_budget as parse_budget
-from converters.sensitivity import SensitivityReport, measure_sensitivity
-from converters.validate import Task
-from edgecloud.errors import ConfigError, ConversionError, EdgeCloudError, ValidationError
+from converters.sensitivity import measure_sensitivity
+from edgecloud.errors import ConversionError, EdgeCloudError
 
 __all__ = [
     "SearchContext",
     "SearchResult",
     "Trial",
-    "add_search_arguments",
     "autotune",
     "parse_budget",
     "prepare",
-    "register_inspect_quant",
-    "run_inspect_quant",
-    "run_search_for_convert",
 ]
 
-Int8Mode = Literal["auto", "static", "dynamic"]
 #: latencies within this fraction of the fastest are ties (noise on a shared CPU)
 TIE_FRACTION = 0.05
-_TASK_ALIASES = {
-    "classification": "classification",
-    "classifier": "classification",
-    "embedding": "embedding",
-    "embeddings": "embedding",
-    "feature-extraction": "embedding",
-    "sentence-similarity": "embedding",
-    "regression": "regression",
-    "detection": "detection",
-    "object-detection": "detection",
-    "segmentation": "regression",
-}
-
-
-@dataclass(frozen=True)
-class Trial:
-    """One quantized variant and the gate's figures for it."""
-
-    index: int
-    label: str
-    phase: Literal["settings", "exclusion"]
-    family: Family
-    settings: dict[str, Any]
-    excluded: tuple[str, ...]
-    passed: bool
-    metric: str
-    reference: float
-    value: float
-    loss_pct: float
-    rel_l2: float
-    cosine: float
-    latency_ms: float | None
-    speedup: float | None
-    size: int
-    seconds: float
-    reason: str = ""
-    path: Path | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "label": self.label,
-            "phase": self.phase,
-            "family": self.family,
-            "settings": self.settings,
-            "excluded_nodes": list(self.excluded),
-            "passed": self.passed,
-            "metric": self.metric,
-            "reference": self.reference,
-            "value": self.value,
-            "loss_pct": self.loss_pct,
-            "rel_l2": self.rel_l2,
-            "cosine": self.cosine,
-            "latency_ms": self.latency_ms,
-            "speedup_vs_fp32": self.speedup,
-            "size_bytes": self.size,
-            "seconds": self.seconds,
-            "reason": self.reason,
-        }
-
-
-@dataclass
-class SearchResult:
-    """The whole search: every trial, the chosen one (``None`` if none passed), and why."""
-
-    model: str
-    task: str
-    tolerance_pct: float
-    budget: str
-    profile: str
-    families: tuple[Family, ...]
-    reference_latency_ms: float | None
-    reference_size: int
-    trials: list[Trial] = field(default_factory=list)
-    chosen: Trial | None = None
-    sensitivity: SensitivityReport | None = None
-    calibrations: int = 0
-    seconds: float = 0.0
-    output: Path | None = None
-    stopped_by_budget: bool = False
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return self.chosen is not None
-
-    @property
-    def best(self) -> Trial | None:
-        """The chosen trial, or the lowest-loss one when none passed."""
-        if self.chosen is not None:
-            return self.chosen
-        return min(self.trials, key=lambda t: t.loss_pct, default=None)
-
-    def failure_message(self) -> str:
-        best = self.best
-        parts = [
-            f"no INT8 variant of {Path(self.model).name} met the {self.tolerance_pct:g} % "
-            f"tolerance in {len(self.trials)} trial(s) ({self.seconds:.1f} s"
-            + (", budget exhausted" if self.stopped_by_budget else "")
-            + ")"
-        ]
-        if best is not None:
-            parts.append(
-                f"best: '{best.label}' {best.metric} {best.value:.4f} vs original "
-                f"{best.reference:.4f}, loss {best.loss_pct:.2f} %"
-                + (f", {len(best.excluded)} node(s) in float" if best.excluded else "")
-            )
-        if self.sensitivity is not None and self.sensitivity.nodes:
-            worst = ", ".join(
-                f"{n.name} ({n.op_type}"
-                + (f", rel.L2 {n.isolated_error:.4f}" if n.isolated_error is not None else "")
-                + (f", {n.sqnr_db:.1f} dB" if n.sqnr_db is not None else "")
-                + ")"
-                for n in self.sensitivity.worst(5)
-            )
-            parts.append(f"layers that hurt most: {worst}")
-        parts.append(
-            "raise --tolerance, give a larger --search-budget, or ship the FP16/FP32 variant"
-        )
-        return "; ".join(parts)
-
-    def raise_for_status(self) -> SearchResult:
-        """Raise ValidationError (with the best numbers and worst layers) if nothing passed."""
-        if not self.passed:
-            raise ValidationError(self.failure_message())
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "passed": self.passed,
-            "task": self.task,
-            "metric": self.trials[0].metric if self.trials else None,
-            "tolerance_pct": self.tolerance_pct,
-            "budget": self.budget,
-            "stopped_by_budget": self.stopped_by_budget,
-            "profile": self.profile,
-            "families": list(self.families),
-            "reference": {
-                "latency_ms": self.reference_latency_ms,
-                "size_bytes": self.reference_size,
-            },
-            "chosen": None if self.chosen is None else self.chosen.index,
-            "output": None if self.output is None else str(self.output),
-            "calibrations": self.calibrations,
-            "seconds": self.seconds,
-            "trials": [t.to_dict() for t in self.trials],
-            "sensitivity": None if self.sensitivity is None else self.sensitivity.to_dict(),
-            "message": "" if self.passed else self.failure_message(),
-            "warnings": list(self.warnings),
-        }
-
-    def write_json(self, path: Path) -> Path:
-        dump_json(self.to_dict(), Path(path))
-        return Path(path)
-
-    def table(self) -> Any:
-        from rich.table import Table
-
-        metric = self.trials[0].metric if self.trials else "metric"
-        t = Table(
-            title=(
-                f"INT8 search for {Path(self.model).name}: tolerance {self.tolerance_pct:g} %, "
-                f"{len(self.trials)} trials in {self.seconds:.1f} s"
-            ),
-            caption=(
-                f"FP32 latency {_ms(self.reference_latency_ms)} ms; * = chosen; "
-                f"{self.calibrations} calibration run(s) shared by all static trials"
-            ),
-        )
-        for col, just in (
-            ("#", "right"),
-            ("settings", "left"),
-            ("float nodes", "right"),
-            (metric, "right"),
-            ("loss %", "right"),
-            ("pass", "center"),
-            ("latency ms", "right"),
-            ("x FP32", "right"),
-            ("size KB", "right"),
-            ("s", "right"),
-        ):
-            t.add_column(col, justify=just)  # type: ignore[arg-type]
-        for tr in self.trials:
-            mark = "*" if self.chosen is not None and tr.index == self.chosen.index else ""
-            t.add_row(
-                f"{mark}{tr.index}",
-                tr.label,
-                str(len(tr.excluded)),
-                f"{tr.value:.4f}",
-                f"{tr.loss_pct:.2f}",
-                "yes" if tr.passed else "no",
-                _ms(tr.latency_ms),
-                "-" if tr.speedup is None else f"{tr.speedup:.2f}",
-                f"{tr.size / 1024:.1f}",
-                f"{tr.seconds:.2f}",
-            )
-        return t
 
 
 def _ms(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
-
-
-@dataclass
-class SearchContext:
-    """What every trial shares: the pre-processed FP32 model, data, quantizer and evaluator."""
-
-    source: Path
-    fp32: Path
-    task: Task
-    profile: Literal["conv", "matmul"]
-    families: tuple[Family, ...]
-    quantizer: TrialQuantizer
-    evaluator: TrialEvaluator
-    work_dir: Path
-
-
-def _model_task(path: Path) -> str | None:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    for p in model.metadata_props:
-        if p.key == "task":
-            return str(p.value)
-    return None
-
-
-def resolve_task(task: str | None, model_path: Path) -> Task:
-    """The gate's task: the argument, else the model's ``task`` metadata, else classification."""
-    raw = task if task is not None else (_model_task(model_path) or "classification")
-    key = _TASK_ALIASES.get(raw.lower())
-    if key is None:
-        raise ConfigError(
-            f"task {raw!r} is not known; use classification, embedding, regression or detection "
-            f"(or one of {sorted(_TASK_ALIASES)})"
-        )
-    return key  # type: ignore[return-value]
-
-
-def prepare(
-    model_path: Path,
-    calib: Path | Dataset,
-    val: Path | Dataset,
-    *,
-    work_dir: Path,
-    task: str | None = None,
-    tolerance_pct: float = 1.0,
-    int8: Int8Mode = "auto",
-    preprocessed: bool = False,
-    score_output: str | None = None,
-    threads: int = 1,
-    calib_batch_size: int = 16,
-    latency_batch: int = 32,
-    gated: tuple[str, ...] = (),
-    roles: dict[str, str] | None = None,
-) -> SearchContext:
-    """Check the model and data, pre-process, run the FP32 reference once."""
-    model_path = Path(model_path)
-    if int8 not in ("auto", "static", "dynamic"):
-        raise ConfigError(f"--int8 {int8!r}: expected auto, static or dynamic")
-    info = inspect_model(model_path, need_quant_opset=True)
-    calib_ds = (
-        calib
-        if isinstance(calib, Dataset)
-        else load_dataset(Path(calib), info.inputs, what="calibration data")
-    )
-    val_ds = (
-        val
-        if isinstance(val, Dataset)
-        else load_dataset(Path(val), info.inputs, what="validation data")
-    )
-    work_dir.mkdir(parents=True, exist_ok=True)
-    fp32 = model_path if preprocessed else preprocess(model_path, work_dir / "fp32.onnx")
-    resolved = resolve_task(task, model_path)
-    profile = model_profile(fp32)
-    families: tuple[Family, ...]
-    if int8 == "auto":
-        families = ("static",) if profile == "conv" else ("dynamic", "static")
-    else:
-        families = (int8,)
-    quantizer = TrialQuantizer(
-        fp32, ArrayCalibrationReader(calib_ds, batch_size=calib_batch_size), work_dir / "calib"
-    )
-    evaluator = TrialEvaluator(
-        fp32,
-        val_ds,
-        task=resolved,
-        tolerance_pct=tolerance_pct,
-        score_output=score_output,
-        threads=threads,
-        latency_batch=latency_batch,
-        gated=gated,
-        roles=roles,
-    )
-    return SearchContext(
-        model_path, fp32, resolved, profile, families, quantizer, evaluator, work_dir
-    )
 
 
 class _Search:
@@ -396,7 +100,7 @@ class _Search:
             f"so at most about {worst:.0f} s (less when the first settings pass)"
         )
 
-    def run(self, cand: Candidate, phase: Literal["settings", "exclusion"]) -> Trial:
+    def run(self, cand: Candidate, phase: Literal["settings", "exclusion", "revert"]) -> Trial:
         t0 = time.monotonic()
         index = len(self.result.trials) + 1
         path = self.ctx.work_dir / f"trial-{index:02d}.onnx"
@@ -485,6 +189,7 @@ def autotune(
     gated: tuple[str, ...] = (),
     roles: dict[str, str] | None = None,
     calib_batch_size: int = 16,
+    prior: Sequence[tuple[dict[str, Any], bool, str]] = (),
 ) -> SearchResult:
     """Find the fastest INT8 variant of ``model_path`` whose loss is within ``tolerance`` %.
 
@@ -497,6 +202,9 @@ def autotune(
     ``latency_batch``: the batch size latency is measured at (32; 1 for large models).
     ``emit_best``: when nothing passed, still copy the lowest-loss trial to ``output`` (for a
     converter that reports it as refused, or keeps it marked rejected).
+    ``prior``: ``(settings, passed, variant)`` of settings a variant already quantized and
+    judged (``Candidate.describe()`` form): the search does not try them again, and a passing
+    one counts as a pass of its family (``SearchResult.skipped`` lists them).
     """
     reporter = reporter or NullReporter()
     if isinstance(budget, int):
@@ -535,7 +243,7 @@ def autotune(
         search = _Search(ctx, budget, result, reporter)
         search.started = started
         try:
-            _search(search, exhaustive=exhaustive, max_isolated=max_isolated)
+            _search(search, exhaustive=exhaustive, max_isolated=max_isolated, prior=prior)
         except EdgeCloudError:
             raise
         except Exception as exc:  # a foreign error mid-search: say which trial it hit
@@ -544,6 +252,8 @@ def autotune(
                 f"{exc.__class__.__name__}: {exc}"
             ) from exc
         result.chosen = _choose(result.trials)
+        if result.chosen is None:
+            result.reused = next((v for _, v, passed in result.skipped if passed), None)
         result.warnings += _warnings(result)
         result.calibrations = ctx.quantizer.calibrations
         result.seconds = time.monotonic() - started
@@ -584,33 +294,50 @@ def _without_path(t: Trial) -> Trial:
     return replace(t, path=None)
 
 
-def _search(s: _Search, *, exhaustive: bool, max_isolated: int) -> None:
+def _search(
+    s: _Search,
+    *,
+    exhaustive: bool,
+    max_isolated: int,
+    prior: Sequence[tuple[dict[str, Any], bool, str]] = (),
+) -> None:
     ctx = s.ctx
     full = candidates(ctx.profile, ctx.families)
+    by_trial: dict[int, Candidate] = {}
     # The objective is the fastest passing variant, not the first: once one passes, each other
     # family's default is still tried (dynamic and static INT8 differ most in speed), the
     # remaining variations of a family that passed are not (they trade speed for accuracy).
     passed_families: set[str] = set()
+    skipped_families: set[str] = set()
     # total unknown: a pass ends the settings phase early, so "n/N" would claim trials not run
     with s.reporter.stage(f"INT8 settings (up to {len(full)})", total=None) as advance:
         for cand in full:
             if s.exhausted():
                 return
             if not exhaustive and passed_families:
-                tried = {t.family for t in s.result.trials}
+                tried = {t.family for t in s.result.trials} | skipped_families
                 if cand.family in passed_families or cand.family in tried:
                     continue
+            known = next((p for p in prior if p[0] == cand.describe()), None)
+            if known is not None:  # a variant already judged these settings: not again
+                s.result.skipped.append((cand.label, known[2], known[1]))
+                skipped_families.add(cand.family)
+                s.reporter.note(f"skipping '{cand.label}': {known[2]} already ran it")
+                if known[1]:
+                    passed_families.add(cand.family)
+                continue
             trial = s.run(cand, "settings")
+            by_trial[trial.index] = cand
             advance(1)
             if trial.passed:
                 passed_families.add(trial.family)
     if passed_families and not exhaustive:
         return
-    if any(t.passed for t in s.result.trials) or s.exhausted():
+    if any(t.passed for t in s.result.trials) or not s.result.trials or s.exhausted():
         return
     # No full-INT8 setting passes: keep the most sensitive nodes of the best one in float.
     best = min(s.result.trials, key=lambda t: t.loss_pct)
-    base = full[best.index - 1]
+    base = by_trial[best.index]
     deadline = None if s.budget.seconds is None else s.started + s.budget.seconds
     sens = measure_sensitivity(
         ctx.quantizer,
@@ -630,6 +357,14 @@ def _search(s: _Search, *, exhaustive: bool, max_isolated: int) -> None:
         # transformers: the attention and FFN-output MatMuls go first, then the ranking's order
         fragile = [n for n in fragile_nodes(ctx.fp32) if n in set(ranked)]
         ranked = fragile + [n for n in ranked if n not in set(fragile)]
+    hi = _bisect(s, base, ranked)
+    if hi is not None and hi > REFINE_SHARE * len(ranked) and not s.exhausted():
+        fragile_set = set(fragile_nodes(ctx.fp32)) if ctx.profile == "matmul" else set()
+        _revert_blocks(s, base, ranked[:hi], fragile_set)
+
+
+def _bisect(s: _Search, base: Candidate, ranked: list[str]) -> int | None:
+    """The smallest k whose top-k ranked nodes in float pass (doubling, then bisection)."""
     lo, hi, k = 0, None, 1  # lo: largest k known to fail; hi: smallest k known to pass
     with s.reporter.stage("keeping sensitive nodes in float", total=None) as advance:
         while ranked and not s.exhausted():
@@ -641,214 +376,57 @@ def _search(s: _Search, *, exhaustive: bool, max_isolated: int) -> None:
                 lo = k
             if hi is None:
                 if k >= len(ranked):
-                    return  # even with every quantizable node in float it fails
+                    return None  # even with every quantizable node in float it fails
                 k = min(2 * k, len(ranked))
             elif hi - lo <= 1:
-                return
+                return hi
             else:
                 k = (lo + hi) // 2
+    return hi
 
 
-# ----------------------------------------------------------------------------- CLI helpers
+#: a passing exclusion keeping more than this share of the ranked nodes in float brings little
+#: INT8: it is refined block by block (``_revert_blocks``)
+REFINE_SHARE = 0.5
+_BLOCK = re.compile(r"^(.*?(?:layers?|blocks?|h)[._]?\d+[./][A-Za-z_]+)")
 
 
-def add_search_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options ``edgecloud convert`` needs for ``--int8 auto`` (and search-on-failure)."""
-    parser.add_argument(
-        "--search-budget",
-        default="20",
-        metavar="N|SECONDS",
-        help="stop the INT8 search after N trials (20), a time (120s, 2m) or both (20,120s)",
-    )
-    parser.add_argument(
-        "--search-exhaustive",
-        action="store_true",
-        help="keep trying settings after the first passing one and keep the fastest",
-    )
-    parser.add_argument(
-        "--search-report",
-        type=Path,
-        default=None,
-        metavar="JSON",
-        help="write every trial of the INT8 search to this JSON file",
-    )
+def block_of(node: str) -> str:
+    """The attention or FFN block a node belongs to, from its name.
 
-
-def register_inspect_quant(
-    subparsers: Any, *, name: str = "inspect-quant", prog: str | None = None
-) -> argparse.ArgumentParser:
-    """Add ``inspect-quant`` to ``subparsers``.
-
-    ``edgecloud convert inspect-quant`` registers it as the hidden command ``name`` =
-    ``convert-inspect-quant`` (``convert``'s positional MODEL rules out nested subcommands) with
-    ``prog`` set so usage and errors still read ``edgecloud convert inspect-quant``.
+    ``/encoder/layer.0/attention/self/query/MatMul`` -> ``/encoder/layer.0/attention``,
+    ``layer0.attn/QK`` -> ``layer0.attn``; other names: everything before the last ``/``.
     """
-    extra: dict[str, Any] = {} if prog is None else {"prog": prog}
-    p = subparsers.add_parser(
-        name,
-        **extra,
-        help="rank a model's nodes by INT8 quantization sensitivity",
-        description="Quantize each node alone and measure SQNR per node against FP32, sorted "
-        "most sensitive first, to see which layers an INT8 variant should keep in float.",
-    )
-    p.add_argument("model", type=Path, metavar="MODEL.onnx")
-    p.add_argument("--calib", type=Path, required=True, help="calibration data (.npz/.npy/dir)")
-    p.add_argument("--val", type=Path, required=True, help="validation data (.npz/.npy/dir)")
-    p.add_argument("--int8", choices=["auto", "static", "dynamic"], default="auto")
-    p.add_argument("--task", default=None, help="classification|embedding|regression")
-    p.add_argument("--tolerance", type=float, default=1.0, help="percent, for the loss column")
-    p.add_argument("--max-nodes", type=int, default=64, help="cap on single-node quantizations")
-    p.add_argument("--no-isolated", action="store_true", help="SQNR only (static QDQ)")
-    p.add_argument("--limit", type=int, default=30, help="rows in the table")
-    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
-    p.set_defaults(func=run_inspect_quant)
-    return p  # type: ignore[no-any-return]
+    m = _BLOCK.match(node)
+    if m:
+        return m.group(1)
+    return node.rsplit("/", 1)[0] if "/" in node else node
 
 
-def run_inspect_quant(args: argparse.Namespace) -> int:
-    import json
-    import sys
-
-    from rich.console import Console
-
-    from converters.progress import RichReporter
-    from converters.sensitivity import inspect_quant
-
-    err = Console(stderr=True)
-    reporter: Reporter = NullReporter() if args.json else RichReporter(err)
-    report = inspect_quant(
-        args.model,
-        args.calib,
-        args.val,
-        family=args.int8,
-        task=args.task,
-        tolerance_pct=args.tolerance,
-        isolated=not args.no_isolated,
-        max_isolated=args.max_nodes,
-        reporter=reporter,
-    )
-    if args.json:
-        sys.stdout.write(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
-    else:
-        Console().print(report.table(limit=args.limit))
-    return 0
+def blocks(excluded: Sequence[str], fragile: set[str]) -> list[list[str]]:
+    """``excluded`` (most sensitive first) grouped by block, least sensitive block first; the
+    known-fragile nodes are left out (they stay in float)."""
+    groups: dict[str, list[str]] = {}
+    rank = {n: i for i, n in enumerate(excluded)}
+    for n in excluded:
+        if n not in fragile:
+            groups.setdefault(block_of(n), []).append(n)
+    return sorted(groups.values(), key=lambda g: -min(rank[n] for n in g))
 
 
-def run_search_for_convert(
-    args: argparse.Namespace,
-    model_path: Path,
-    calib: Path | Dataset,
-    val: Path | Dataset,
-    output: Path,
-    *,
-    int8: Int8Mode,
-    tolerance: float,
-    task: str | None = None,
-    preprocessed: bool = False,
-    reporter: Reporter | None = None,
-) -> SearchResult:
-    """What ``edgecloud convert`` calls for ``--int8 auto`` or after static/dynamic failed.
-
-    Uses ``--search-budget``/``--search-exhaustive``/``--search-report`` from ``args``; prints
-    the trial table on stderr unless the reporter is silent; raises ValidationError (after the
-    report is written) when nothing passes.
-    """
-    result = autotune(
-        model_path,
-        calib,
-        val,
-        tolerance=tolerance,
-        budget=getattr(args, "search_budget", "20"),
-        int8=int8,
-        task=task,
-        output=output,
-        report=getattr(args, "search_report", None),
-        exhaustive=bool(getattr(args, "search_exhaustive", False)),
-        preprocessed=preprocessed,
-        check=False,
-        reporter=reporter,
-    )
-    if reporter is not None and not isinstance(reporter, NullReporter):
-        from rich.console import Console
-
-        Console(stderr=True).print(result.table())
-    for w in result.warnings:
-        (reporter or NullReporter()).note(f"[yellow]warning[/yellow]: {w}")
-    return result.raise_for_status()
-
-
-def _run_search_cli(args: argparse.Namespace) -> int:
-    import json
-    import sys
-
-    from rich.console import Console
-
-    from converters.progress import RichReporter
-
-    reporter: Reporter = NullReporter() if args.json else RichReporter(Console(stderr=True))
-    result = autotune(
-        args.model,
-        args.calib,
-        args.val,
-        tolerance=args.tolerance,
-        budget=args.search_budget,
-        int8=args.int8,
-        task=args.task,
-        output=args.out,
-        report=args.search_report,
-        exhaustive=args.search_exhaustive,
-        threads=args.threads,
-        check=False,
-        reporter=reporter,
-    )
-    if args.json:
-        sys.stdout.write(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
-    else:
-        out = Console() if Console().is_terminal else Console(width=180)
-        out.print(result.table())
-        if result.sensitivity is not None:
-            out.print(result.sensitivity.table(limit=10))
-        for w in result.warnings:
-            out.print(f"[yellow]warning[/yellow]: {w}")
-        if result.passed:
-            index = result.chosen.index if result.chosen else "-"
-            out.print(f"chosen: trial {index} -> {args.out}")
-        else:
-            out.print(f"[red]refused[/red]: {result.failure_message()}")
-    return 0 if result.passed else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m converters.autotune search|inspect-quant ...`` until ``edgecloud convert``
-    carries ``--int8 auto`` and ``inspect-quant`` itself (docs/autotune.md, "Wiring")."""
-    import sys
-
-    from edgecloud.errors import MissingDependencyError
-
-    parser = argparse.ArgumentParser(prog="python -m converters.autotune")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("search", help="find the fastest INT8 variant within the tolerance")
-    s.add_argument("model", type=Path, metavar="MODEL.onnx")
-    s.add_argument("--calib", type=Path, required=True)
-    s.add_argument("--val", type=Path, required=True)
-    s.add_argument("--out", type=Path, required=True, help="where the chosen variant goes")
-    s.add_argument("--int8", choices=["auto", "static", "dynamic"], default="auto")
-    s.add_argument("--task", default=None, help="classification|embedding|regression")
-    s.add_argument("--tolerance", type=float, default=1.0, help="percent, relative")
-    s.add_argument("--threads", type=int, default=1)
-    s.add_argument("--json", action="store_true")
-    add_search_arguments(s)
-    s.set_defaults(func=_run_search_cli)
-    register_inspect_quant(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except EdgeCloudError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        if isinstance(exc, MissingDependencyError):
-            return 3
-        return 1 if isinstance(exc, ConversionError) else 2  # 2: bad input or usage
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def _revert_blocks(s: _Search, base: Candidate, excluded: list[str], fragile: set[str]) -> None:
+    """Greedy revert by block (NNCF's accuracy control, INC's block-wise fallback): from a
+    passing set of float nodes, re-quantize one whole attention/FFN block at a time, least
+    sensitive first, and keep each revert that still passes. A single node ranked wrongly
+    (114 of 115 MiniLM nodes in float still failing, issue 14) then costs one block, not the
+    whole model. Known-fragile nodes (attention score/context MatMuls, FFN output projections)
+    stay in float throughout."""
+    keep = list(excluded)
+    with s.reporter.stage("re-quantizing blocks (greedy revert)", total=None) as advance:
+        for group in blocks(excluded, fragile):
+            if s.exhausted():
+                return
+            trial = s.run(base.with_exclusions(tuple(n for n in keep if n not in group)), "revert")
+            advance(1)
+            if trial.passed:
+                keep = [n for n in keep if n not in group]

@@ -60,6 +60,11 @@ class StaticInt8Settings:
     #: biases stay float by default: TensorRT wants them unquantized, onnxruntime still fuses
     #: QLinearConv/QGemm with a float bias, and it saves a scale tensor per biased layer
     quantize_bias: bool = False
+    #: zero point 0 for activations (int8 only): the S8S8 kernels, robust to ranges centred
+    #: on 0; the search tries it, TensorRT needs it
+    activation_symmetric: bool = False
+    #: zero point 0 for weights; ``None``: onnxruntime's default (symmetric for int8 weights)
+    weight_symmetric: bool | None = None
     exclude_nodes: tuple[str, ...] = ()
     exclude_ops: tuple[str, ...] = ()
     extra_options: dict[str, Any] = field(default_factory=dict)
@@ -72,9 +77,12 @@ class StaticInt8Settings:
             "weight_type": self.weight_type,
             "reduce_range": self.reduce_range,
             "quantize_bias": self.quantize_bias,
+            "activation_symmetric": self.activation_symmetric,
             "exclude_nodes": list(self.exclude_nodes),
             "exclude_ops": list(self.exclude_ops),
         }
+        if self.weight_symmetric is not None:
+            out["weight_symmetric"] = self.weight_symmetric
         if self.calib_method == "percentile":
             out["percentile"] = self.percentile
         if self.extra_options:
@@ -281,11 +289,14 @@ def quantize_static_int8(
             f"calibration method {settings.calib_method!r} is not one of minmax, entropy, "
             "percentile"
         )
-    extra = {
+    extra: dict[str, Any] = {
         "QuantizeBias": settings.quantize_bias,
         "CalibTensorRangeSymmetric": False,
-        **settings.extra_options,
+        "ActivationSymmetric": settings.activation_symmetric,
     }
+    if settings.weight_symmetric is not None:
+        extra["WeightSymmetric"] = settings.weight_symmetric
+    extra.update(settings.extra_options)
     if settings.calib_method == "percentile":
         extra.setdefault("CalibPercentile", settings.percentile)
     excluded = resolve_exclusions(src, settings.exclude_nodes, settings.exclude_ops)

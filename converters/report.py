@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from converters.pipeline import ConversionReport
+from converters.results import ConversionReport
 
 __all__ = ["render_table"]
 

@@ -10,6 +10,9 @@ quantizable op types whatever is later excluded.
 ``TrialEvaluator`` runs the FP32 reference once, then scores each variant with the converter's
 own gate (``converters.validate``), so "passes the search" and "passes ``edgecloud convert``"
 mean the same thing, and measures its latency with the same session settings as the reference.
+
+``prepare`` builds the ``SearchContext`` both share (the search and ``inspect-quant``): the
+checked model and data, the pre-processed FP32 graph, the task and the model's profile.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from converters.data import ArrayCalibrationReader, Dataset
+from converters.data import ArrayCalibrationReader, Dataset, load_dataset
+from converters.model import inspect_model, preprocess
 from converters.quantize import (
     DynamicInt8Settings,
     StaticInt8Settings,
@@ -32,7 +36,7 @@ from converters.quantize import (
     quantize_dynamic_int8,
     quantize_static_int8,
 )
-from converters.search_space import Candidate
+from converters.search_space import Candidate, Family, model_profile
 from converters.validate import (
     ComparisonMetrics,
     GateResult,
@@ -46,7 +50,17 @@ from converters.validate import (
 )
 from edgecloud.errors import ConfigError
 
-__all__ = ["Evaluation", "TrialEvaluator", "TrialQuantizer"]
+__all__ = [
+    "Evaluation",
+    "Int8Mode",
+    "SearchContext",
+    "TrialEvaluator",
+    "TrialQuantizer",
+    "prepare",
+    "resolve_task",
+]
+
+Int8Mode = Literal["auto", "static", "dynamic"]
 
 
 class TrialQuantizer:
@@ -205,3 +219,113 @@ def dump_json(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + f".tmp{time.monotonic_ns()}")
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
     tmp.replace(path)
+
+
+_TASK_ALIASES = {
+    "classification": "classification",
+    "classifier": "classification",
+    "embedding": "embedding",
+    "embeddings": "embedding",
+    "feature-extraction": "embedding",
+    "sentence-similarity": "embedding",
+    "regression": "regression",
+    "detection": "detection",
+    "object-detection": "detection",
+    "segmentation": "regression",
+}
+
+
+@dataclass
+class SearchContext:
+    """What every trial shares: the pre-processed FP32 model, data, quantizer and evaluator."""
+
+    source: Path
+    fp32: Path
+    task: Task
+    profile: Literal["conv", "matmul"]
+    families: tuple[Family, ...]
+    quantizer: TrialQuantizer
+    evaluator: TrialEvaluator
+    work_dir: Path
+
+
+def _model_task(path: Path) -> str | None:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for p in model.metadata_props:
+        if p.key == "task":
+            return str(p.value)
+    return None
+
+
+def resolve_task(task: str | None, model_path: Path) -> Task:
+    """The gate's task: the argument, else the model's ``task`` metadata, else classification."""
+    raw = task if task is not None else (_model_task(model_path) or "classification")
+    key = _TASK_ALIASES.get(raw.lower())
+    if key is None:
+        raise ConfigError(
+            f"task {raw!r} is not known; use classification, embedding, regression or detection "
+            f"(or one of {sorted(_TASK_ALIASES)})"
+        )
+    return key  # type: ignore[return-value]
+
+
+def prepare(
+    model_path: Path,
+    calib: Path | Dataset,
+    val: Path | Dataset,
+    *,
+    work_dir: Path,
+    task: str | None = None,
+    tolerance_pct: float = 1.0,
+    int8: Int8Mode = "auto",
+    preprocessed: bool = False,
+    score_output: str | None = None,
+    threads: int = 1,
+    calib_batch_size: int = 16,
+    latency_batch: int = 32,
+    gated: tuple[str, ...] = (),
+    roles: dict[str, str] | None = None,
+) -> SearchContext:
+    """Check the model and data, pre-process, run the FP32 reference once."""
+    model_path = Path(model_path)
+    if int8 not in ("auto", "static", "dynamic"):
+        raise ConfigError(f"--int8 {int8!r}: expected auto, static or dynamic")
+    info = inspect_model(model_path, need_quant_opset=True)
+    calib_ds = (
+        calib
+        if isinstance(calib, Dataset)
+        else load_dataset(Path(calib), info.inputs, what="calibration data")
+    )
+    val_ds = (
+        val
+        if isinstance(val, Dataset)
+        else load_dataset(Path(val), info.inputs, what="validation data")
+    )
+    work_dir.mkdir(parents=True, exist_ok=True)
+    fp32 = model_path if preprocessed else preprocess(model_path, work_dir / "fp32.onnx")
+    resolved = resolve_task(task, model_path)
+    profile = model_profile(fp32)
+    families: tuple[Family, ...]
+    if int8 == "auto":
+        families = ("static",) if profile == "conv" else ("dynamic", "static")
+    else:
+        families = (int8,)
+    quantizer = TrialQuantizer(
+        fp32, ArrayCalibrationReader(calib_ds, batch_size=calib_batch_size), work_dir / "calib"
+    )
+    evaluator = TrialEvaluator(
+        fp32,
+        val_ds,
+        task=resolved,
+        tolerance_pct=tolerance_pct,
+        score_output=score_output,
+        threads=threads,
+        latency_batch=latency_batch,
+        gated=gated,
+        roles=roles,
+    )
+    return SearchContext(
+        model_path, fp32, resolved, profile, families, quantizer, evaluator, work_dir
+    )

@@ -156,7 +156,7 @@ def _static(label: str, **kw: Any) -> Candidate:
 
 def _symmetric(label: str, **kw: Any) -> Candidate:
     # signed activations with a zero point of 0: the S8S8 kernels; robust to ranges centred on 0
-    return _static(label, activation_type="int8", extra_options={"ActivationSymmetric": True}, **kw)
+    return _static(label, activation_type="int8", activation_symmetric=True, **kw)
 
 
 def candidates(

@@ -384,7 +384,7 @@ def inspect_quant(
     Conv-heavy models, dynamic for MatMul-heavy ones). The model is pre-processed first, so node
     names are those the converter's ``--exclude-nodes`` and the search's report use.
     """
-    from converters.autotune import prepare
+    from converters.search_runner import prepare
     from converters.search_space import candidates
 
     with tempfile.TemporaryDirectory(prefix="edgecloud-inspect-") as tmp:

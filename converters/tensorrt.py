@@ -29,25 +29,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from edgecloud.deps import require
-from edgecloud.errors import ConfigError, ConversionError
+from edgecloud.errors import ConfigError, ConversionError, MissingDependencyError
 from edgecloud.package import TensorSpec
 
 if TYPE_CHECKING:
     from converters.data import Dataset
-    from converters.model import ModelInfo
-    from converters.pipeline import ConvertOptions, VariantReport
-    from converters.progress import Reporter
-    from converters.validate import Task
+    from converters.options import ConvertOptions
 
 __all__ = [
     "HW_COMPAT_LEVELS",
     "EngineSettings",
     "TrtFeatures",
     "build_engine",
-    "build_variants",
     "check_tensorrt",
     "derive_profiles",
     "detect_features",
@@ -58,6 +51,17 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+def require(module: str, extra: str, why: str = "") -> Any:
+    """Import ``module`` or raise ``MissingDependencyError`` naming ``edgecloud[extra]``."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependencyError(module, extra, why) from exc
+
 
 #: CLI spelling -> TensorRT HardwareCompatibilityLevel member name
 HW_COMPAT_LEVELS = {
@@ -389,125 +393,8 @@ def quantize_for_tensorrt(fp32: Path, dst: Path, calib: Dataset, opts: ConvertOp
         weight_type="int8",
         exclude_nodes=opts.exclude_nodes,
         exclude_ops=opts.exclude_ops,
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        activation_symmetric=True,
+        weight_symmetric=True,
     )
     reader = ArrayCalibrationReader(calib, batch_size=opts.calib_batch, limit=opts.calib_samples)
     return quantize_static_int8(fp32, dst, reader, settings).path
-
-
-def _latency_ms(backend: Any, val: Dataset, batch: int, runs: int) -> float:
-    """Median wall time of one engine run at ``batch`` (copies in and out included)."""
-    import statistics
-    import time
-
-    feed = {
-        k: np.ascontiguousarray(np.concatenate([v] * -(-batch // v.shape[0]))[:batch])
-        for k, v in val.take(batch).inputs.items()
-    }
-    backend.infer(feed)
-    times = []
-    for _ in range(max(3, runs)):
-        t0 = time.perf_counter()
-        backend.infer(feed)
-        times.append(time.perf_counter() - t0)
-    return 1000.0 * statistics.median(times)
-
-
-def build_variants(
-    opts: ConvertOptions,
-    rep: Reporter,
-    info: ModelInfo,
-    work: Path,
-    built: list[tuple[VariantReport, Path]],
-    val: Dataset,
-    reference: dict[str, np.ndarray],
-    eval_labels: np.ndarray | None,
-    task: Task,
-    score: str,
-    calib: Dataset | None = None,
-) -> list[tuple[VariantReport, Path]]:
-    """Engines for the FP16 and static INT8 variants that passed the gate (FP16 if none).
-
-    The INT8 engine is not built from the CPU variant's file: TensorRT's explicit quantization
-    takes only signed, symmetric Q/DQ (zero point 0), while the CPU default is uint8 asymmetric
-    activations. So the model is quantized again for TensorRT with int8 symmetric activations
-    and weights (same calibration data, method, per-channel and exclusions), and the engine is
-    then validated on its own against the FP32 reference.
-    """
-    from converters.pipeline import VariantReport
-    from converters.quantize import convert_fp16
-    from converters.validate import compare, gate
-    from edgecloud.runtime.tensorrt import TensorRTBackend
-
-    trt, gpu = check_tensorrt()
-    profiles = derive_profiles(info.inputs, opts.trt_batch, opts.trt_dims)
-    fp32 = next(p for r, p in built if r.name == "fp32")
-    sources: list[tuple[str, Path]] = []
-    for r, p in built:
-        if r.gate is not None and not r.gate.passed:
-            continue
-        if r.name == "fp16":
-            sources.append(("fp16", p))
-        elif r.name == "int8_static" and calib is not None:
-            qdq = work / "trt_source_int8.onnx"
-            with rep.stage("quantizing int8 for TensorRT (symmetric QDQ)", 1) as adv:
-                quantize_for_tensorrt(fp32, qdq, calib, opts)
-                adv(1)
-            sources.append(("int8", qdq))
-    if not sources:
-        fp16 = work / "trt_source_fp16.onnx"
-        convert_fp16(fp32, fp16)
-        sources = [("fp16", fp16)]
-    out: list[tuple[VariantReport, Path]] = []
-    for precision, src in sources:
-        name = f"trt_{precision}"
-        engine = work / f"{name}.engine"
-        settings = EngineSettings(
-            precision=precision,
-            profiles=profiles,
-            timing_cache=opts.trt_timing_cache,
-            hardware_compat=opts.trt_hardware_compat,
-            workspace_mb=opts.trt_workspace_mb,
-        )
-        with rep.stage(f"building TensorRT engine ({precision})", 1) as adv:
-            facts = build_engine(src, engine, settings, trt=trt, gpu=gpu)
-            adv(1)
-        backend = TensorRTBackend(engine, info.inputs, info.outputs)
-        lo, _, hi = opts.trt_batch
-        try:
-            chunks: dict[str, list[np.ndarray]] = {}
-            with rep.stage(f"validating {name}", len(val)) as adv:
-                for batch in val.batches(hi):
-                    n = int(next(iter(batch.values())).shape[0])
-                    if n < lo:  # below the profile's minimum: pad by repetition, trim after
-                        reps = -(-lo // n)
-                        batch = {k: np.concatenate([v] * reps)[:lo] for k, v in batch.items()}
-                    for k, v in backend.infer(batch).items():
-                        chunks.setdefault(k, []).append(v[:n])
-                    adv(n)
-            latency = {
-                b: _latency_ms(backend, val, b, opts.latency_runs) for b in (1, 32) if lo <= b <= hi
-            }
-        finally:
-            backend.close()
-        outputs = {k: np.concatenate(v) for k, v in chunks.items()}
-        metrics = compare(reference, outputs, score_output=score, task=task, labels=eval_labels)
-        out.append(
-            (
-                VariantReport(
-                    name=name,
-                    precision=precision,
-                    format="tensorrt",
-                    file=f"{name}.engine",
-                    metrics=metrics,
-                    gate=gate(metrics, task, opts.tolerance),
-                    # GPU latency; no speedup figure, FP32 was timed on the CPU
-                    latency_ms_b1=latency.get(1),
-                    latency_ms_b32=latency.get(32),
-                    settings={"source": src.name, "workspace_mb": opts.trt_workspace_mb},
-                    extra=facts,
-                ),
-                engine,
-            )
-        )
-    return out

@@ -18,10 +18,8 @@ import pytest
 from converters.autotune import (
     SearchResult,
     Trial,
-    add_search_arguments,
     autotune,
     prepare,
-    register_inspect_quant,
 )
 from converters.search_space import Budget, candidates, fragile_nodes, model_profile, parse_budget
 from edgecloud.errors import ConfigError, ConversionError, DataError, ValidationError
@@ -272,9 +270,11 @@ def test_bad_inputs_are_named(tmp_path: Path) -> None:
 
 
 def _cli() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgecloud convert")
+    from edgecloud.cli.inspect_quant import register
+
+    parser = argparse.ArgumentParser(prog="edgecloud")
     sub = parser.add_subparsers(dest="cmd")
-    register_inspect_quant(sub)
+    register(sub)
     return parser
 
 
@@ -319,9 +319,21 @@ def test_inspect_quant_cli_table(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_search_arguments_parse() -> None:
-    p = argparse.ArgumentParser()
-    add_search_arguments(p)
-    args = p.parse_args(["--search-budget", "10,60s", "--search-report", "r.json"])
+    from edgecloud.cli.main import build_parser
+
+    p = build_parser("convert")
+    args = p.parse_args(
+        [
+            "convert",
+            "m.onnx",
+            "--out",
+            "o",
+            "--search-budget",
+            "10,60s",
+            "--search-report",
+            "r.json",
+        ]
+    )
     assert parse_budget(args.search_budget) == Budget(trials=10, seconds=60.0)
     assert args.search_report == Path("r.json")
     assert args.search_exhaustive is False
@@ -377,48 +389,61 @@ def test_exhaustive_tries_every_setting_and_keeps_the_fastest(tmp_path: Path) ->
 def test_table_and_cli_entry_point_for_convert(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from rich.console import Console
+    """The search through its one entry point, ``edgecloud convert``: the trial table, the
+    JSON report, and nothing written when nothing passes."""
+    from edgecloud.cli.main import main
 
-    from converters.autotune import run_search_for_convert
-    from converters.progress import RichReporter
-
-    p = argparse.ArgumentParser()
-    add_search_arguments(p)
-    args = p.parse_args(["--search-budget", "3", "--search-report", str(tmp_path / "r.json")])
-    with pytest.raises(ValidationError, match="in 3 trial"):
-        run_search_for_convert(
-            args,
-            ENCODER,
-            DATA / "edge_calib.npz",
-            DATA / "edge_val.npz",
-            tmp_path / "int8.onnx",
-            int8="dynamic",
-            tolerance=0.0,
-            task="regression",
-            reporter=RichReporter(Console(stderr=True, width=200)),
-        )
-    err = capsys.readouterr().err
-    assert "INT8 search for digits_encoder.onnx" in err  # the trial table, on stderr
-    assert "dynamic per-tensor" in err
-    assert json.loads((tmp_path / "r.json").read_text())["passed"] is False
-    assert not (tmp_path / "int8.onnx").exists()  # nothing passed: nothing emitted
-
-    ok = run_search_for_convert(
-        p.parse_args([]),
-        ENCODER,
-        DATA / "edge_calib.npz",
-        DATA / "edge_val.npz",
-        tmp_path / "int8.onnx",
-        int8="auto",
-        tolerance=2.0,
+    common = ["--calib", str(DATA / "edge_calib.npz"), "--val", str(DATA / "edge_val.npz")]
+    rc = main(
+        [
+            "convert",
+            str(ENCODER),
+            "--out",
+            str(tmp_path / "refused"),
+            "--int8",
+            "dynamic",
+            *common,
+            "--tolerance",
+            "0",
+            "--task",
+            "regression",
+            "--search-budget",
+            "3",
+            "--search-report",
+            str(tmp_path / "r.json"),
+            "--latency-runs",
+            "2",
+        ]
     )
-    assert ok.passed
-    assert (tmp_path / "int8.onnx").is_file()
-    console = Console(record=True, width=200)
-    console.print(ok.table())
-    text = console.export_text()
-    assert ok.chosen is not None
-    assert f"*{ok.chosen.index}" in text
+    assert rc == 1  # refused
+    out = capsys.readouterr().out
+    assert "INT8 search for digits_encoder.onnx" in out  # the trial table
+    assert "dynamic per-tensor" in out  # the search starts from the settings asked for
+    assert "in 3 trial" in out
+    assert json.loads((tmp_path / "r.json").read_text())["passed"] is False
+    assert not (tmp_path / "refused" / "int8_dynamic.onnx").exists()  # nothing passed
+
+    rc = main(
+        [
+            "convert",
+            str(ENCODER),
+            "--out",
+            str(tmp_path / "pkg"),
+            "--int8",
+            "auto",
+            *common,
+            "--tolerance",
+            "2",
+            "--latency-runs",
+            "2",
+        ]
+    )
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert (tmp_path / "pkg" / "int8_auto.onnx").is_file()
+    assert "search for int8_auto: chose trial" in text
+    chosen = int(text.split("search for int8_auto: chose trial ")[1].split()[0])
+    assert f"*{chosen}" in text
     assert "yes" in text
 
 
@@ -488,58 +513,91 @@ def test_a_chosen_variant_no_faster_than_fp32_is_flagged() -> None:
     assert _warnings(fast) == []
 
 
-def test_module_cli_search_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from converters.autotune import main
+def test_cli_search_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``edgecloud convert --int8 auto``: a pass (JSON), bad data (exit 2), a refusal (exit 1)."""
+    from edgecloud.cli.main import main
 
-    out = tmp_path / "int8.onnx"
-    rc = main(
-        [
-            "search",
-            str(MLP),
-            "--calib",
-            str(DATA / "edge_calib.npz"),
-            "--val",
-            str(DATA / "edge_val.npz"),
-            "--out",
-            str(out),
-            "--json",
-        ]
-    )
-    assert rc == 0
+    def run(*extra: str, calib: str = "edge_calib.npz", out: str = "pkg") -> int:
+        return main(
+            [
+                "convert",
+                str(MLP),
+                "--out",
+                str(tmp_path / out),
+                "--int8",
+                "auto",
+                "--calib",
+                str(DATA / calib),
+                "--val",
+                str(DATA / "edge_val.npz"),
+                "--latency-runs",
+                "2",
+                *extra,
+            ]
+        )
+
+    assert run("--json") == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["passed"] is True
-    assert out.is_file()
-    rc = main(
-        [
-            "search",
-            str(MLP),
-            "--calib",
-            str(DATA / "cloud_calib.npz"),
-            "--val",
-            str(DATA / "edge_val.npz"),
-            "--out",
-            str(out),
-        ]
-    )
-    assert rc == 2  # bad data: usage/input error, named on stderr
+    assert doc["searches"]["int8_auto"]["passed"] is True
+    assert (tmp_path / "pkg" / "int8_auto.onnx").is_file()
+    assert run(calib="cloud_calib.npz", out="bad") == 2  # bad data: named on stderr
     assert "calibration data" in capsys.readouterr().err
-    rc = main(
-        [
-            "search",
-            str(MLP),
-            "--calib",
-            str(DATA / "edge_calib.npz"),
-            "--val",
-            str(DATA / "edge_val.npz"),
-            "--out",
-            str(tmp_path / "x.onnx"),
-            "--tolerance",
-            "0",
-            "--task",
-            "regression",
-            "--search-budget",
-            "2",
-        ]
-    )
+    rc = run("--tolerance", "0", "--task", "regression", "--search-budget", "2", out="x")
     assert rc == 1  # refused
     assert "refused" in capsys.readouterr().out
+
+
+def test_block_names() -> None:
+    from converters.autotune import block_of, blocks
+
+    assert block_of("/encoder/layer.0/attention/self/query/MatMul") == "/encoder/layer.0/attention"
+    assert block_of("/encoder/layer.11/output/dense/MatMul") == "/encoder/layer.11/output"
+    assert block_of("layer0.attn/QK") == "layer0.attn"
+    assert block_of("proj/MatMul") == "proj"
+    assert block_of("fc") == "fc"
+    ranked = ["layer1.ffn/fc2", "layer0.attn/q", "layer1.ffn/fc1", "layer0.attn/QK", "head"]
+    # least sensitive block first; the fragile node stays out of every block
+    assert blocks(ranked, {"layer0.attn/QK"}) == [
+        ["head"],
+        ["layer0.attn/q"],
+        ["layer1.ffn/fc2", "layer1.ffn/fc1"],
+    ]
+
+
+def test_greedy_block_revert_when_only_most_nodes_in_float_pass(tmp_path: Path) -> None:
+    """At tolerance 0 only the all-float exclusion passes: the search then re-quantizes one
+    whole block at a time (least sensitive first), never a known-fragile node."""
+    from converters.autotune import block_of
+
+    result = autotune(
+        ENCODER,
+        DATA / "edge_calib.npz",
+        DATA / "edge_val.npz",
+        tolerance=0.0,
+        task="regression",
+        int8="dynamic",
+        budget=40,
+        check=False,
+        work_dir=tmp_path,
+    )
+    assert result.sensitivity is not None
+    ranked = result.sensitivity.ranked_names()
+    exclusion = [t for t in result.trials if t.phase == "exclusion"]
+    smallest = min((t for t in exclusion if t.passed), key=lambda t: len(t.excluded))
+    assert len(smallest.excluded) > len(ranked) / 2  # most nodes in float: worth refining
+    reverts = [t for t in result.trials if t.phase == "revert"]
+    assert reverts, [(t.phase, len(t.excluded)) for t in result.trials]
+    (tmp_path / "frag").mkdir()
+    fragile = set(fragile_nodes(_preprocessed(ENCODER, tmp_path / "frag")))
+    tried = []
+    floats = set(smallest.excluded)  # the passing set, minus the reverts that kept passing
+    for t in reverts:
+        requantized = floats - set(t.excluded)
+        assert len({block_of(n) for n in requantized}) == 1, requantized  # one whole block
+        assert not requantized & fragile
+        assert set(t.excluded) == floats - requantized
+        tried.append(min(ranked.index(n) for n in requantized))
+        if t.passed:
+            floats -= requantized
+    assert tried == sorted(tried, reverse=True)  # least sensitive block first
+    assert fragile & set(smallest.excluded) <= floats  # fragile nodes never re-quantized

@@ -121,8 +121,11 @@ def test_int8_auto_on_the_cnn_reuses_the_static_calibration(
     found = report.searches["int8_auto"]
     assert found.passed
     assert found.families == ("static",)  # Conv-heavy: no dynamic ConvInteger
-    assert len(found.trials) == 1  # any setting passes 100 %: the default is kept
-    assert found.trials[0].label == "static minmax per-channel"
+    # any setting passes 100 %: the default is kept, and it is int8_static's, so the search
+    # does not run it again (issue 14: no trial --int8 static already ran)
+    assert found.trials == []
+    assert found.skipped == [("static minmax per-channel", "int8_static", True)]
+    assert found.reused == "int8_static"
     assert found.calibrations == 0  # the ranges of the int8_static job were reused
     assert Path(found.model).name == "digits_cloud.onnx"
     m = verify_package(tmp_path / "pkg", None, require_signature=False).manifest
@@ -309,7 +312,6 @@ def test_cli_int8_auto_writes_the_search_report_and_table(
 
 def test_convert_inspect_quant_end_to_end(samples_dir: Path) -> None:
     args = (
-        "convert",
         "inspect-quant",
         samples_dir / "models/digits_cloud.onnx",
         "--calib",
@@ -330,11 +332,13 @@ def test_convert_inspect_quant_end_to_end(samples_dir: Path) -> None:
     assert "Quantization sensitivity of digits_cloud.onnx" in r.stdout
     assert sum(f"│ {i} │" in r.stdout for i in (1, 2, 3)) == 2  # --limit rows
     r = _cli("convert", "inspect-quant", samples_dir / "models/digits_cloud.onnx")
+    assert r.returncode == 2  # the old spelling says where the command went
+    assert "'convert inspect-quant' is now 'edgecloud inspect-quant'" in r.stderr
+    r = _cli("inspect-quant", samples_dir / "models/digits_cloud.onnx")
     assert r.returncode == 2
-    assert "usage: edgecloud convert inspect-quant" in r.stderr
+    assert "usage: edgecloud inspect-quant" in r.stderr
     assert "--calib" in r.stderr
     r = _cli(
-        "convert",
         "inspect-quant",
         samples_dir / "nope.onnx",
         "--calib",

@@ -163,13 +163,6 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_run)
 
 
-def register_inspect_quant(sub: Any) -> None:
-    """``edgecloud convert inspect-quant``: ``main()`` routes it to this hidden command."""
-    from converters.autotune import register_inspect_quant as add
-
-    add(sub, name="convert-inspect-quant", prog="edgecloud convert inspect-quant")
-
-
 def _labels(text: str | None) -> tuple[str, ...] | None:
     if text is None:
         return None

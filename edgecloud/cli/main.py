@@ -35,6 +35,7 @@ EXIT_MISSING_DEP = 3
 #: adds its parser and sets ``func`` (``Callable[[argparse.Namespace], int]``) as a default.
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("edgecloud.cli.convert", "make validated FP16/INT8/TensorRT variants of a model"),
+    "inspect-quant": ("edgecloud.cli.inspect_quant", "rank a model's nodes by INT8 sensitivity"),
     "tune": ("edgecloud.cli.tune", "calibrate confidence and pick the threshold from a target"),
     "keys": ("edgecloud.cli.keys", "generate Ed25519 signing keys"),
     "package": ("edgecloud.cli.package", "verify or inspect a model package"),
@@ -43,12 +44,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fleet": ("edgecloud.cli.fleet", "manage a fleet: devices, deployments, jobs, policy"),
     "demo": ("edgecloud.cli.demo", "run the end-to-end hybrid inference demo"),
     "bench": ("edgecloud.cli.bench", "run the benchmarks"),
-}
-
-#: commands not listed in --help, reached by rewriting argv in ``main()``: ``convert``'s
-#: positional MODEL rules out nested subcommands, so ``convert inspect-quant`` is routed here.
-HIDDEN: dict[str, tuple[str, str]] = {
-    "convert-inspect-quant": ("edgecloud.cli.convert", "register_inspect_quant"),
 }
 
 
@@ -90,29 +85,19 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         except ImportError as exc:
             p = sub.add_parser(name, help=help_)
             p.set_defaults(func=_broken(name, exc))
-    if only in HIDDEN:
-        module, fn = HIDDEN[only]
-        try:
-            getattr(importlib.import_module(module), fn)(sub)
-        except ImportError as exc:
-            sub.add_parser(only).set_defaults(func=_broken(only.replace("-", " ", 1), exc))
     return parser
 
 
-def _route_hidden(args: list[str]) -> list[str]:
-    """``[-v] convert inspect-quant ...`` -> ``[-v] convert-inspect-quant ...``."""
-    pos = [i for i, a in enumerate(args) if not a.startswith("-")]
-    if len(pos) >= 2 and pos[1] == pos[0] + 1:
-        joined = f"{args[pos[0]]}-{args[pos[1]]}"
-        if joined in HIDDEN:
-            return [*args[: pos[0]], joined, *args[pos[1] + 1 :]]
-    return args
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args_list = _route_hidden(list(sys.argv[1:] if argv is None else argv))
-    first = next((a for a in args_list if not a.startswith("-")), None)
-    parser = build_parser(first if first in COMMANDS or first in HIDDEN else None)
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    words = [a for a in args_list if not a.startswith("-")]
+    first = words[0] if words else None
+    if words[:2] == ["convert", "inspect-quant"]:  # the command's old spelling
+        print(
+            "edgecloud: 'convert inspect-quant' is now 'edgecloud inspect-quant'", file=sys.stderr
+        )
+        return EXIT_USAGE
+    parser = build_parser(first if first in COMMANDS else None)
     args = parser.parse_args(args_list)
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2),
