@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from converters.calibrate import calibrate_variants
 from converters.data import ArrayCalibrationReader, Dataset, load_dataset
 from converters.model import ModelInfo, inspect_model, preprocess, slim_variant
 from converters.progress import NullReporter, Reporter
@@ -112,6 +113,8 @@ class ConvertOptions:
     search_report: Path | None = None
     search_on_failure: bool = True
     search_exhaustive: bool = False
+    #: fit a temperature on labelled validation data (converters/calibrate.py)
+    calibrate: bool = True
 
     def check(self) -> None:
         bad = [m for m in self.int8 if m not in ("static", "dynamic", "auto")]
@@ -778,6 +781,10 @@ def _run(
         _drop_if_no_gain(r)
 
     written = [(r, p) for r, p in built if r.written]
+    routing = calibrate_variants(  # converters/calibrate.py: temperature, offload per variant
+        written, val, eval_labels, score=score, confidence=confidence, enabled=opts.calibrate,
+        threads=opts.threads, reporter=rep, warnings=warnings,
+    )  # fmt: skip
     variable = any(r.metrics is not None and r.metrics.detection_f1 is not None for r, _ in built)
     files: dict[str, Path] = {}
     warmup: dict[str, Any] = {}
@@ -835,6 +842,7 @@ def _run(
         labels=labels,
         source_sha256=info.sha256,
         warmup=warmup,
+        routing=routing,
         metadata={
             "source_file": info.path.name,
             "source_opset": info.opset,
