@@ -14,7 +14,9 @@ confidence it can trust and a threshold that follows from what the operator aske
   accuracy (edge answer when confident, cloud answer otherwise).
 - **Targets**, each a function of the sweep:
 
-  * ``offload``: at most X of the requests offloaded (the largest threshold that meets it);
+  * ``offload``: about X of the requests offloaded (a smoothed quantile of the confidence,
+    computed on every tune row: it needs neither labels nor the cloud), at most X of the tune
+    rows;
   * ``accuracy``: within Y points of cloud-only accuracy with the least offload;
   * ``conformal``: split-conformal, marginal. With calibration and test rows exchangeable,
     ``P(edge answers and is wrong) <= alpha`` for a new request (equivalently: the prediction set
@@ -59,6 +61,7 @@ __all__ = [
     "conformal_threshold",
     "ece",
     "fit_temperature",
+    "hd_quantile",
     "histogram",
     "measure_scores",
     "nll",
@@ -246,23 +249,48 @@ def sweep(
     return Curve(ts, off.mean(axis=1), acc, float(e.mean()), float(k.mean()))
 
 
-def pick_offload(conf: np.ndarray, max_offload: float) -> float:
-    """A threshold offloading at most ``max_offload`` of these rows *and* of new ones on average.
+def hd_quantile(values: np.ndarray, q: float) -> float:
+    """Harrell-Davis estimate of the ``q``-quantile of ``values``.
 
-    With exchangeable rows a new request falls below the (k+1)-th smallest of n confidences with
-    probability (k+1)/(n+1), so k = floor(X (n+1)) - 1 keeps the expected offload <= X (the
-    plain empirical quantile overshoots by about (1-X)/(n+1)). The spread around X on a
-    held-out set is sampling noise of order sqrt(X(1-X)/n); docs/benchmarks.md measures it.
+    A weighted mean of *every* order statistic, weights from Beta((n+1)q, (n+1)(1-q)) over the
+    n cells of [0, 1] (integrated on a fine midpoint grid: numpy only). Where the confidence
+    has gaps between neighbouring rows, one order statistic jumps across them from sample to
+    sample; the weighted mean does not, so a threshold from it varies less between samples.
+    """
+    s = np.sort(np.asarray(values, dtype=np.float64))
+    n = len(s)
+    if n == 0:
+        raise ConfigError("a quantile needs at least one value")
+    if n == 1 or n > 200_000:  # one row; or so many that one order statistic is as good
+        return float(np.quantile(s, q))
+    a, b = q * (n + 1), (1.0 - q) * (n + 1)
+    k = max(4, math.ceil(4000 / n))  # sub-cells per order statistic
+    x = (np.arange(n * k) + 0.5) / (n * k)
+    lp = (a - 1.0) * np.log(x) + (b - 1.0) * np.log1p(-x)
+    w = np.exp(lp - lp.max()).reshape(n, k).sum(axis=1)
+    return float(w @ s / w.sum())
+
+
+def pick_offload(conf: np.ndarray, max_offload: float) -> float:
+    """A threshold offloading about ``max_offload`` of new rows, and at most that of these.
+
+    The threshold is the Harrell-Davis estimate of the ``max_offload``-quantile of ``conf``
+    (``hd_quantile``), so the expected offload on new rows is the target (not below it by
+    up to 1/(n+1), as the k-th order statistic with k = floor(X (n+1)) is), with less spread
+    from one sample of rows to the next. It is capped at the (floor(X n)+1)-th smallest
+    confidence, so on these rows at most X are offloaded. The remaining spread on a held-out
+    set is sampling noise of order sqrt(X(1-X)(1/n + 1/m)); docs/benchmarks.md measures it.
     """
     if not 0.0 <= max_offload <= 1.0:
         raise ConfigError(f"offload target must be a fraction in [0, 1], got {max_offload!r}")
     c = np.sort(np.asarray(conf, dtype=np.float64))
     if max_offload >= 1.0:
         return 1.0
-    k = math.floor(max_offload * (len(c) + 1) + 1e-9) - 1
-    if k < 0:
-        return 0.0  # nothing is offloaded
-    return float(c[k])  # rows strictly below c[k] number at most k
+    if max_offload * (len(c) + 1) < 1.0 - 1e-9:
+        return 0.0  # fewer than one row in expectation: nothing is offloaded
+    m = math.floor(max_offload * len(c) + 1e-9)
+    t = hd_quantile(c, max_offload)
+    return float(min(t, c[m])) if m < len(c) else t  # rows strictly below c[m] number <= m
 
 
 def pick_accuracy(

@@ -50,7 +50,9 @@ CloudPredictor = Callable[[Mapping[str, np.ndarray]], np.ndarray]
 class TargetResult:
     target: cal.Target
     threshold: float
-    offload: float  # on the threshold split
+    offload: (
+        float  # on the rows it was picked on (every row for offload=, else the threshold split)
+    )
     accuracy: float
 
 
@@ -139,10 +141,17 @@ def tune(
     cloud_ok = cp[b] == yb
     conf_raw = cal.measure_scores(p_raw, measure)
     conf_cal = cal.measure_scores(p_cal, measure)
+    # The offload target reads no label and no cloud answer: every row estimates its quantile
+    # (the fit rows too; a temperature fitted on NLL is not fitted to this quantile).
+    conf_every = cal.measure_scores(cal.softmax(x, t), measure)
     results = []
     for tg in targets:
-        th = cal.pick(tg, conf_cal, edge_ok, cloud_ok)
-        acc, off = cal.hybrid(conf_cal, th, edge_ok, cloud_ok)
+        if tg.kind == "offload":  # reported on the rows it was picked on: all of them
+            th = cal.pick_offload(conf_every, tg.value)
+            acc, off = cal.hybrid(conf_every, th, x.argmax(1) == y, cp == y)
+        else:
+            th = cal.pick(tg, conf_cal, edge_ok, cloud_ok)
+            acc, off = cal.hybrid(conf_cal, th, edge_ok, cloud_ok)
         results.append(TargetResult(tg, th, off, acc))
     chosen = results[use]
     return TuneResult(
