@@ -7,7 +7,10 @@ probabilities), ``convert`` calls ``calibrate_variants`` once every variant is b
    the FP32 variant (``edgecloud.calibration.fit_temperature``, NLL), the rest *evaluate* it, so
    the ECE after is not measured on the rows that fitted it. The temperature lands in the
    manifest's ``routing.temperature``: the field ``edgecloud tune`` writes and the runtime applies
-   to the score output when computing confidence (never to the outputs returned).
+   to the score output when computing confidence (never to the outputs returned). Per-class
+   vector scaling is fitted on the same rows and chosen (``routing.method = "vector"``,
+   ``routing.vector``) only when it beats the temperature on the evaluation rows in both ECE and
+   NLL; the runtime then reads the vector-scaled probability of the label the model returned.
 2. Every written ONNX variant is run on the evaluation rows and scored with *that* temperature
    (what a device running it would compute). At the FP32 variant's threshold (the manifest's
    ``metadata.confidence_threshold``, else the runtime default 0.9) FP32 keeps some answers with
@@ -156,21 +159,34 @@ def calibrate_variants(
     t0 = DEFAULT_THRESHOLD if threshold is None else float(threshold)
     p_raw = cal.softmax(base.logits[ev])
     p_cal = cal.softmax(base.logits[ev], temperature)
-    conf0 = p_cal.max(1)
     ok0 = base.correct[ev]
+    # per-class vector scaling, fitted on the same rows; kept only if it beats the scalar
+    # temperature on the evaluation rows in both ECE (of the returned label) and NLL
+    scale, bias = cal.fit_vector(base.logits[fit], y[fit])
+    p_vec = cal.vector_probs(base.logits[ev], scale, bias)
+    vec_ece = cal.ece_of(cal.vector_confidence(base.logits[ev], scale, bias), ok0)
+    vec_nll = float(-np.log(np.clip(p_vec[np.arange(len(ev)), y[ev]], 1e-300, 1.0)).mean())
+    t_ece, t_nll = cal.ece(p_cal, y[ev]), cal.nll(base.logits[ev], y[ev], temperature)
+    vector = vec_ece < t_ece and vec_nll < t_nll
+
+    def confidence_of(logits: np.ndarray) -> np.ndarray:
+        if vector:
+            return cal.vector_confidence(logits, scale, bias)
+        return np.asarray(cal.softmax(logits, temperature).max(1))
+
+    conf0 = confidence_of(base.logits[ev])
     kept0 = conf0 >= t0
     acc0 = float(ok0[kept0].mean()) if kept0.any() else 1.0
     off0 = float(1.0 - kept0.mean())
     variants: dict[str, dict[str, Any]] = {}
     for name, s in scored.items():
-        pv = cal.softmax(s.logits[ev], temperature)
-        conf = pv.max(1)
+        conf = confidence_of(s.logits[ev])
         ok = s.correct[ev]
         kept = conf >= t0
         need = offload_for_accuracy(conf, ok, acc0)
         row: dict[str, Any] = {
             "edge_accuracy": round(float(ok.mean()), 6),
-            "ece": round(cal.ece(pv, y[ev]), 6),
+            "ece": round(cal.ece_of(conf, ok), 6),
             "offload_at_threshold": round(float(1.0 - kept.mean()), 6),
             "kept_accuracy_at_threshold": round(float(ok[kept].mean()) if kept.any() else 1.0, 6),
             "offload_for_fp32_accuracy": round(need, 6),
@@ -188,20 +204,25 @@ def calibrate_variants(
                 f"the accuracy FP32's answers have at threshold {t0:g} ({acc0:.2%}), "
                 f"{row['extra_offload_points']:.1f} points more than FP32"
             )
-    return {
+    out: dict[str, Any] = {
         "temperature": round(temperature, 6),
+        "method": "vector" if vector else "temperature",
         "measure": "max_probability",
         "ece_before": round(cal.ece(p_raw, y[ev]), 6),
-        "ece_after": round(cal.ece(p_cal, y[ev]), 6),
+        "ece_after": round(vec_ece if vector else t_ece, 6),
         "rows": {"fit": len(fit), "threshold": len(ev)},
         "calibration": {
             "by": "edgecloud convert",
-            "method": "temperature",
+            "method": "vector" if vector else "temperature",
+            "candidates": {
+                "temperature": {"ece": round(t_ece, 6), "nll": round(t_nll, 6)},
+                "vector": {"ece": round(vec_ece, 6), "nll": round(vec_nll, 6)},
+            },
             "fit_rows": len(fit),
             "eval_rows": len(ev),
             "seed": seed,
             "nll_before": round(cal.nll(base.logits[ev], y[ev]), 6),
-            "nll_after": round(cal.nll(base.logits[ev], y[ev], temperature), 6),
+            "nll_after": round(vec_nll if vector else t_nll, 6),
             "threshold": t0,
             "fp32_kept_accuracy": round(acc0, 6),
             "fp32_offload": round(off0, 6),
@@ -209,6 +230,12 @@ def calibrate_variants(
             "variants": variants,
         },
     }
+    if vector:  # the runtime reads it for max-probability routing (edgecloud/calibration.py)
+        out["vector"] = {
+            "scale": [round(float(v), 6) for v in scale],
+            "bias": [round(float(v), 6) for v in bias],
+        }
+    return out
 
 
 def summary_lines(routing: dict[str, Any]) -> list[str]:
@@ -216,8 +243,9 @@ def summary_lines(routing: dict[str, Any]) -> list[str]:
     c = routing.get("calibration") if routing else None
     if not isinstance(c, dict) or c.get("by") != "edgecloud convert":
         return []
+    how = "" if routing.get("method") != "vector" else " and per-class vector scaling (chosen)"
     lines = [
-        f"calibration: temperature {routing['temperature']:.3f} fitted on {c['fit_rows']} "
+        f"calibration: temperature {routing['temperature']:.3f}{how} fitted on {c['fit_rows']} "
         f"validation rows; ECE {routing['ece_before']:.4f} -> {routing['ece_after']:.4f}, NLL "
         f"{c['nll_before']:.4f} -> {c['nll_after']:.4f} on {c['eval_rows']} others",
         f"at threshold {c['threshold']:g} FP32 offloads {c['fp32_offload']:.1%} and its own "

@@ -57,10 +57,13 @@ __all__ = [
     "Curve",
     "Target",
     "TemperedConfidence",
+    "VectorScaledConfidence",
     "apply_temperature",
     "conformal_threshold",
     "ece",
+    "ece_of",
     "fit_temperature",
+    "fit_vector",
     "hd_quantile",
     "histogram",
     "measure_scores",
@@ -74,6 +77,8 @@ __all__ = [
     "softmax",
     "sweep",
     "tempered",
+    "vector_confidence",
+    "vector_probs",
 ]
 
 #: Equal-width bins of the confidence histogram stored as the drift reference.
@@ -143,6 +148,64 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, *, tol: float = 1e-4
             d = a + g * (b - a)
             fd = f(d)
     return float(1.0 / ((a + b) / 2))
+
+
+def fit_vector(
+    logits: np.ndarray, labels: np.ndarray, *, steps: int = 600, lr: float = 0.05
+) -> tuple[np.ndarray, np.ndarray]:
+    """Vector scaling (Guo et al. 2017): per-class ``scale`` and ``bias``, ``softmax(x*w + b)``.
+
+    The NLL is convex in (w, b); full-batch Adam from the scalar fit (w = 1/T, b = 0) with a
+    small L2 pull towards it (a per-class parameter fitted on a few rows per class overfits).
+    Deterministic: no sampling. It can change the arg-max, so the runtime reads it only as the
+    probability of the label the model returned (``VectorScaledConfidence``).
+    """
+    x, y = _check(logits, labels)
+    n, k = x.shape
+    w0 = 1.0 / fit_temperature(x, y)
+    w, b = np.full(k, w0), np.zeros(k)
+    onehot = np.zeros((n, k))
+    onehot[np.arange(n), y] = 1.0
+    lam = 1e-2
+    mw, vw, mb, vb = (np.zeros(k) for _ in range(4))
+    for i in range(1, steps + 1):
+        p = softmax(x * w + b)
+        g = (p - onehot) / n
+        gw = (g * x).sum(axis=0) + lam * (w - w0)
+        gb = g.sum(axis=0) + lam * b
+        for m, v, grad, par in ((mw, vw, gw, w), (mb, vb, gb, b)):
+            m *= 0.9
+            m += 0.1 * grad
+            v *= 0.999
+            v += 0.001 * grad * grad
+            par -= lr * (m / (1 - 0.9**i)) / (np.sqrt(v / (1 - 0.999**i)) + 1e-8)
+    return w, b
+
+
+def vector_confidence(logits: np.ndarray, scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Per row: the vector-scaled probability of the model's own top label (not the new one)."""
+    x = np.asarray(logits, dtype=np.float64).reshape(len(logits), -1)
+    p = softmax(x * np.asarray(scale) + np.asarray(bias))
+    return np.asarray(p[np.arange(len(x)), x.argmax(axis=1)])
+
+
+def vector_probs(logits: np.ndarray, scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """``softmax(logits * scale + bias)``, row-wise."""
+    x = np.asarray(logits, dtype=np.float64).reshape(len(logits), -1)
+    return softmax(x * np.asarray(scale) + np.asarray(bias))
+
+
+def ece_of(conf: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """ECE from a confidence and a correctness per row (for a confidence that is not a max)."""
+    c = np.asarray(conf, dtype=np.float64)
+    ok = np.asarray(correct, dtype=np.float64)
+    idx = np.minimum((c * bins).astype(np.int64), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            total += m.mean() * abs(ok[m].mean() - c[m].mean())
+    return float(total)
 
 
 def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
@@ -485,9 +548,44 @@ def apply_temperature(
     return out
 
 
+def _vector_of(manifest: Manifest, r: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+    if r.get("method") != "vector":
+        return None
+    v = r.get("vector")
+    try:
+        scale = np.asarray(v["scale"], dtype=np.float64)  # type: ignore[index]
+        bias = np.asarray(v["bias"], dtype=np.float64)  # type: ignore[index]
+    except (TypeError, KeyError, ValueError):
+        raise PackageError(
+            f"manifest '{manifest.name}': routing.method is 'vector' but routing.vector is not "
+            "{'scale': [numbers], 'bias': [numbers]}"
+        ) from None
+    if scale.ndim != 1 or scale.shape != bias.shape or not np.isfinite([scale, bias]).all():
+        raise PackageError(
+            f"manifest '{manifest.name}': routing.vector scale and bias must be finite lists of "
+            f"one number per class, got {scale.shape} and {bias.shape}"
+        )
+    return scale, bias
+
+
 def tempered(policy: ConfidencePolicy, manifest: Manifest) -> ConfidencePolicy:
-    """``policy`` reading ``softmax(logits / T)`` when the manifest carries a temperature."""
-    t = float(routing_of(manifest).get("temperature", 1.0))
+    """``policy`` reading ``softmax(logits / T)`` when the manifest carries a temperature.
+
+    With ``routing.method = "vector"`` a max-probability policy reads the vector-scaled
+    probability of the returned label instead; other measures keep the scalar temperature."""
+    r = routing_of(manifest)
+    vec = _vector_of(manifest, r)
+    if (
+        vec is not None
+        and manifest.confidence != "none"
+        and type(policy).__name__ == ("MaxProbability")
+    ):
+        return VectorScaledConfidence(
+            policy.output or manifest.score_output,
+            *vec,
+            from_probabilities=manifest.confidence == "probabilities",
+        )
+    t = float(r.get("temperature", 1.0))
     if t == 1.0 or manifest.confidence == "none":
         return policy
     if manifest.confidence == "probabilities" and isinstance(policy, _ProbabilityPolicy):
@@ -532,3 +630,32 @@ class TemperedConfidence(ConfidencePolicy):
 
     def __repr__(self) -> str:
         return f"TemperedConfidence({self.inner!r}, T={self.temperature:.4g})"
+
+
+class VectorScaledConfidence(ConfidencePolicy):
+    """The vector-scaled probability of the label the model returned (its own arg-max).
+
+    Vector scaling may move the arg-max; the caller still gets the model's outputs, so the
+    confidence must describe *that* label, not the rescaled one."""
+
+    def __init__(
+        self, output: str, scale: np.ndarray, bias: np.ndarray, *, from_probabilities: bool = False
+    ) -> None:
+        self.output = output
+        self.scale = np.asarray(scale, dtype=np.float64)
+        self.bias = np.asarray(bias, dtype=np.float64)
+        self.from_probabilities = from_probabilities
+
+    def __call__(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        x = np.asarray(self._scores(outputs), dtype=np.float64)
+        if x.shape[1] != len(self.scale):
+            raise InputError(
+                f"confidence output '{self.output}' has {x.shape[1]} classes, the manifest's "
+                f"vector scaling {len(self.scale)}"
+            )
+        if self.from_probabilities:
+            x = np.log(np.clip(x, 1e-12, 1.0))
+        return vector_confidence(x, self.scale, self.bias)
+
+    def __repr__(self) -> str:
+        return f"VectorScaledConfidence({self.output!r}, classes={len(self.scale)})"

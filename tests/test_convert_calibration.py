@@ -73,23 +73,60 @@ def test_convert_fits_a_temperature_that_calibrates_unseen_rows(report: Conversi
     assert calibrated < raw, (raw, calibrated)
 
 
-def test_the_runtime_routes_on_the_converted_temperature(report: ConversionReport) -> None:
-    """HybridClient reads ``routing.temperature``: confidence is softmax(logits / T), while the
-    outputs returned stay the model's own."""
+def test_the_runtime_routes_on_the_converted_calibration(report: ConversionReport) -> None:
+    """HybridClient reads ``routing``: confidence is the calibrated probability of the label the
+    model returned (vector scaling when the manifest chose it, else softmax(logits / T)), while
+    the outputs returned stay the model's own."""
     pkg = Path(report.package or "")
     m = read_manifest(pkg)
-    t = m.routing["temperature"]
+    r = m.routing
+    c = r["calibration"]["candidates"]
+    vector = r["method"] == "vector"
+    # chosen only when it beats the scalar temperature on the evaluation rows in ECE and NLL
+    assert vector == (
+        c["vector"]["ece"] < c["temperature"]["ece"]
+        and c["vector"]["nll"] < c["temperature"]["nll"]
+    )
     policy = confidence_from_manifest(m)
-    assert isinstance(policy, cal.TemperedConfidence)
-    assert policy.temperature == t
+    if vector:
+        assert isinstance(policy, cal.VectorScaledConfidence)
+        scale, bias = np.array(r["vector"]["scale"]), np.array(r["vector"]["bias"])
+        assert len(scale) == len(bias) == 10
+
+        def expected(z: np.ndarray) -> float:
+            return float(cal.vector_confidence(z[None], scale, bias)[0])
+    else:
+        assert isinstance(policy, cal.TemperedConfidence)
+
+        def expected(z: np.ndarray) -> float:
+            return float(cal.softmax(z[None], r["temperature"]).max())
+
     x = np.load(S / "data/edge_val.npz")["input"][:8]
     with HybridClient(package=pkg, public_key=None, require_signature=False, mode="edge_only",
                       variant="fp32") as client:  # fmt: skip
         for row in x:
             res = client.infer({"input": row[None]})
-            logits = np.asarray(res.outputs["logits"], dtype=np.float64)
-            assert res.confidence == pytest.approx(float(cal.softmax(logits, t).max()), abs=1e-6)
-            assert res.confidence != pytest.approx(float(cal.softmax(logits).max()), abs=1e-4)
+            logits = np.asarray(res.outputs["logits"], dtype=np.float64).reshape(-1)
+            assert res.confidence == pytest.approx(expected(logits), abs=1e-6)
+            assert res.confidence != pytest.approx(float(cal.softmax(logits[None]).max()), abs=1e-4)
+
+
+def test_a_bad_vector_in_the_manifest_is_a_package_error(report: ConversionReport) -> None:
+    import dataclasses
+
+    from edgecloud.errors import PackageError
+
+    m = read_manifest(Path(report.package or ""))
+    bad = dataclasses.replace(
+        m, routing={**m.routing, "method": "vector", "vector": {"scale": [1]}}
+    )
+    with pytest.raises(PackageError, match=r"routing\.vector"):
+        confidence_from_manifest(bad)
+    bad = dataclasses.replace(
+        m, routing={**m.routing, "method": "vector", "vector": {"scale": [1, 2], "bias": [0]}}
+    )
+    with pytest.raises(PackageError, match="one number per class"):
+        confidence_from_manifest(bad)
 
 
 def test_every_variant_is_checked_for_the_offload_fp32_accuracy_needs(

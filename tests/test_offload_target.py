@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import pytest
-from scipy.stats import beta
+from scipy.stats import beta  # type: ignore[import-untyped]
 
 from edgecloud import calibration as cal
 from edgecloud.errors import ConfigError
