@@ -68,6 +68,7 @@ from edgecloud.routing.regions import (
     health_metrics,
 )
 from edgecloud.runtime.base import Backend, InputPolicy
+from edgecloud.transport.compact import check_setting, downcast_fp16, wants_fp16
 from edgecloud.transport.v2 import InferRequest
 
 __all__ = ["DEFAULT_THRESHOLD", "HybridClient", "HybridResult", "reshape_adapter"]
@@ -255,8 +256,11 @@ class HybridClient:
         cooldown: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         escalation: _esc.Escalation | Mapping[str, Any] | None = None,
+        upstream_fp16: bool | Sequence[str] = False,
     ) -> None:
         self._clock = clock
+        #: FP16 inputs upstream, to all regions or those named (edgecloud/transport/compact.py)
+        self._upstream_fp16 = check_setting(upstream_fp16)
         #: Background escalation, rate limit and audits (edgecloud/routing/escalation.py).
         self.escalation = (
             escalation
@@ -847,12 +851,13 @@ class HybridClient:
                 )
             adapter = region.cloud_inputs or client_adapter
             inputs = adapter(feed) if adapter is not None else feed
-            return InferRequest(
+            req = InferRequest(
                 model=model,
                 inputs=inputs,
                 version=region.version,
                 id=f"ec-{next(self._ids)}",
             )
+            return downcast_fp16(req) if wants_fp16(self._upstream_fp16, region.name) else req
 
         return make
 

@@ -58,6 +58,7 @@ from edgecloud.errors import (
     TransportTimeout,
 )
 from edgecloud.package import MANIFEST_FILE, ModelPackage, TensorSpec, verify_package
+from edgecloud.transport.compact import upcast_input
 from edgecloud.transport.v2 import DTYPE_TO_V2, InferRequest, InferResponse
 
 __all__ = [
@@ -350,6 +351,7 @@ class _ModelWorker:
         for name, spec in specs.items():
             arr = np.asarray(request.inputs[name])
             want = np.dtype(spec.dtype)
+            arr = upcast_input(request, arr, want, model=model)  # declared FP16 upstream only
             if arr.dtype != want:
                 raise DTypeError(
                     f"{model} input '{name}': expected datatype {_v2(spec.dtype)}, got "

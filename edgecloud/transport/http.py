@@ -61,6 +61,7 @@ from edgecloud.errors import (
     TransportTimeout,
 )
 from edgecloud.transport.base import Transport
+from edgecloud.transport.compact import UpstreamCounter
 from edgecloud.transport.v2 import (
     HEADER_LENGTH,
     InferRequest,
@@ -194,6 +195,7 @@ class _Common:
         self.region = region
         self.model_version = model_version
         self.binary_threshold = binary_threshold
+        self.upstream = UpstreamCounter()  # encoded request bodies (edgecloud/transport/compact.py)
         self.connect_timeout = connect_timeout
         headers = {"User-Agent": "edgecloud-http"}
         if token:
@@ -343,6 +345,7 @@ class _Common:
             body, hl = encode_request(
                 request, binary=self.binary_threshold if binary else False, binary_outputs=binary
             )
+        self.upstream.add(len(body))
         headers = {"Content-Type": "application/json"}
         if hl is not None:
             headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(hl)}
