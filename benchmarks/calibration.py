@@ -101,6 +101,18 @@ def report(task: dict[str, Any], targets: list[str], resplits: int, plot: Path |
         f"temperature {T:.3f}; held-out ECE {cal.ece(p_raw, ty):.4f} -> {cal.ece(p_cal, ty):.4f}, "
         f"NLL {cal.nll(te, ty):.4f} -> {cal.nll(te, ty, T):.4f}"
     )
+    rv = tune(le, cp, y, targets=tg, fit_fraction=FIT_FRACTION, seed=0, vector=True)
+    v = rv.candidates["vector"]
+    fit_rows = np.random.default_rng(0).permutation(len(y))[: res.n_fit]
+    scale, bias = cal.fit_vector(le[fit_rows], y[fit_rows])
+    pv = cal.vector_probs(te, scale, bias)
+    v_nll = float(-np.log(np.clip(pv[np.arange(len(ty)), ty], 1e-300, 1)).mean())
+    print(
+        f"vector scaling (tune --vector): threshold rows ECE {v['ece']:.4f} NLL {v['nll']:.4f} vs "
+        f"temperature {rv.candidates['temperature']['ece']:.4f} / "
+        f"{rv.candidates['temperature']['nll']:.4f} -> chosen: {rv.method}; held out ECE "
+        f"{cal.ece_of(cal.vector_confidence(te, scale, bias), edge_ok):.4f}, NLL {v_nll:.4f}"
+    )
     print("accuracy vs offload (held out), threshold picked for each offload level:")
     print("  offload   raw conf   calibrated")
     for x in (0.0, 0.05, 0.1, 0.2, 0.3, 0.5):
