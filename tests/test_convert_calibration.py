@@ -66,11 +66,14 @@ def test_convert_fits_a_temperature_that_calibrates_unseen_rows(report: Conversi
         logits = np.asarray(be.infer({"input": z["input"]})["logits"], dtype=np.float64)
     finally:
         be.close()
-    raw, calibrated = (
-        cal.ece(cal.softmax(logits), z["labels"]),
-        cal.ece(cal.softmax(logits, t), z["labels"]),
-    )
+    y = z["labels"]
+    raw, calibrated = cal.ece(cal.softmax(logits), y), cal.ece(cal.softmax(logits, t), y)
     assert calibrated < raw, (raw, calibrated)
+    # and the confidence the runtime will actually route on (vector scaling if chosen)
+    routed = confidence_from_manifest(pkg.manifest)
+    assert routed is not None
+    conf = routed({"logits": logits.astype(np.float32)})
+    assert cal.ece_of(conf, logits.argmax(1) == y) < raw
 
 
 def test_the_runtime_routes_on_the_converted_calibration(report: ConversionReport) -> None:
