@@ -259,7 +259,7 @@ def _send(t: Any, x: np.ndarray, y: np.ndarray, fp16: bool) -> tuple[float, floa
     return float(t.upstream.snapshot()["bytes_per_request"]), float(np.mean(np.array(pred) == y))
 
 
-def bandwidth(work: Path) -> None:
+def bandwidth_regions(work: Path) -> None:
     """Bytes upstream per offloaded request, FP32 vs FP16, read from the transports' own
     counters (``transport.upstream``) while every held-out row is sent, one request per row,
     to a real region: our server over HTTP on loopback and behind an MQTT worker on a real
@@ -319,6 +319,45 @@ def bandwidth(work: Path) -> None:
                 core.close()
 
 
+def bandwidth(work: Path) -> None:
+    """Bytes upstream per offloaded request (one row), and the accuracy cost of smaller tensors.
+
+    Measured on the encoded V2 request the transports send (edgecloud.transport.v2), for the
+    cloud model's own input layout; the accuracy is the cloud model's on the held-out rows with
+    the inputs rounded through each dtype (what a region that accepts them would see after
+    casting back). Sent for real (FP16, through regions): ``bandwidth_regions``.
+    """
+    from edgecloud.transport.v2 import InferRequest, encode_request
+
+    print("\n## bandwidth per offloaded request (1 row)")
+    cases = [
+        ("digits cloud CNN", SAMPLES / "models" / "digits_cloud.onnx",
+         np.load(SAMPLES / "data" / "cloud_val.npz")),
+        ("hard cloud MLP", work / "cloud.onnx", np.load(work / "test.npz")),
+    ]  # fmt: skip
+    for name, model, z in cases:
+        x, y = z["input"].astype(np.float32), z["labels"]
+        base = float((_run(model, x).argmax(1) == y).mean())
+        print(f"{name}: input {list(x.shape[1:])}, cloud accuracy fp32 {base:.4f}")
+        for dtype, conv in (
+            ("float32", lambda a: a),
+            ("float16", lambda a: a.astype(np.float16)),
+            ("uint8", lambda a: np.round(a * 255).astype(np.uint8)),
+        ):
+            row = conv(x[:1])
+            req = InferRequest(model="m", inputs={"input": row}, id="ec-1")
+            js = len(encode_request(req)[0])
+            bi = len(encode_request(req, binary=True)[0])
+            back = conv(x).astype(np.float32)
+            if dtype == "uint8":
+                back = back / 255.0
+            acc = float((_run(model, back.astype(np.float32)).argmax(1) == y).mean())
+            print(
+                f"  {dtype:8s} JSON {js:5d} B, binary {bi:5d} B; accuracy after the round trip "
+                f"{acc:.4f} ({(acc - base) * 100:+.2f} pt)"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.calibration", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer conformal re-splits")
@@ -334,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             args.plot,
         )
         bandwidth(Path(d))
+        bandwidth_regions(Path(d))
     print(f"\nall checks met: {ok}" + ("" if ok else f" (missed: {'; '.join(FAILED)})"))
     return 0 if ok else 1
 
