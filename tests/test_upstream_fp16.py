@@ -189,3 +189,15 @@ def test_a_stock_region_refuses_fp16_without_the_parameter(server: Any) -> None:
             InferRequest("digits_cloud", {"input": np.zeros((1, 1, 8, 8), np.float16)}),
             timeout=10,
         )
+
+
+def test_upcast_touches_only_fp16_for_an_fp32_input() -> None:
+    from edgecloud.transport.compact import upcast_input
+
+    req = InferRequest("m", {}, parameters={PARAMETER: True})
+    h = np.ones((1, 2), np.float16)
+    assert upcast_input(req, h, np.float32, model="m").dtype == np.float32
+    assert upcast_input(req, h, np.float16, model="m") is h  # an FP16 input stays FP16
+    d = np.ones((1, 2), np.float64)
+    assert upcast_input(req, d, np.float32, model="m") is d  # FP64 is judged as always
+    assert upcast_input(InferRequest("m", {}), h, np.float32, model="m") is h
