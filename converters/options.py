@@ -59,6 +59,8 @@ class ConvertOptions:
     search_report: Path | None = None
     search_on_failure: bool = True
     search_exhaustive: bool = False
+    #: fit a temperature on labelled validation data (converters/calibrate.py)
+    calibrate: bool = True
 
     def check(self) -> None:
         bad = [m for m in self.int8 if m not in ("static", "dynamic", "auto")]

@@ -24,6 +24,7 @@ from pathlib import Path
 from converters.builders import build_all
 from converters.context import ConversionContext
 from converters.data import load_dataset
+from converters.calibrate import calibrate_variants
 from converters.judge import judge_variants, quantized_fraction
 from converters.model import inspect_model
 from converters.options import ConvertOptions
@@ -223,7 +224,18 @@ def _run(ctx: ConversionContext) -> ConversionReport:
 
         built += build_tensorrt_variants(ctx, built)
     judge_variants(ctx, built)
-    # Every variant is built, validated and judged; the manifest is written next. A convert-time
-    # step that needs the final variants (and may add to the manifest through
-    # ``ctx.extra_metadata``) goes here.
-    return write_variants(ctx, built)
+    # Every variant is built, validated and judged; the manifest is written next. Convert-time
+    # steps that need the final variants go here: the temperature and each variant's offload
+    # (converters/calibrate.py), which may add a regression warning to a variant.
+    routing = calibrate_variants(
+        [(r, p) for r, p in built if r.written],
+        ctx.val,
+        ctx.eval_labels,
+        score=ctx.score,
+        confidence=ctx.confidence,
+        enabled=ctx.opts.calibrate,
+        threads=ctx.opts.threads,
+        reporter=ctx.reporter,
+        warnings=ctx.warnings,
+    )
+    return write_variants(ctx, built, routing=routing)

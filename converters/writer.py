@@ -31,7 +31,10 @@ def safe_name(text: str) -> str:
 
 
 def write_variants(
-    ctx: ConversionContext, built: list[tuple[VariantReport, Path]]
+    ctx: ConversionContext,
+    built: list[tuple[VariantReport, Path]],
+    *,
+    routing: dict[str, Any] | None = None,
 ) -> ConversionReport:
     """The package of every written variant of ``built``, and the conversion's report."""
     opts, info, roles, val, calib = ctx.opts, ctx.info, ctx.roles, ctx.val, ctx.calib
@@ -95,6 +98,7 @@ def write_variants(
         labels=labels,
         source_sha256=info.sha256,
         warmup=warmup,
+        routing=routing or {},
         metadata={
             "source_file": info.path.name,
             "source_opset": info.opset,

@@ -14,7 +14,9 @@ confidence it can trust and a threshold that follows from what the operator aske
   accuracy (edge answer when confident, cloud answer otherwise).
 - **Targets**, each a function of the sweep:
 
-  * ``offload``: at most X of the requests offloaded (the largest threshold that meets it);
+  * ``offload``: about X of the requests offloaded (a smoothed quantile of the confidence,
+    computed on every tune row: it needs neither labels nor the cloud), at most X of the tune
+    rows;
   * ``accuracy``: within Y points of cloud-only accuracy with the least offload;
   * ``conformal``: split-conformal, marginal. With calibration and test rows exchangeable,
     ``P(edge answers and is wrong) <= alpha`` for a new request (equivalently: the prediction set
@@ -55,10 +57,14 @@ __all__ = [
     "Curve",
     "Target",
     "TemperedConfidence",
+    "VectorScaledConfidence",
     "apply_temperature",
     "conformal_threshold",
     "ece",
+    "ece_of",
     "fit_temperature",
+    "fit_vector",
+    "hd_quantile",
     "histogram",
     "measure_scores",
     "nll",
@@ -71,6 +77,8 @@ __all__ = [
     "softmax",
     "sweep",
     "tempered",
+    "vector_confidence",
+    "vector_probs",
 ]
 
 #: Equal-width bins of the confidence histogram stored as the drift reference.
@@ -140,6 +148,64 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, *, tol: float = 1e-4
             d = a + g * (b - a)
             fd = f(d)
     return float(1.0 / ((a + b) / 2))
+
+
+def fit_vector(
+    logits: np.ndarray, labels: np.ndarray, *, steps: int = 600, lr: float = 0.05
+) -> tuple[np.ndarray, np.ndarray]:
+    """Vector scaling (Guo et al. 2017): per-class ``scale`` and ``bias``, ``softmax(x*w + b)``.
+
+    The NLL is convex in (w, b); full-batch Adam from the scalar fit (w = 1/T, b = 0) with a
+    small L2 pull towards it (a per-class parameter fitted on a few rows per class overfits).
+    Deterministic: no sampling. It can change the arg-max, so the runtime reads it only as the
+    probability of the label the model returned (``VectorScaledConfidence``).
+    """
+    x, y = _check(logits, labels)
+    n, k = x.shape
+    w0 = 1.0 / fit_temperature(x, y)
+    w, b = np.full(k, w0), np.zeros(k)
+    onehot = np.zeros((n, k))
+    onehot[np.arange(n), y] = 1.0
+    lam = 1e-2
+    mw, vw, mb, vb = (np.zeros(k) for _ in range(4))
+    for i in range(1, steps + 1):
+        p = softmax(x * w + b)
+        g = (p - onehot) / n
+        gw = (g * x).sum(axis=0) + lam * (w - w0)
+        gb = g.sum(axis=0) + lam * b
+        for m, v, grad, par in ((mw, vw, gw, w), (mb, vb, gb, b)):
+            m *= 0.9
+            m += 0.1 * grad
+            v *= 0.999
+            v += 0.001 * grad * grad
+            par -= lr * (m / (1 - 0.9**i)) / (np.sqrt(v / (1 - 0.999**i)) + 1e-8)
+    return w, b
+
+
+def vector_confidence(logits: np.ndarray, scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Per row: the vector-scaled probability of the model's own top label (not the new one)."""
+    x = np.asarray(logits, dtype=np.float64).reshape(len(logits), -1)
+    p = softmax(x * np.asarray(scale) + np.asarray(bias))
+    return np.asarray(p[np.arange(len(x)), x.argmax(axis=1)])
+
+
+def vector_probs(logits: np.ndarray, scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """``softmax(logits * scale + bias)``, row-wise."""
+    x = np.asarray(logits, dtype=np.float64).reshape(len(logits), -1)
+    return softmax(x * np.asarray(scale) + np.asarray(bias))
+
+
+def ece_of(conf: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
+    """ECE from a confidence and a correctness per row (for a confidence that is not a max)."""
+    c = np.asarray(conf, dtype=np.float64)
+    ok = np.asarray(correct, dtype=np.float64)
+    idx = np.minimum((c * bins).astype(np.int64), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            total += m.mean() * abs(ok[m].mean() - c[m].mean())
+    return float(total)
 
 
 def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
@@ -246,23 +312,48 @@ def sweep(
     return Curve(ts, off.mean(axis=1), acc, float(e.mean()), float(k.mean()))
 
 
-def pick_offload(conf: np.ndarray, max_offload: float) -> float:
-    """A threshold offloading at most ``max_offload`` of these rows *and* of new ones on average.
+def hd_quantile(values: np.ndarray, q: float) -> float:
+    """Harrell-Davis estimate of the ``q``-quantile of ``values``.
 
-    With exchangeable rows a new request falls below the (k+1)-th smallest of n confidences with
-    probability (k+1)/(n+1), so k = floor(X (n+1)) - 1 keeps the expected offload <= X (the
-    plain empirical quantile overshoots by about (1-X)/(n+1)). The spread around X on a
-    held-out set is sampling noise of order sqrt(X(1-X)/n); docs/benchmarks.md measures it.
+    A weighted mean of *every* order statistic, weights from Beta((n+1)q, (n+1)(1-q)) over the
+    n cells of [0, 1] (integrated on a fine midpoint grid: numpy only). Where the confidence
+    has gaps between neighbouring rows, one order statistic jumps across them from sample to
+    sample; the weighted mean does not, so a threshold from it varies less between samples.
+    """
+    s = np.sort(np.asarray(values, dtype=np.float64))
+    n = len(s)
+    if n == 0:
+        raise ConfigError("a quantile needs at least one value")
+    if n == 1 or n > 200_000:  # one row; or so many that one order statistic is as good
+        return float(np.quantile(s, q))
+    a, b = q * (n + 1), (1.0 - q) * (n + 1)
+    k = max(4, math.ceil(4000 / n))  # sub-cells per order statistic
+    x = (np.arange(n * k) + 0.5) / (n * k)
+    lp = (a - 1.0) * np.log(x) + (b - 1.0) * np.log1p(-x)
+    w = np.exp(lp - lp.max()).reshape(n, k).sum(axis=1)
+    return float(w @ s / w.sum())
+
+
+def pick_offload(conf: np.ndarray, max_offload: float) -> float:
+    """A threshold offloading about ``max_offload`` of new rows, and at most that of these.
+
+    The threshold is the Harrell-Davis estimate of the ``max_offload``-quantile of ``conf``
+    (``hd_quantile``), so the expected offload on new rows is the target (not below it by
+    up to 1/(n+1), as the k-th order statistic with k = floor(X (n+1)) is), with less spread
+    from one sample of rows to the next. It is capped at the (floor(X n)+1)-th smallest
+    confidence, so on these rows at most X are offloaded. The remaining spread on a held-out
+    set is sampling noise of order sqrt(X(1-X)(1/n + 1/m)); docs/benchmarks.md measures it.
     """
     if not 0.0 <= max_offload <= 1.0:
         raise ConfigError(f"offload target must be a fraction in [0, 1], got {max_offload!r}")
     c = np.sort(np.asarray(conf, dtype=np.float64))
     if max_offload >= 1.0:
         return 1.0
-    k = math.floor(max_offload * (len(c) + 1) + 1e-9) - 1
-    if k < 0:
-        return 0.0  # nothing is offloaded
-    return float(c[k])  # rows strictly below c[k] number at most k
+    if max_offload * (len(c) + 1) < 1.0 - 1e-9:
+        return 0.0  # fewer than one row in expectation: nothing is offloaded
+    m = math.floor(max_offload * len(c) + 1e-9)
+    t = hd_quantile(c, max_offload)
+    return float(min(t, c[m])) if m < len(c) else t  # rows strictly below c[m] number <= m
 
 
 def pick_accuracy(
@@ -457,9 +548,44 @@ def apply_temperature(
     return out
 
 
+def _vector_of(manifest: Manifest, r: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+    if r.get("method") != "vector":
+        return None
+    v = r.get("vector")
+    try:
+        scale = np.asarray(v["scale"], dtype=np.float64)  # type: ignore[index]
+        bias = np.asarray(v["bias"], dtype=np.float64)  # type: ignore[index]
+    except (TypeError, KeyError, ValueError):
+        raise PackageError(
+            f"manifest '{manifest.name}': routing.method is 'vector' but routing.vector is not "
+            "{'scale': [numbers], 'bias': [numbers]}"
+        ) from None
+    if scale.ndim != 1 or scale.shape != bias.shape or not np.isfinite([scale, bias]).all():
+        raise PackageError(
+            f"manifest '{manifest.name}': routing.vector scale and bias must be finite lists of "
+            f"one number per class, got {scale.shape} and {bias.shape}"
+        )
+    return scale, bias
+
+
 def tempered(policy: ConfidencePolicy, manifest: Manifest) -> ConfidencePolicy:
-    """``policy`` reading ``softmax(logits / T)`` when the manifest carries a temperature."""
-    t = float(routing_of(manifest).get("temperature", 1.0))
+    """``policy`` reading ``softmax(logits / T)`` when the manifest carries a temperature.
+
+    With ``routing.method = "vector"`` a max-probability policy reads the vector-scaled
+    probability of the returned label instead; other measures keep the scalar temperature."""
+    r = routing_of(manifest)
+    vec = _vector_of(manifest, r)
+    if (
+        vec is not None
+        and manifest.confidence != "none"
+        and type(policy).__name__ == ("MaxProbability")
+    ):
+        return VectorScaledConfidence(
+            policy.output or manifest.score_output,
+            *vec,
+            from_probabilities=manifest.confidence == "probabilities",
+        )
+    t = float(r.get("temperature", 1.0))
     if t == 1.0 or manifest.confidence == "none":
         return policy
     if manifest.confidence == "probabilities" and isinstance(policy, _ProbabilityPolicy):
@@ -504,3 +630,32 @@ class TemperedConfidence(ConfidencePolicy):
 
     def __repr__(self) -> str:
         return f"TemperedConfidence({self.inner!r}, T={self.temperature:.4g})"
+
+
+class VectorScaledConfidence(ConfidencePolicy):
+    """The vector-scaled probability of the label the model returned (its own arg-max).
+
+    Vector scaling may move the arg-max; the caller still gets the model's outputs, so the
+    confidence must describe *that* label, not the rescaled one."""
+
+    def __init__(
+        self, output: str, scale: np.ndarray, bias: np.ndarray, *, from_probabilities: bool = False
+    ) -> None:
+        self.output = output
+        self.scale = np.asarray(scale, dtype=np.float64)
+        self.bias = np.asarray(bias, dtype=np.float64)
+        self.from_probabilities = from_probabilities
+
+    def __call__(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        x = np.asarray(self._scores(outputs), dtype=np.float64)
+        if x.shape[1] != len(self.scale):
+            raise InputError(
+                f"confidence output '{self.output}' has {x.shape[1]} classes, the manifest's "
+                f"vector scaling {len(self.scale)}"
+            )
+        if self.from_probabilities:
+            x = np.log(np.clip(x, 1e-12, 1.0))
+        return vector_confidence(x, self.scale, self.bias)
+
+    def __repr__(self) -> str:
+        return f"VectorScaledConfidence({self.output!r}, classes={len(self.scale)})"

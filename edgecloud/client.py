@@ -167,7 +167,12 @@ class HybridClient:
             else rs.cloud_inputs
         )
         self._router = Router(
-            self.capacity, self.selector, self.escalation, cloud_inputs=cloud_inputs, clock=clock
+            self.capacity,
+            self.selector,
+            self.escalation,
+            cloud_inputs=cloud_inputs,
+            upstream_fp16=rs.upstream_fp16,
+            clock=clock,
         )
         #: One policy object per mode (``routing.policies``); ``_policy`` is the client's mode.
         self._policies = make_policies(self._router)

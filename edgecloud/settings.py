@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -34,6 +34,7 @@ from edgecloud.routing.modes import Mode, parse_mode
 from edgecloud.routing.regions import CloudInputs
 from edgecloud.routing.result import DEFAULT_THRESHOLD
 from edgecloud.runtime.base import InputPolicy
+from edgecloud.transport.compact import check_setting as check_fp16_setting
 
 if TYPE_CHECKING:
     from edgecloud.routing.confidence import ConfidencePolicy
@@ -143,9 +144,13 @@ class RoutingSettings:
     #: Adapts the local inputs to the cloud model's (or ``cloud_input_shape`` reshapes them).
     cloud_inputs: CloudInputs | None = None
     cloud_input_shape: Shape | dict[str, Shape] | None = None
+    #: FP32 inputs sent as FP16 to every region (True) or to those named
+    #: (edgecloud/transport/compact.py; only regions that honour ``upcast_fp16``).
+    upstream_fp16: bool | frozenset[str] = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", parse_mode(self.mode))
+        object.__setattr__(self, "upstream_fp16", check_fp16_setting(self.upstream_fp16))
         if self.threshold is not None:
             object.__setattr__(self, "threshold", check_threshold(self.threshold, above_one=True))
         if self.deadline is not None and not (
@@ -210,6 +215,7 @@ class ClientOptions(TypedDict, total=False):
     deadline: float | None
     cloud_inputs: CloudInputs | None
     cloud_input_shape: Shape | Mapping[str, Shape] | list[int] | None
+    upstream_fp16: bool | Sequence[str]
     probe_interval: float | None
     probe_timeout: float
     failure_threshold: int

@@ -50,7 +50,9 @@ CloudPredictor = Callable[[Mapping[str, np.ndarray]], np.ndarray]
 class TargetResult:
     target: cal.Target
     threshold: float
-    offload: float  # on the threshold split
+    offload: (
+        float  # on the rows it was picked on (every row for offload=, else the threshold split)
+    )
     accuracy: float
 
 
@@ -71,12 +73,23 @@ class TuneResult:
     curve_raw: cal.Curve
     curve_calibrated: cal.Curve
     reference: dict[str, Any]
+    #: "temperature" or "vector" (per-class scaling won on the threshold rows, ``vector=True``)
+    method: str = "temperature"
+    vector: dict[str, list[float]] | None = None
+    #: held-out (threshold rows) ECE/NLL of each candidate tried
+    candidates: dict[str, dict[str, float]] = field(default_factory=dict)
     #: Per-variant comparison when several variants were evaluated (see ``variant_report``).
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def routing(self) -> dict[str, Any]:
         """The manifest's ``routing`` object."""
+        extra: dict[str, Any] = {}
+        if self.method == "vector" and self.vector is not None:
+            extra = {"method": "vector", "vector": self.vector}
+        if self.candidates:
+            extra["candidates"] = self.candidates
         return {
+            **extra,
             "temperature": round(self.temperature, 6),
             "measure": self.measure,
             "threshold": round(self.chosen.threshold, 6),
@@ -109,6 +122,7 @@ def tune(
     fit_fraction: float = 0.5,
     seed: int = 0,
     calibrate: bool = True,
+    vector: bool = False,
 ) -> TuneResult:
     """Fit, sweep and pick (see the module docstring); pure numpy, no files."""
     x = np.asarray(edge_logits, dtype=np.float64)
@@ -139,19 +153,46 @@ def tune(
     cloud_ok = cp[b] == yb
     conf_raw = cal.measure_scores(p_raw, measure)
     conf_cal = cal.measure_scores(p_cal, measure)
+    # the offload target reads no label and no cloud answer: every row estimates its quantile
+    # (the fit rows too; a temperature fitted on NLL is not fitted to this quantile)
+    conf_every = cal.measure_scores(cal.softmax(x, t), measure)
+    ece_after, nll_after = cal.ece(p_cal, yb), cal.nll(x[b], yb, t)
+    method, vec, candidates = "temperature", None, {}
+    if vector and calibrate:
+        if measure != "max_probability":
+            raise ConfigError("vector scaling routes on max_probability only")
+        scale, bias = cal.fit_vector(x[a], y[a])
+        v_conf = cal.vector_confidence(x[b], scale, bias)
+        pv = cal.vector_probs(x[b], scale, bias)
+        v_ece = cal.ece_of(v_conf, edge_ok)
+        v_nll = float(-np.log(np.clip(pv[np.arange(len(b)), yb], 1e-300, 1.0)).mean())
+        candidates = {
+            "temperature": {"ece": round(ece_after, 6), "nll": round(nll_after, 6)},
+            "vector": {"ece": round(v_ece, 6), "nll": round(v_nll, 6)},
+        }
+        if v_ece < ece_after and v_nll < nll_after:  # chosen only when it beats T on both
+            method = "vector"
+            vec = {"scale": [round(float(v), 6) for v in scale],
+                   "bias": [round(float(v), 6) for v in bias]}  # fmt: skip
+            conf_cal, ece_after, nll_after = v_conf, v_ece, v_nll
+            conf_every = cal.vector_confidence(x, scale, bias)
     results = []
     for tg in targets:
-        th = cal.pick(tg, conf_cal, edge_ok, cloud_ok)
-        acc, off = cal.hybrid(conf_cal, th, edge_ok, cloud_ok)
+        if tg.kind == "offload":  # reported on the rows it was picked on: all of them
+            th = cal.pick_offload(conf_every, tg.value)
+            acc, off = cal.hybrid(conf_every, th, x.argmax(1) == y, cp == y)
+        else:
+            th = cal.pick(tg, conf_cal, edge_ok, cloud_ok)
+            acc, off = cal.hybrid(conf_cal, th, edge_ok, cloud_ok)
         results.append(TargetResult(tg, th, off, acc))
     chosen = results[use]
     return TuneResult(
         temperature=t,
         measure=measure,
         ece_before=cal.ece(p_raw, yb),
-        ece_after=cal.ece(p_cal, yb),
+        ece_after=ece_after,
         nll_before=cal.nll(x[b], yb),
-        nll_after=cal.nll(x[b], yb, t),
+        nll_after=nll_after,
         edge_accuracy=float(edge_ok.mean()),
         cloud_accuracy=float(cloud_ok.mean()),
         n_fit=len(a),
@@ -166,6 +207,9 @@ def tune(
             "offload": round(chosen.offload, 6),
             "rows": len(b),
         },
+        method=method,
+        vector=vec,
+        candidates=candidates,
     )
 
 
@@ -271,6 +315,7 @@ def tune_package(
     seed: int = 0,
     batch: int = 256,
     force: bool = False,
+    vector: bool = False,
 ) -> tuple[TuneResult, Any]:
     """Tune ``package`` and write the result as a new signed package at ``out``."""
     from edgecloud.package import write_package
@@ -305,6 +350,7 @@ def tune_package(
         measure=measure,
         fit_fraction=fit_fraction,
         seed=seed,
+        vector=vector,
     )
     routing = res.routing()
     routing["variant"] = chosen_variant

@@ -159,6 +159,11 @@ def register(sub: Any) -> None:
     )
     v.add_argument("--latency-runs", type=int, default=20)
     v.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    v.add_argument(
+        "--no-calibrate",
+        action="store_true",
+        help="no temperature from labelled --val data (default: calibrate when labels exist)",
+    )
     v.add_argument("--json", action="store_true", help="machine-readable report on stdout")
     p.set_defaults(func=_run)
 
@@ -256,6 +261,7 @@ def _convert(args: argparse.Namespace) -> int:
         search_report=args.search_report,
         search_on_failure=not args.no_search,
         search_exhaustive=args.search_exhaustive,
+        calibrate=not args.no_calibrate,
     )
     err = Console(stderr=True)
     reporter = NullReporter() if args.json else RichReporter(err)
@@ -292,6 +298,10 @@ def _convert(args: argparse.Namespace) -> int:
                 out.print(f"[red]failed[/red] {r.name} (not written, the others were): {r.error}")
             elif r.verdict == "dropped":
                 out.print(f"[yellow]dropped[/yellow] {r.name} (not written): {r.error}")
+        from converters.calibrate import summary_lines
+
+        for line in summary_lines(report.manifest.routing if report.manifest else {}):
+            out.print(line)
         roles = report.roles
         out.print(
             f"task: {report.task} ({roles.get('task_reason', '')}); score output "

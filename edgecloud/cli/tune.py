@@ -51,6 +51,11 @@ def register(sub: Any) -> None:
     p.add_argument("--variant", default="auto", help="variant to tune (default: what loads here)")
     p.add_argument("--fit-fraction", type=float, default=0.5, help="rows for the temperature fit")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--vector",
+        action="store_true",
+        help="also try per-class vector scaling; kept only if it beats the temperature",
+    )
     p.add_argument("--plot", type=Path, help="write accuracy vs offload here (PNG, matplotlib)")
     p.add_argument("--fail-on-regression", action="store_true")
     p.add_argument("--force", action="store_true", help="overwrite --out")
@@ -108,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
             fit_fraction=args.fit_fraction,
             seed=args.seed,
             force=args.force,
+            vector=args.vector,
         )
     finally:
         if close is not None:

@@ -44,6 +44,8 @@ from edgecloud.errors import (
 from edgecloud.package import TensorSpec
 from edgecloud.runtime.base import InputMessages, InputPolicy
 from edgecloud.runtime.ort import OnnxRuntimeBackend
+from edgecloud.transport.compact import PARAMETER as UPCAST_PARAMETER
+from edgecloud.transport.compact import upcast_input
 from edgecloud.transport.v2 import DTYPE_TO_V2, InferRequest, InferResponse
 
 if TYPE_CHECKING:
@@ -174,7 +176,16 @@ class ModelWorker:
     def validate(self, request: InferRequest) -> tuple[dict[str, np.ndarray], int, tuple[Any, ...]]:
         """The runtime's one validator (names, datatypes, shapes), then the batching rules."""
         model = f"model '{self.entry.name}'"
-        checked = self.backend.validate(request.inputs)
+        inputs = request.inputs
+        if request.parameters and UPCAST_PARAMETER in request.parameters:  # declared FP16 upstream
+            want = {spec.name: spec.dtype for spec in self.entry.inputs}
+            inputs = {
+                n: upcast_input(request, np.asarray(a), want[n], model=self.entry.name)
+                if n in want
+                else a
+                for n, a in inputs.items()
+            }
+        checked = self.backend.validate(inputs)
         bad_out = [o for o in request.outputs if o not in self.output_names]
         if bad_out:
             raise InputError(

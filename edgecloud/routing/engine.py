@@ -22,6 +22,7 @@ from edgecloud.routing.escalation import Escalation
 from edgecloud.routing.modes import Reason
 from edgecloud.routing.regions import CloudInputs, CloudOutcome, Region, RegionSelector
 from edgecloud.routing.result import HybridResult, ModelSlot
+from edgecloud.transport.compact import downcast_fp16, wants_fp16
 from edgecloud.transport.v2 import InferRequest
 
 __all__ = ["Router"]
@@ -30,7 +31,15 @@ __all__ = ["Router"]
 class Router:
     """The machinery the policies share; see the module docstring."""
 
-    __slots__ = ("_ids", "capacity", "clock", "cloud_inputs", "escalation", "selector")
+    __slots__ = (
+        "_ids",
+        "capacity",
+        "clock",
+        "cloud_inputs",
+        "escalation",
+        "selector",
+        "upstream_fp16",
+    )
 
     def __init__(
         self,
@@ -39,12 +48,15 @@ class Router:
         escalation: Escalation,
         *,
         cloud_inputs: CloudInputs | None = None,
+        upstream_fp16: bool | frozenset[str] = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.capacity = capacity
         self.selector = selector
         self.escalation = escalation
         self.cloud_inputs = cloud_inputs
+        #: FP16 inputs upstream, to all regions or those named (edgecloud/transport/compact.py)
+        self.upstream_fp16 = upstream_fp16
         self.clock = clock
         self._ids = itertools.count()
 
@@ -84,6 +96,7 @@ class Router:
         default_model = slot.model if slot is not None else None
         client_adapter = self.cloud_inputs
         ids = self._ids
+        fp16 = self.upstream_fp16
 
         def make(region: Region) -> InferRequest:
             model = region.model or default_model
@@ -94,9 +107,10 @@ class Router:
                 )
             adapter = region.cloud_inputs or client_adapter
             inputs = adapter(feed) if adapter is not None else feed
-            return InferRequest(
+            req = InferRequest(
                 model=model, inputs=inputs, version=region.version, id=f"ec-{next(ids)}"
             )
+            return downcast_fp16(req) if fp16 and wants_fp16(fp16, region.name) else req
 
         return make
 

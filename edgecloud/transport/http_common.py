@@ -161,6 +161,7 @@ class HttpTransportBase:
         self.region = region
         self.model_version = model_version
         self.binary_threshold = binary_threshold
+        self.upstream = UpstreamCounter()  # encoded request bodies (edgecloud/transport/compact.py)
         self.connect_timeout = connect_timeout
         headers = {"User-Agent": "edgecloud-http"}
         if token:
@@ -310,6 +311,7 @@ class HttpTransportBase:
             body, hl = encode_request(
                 request, binary=self.binary_threshold if binary else False, binary_outputs=binary
             )
+        self.upstream.add(len(body))
         headers = {"Content-Type": "application/json"}
         if hl is not None:
             headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(hl)}

@@ -49,6 +49,7 @@ from edgecloud.transport._mqtt_common import (
     user_properties,
 )
 from edgecloud.transport.base import Transport
+from edgecloud.transport.compact import UpstreamCounter
 from edgecloud.transport.v2 import (
     HEADER_LENGTH,
     InferRequest,
@@ -247,6 +248,7 @@ class MqttTransport(Transport):
         self.request_topic = self.topics.infer_request(device_id, region)
         self.qos = qos
         self.binary_threshold = binary_threshold
+        self.upstream = UpstreamCounter()  # encoded payloads (edgecloud/transport/compact.py)
         self.connect_timeout = connect_timeout
         self.settings = parse_broker_url(
             endpoint,
@@ -291,6 +293,7 @@ class MqttTransport(Transport):
         except ConfigError as exc:
             raise ProtocolError(str(exc), region=self.region) from exc
         body, header_len = encode_request(request, binary=self.binary_threshold)
+        self.upstream.add(len(body))
         remaining = timeout - (time.monotonic() - start)
         corr = os.urandom(16)
         user = [
