@@ -22,9 +22,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from converters.builders import build_all
+from converters.calibrate import calibrate_variants
 from converters.context import ConversionContext
 from converters.data import load_dataset
-from converters.calibrate import calibrate_variants
 from converters.judge import judge_variants, quantized_fraction
 from converters.model import inspect_model
 from converters.options import ConvertOptions

@@ -28,6 +28,7 @@ from edgecloud.errors import (
     TransportError,
     TransportTimeout,
 )
+from edgecloud.transport.compact import UpstreamCounter
 from edgecloud.transport.v2 import (
     HEADER_LENGTH,
     InferRequest,
