@@ -37,7 +37,8 @@ from edgecloud.runtime import load_backend
 from edgecloud.runtime.base import Backend
 from edgecloud.transport.base import Transport
 from edgecloud.transport.v2 import InferRequest, InferResponse
-from tests.test_runtime import CLOUD_ONNX, SAMPLES, make_package
+from tests.fixtures.packages import CLOUD_ONNX, SAMPLES
+from tests.fixtures.packages import signed_sample_package as make_package
 
 
 class CnnRegion(Transport):

@@ -22,8 +22,9 @@ from edgecloud.transport.compact import PARAMETER, check_setting, downcast_fp16,
 from edgecloud.transport.http import HttpTransport
 from edgecloud.transport.v2 import InferRequest, encode_request
 from tests.fixtures.broker import MosquittoBroker
+from tests.fixtures.packages import CLOUD_ONNX, SAMPLES
+from tests.fixtures.packages import signed_sample_package as make_package
 from tests.fixtures.servers import make_repository, running_cloud_server
-from tests.test_runtime import CLOUD_ONNX, SAMPLES, make_package
 
 
 @pytest.fixture(scope="module")
