@@ -377,7 +377,7 @@ class Agent:
 
     # -- MQTT --------------------------------------------------------------------------------
     def _make_mqtt(self) -> Any:
-        from edgecloud.transport._mqtt_common import make_client, parse_broker_url
+        from edgecloud.mqtt import make_client, parse_broker_url
 
         b = self.config.broker
         settings = parse_broker_url(
@@ -451,7 +451,7 @@ class Agent:
 
     def _on_connect(self, client: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
-            from edgecloud.transport._mqtt_common import reason_code_error
+            from edgecloud.mqtt import reason_code_error
 
             self._refused = True
             self._note_error(str(reason_code_error(reason, f"connection of {self.device_id}")))
@@ -1253,7 +1253,7 @@ def _no_op(*_args: Any) -> None:
 
 
 def _nodelay(_client: Any, _userdata: Any, sock: Any) -> None:
-    from edgecloud.transport._mqtt_common import set_tcp_nodelay
+    from edgecloud.mqtt import set_tcp_nodelay
 
     set_tcp_nodelay(sock)
 

@@ -77,7 +77,7 @@ class DemoConsole:
 
     def attach(self, client: Any, model: str, version: str) -> None:
         """Start reporting for ``client`` (an ``AgentClient``: its metrics are the telemetry)."""
-        from edgecloud.transport._mqtt_common import make_client, parse_broker_url
+        from edgecloud.mqtt import make_client, parse_broker_url
 
         self._client = client
         self._model = (model, version)

@@ -32,14 +32,10 @@ and replies are published from the core's completion callbacks without blocking.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import concurrent.futures
 import logging
-import os
 import queue
-import signal
-import sys
 import threading
 import time
 import uuid
@@ -64,13 +60,14 @@ from edgecloud.limits import (
     check_rows,
     parse_decimal,
 )
-from edgecloud.topics import Topics, check_segment
-from edgecloud.transport._mqtt_common import (
+from edgecloud.mqtt import (
+    BrokerSettings,
     MqttConnection,
     PublishProperties,
-    parse_broker_url,
+    broker_settings,
     user_properties,
 )
+from edgecloud.topics import Topics, check_segment
 from edgecloud.transport.mqtt import (
     DEFAULT_BINARY_THRESHOLD,
     PROP_BINARY_THRESHOLD,
@@ -95,8 +92,8 @@ __all__ = [
     "Handler",
     "MqttWorker",
     "MqttWorkerPool",
+    "delayed_echo_handler",
     "echo_handler",
-    "main",
     "start_mqtt_workers",
 ]
 
@@ -115,6 +112,19 @@ _Submit = Callable[
 def echo_handler(request: InferRequest) -> InferResponse:
     """Answers with the request's own tensors: for protocol tests and transport benchmarks."""
     return InferResponse(model=request.model, version=request.version, outputs=dict(request.inputs))
+
+
+def delayed_echo_handler(delay_s: float) -> Handler:
+    """An echo that holds each request ``delay_s``, like a backend waiting on an accelerator
+    (the benchmark of share-group scaling)."""
+    if delay_s <= 0:
+        return echo_handler
+
+    def handler(request: InferRequest) -> InferResponse:
+        time.sleep(delay_s)
+        return echo_handler(request)
+
+    return handler
 
 
 def _default_status(exc: BaseException) -> int:
@@ -185,14 +195,8 @@ class MqttWorker:
         self,
         handler: Handler,
         *,
-        url: str,
+        broker: BrokerSettings | str,
         region: str,
-        username: str | None = None,
-        password: str | None = None,
-        ca: str | os.PathLike[str] | None = None,
-        certfile: str | os.PathLike[str] | None = None,
-        keyfile: str | os.PathLike[str] | None = None,
-        tls_insecure: bool = False,
         prefix: str = "edgecloud",
         group: str | None = None,
         qos: int = 1,
@@ -201,7 +205,6 @@ class MqttWorker:
         dedup_size: int = 8192,
         binary_threshold: int = DEFAULT_BINARY_THRESHOLD,
         status_for: Callable[[BaseException], int] | None = None,
-        connect_timeout: float = 5.0,
         clock_skew_ms: float = 250.0,
         limits: Limits = DEFAULT_LIMITS,
         dedup_window_s: float = 60.0,
@@ -222,16 +225,7 @@ class MqttWorker:
         self._seen = _SeenIds(dedup_size)
         self._stop = threading.Event()
         self.stats: collections.Counter[str] = collections.Counter()
-        settings = parse_broker_url(
-            url,
-            username=username,
-            password=password,
-            ca=ca,
-            certfile=certfile,
-            keyfile=keyfile,
-            tls_insecure=tls_insecure,
-            connect_timeout=connect_timeout,
-        )
+        settings = broker_settings(broker)
         self.client_id = client_id or f"worker-{region}-{uuid.uuid4().hex[:8]}"
         self.conn = MqttConnection(
             settings, client_id=self.client_id, on_message=self._on_message, region=region
@@ -506,19 +500,12 @@ class MqttWorkerPool:
 def start_mqtt_workers(
     core: Any,
     *,
-    url: str,
+    broker: BrokerSettings | str,
     region: str,
     workers: int = 1,
-    username: str | None = None,
-    password: str | None = None,
-    ca: str | os.PathLike[str] | None = None,
-    certfile: str | os.PathLike[str] | None = None,
-    keyfile: str | os.PathLike[str] | None = None,
-    tls_insecure: bool = False,
     prefix: str = "edgecloud",
     group: str | None = None,
     qos: int = 1,
-    connect_timeout: float = 5.0,
     limits: Limits = DEFAULT_LIMITS,
 ) -> MqttWorkerPool:
     """Run ``workers`` MQTT workers (threads, one connection each) in front of ``core``.
@@ -549,112 +536,25 @@ def start_mqtt_workers(
         def submit(req: InferRequest, deadline: float | None) -> Any:
             return handler(req)
 
+    settings = broker_settings(broker)
     started: list[MqttWorker] = []
     try:
         for _ in range(workers):
             w = MqttWorker(
                 handler,
-                url=url,
+                broker=settings,
                 region=region,
-                username=username,
-                password=password,
-                ca=ca,
-                certfile=certfile,
-                keyfile=keyfile,
-                tls_insecure=tls_insecure,
                 prefix=prefix,
                 group=group,
                 qos=qos,
                 status_for=status_for,
-                connect_timeout=connect_timeout,
                 limits=limits,
                 _submit=submit,
             )
             started.append(w)
-            w.start(timeout=connect_timeout + 1.0)
+            w.start(timeout=settings.connect_timeout + 1.0)
     except BaseException:
         for w in started:
             w.stop()
         raise
     return MqttWorkerPool(started)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m edgecloud.cloud.mqtt_worker``: MQTT workers without the HTTP server.
-
-    Prints ``ready`` once every worker is subscribed, then serves until SIGTERM/SIGINT.
-    """
-    p = argparse.ArgumentParser(prog="python -m edgecloud.cloud.mqtt_worker")
-    p.add_argument("--url", required=True, help="mqtt://host:port or mqtts://...")
-    p.add_argument("--region", required=True)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--repo", help="model repository directory (ServingCore)")
-    src.add_argument("--echo", action="store_true", help="answer with the request's tensors")
-    p.add_argument(
-        "--echo-delay-ms",
-        type=float,
-        default=0.0,
-        help="with --echo: hold each request this long, like a backend that waits on an "
-        "accelerator (benchmarks of share-group scaling)",
-    )
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--group", default=None)
-    p.add_argument("--prefix", default="edgecloud")
-    p.add_argument("--username", default=None)
-    p.add_argument("--password", default=os.environ.get("EDGECLOUD_MQTT_PASSWORD"))
-    p.add_argument("--qos", type=int, default=1, choices=(0, 1))
-    p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--max-request-bytes", type=int, default=None, help="413 above (64 MiB)")
-    p.add_argument("--max-json-bytes", type=int, default=None, help="413 above (8 MiB)")
-    p.add_argument("--max-rows", type=int, default=None, help="413 above (4096)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    core: Any = None
-    try:
-        if args.repo:
-            from edgecloud.cloud.core import ServingCore
-
-            core = ServingCore(args.repo, max_batch_size=args.max_batch_size)
-            target: Any = core
-        elif args.echo_delay_ms > 0:
-            delay = args.echo_delay_ms / 1000.0
-
-            def target(req: InferRequest) -> InferResponse:
-                time.sleep(delay)
-                return echo_handler(req)
-        else:
-            target = echo_handler
-        pool = start_mqtt_workers(
-            target,
-            url=args.url,
-            region=args.region,
-            workers=args.workers,
-            username=args.username,
-            password=args.password,
-            prefix=args.prefix,
-            group=args.group,
-            qos=args.qos,
-            limits=DEFAULT_LIMITS.with_(
-                max_body_bytes=args.max_request_bytes,
-                max_json_bytes=args.max_json_bytes,
-                # --echo runs no model (no onnxruntime arena to protect): rows are bounded by
-                # the payload bytes alone unless --max-rows says otherwise.
-                max_rows=args.max_rows or (None if args.repo else 2**62),
-            ),
-        )
-    except EdgeCloudError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    print("ready", flush=True)
-    stop.wait()
-    pool.stop()
-    if core is not None:
-        core.close()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

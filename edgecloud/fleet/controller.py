@@ -63,13 +63,13 @@ from edgecloud.fleet.messages import (
 from edgecloud.fleet.packages import PackageStore
 from edgecloud.fleet.registry import Device, Shadow, compute_delta, merge_patch
 from edgecloud.fleet.store import FleetStore, ShadowConflict
-from edgecloud.topics import Topics, check_segment
-from edgecloud.transport._mqtt_common import (
+from edgecloud.mqtt import (
     make_client,
     parse_broker_url,
     reason_code_error,
     set_tcp_nodelay,
 )
+from edgecloud.topics import Topics, check_segment
 
 __all__ = ["FleetController", "NotActive", "NotFound", "UnknownTarget"]
 
