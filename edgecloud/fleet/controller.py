@@ -1,8 +1,10 @@
 """The fleet controller: registry, shadows and jobs over MQTT, packages and an API over HTTP.
 
-One MQTT connection (MQTT 5, TCP_NODELAY, a persistent session so job updates published while
-the controller restarts are delivered when it is back) subscribes to every device's status,
-reported state, job updates and telemetry. Messages are handled on paho's thread under one lock
+One ``edgecloud.mqtt.MqttConnection`` (MQTT 5, TCP_NODELAY, a persistent session so job updates
+published while the controller restarts are delivered when it is back; its own loop thread)
+subscribes to every device's status, reported state, job updates and telemetry; it reconnects
+with backoff and stops for good when the broker refuses its credentials. Messages are handled
+on the connection's loop thread under one lock
 and only change memory; a single ticker thread persists what changed to the ``FleetStore``,
 runs the job engine (timeouts, abort criteria, rollout rate) and publishes job notifications.
 So a slow disk delays persistence, never the broker connection, and every decision about jobs
@@ -37,11 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
-from edgecloud.errors import AuthError, ConfigError, ConnectionFailed, FleetError, TransportError
+from edgecloud.errors import ConfigError, ConnectionFailed, FleetError, TransportError
 from edgecloud.fleet.jobs import (
     AbortCriterion,
     Execution,
@@ -64,10 +63,12 @@ from edgecloud.fleet.packages import PackageStore
 from edgecloud.fleet.registry import Device, Shadow, compute_delta, merge_patch
 from edgecloud.fleet.store import FleetStore, ShadowConflict
 from edgecloud.mqtt import (
-    make_client,
-    parse_broker_url,
-    reason_code_error,
-    set_tcp_nodelay,
+    Backoff,
+    BrokerSettings,
+    MqttConnection,
+    RefusalPolicy,
+    SelectorLoop,
+    broker_settings,
 )
 from edgecloud.topics import Topics, check_segment
 
@@ -103,7 +104,7 @@ class FleetController:
 
     def __init__(
         self,
-        broker_url: str,
+        broker: BrokerSettings | str,
         store: FleetStore,
         packages: PackageStore,
         *,
@@ -112,8 +113,6 @@ class FleetController:
         public_base_url: str = "",
         tick_interval: float = 0.2,
         clock: Callable[[], float] = time.time,
-        username: str | None = None,
-        password: str | None = None,
         lease_s: float | None = None,
         instance_id: str | None = None,
     ) -> None:
@@ -157,46 +156,55 @@ class FleetController:
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._ticker: threading.Thread | None = None
-        self._settings = parse_broker_url(broker_url, username=username, password=password)
-        self._client = make_client(self._settings, client_id)
-        # make_client bounds paho's queue for devices; a controller fans out to the whole fleet
-        self._client.max_queued_messages_set(100_000)
-        self._client.reconnect_delay_set(1, 5)
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_message = self._on_message
-        self._client.on_socket_open = lambda c, u, sock: set_tcp_nodelay(sock)
-        self._connect_error: TransportError | None = None
+        self._settings = broker_settings(broker)
+        self._client_id = client_id
+        self._loop: SelectorLoop | None = None
+        self._conn: MqttConnection | None = None
         self._connected_at = 0.0
         self._desired_synced = False
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> FleetController:
-        host, port = self._settings.host, self._settings.port
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = 3600
-        try:
-            self._client.connect(
-                host,
-                port,
-                keepalive=self._settings.keepalive,
-                clean_start=False,
-                properties=props,
+        t = self.topics
+        self._loop = SelectorLoop(name="edgecloud-fleet-mqtt", connect_workers=1)
+        self._conn = MqttConnection(
+            self._settings,
+            client_id=self._client_id,
+            on_message=self._on_message,
+            on_state=self._on_state,
+            subscriptions=[
+                (t.all_status(), 1),
+                (t.all_reported(), 1),
+                (t.all_job_updates(), 1),
+                (t.all_telemetry(), 1),
+            ],
+            backoff=Backoff(base=1.0, cap=5.0),
+            refusal=RefusalPolicy.STOP,  # refused credentials: retrying cannot help
+            session_expiry=3600,
+            # a controller fans out to the whole fleet: room for a deploy's notifications
+            max_queued=100_000,
+            loop=self._loop,
+        )
+        conn = self._conn.start(wait=False)
+        if not conn.wait_first_attempt(timeout) or not conn.connected:
+            err: TransportError | None = conn.fatal or conn.last_error
+            self._close_link()
+            if err is not None and conn.fatal is None:
+                err = ConnectionFailed(
+                    f"fleet controller: cannot reach broker {self._settings.url}: {err}"
+                )
+            raise err or ConnectionFailed(
+                f"fleet controller: no CONNACK from {self._settings.url} in {timeout}s"
             )
-        except (OSError, ValueError) as exc:
-            raise ConnectionFailed(
-                f"fleet controller: cannot reach broker {host}:{port}: {exc}"
-            ) from exc
-        self._client.loop_start()
-        if not self._connected.wait(timeout):
-            self._client.loop_stop()
-            err = self._connect_error
-            if err is not None:
-                raise err
-            raise ConnectionFailed(f"fleet controller: no CONNACK from {host}:{port} in {timeout}s")
         self._ticker = threading.Thread(target=self._tick_loop, name="fleet-ticker", daemon=True)
         self._ticker.start()
         return self
+
+    def _close_link(self) -> None:
+        if self._conn is not None:
+            self._conn.close(wait=2.0)
+        if self._loop is not None:
+            self._loop.stop()
 
     def close(self) -> None:
         self._stop.set()
@@ -209,9 +217,7 @@ class FleetController:
         if self.lease_s is not None and self.active:
             with contextlib.suppress(Exception):
                 self.store.release_lease(LEASE_NAME, self.instance_id)
-        with contextlib.suppress(Exception):
-            self._client.disconnect()
-        self._client.loop_stop()
+        self._close_link()
         self.store.close()
 
     def __enter__(self) -> FleetController:
@@ -224,38 +230,23 @@ class FleetController:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    # -- MQTT callbacks (paho's thread) --------------------------------------------------------
-    def _on_connect(
-        self, client: paho.Client, userdata: Any, flags: Any, rc: Any, props: Any
-    ) -> None:
-        if rc.is_failure:
-            self._connect_error = reason_code_error(rc, "fleet controller's connection")
-            log.error("%s", self._connect_error)
-            if isinstance(self._connect_error, AuthError):
-                client.disconnect()  # refused credentials: retrying cannot help
+    # -- MQTT callbacks (the connection's loop thread) ------------------------------------------
+    def _on_state(self, up: bool, err: TransportError | None) -> None:
+        if up:
+            self._connected_at = time.monotonic()
+            self._desired_synced = False
+            self._connected.set()
+            self._wake.set()
+            log.info("fleet controller connected to %s", self._settings.url)
             return
-        t = self.topics
-        client.subscribe(
-            [
-                (t.all_status(), 1),
-                (t.all_reported(), 1),
-                (t.all_job_updates(), 1),
-                (t.all_telemetry(), 1),
-            ]
-        )
-        self._connected_at = time.monotonic()
-        self._desired_synced = False
-        self._connected.set()
-        self._wake.set()
-        log.info("fleet controller connected to %s", self._settings.url)
-
-    def _on_disconnect(
-        self, client: paho.Client, userdata: Any, flags: Any, rc: Any, props: Any
-    ) -> None:
+        was = self._connected.is_set()
         self._connected.clear()
-        log.warning("fleet controller lost the broker (%s); paho reconnects", rc)
+        if was:
+            log.warning("fleet controller lost the broker (%s); reconnecting", err)
+        elif err is not None and self._conn is not None and self._conn.fatal is err:
+            log.error("%s", err)
 
-    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+    def _on_message(self, msg: paho.MQTTMessage) -> None:
         topic = msg.topic
         payload = bytes(msg.payload)
         device_id = self.topics.device_of(topic)
@@ -279,7 +270,7 @@ class FleetController:
             with self._lock:
                 self.stats["malformed"] += 1
             log.warning("dropped a message from device %s on %s: %s", device_id, topic, exc)
-        except Exception:  # never let one message kill paho's thread
+        except Exception:  # never let one message kill the loop thread
             log.exception("failed to handle a message on %s", topic)
 
     def _device(self, device_id: str) -> Device:
@@ -557,9 +548,14 @@ class FleetController:
         self.store.save_devices(devices)
 
     def _publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
-        info = self._client.publish(topic, payload, qos=1, retain=retain)
-        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-            log.warning("publish to %s failed: %s", topic, paho.error_string(info.rc))
+        conn = self._conn
+        if conn is None:
+            log.warning("publish to %s dropped: the controller is not started", topic)
+            return
+        try:  # while the broker is away paho keeps QoS 1 messages for the persistent session
+            conn.publish(topic, payload, qos=1, retain=retain, queue_when_down=True)
+        except TransportError as exc:
+            log.warning("publish to %s failed: %s", topic, exc)
 
     # -- the API (any thread) ------------------------------------------------------------------
     def resolve_targets(self, targets: Iterable[str]) -> tuple[list[str], list[str]]:

@@ -239,8 +239,15 @@ class SelectorLoop:
                     self._guard(c.loop_misc)
                     self._ensure_write_interest(c, c.socket())
         for c in list(self._clients):
+            # A client still open when the loop stops: say goodbye and close its socket here,
+            # since no loop will write the DISCONNECT (paho closes the socket once written).
             with contextlib.suppress(Exception):
                 c.disconnect()
+                c.loop_write()
+            sock = c.socket()
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
         self._sel.close()
         self._wake_r.close()
         self._wake_w.close()
