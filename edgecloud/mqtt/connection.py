@@ -134,6 +134,11 @@ class MqttConnection:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def closing(self) -> bool:
+        """``close()`` was called, or a refusal stopped the connection for good."""
+        return self._closing
+
     def start(self, timeout: float | None = None, *, wait: bool = True) -> MqttConnection:
         """Connect; with ``wait`` block until the first CONNACK or ``timeout``."""
         s = self.settings
