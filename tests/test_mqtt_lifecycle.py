@@ -206,3 +206,22 @@ def test_connection_comes_back_after_the_broker_is_killed_and_restarted() -> Non
         conn.close(wait=2.0)
         loop.stop()
         broker.close()
+
+
+# -- the one entry point for workers --------------------------------------------------------
+def test_cloud_mqtt_workers_cli_refuses_bad_input_clearly(
+    capsys: pytest.CaptureFixture[str], closed_broker: MosquittoBroker
+) -> None:
+    from edgecloud.cli.main import main
+
+    base = ["cloud", "mqtt-workers", "--region", "r", "--echo"]
+    assert main([*base, "--mqtt", "mqtt://127.0.0.1:1", "--mqtt-workers", "0"]) == 2
+    assert "--mqtt-workers must be >= 1, got 0" in capsys.readouterr().err
+    assert main([*base, "--mqtt", "http://127.0.0.1:1"]) == 2
+    assert "must start with mqtt:// or mqtts://" in capsys.readouterr().err
+    # a broker that refuses the workers' (missing) credentials: the refusal, named, exit 1
+    assert main([*base, "--mqtt", closed_broker.url]) == 1
+    assert "refused by the broker: reason code 0x8" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # neither a repository nor --echo: argparse says so
+        main(["cloud", "mqtt-workers", "--mqtt", closed_broker.url, "--region", "r"])
+    assert "--repository" in capsys.readouterr().err

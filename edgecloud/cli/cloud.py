@@ -168,7 +168,7 @@ def limits_from_args(args: argparse.Namespace) -> Any:
     )
 
 
-def _start_mqtt(core: Any, args: argparse.Namespace, limits: Any) -> Any:
+def _start_mqtt(core: Any, args: argparse.Namespace, limits: Any = None) -> Any:
     try:
         mod = importlib.import_module("edgecloud.cloud.mqtt_worker")
         start = mod.start_mqtt_workers
@@ -179,6 +179,8 @@ def _start_mqtt(core: Any, args: argparse.Namespace, limits: Any) -> Any:
         ) from exc
     from edgecloud.mqtt import parse_broker_url
 
+    if limits is None:
+        limits = limits_from_args(args)
     broker = parse_broker_url(
         args.mqtt,
         username=args.mqtt_username or None,
