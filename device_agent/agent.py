@@ -26,7 +26,6 @@ import queue
 import threading
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -41,9 +40,11 @@ from device_agent.network import AgentLink
 from device_agent.outbox import Outbox
 from device_agent.policy import apply_policy
 from device_agent.queue import DurableQueue
+from device_agent.records import Records
 from device_agent.server import LocalEndpoint
-from device_agent.serving import AgentClient, InferOutcome, Metrics, load_model
-from device_agent.store import ModelStore, health_check
+from device_agent.serving import AgentClient, InferOutcome, Metrics
+from device_agent.store import ModelStore
+from device_agent.telemetry import Ticker, hard_example_hook, system_stats
 from device_agent.watchdog import JobOutcome, Progress, run_watched
 from edgecloud.errors import (
     ConfigError,
@@ -51,17 +52,13 @@ from edgecloud.errors import (
     EdgeCloudError,
     FleetError,
     PackageError,
-    StoreError,
 )
 from edgecloud.fleet.messages import (
     DesiredState,
     ExecutionState,
-    ExecutionUpdate,
     JobCancel,
     JobNotification,
-    ReportedState,
     StatusMessage,
-    TelemetryRecord,
     dumps,
 )
 from edgecloud.package import load_public_key
@@ -121,7 +118,7 @@ class Agent:
                 max_count=c.max_count,
                 max_bytes=c.max_bytes,
             )
-            self.client.on_answer.append(self._capture)
+            self.client.on_answer.append(hard_example_hook(self.capture))
         #: Confidence/offload drift vs the tune-time reference (device_agent/drift.py).
         self.drift = DriftMonitor()
         self.client.on_answer.append(self._observe_drift)
@@ -148,6 +145,14 @@ class Agent:
             window=config.queue.inflight,
             on_refused=self._note_error,
         )
+        self.records = Records(
+            self.queue,
+            self.topics,
+            self.device_id,
+            self.epoch,
+            wake=self.outbox.wake,
+            note_error=self._note_error,
+        )
         self.installer = Installer(
             self.store,
             self.client,
@@ -159,7 +164,7 @@ class Agent:
         self.jobs = JobRunner(
             self.queue,
             self.installer,
-            report=self._report,
+            report=self.records.job_update,
             run_policy=self._run_policy,
             metrics=self.metrics,
             step_timeout_s=config.job_step_timeout_s,
@@ -183,7 +188,7 @@ class Agent:
         if saved:
             with contextlib.suppress(ValueError, EdgeCloudError):
                 self._apply_policy(json.loads(saved))
-        self._load_active()
+        self.installer.load_active(self._note_error)
         if self.config.endpoint.enabled:
             ep = self.config.endpoint
             port = ep.port if self._endpoint_port is None else self._endpoint_port
@@ -216,11 +221,16 @@ class Agent:
         self._publish_reported()  # what this start serves, whatever was reported before
         self.jobs.report_interrupted()
         self.outbox.start()
-        for name, target in (
-            ("agent-telemetry", self._telemetry_loop),
-            ("agent-worker", self._worker_loop),
+        for t in (
+            Ticker(
+                "agent-telemetry",
+                self.config.telemetry_interval_s,
+                self.heartbeat,
+                stop=self._stop,
+                on_error=lambda exc: self._note_error(f"telemetry: {exc}"),
+            ),
+            threading.Thread(target=self._worker_loop, name="agent-worker", daemon=True),
         ):
-            t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
         self.link.start()
@@ -283,31 +293,6 @@ class Agent:
         return m.version if m is not None else ""
 
     # -- model loading -----------------------------------------------------------------------
-    def _load_active(self) -> None:
-        """Serve what the pointer names; fall back to the previous slot if it is damaged."""
-        try:
-            p = self.store.pointer()
-        except StoreError as exc:
-            self._note_error(str(exc))
-            return
-        if p is None:
-            return
-        for slot in (p.slot, p.previous):
-            if slot is None:
-                continue
-            try:
-                pkg = self.store.verify_slot(slot)
-                backend = load_model(pkg)
-                health_check(backend, pkg)
-            except EdgeCloudError as exc:
-                self._note_error(f"slot {slot} cannot be served: {exc}")
-                continue
-            if slot != p.slot:
-                self.store.set_active(slot, pkg)
-            self.client.swap_model(backend, pkg.manifest)
-            log.info("serving %s %s from slot %s", pkg.manifest.name, pkg.manifest.version, slot)
-            return
-
     def _announce(self) -> None:
         """After an activation: the status says the new version; so does the reported state
         (unless a desired state is being handled: that handler reports once, with its outcome)."""
@@ -329,22 +314,7 @@ class Agent:
             "policy": {"mode": self.client.mode.value, "threshold": self.client.threshold},
             **self.desired.note,
         }
-        desired_version = self.desired.version
-        topic = self.topics.shadow_reported(self.device_id)
-
-        def build(seq: int) -> bytes:
-            return dumps(
-                ReportedState(
-                    version=seq,
-                    state=state,
-                    ts=time.time(),
-                    epoch=self.epoch,
-                    desired_version=desired_version,
-                )
-            )
-
-        self.queue.put_with_seq("reported", "state", topic, build, retain=True)
-        self.outbox.wake()
+        self.records.reported(state, self.desired.version)
 
     # -- messages from the broker (the link's loop thread: enqueue only) -----------------------
     def _on_message(self, msg: paho.MQTTMessage) -> None:
@@ -369,7 +339,7 @@ class Agent:
             # Reject it on its own topic when the job id is readable, so the controller knows.
             job_id = _job_id_of(payload)
             if job_id is not None:
-                self._report(job_id, 1, ExecutionState.REJECTED, str(exc))
+                self.records.job_update(job_id, 1, ExecutionState.REJECTED, str(exc))
             raise
         self._enqueue(("job", job))
 
@@ -379,7 +349,7 @@ class Agent:
         except queue.Full:
             if item[0] == "job":
                 job: JobNotification = item[1]
-                self._report(
+                self.records.job_update(
                     job.job_id,
                     job.execution_number,
                     ExecutionState.REJECTED,
@@ -392,37 +362,6 @@ class Agent:
         if self.link is None:
             raise ConnectionFailed("the agent is not started")
         return self.link.publish(topic, payload, **kw)
-
-    def _report(
-        self,
-        job_id: str,
-        execution_number: int,
-        status: ExecutionState,
-        reason: str = "",
-        details: Mapping[str, Any] | None = None,
-    ) -> None:
-        try:
-            topic = self.topics.job_update(self.device_id, job_id)
-        except ConfigError as exc:
-            self._note_error(f"cannot report job {job_id!r}: {exc}")
-            return
-
-        def build(seq: int) -> bytes:
-            return dumps(
-                ExecutionUpdate(
-                    job_id=job_id,
-                    device_id=self.device_id,
-                    status=status,
-                    seq=seq,
-                    ts=time.time(),
-                    reason=reason,
-                    details=dict(details or {}),
-                    execution_number=execution_number,
-                )
-            )
-
-        self.queue.put_with_seq("job", "job", topic, build)
-        self.outbox.wake()
 
     def _status(self, online: bool) -> bytes:
         d = self.config.device
@@ -440,18 +379,6 @@ class Agent:
         )
 
     # -- telemetry ---------------------------------------------------------------------------
-    def _telemetry_loop(self) -> None:
-        interval = self.config.telemetry_interval_s
-        next_at = time.monotonic()
-        while not self._stop.is_set():
-            if self._stop.wait(max(0.0, next_at - time.monotonic())):
-                return
-            next_at += interval
-            try:
-                self.heartbeat()
-            except EdgeCloudError as exc:
-                self._note_error(f"telemetry: {exc}")
-
     def heartbeat(self) -> int:
         """Enqueue one telemetry record now; returns its seq."""
         data = self.metrics.snapshot()
@@ -465,22 +392,12 @@ class Agent:
             last_error=self.last_error,
             uptime_s=round(time.time() - self._started, 1),
             connects=self.connects,
-            system=_system_stats(),
+            system=system_stats(),
         )
         if self.capture is not None:
             data["hard_examples"] = len(self.capture.list())
         data.update(escalation=self.client.escalation.stats(), drift=self.drift.report())
-        return self._telemetry("heartbeat", data)
-
-    def _telemetry(self, kind: str, data: dict[str, Any]) -> int:
-        topic = self.topics.telemetry(self.device_id)
-
-        def build(seq: int) -> bytes:
-            return dumps(TelemetryRecord(self.device_id, seq, time.time(), kind, data, self.epoch))
-
-        seq = self.queue.put_with_seq("telemetry", "telemetry", topic, build)
-        self.outbox.wake()
-        return seq
+        return self.records.telemetry("heartbeat", data)
 
     def _observe_drift(self, _inputs: Mapping[str, Any], outcome: InferOutcome) -> None:
         reason = str(outcome.result.reason)
@@ -488,7 +405,7 @@ class Agent:
         try:
             alarm = self.drift.observe(self.client.manifest, outcome.edge_outputs, offloaded)
             if alarm is not None:  # published at once: the fleet shows it as kind "drift"
-                self._telemetry("drift", alarm)
+                self.records.telemetry("drift", alarm)
         except Exception as exc:  # drift must never fail a request
             log.warning("drift monitor failed: %s", exc)
 
@@ -502,23 +419,6 @@ class Agent:
                 "edgecloud_agent_malformed_messages_total": float(self.malformed),
             }
         )
-
-    def _capture(self, inputs: Mapping[str, Any], outcome: InferOutcome) -> None:
-        if self.capture is None:
-            return
-        try:
-            cloud = outcome.outputs if outcome.route == "cloud" else None
-            self.capture.offer(
-                inputs,
-                outcome.edge_outputs or {},
-                confidence=outcome.edge_confidence,
-                model=outcome.model,
-                version=outcome.version,
-                route=outcome.route,
-                cloud=cloud,
-            )
-        except Exception as exc:  # capture must never fail a request
-            log.warning("hard-example capture failed: %s", exc)
 
     # -- the worker: jobs and desired states, one at a time ------------------------------------
     def _worker_loop(self) -> None:
@@ -593,26 +493,3 @@ def _job_id_of(payload: bytes) -> str | None:
         return None
     jid = d.get("job_id") if isinstance(d, dict) else None
     return jid if isinstance(jid, str) else None
-
-
-def _system_stats() -> dict[str, Any]:
-    """CPU and memory via psutil when installed, else /proc (a device may have neither)."""
-    try:
-        import psutil
-
-        proc = psutil.Process()
-        return {
-            "cpu_percent": psutil.cpu_percent(interval=None),
-            "mem_percent": psutil.virtual_memory().percent,
-            "rss_bytes": proc.memory_info().rss,
-        }
-    except ImportError:
-        pass
-    out: dict[str, Any] = {}
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        out["load1"] = float(Path("/proc/loadavg").read_text().split()[0])
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                out["rss_bytes"] = int(line.split()[1]) * 1024
-    out["pid"] = os.getpid()
-    return out

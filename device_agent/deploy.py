@@ -8,19 +8,23 @@ requests are done, and announce the new version (status, reported state).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from device_agent.serving import AgentClient, load_model
-from device_agent.store import ModelStore, PackageSource
+from device_agent.store import ModelStore, PackageSource, health_check
 from device_agent.watchdog import JobOutcome, Progress, Rejected
+from edgecloud.errors import EdgeCloudError, StoreError
 from edgecloud.fleet.messages import ExecutionState
 from edgecloud.package import ModelPackage
 from edgecloud.runtime.base import Backend
 
 __all__ = ["Installer", "check_deploy_document"]
+
+log = logging.getLogger("device_agent")
 
 
 def check_deploy_document(doc: Mapping[str, Any]) -> str:
@@ -71,6 +75,31 @@ class Installer:
                 daemon=True,
             ).start()
         self._announce()
+
+    def load_active(self, note_error: Callable[[str], None]) -> None:
+        """Serve what the pointer names; fall back to the previous slot if it is damaged."""
+        try:
+            p = self.store.pointer()
+        except StoreError as exc:
+            note_error(str(exc))
+            return
+        if p is None:
+            return
+        for slot in (p.slot, p.previous):
+            if slot is None:
+                continue
+            try:
+                pkg = self.store.verify_slot(slot)
+                backend = load_model(pkg)
+                health_check(backend, pkg)
+            except EdgeCloudError as exc:
+                note_error(f"slot {slot} cannot be served: {exc}")
+                continue
+            if slot != p.slot:
+                self.store.set_active(slot, pkg)
+            self.client.swap_model(backend, pkg.manifest)
+            log.info("serving %s %s from slot %s", pkg.manifest.name, pkg.manifest.version, slot)
+            return
 
     def deploy(
         self,
