@@ -45,10 +45,17 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
+from edgecloud.cloud.mqtt_dedup import SeenIds
+from edgecloud.cloud.mqtt_handlers import (
+    Handler,
+    Submit,
+    default_status,
+    delayed_echo_handler,
+    echo_handler,
+)
 from edgecloud.errors import (
     ConfigError,
     EdgeCloudError,
-    InputError,
     ProtocolError,
     TransportError,
 )
@@ -98,79 +105,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("edgecloud.cloud.mqtt")
+_SeenIds = SeenIds  # the name tests and earlier code used
 # deadline-ms values below this (1973-03-03 in milliseconds) are seconds sent by mistake.
 _MIN_DEADLINE_MS = 10**11
-
-
-#: ``handler(request)`` returns a response or a future of one; it may raise EdgeCloudError.
-Handler = Callable[[InferRequest], "concurrent.futures.Future[InferResponse] | InferResponse"]
-_Submit = Callable[
-    [InferRequest, "float | None"], "concurrent.futures.Future[InferResponse] | InferResponse"
-]
-
-
-def echo_handler(request: InferRequest) -> InferResponse:
-    """Answers with the request's own tensors: for protocol tests and transport benchmarks."""
-    return InferResponse(model=request.model, version=request.version, outputs=dict(request.inputs))
-
-
-def delayed_echo_handler(delay_s: float) -> Handler:
-    """An echo that holds each request ``delay_s``, like a backend waiting on an accelerator
-    (the benchmark of share-group scaling)."""
-    if delay_s <= 0:
-        return echo_handler
-
-    def handler(request: InferRequest) -> InferResponse:
-        time.sleep(delay_s)
-        return echo_handler(request)
-
-    return handler
-
-
-def _default_status(exc: BaseException) -> int:
-    status = getattr(exc, "status", None)
-    if isinstance(status, int) and 100 <= status < 600:
-        return status
-    if isinstance(exc, InputError | ProtocolError):
-        return 400
-    return 500
-
-
-class _SeenIds:
-    """Recent (sender, correlation id) pairs, each kept until its request's deadline.
-
-    QoS 1 may deliver a request twice; the duplicate is dropped. Keying by sender keeps one
-    device from silencing another that happens to use the same bytes, and expiring entries at the
-    request's deadline lets a device reuse an id (a restarted counter) once the old request is
-    over. Bounded: beyond ``size`` the oldest entries go first.
-    """
-
-    def __init__(self, size: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self._ids: collections.OrderedDict[tuple[str, bytes], float] = collections.OrderedDict()
-        self._size = size
-        self._clock = clock
-        self._lock = threading.Lock()
-
-    def seen(self, sender: str, corr: bytes, ttl_s: float) -> bool:
-        """Record the pair until ``ttl_s`` from now; True when it is already live."""
-        now = self._clock()
-        key = (sender, corr)
-        with self._lock:
-            expiry = self._ids.get(key)
-            if expiry is not None and expiry > now:
-                return True
-            self._ids.pop(key, None)
-            self._ids[key] = now + max(0.0, ttl_s)
-            while self._ids:
-                first_key, first_exp = next(iter(self._ids.items()))
-                if len(self._ids) > self._size or first_exp <= now:
-                    del self._ids[first_key]
-                else:
-                    break
-            return False
-
-    def __len__(self) -> int:
-        return len(self._ids)
 
 
 @dataclass
@@ -208,7 +145,7 @@ class MqttWorker:
         clock_skew_ms: float = 250.0,
         limits: Limits = DEFAULT_LIMITS,
         dedup_window_s: float = 60.0,
-        _submit: _Submit | None = None,
+        _submit: Submit | None = None,
     ) -> None:
         self.region = check_segment(region, "region")
         self.limits = limits
@@ -219,10 +156,10 @@ class MqttWorker:
         self.qos = qos
         self.binary_threshold = binary_threshold
         self.clock_skew_ms = clock_skew_ms
-        self._submit: _Submit = _submit or (lambda req, _deadline: handler(req))
-        self._status_for = status_for or _default_status
+        self._submit: Submit = _submit or (lambda req, _deadline: handler(req))
+        self._status_for = status_for or default_status
         self._queue: queue.Queue[paho.MQTTMessage] = queue.Queue(maxsize=queue_size)
-        self._seen = _SeenIds(dedup_size)
+        self._seen = SeenIds(dedup_size)
         self._stop = threading.Event()
         self.stats: collections.Counter[str] = collections.Counter()
         settings = broker_settings(broker)
@@ -519,7 +456,7 @@ def start_mqtt_workers(
         from edgecloud.errors import ConfigError
 
         raise ConfigError(f"--mqtt-workers must be >= 1, got {workers}")
-    submit: _Submit
+    submit: Submit
     status_for: Callable[[BaseException], int] | None = None
     if hasattr(core, "submit"):
         from edgecloud.cloud.core import status_for as core_status
