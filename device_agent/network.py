@@ -20,7 +20,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.reasoncodes import ReasonCode
 
 from device_agent.config import AgentConfig
-from edgecloud.errors import TransportError
+from edgecloud.errors import AuthError, RemoteError, TransportError
 from edgecloud.mqtt import (
     Backoff,
     BrokerSettings,
@@ -157,7 +157,7 @@ class AgentLink:
             return
         was = self._ready.is_set()
         self._ready.clear()
-        if err is not None and "refused by the broker" in str(err):
+        if isinstance(err, AuthError | RemoteError):  # a refused CONNACK, its code named
             self._on_error(str(err))
             return
         if self.conn.fatal is not None or self.conn.closing:
