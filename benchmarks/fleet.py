@@ -49,8 +49,8 @@ class SimAgents:
     """N agents on one SelectorLoop. ``succeeded`` counts SUCCEEDED updates they published."""
 
     def __init__(self, url: str, n: int, *, head: bool = False) -> None:
+        from edgecloud.mqtt import SelectorLoop, parse_broker_url
         from edgecloud.topics import Topics
-        from edgecloud.transport._mqtt_common import SelectorLoop, parse_broker_url
 
         self.topics = Topics()
         self.n = n
@@ -76,7 +76,7 @@ class SimAgents:
 
     def start(self) -> None:
         from edgecloud.fleet.messages import StatusMessage, dumps
-        from edgecloud.transport._mqtt_common import MqttConnection
+        from edgecloud.mqtt import MqttConnection
 
         for i in range(self.n):
             dev = f"sim-{i:04d}"

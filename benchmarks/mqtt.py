@@ -3,7 +3,7 @@
 ``python -m benchmarks.mqtt [--quick] [--requests N]``
 
 Everything talks to one real Mosquitto on loopback (``set_tcp_nodelay true``) and to the same echo
-worker (``python -m edgecloud.cloud.mqtt_worker --echo``, a child process, one per QoS level), so
+worker (``edgecloud cloud mqtt-workers --echo``, a child process, one per QoS level), so
 the only difference between the series is the client side:
 
 - raw: a bare paho-mqtt 2.x MQTT 5 client on paho's own network thread, TCP_NODELAY on. Each
@@ -58,8 +58,10 @@ def _workers(
                 [
                     sys.executable,
                     "-m",
-                    "edgecloud.cloud.mqtt_worker",
-                    "--url",
+                    "edgecloud",
+                    "cloud",
+                    "mqtt-workers",
+                    "--mqtt",
                     url,
                     "--region",
                     region,

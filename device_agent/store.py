@@ -26,22 +26,19 @@ import logging
 import os
 import shutil
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
-import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from device_agent.download import download
+from device_agent.health import HealthCheckError, health_check
 from edgecloud.errors import (
     IntegrityError,
     PackageError,
-    RuntimeBackendError,
     StoreError,
-    TransportError,
 )
 from edgecloud.package import ModelPackage, sha256_file, unpack_package, verify_package
 from edgecloud.runtime.base import Backend
@@ -49,7 +46,10 @@ from edgecloud.runtime.base import Backend
 __all__ = [
     "DiskSpaceError",
     "HealthCheckError",
+    "Installed",
     "ModelStore",
+    "PackageMismatch",
+    "PackageSource",
     "Pointer",
     "download",
     "health_check",
@@ -63,10 +63,6 @@ class DiskSpaceError(StoreError):
     """Not enough free disk space to download or unpack a package (the job is refused)."""
 
 
-class HealthCheckError(StoreError):
-    """A freshly loaded model's warm-up outputs differ from what its package recorded."""
-
-
 @dataclass(frozen=True)
 class Pointer:
     """The contents of the ``active`` file."""
@@ -77,6 +73,35 @@ class Pointer:
     version: str
 
 
+class PackageMismatch(PackageError):
+    """The package is not the one the job names (another version or model): refused."""
+
+
+@dataclass(frozen=True)
+class PackageSource:
+    """What to install: where to fetch it, what it must be, how long fetching may take."""
+
+    url: str
+    key: str  # one download per key: a retry of the same job resumes the same .part
+    sha256: str | None = None
+    version: str | None = None
+    model: str | None = None
+    timeout: float = 60.0
+    deadline: float | None = None  # time.monotonic(): transient failures are retried until then
+    cancelled: Callable[[], bool] = lambda: False
+
+
+@dataclass(frozen=True)
+class Installed:
+    """What an install or rollback activated (``replaced``: the version it took over from)."""
+
+    slot: str
+    package: ModelPackage
+    backend: Backend
+    health: dict[str, Any]
+    replaced: str = ""
+
+
 class ModelStore:
     """A/B slots on disk. Thread-safe for one agent process (one lock around pointer changes)."""
 
@@ -85,6 +110,7 @@ class ModelStore:
         self.public_key = public_key
         self.min_free_bytes = min_free_bytes
         self._lock = threading.Lock()
+        self._install_lock = threading.Lock()
         try:
             for d in ("slots", "downloads", "staging"):
                 (self.root / d).mkdir(parents=True, exist_ok=True)
@@ -218,6 +244,122 @@ class ModelStore:
         finally:
             self.discard(staged)
 
+    # -- the install transaction ----------------------------------------------------------
+    def install(
+        self,
+        source: PackageSource,
+        *,
+        load: Callable[[ModelPackage], Backend],
+        activate: Callable[[str, ModelPackage, Backend], None],
+        on_step: Callable[[str], None] = lambda step: None,
+        lock_timeout: float = 60.0,
+    ) -> Installed:
+        """fetch -> unpack + verify -> load -> health check -> promote -> activate, or nothing.
+
+        ``on_step(name)`` is called at each step boundary and may raise to stop the install
+        there (a cancelled job). ``load`` builds the backend, ``activate(slot, pkg, backend)``
+        starts serving it. A failure at any step leaves the serving model, its slot and the
+        pointer as they were: the idle slot (the rollback target) is given up only at
+        ``promote``, after the package passed everything, and an ``activate`` that raises puts
+        the pointer back. One install at a time, also against a job a watchdog abandoned.
+        """
+        on_step("download")
+        archive = self.fetch(
+            source.url,
+            source.key,
+            sha256=source.sha256,
+            timeout=source.timeout,
+            cancelled=source.cancelled,
+            deadline=source.deadline,
+        )
+        on_step("verify")
+        if not self._install_lock.acquire(timeout=lock_timeout):
+            raise StoreError("another installation is still running")
+        try:
+            on_step("verify")
+            staged = self.unpack(archive, source.key)
+            try:
+                man = staged.manifest
+                if source.version and man.version != source.version:
+                    raise PackageMismatch(
+                        f"package is version {man.version}, the job says {source.version}"
+                    )
+                if source.model and man.name != source.model:
+                    raise PackageMismatch(
+                        f"package is model {man.name}, the job says {source.model}"
+                    )
+                on_step("load")
+                backend = load(staged)
+                try:
+                    on_step("health_check")
+                    figures = health_check(backend, staged)
+                    on_step("activate")
+                    slot = self.idle_slot()
+                    pkg = self.promote(staged, slot)
+                    self._activate(slot, pkg, backend, activate)
+                except BaseException:
+                    backend.close()
+                    raise
+            finally:
+                self.discard(staged)
+        finally:
+            self._install_lock.release()
+        self.cleanup_downloads()
+        return Installed(slot, pkg, backend, figures)
+
+    def rollback(
+        self,
+        version: str | None,
+        *,
+        load: Callable[[ModelPackage], Backend],
+        activate: Callable[[str, ModelPackage, Backend], None],
+        on_step: Callable[[str], None] = lambda step: None,
+    ) -> Installed:
+        """Serve the previous slot again: verify -> load -> health check -> activate, or nothing.
+
+        ``version``, when given, must be the previous slot's (``PackageMismatch`` otherwise).
+        """
+        on_step("rollback")
+        p = self.pointer()
+        if p is None or p.previous is None:
+            raise StoreError("there is no previous version on this device")
+        pkg = self.verify_slot(p.previous)
+        if version is not None and pkg.manifest.version != version:
+            raise PackageMismatch(
+                f"the previous version is {pkg.manifest.version}, the job asks for {version}"
+            )
+        backend = load(pkg)
+        try:
+            on_step("health_check")
+            figures = health_check(backend, pkg)
+            on_step("activate")
+            self._activate(p.previous, pkg, backend, activate)
+        except BaseException:
+            backend.close()
+            raise
+        return Installed(p.previous, pkg, backend, figures, replaced=p.version)
+
+    def _activate(
+        self,
+        slot: str,
+        pkg: ModelPackage,
+        backend: Backend,
+        activate: Callable[[str, ModelPackage, Backend], None],
+    ) -> None:
+        """Switch the pointer, then start serving; put the pointer back if serving fails."""
+        with self._lock:
+            before = self.pointer_path.read_bytes() if self.pointer_path.exists() else None
+        self.set_active(slot, pkg)
+        try:
+            activate(slot, pkg, backend)
+        except BaseException:
+            with self._lock:
+                if before is None:
+                    self.pointer_path.unlink(missing_ok=True)
+                else:
+                    _atomic_write(self.pointer_path, before)
+            raise
+
     def download_path(self, key: str) -> Path:
         safe = hashlib.sha256(key.encode()).hexdigest()[:32]
         return self.root / "downloads" / f"{safe}.tar.gz"
@@ -295,196 +437,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-# -- downloads ---------------------------------------------------------------------------------
-def download(
-    url: str,
-    dest: Path,
-    *,
-    check_space: Callable[[int], None],
-    timeout: float = 60.0,
-    attempts: int = 4,
-    cancelled: Callable[[], bool] = lambda: False,
-    deadline: float | None = None,
-) -> Path:
-    """Fetch ``url`` into ``dest`` via ``dest.part``, resuming with HTTP Range after a failure.
-
-    A ``file://`` URL is copied. For HTTP, the bytes already in ``.part`` (from an earlier attempt
-    or an earlier run of the agent) are kept and only the rest is requested; a server that ignores
-    Range (200 instead of 206) makes us start over. Transport failures and 5xx answers are
-    retried with capped exponential backoff (at most 5 s apart): ``attempts`` times, or, with a
-    ``deadline`` (``time.monotonic()``), as long as the next attempt can start before it. The
-    ``.part`` is kept when it gives up, so a later attempt still resumes. Free space is checked
-    before writing.
-    """
-    dest = Path(dest)
-    if dest.exists():
-        return dest
-    u = urlsplit(url)
-    if u.scheme == "file":
-        src = Path(unquote(u.path))
-        if not src.is_file():
-            raise StoreError(f"package URL {url}: file {src} does not exist")
-        check_space(src.stat().st_size)
-        part = dest.with_name(dest.name + ".part")
-        shutil.copyfile(src, part)
-        os.replace(part, dest)
-        return dest
-    if u.scheme not in ("http", "https"):
-        raise StoreError(f"package URL {url!r}: expected http(s):// or file://")
-    import httpx
-    from tenacity import (
-        Retrying,
-        retry_if_exception_type,
-        stop_after_attempt,
-        stop_before_delay,
-        wait_exponential_jitter,
-    )
-
-    stop = (
-        stop_after_attempt(attempts)
-        if deadline is None
-        else stop_before_delay(max(0.0, deadline - time.monotonic()))
-    )
-    retrying = Retrying(
-        stop=stop,
-        wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2),
-        retry=retry_if_exception_type(_Retry),
-        reraise=True,
-    )
-    try:
-        with httpx.Client(timeout=timeout, follow_redirects=True) as client:
-            for attempt in retrying:
-                with attempt:
-                    _download_once(client, url, dest, check_space, cancelled)
-    except _Retry as exc:
-        tries = retrying.statistics.get("attempt_number", attempts)
-        raise TransportError(
-            f"download of {url} failed after {tries} attempts (the partial download is kept): {exc}"
-        ) from exc
-    return dest
-
-
-class _Retry(Exception):
-    """A transient download failure: try again from where the ``.part`` file ends."""
-
-
-def _download_once(
-    client: Any,
-    url: str,
-    dest: Path,
-    check_space: Callable[[int], None],
-    cancelled: Callable[[], bool],
-) -> None:
-    import httpx
-
-    if cancelled():
-        raise StoreError(f"download of {url} abandoned")
-    part = dest.with_name(dest.name + ".part")
-    offset = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
-    try:
-        with client.stream("GET", url, headers=headers) as r:
-            if r.status_code == 416 and offset:
-                # Our .part is already complete (or the file changed): start over to be sure.
-                part.unlink(missing_ok=True)
-                raise _Retry("server refused the range; restarting the download")
-            if r.status_code >= 500:
-                raise _Retry(f"server answered {r.status_code}")
-            if r.status_code not in (200, 206):
-                raise StoreError(f"download of {url} failed: HTTP {r.status_code}")
-            if r.status_code == 200 and offset:
-                log.info("server ignored Range; downloading %s from the start", url)
-                offset = 0
-            length = r.headers.get("Content-Length")
-            if length is not None:
-                check_space(int(length))
-            mode = "ab" if r.status_code == 206 else "wb"
-            with open(part, mode) as f:
-                for chunk in r.iter_bytes():
-                    if cancelled():
-                        raise StoreError(f"download of {url} abandoned")
-                    f.write(chunk)
-                    f.flush()  # on disk as it arrives: a kill keeps what was received
-                f.flush()
-                os.fsync(f.fileno())
-    except httpx.TransportError as exc:
-        raise _Retry(f"{type(exc).__name__}: {exc}") from exc
-    os.replace(part, dest)
-
-
-def _strip(key: str, prefix: str) -> str:
-    return key[len(prefix) :] if key.startswith(prefix) else key
-
-
-# -- health check ------------------------------------------------------------------------------
-def health_check(backend: Backend, pkg: ModelPackage) -> dict[str, Any]:
-    """Run the package's recorded warm-up inputs and compare with its recorded outputs.
-
-    ``manifest.warmup`` (written by the converters, docs/package.md) names a ``.npz`` in the
-    package (``file``) whose arrays are listed in ``inputs`` (``input.<name>``) and ``outputs``
-    (``output.<name>``), the output to compare (``compare_output``, default all) and the
-    tolerances ``min_top1_agreement`` (default 0.99 for ``task == "classification"``, not checked
-    for other tasks, whose output columns are not classes) and ``max_rel_l2`` (default 0.05). A
-    package without a warm-up file passes if one inference on zeros runs. Returns the figures.
-    """
-    w = pkg.manifest.warmup
-    file = w.get("file")
-    m = pkg.manifest
-    try:
-        if not file:
-            feed = {
-                s.name: np.zeros(
-                    [d if isinstance(d, int) else 1 for d in s.shape], dtype=np.dtype(s.dtype)
-                )
-                for s in m.inputs
-            }
-            backend.infer(feed)
-            return {"checked": False}
-        path = pkg.root / str(file)
-        with np.load(path, allow_pickle=False) as npz:
-            in_keys = [str(x) for x in w.get("inputs") or [f"input.{s.name}" for s in m.inputs]]
-            out_keys = [str(x) for x in w.get("outputs") or [f"output.{s.name}" for s in m.outputs]]
-            missing = [k for k in (*in_keys, *out_keys) if k not in npz.files]
-            if missing:
-                raise HealthCheckError(
-                    f"warm-up file {file} lacks arrays {missing} (it has {sorted(npz.files)})"
-                )
-            feed = {_strip(k, "input."): npz[k] for k in in_keys}
-            expected = {_strip(k, "output."): npz[k] for k in out_keys}
-        compare = w.get("compare_output")
-        if isinstance(compare, str) and compare in expected:
-            expected = {compare: expected[compare]}
-        got = backend.infer(feed)
-    except (RuntimeBackendError, ValueError, OSError) as exc:
-        raise HealthCheckError(f"warm-up inference failed: {exc}") from exc
-    # Top-1 agreement means something only for class scores: a regression or embedding model's
-    # columns are not classes, so without an explicit threshold only max_rel_l2 applies to it.
-    raw_agree = w.get("min_top1_agreement")
-    if raw_agree is None and m.task == "classification":
-        raw_agree = 0.99
-    min_agree = None if raw_agree is None else float(raw_agree)
-    max_l2 = float(w.get("max_rel_l2", 0.05))
-    figures: dict[str, Any] = {"checked": True}
-    for name, exp in expected.items():
-        out = np.asarray(got[name], dtype=np.float64)
-        ref = np.asarray(exp, dtype=np.float64)
-        if out.shape != ref.shape:
-            raise HealthCheckError(
-                f"warm-up output '{name}': shape {list(out.shape)}, expected {list(ref.shape)}"
-            )
-        rel = float(np.linalg.norm(out - ref) / max(float(np.linalg.norm(ref)), 1e-12))
-        figures[f"{name}.rel_l2"] = rel
-        if rel > max_l2:
-            raise HealthCheckError(
-                f"warm-up output '{name}': relative L2 error {rel:.4g} exceeds {max_l2}"
-            )
-        if min_agree is not None and out.ndim >= 2 and out.shape[-1] > 1:
-            agree = float(np.mean(out.argmax(-1) == ref.argmax(-1)))
-            figures[f"{name}.top1_agreement"] = agree
-            if agree < min_agree:
-                raise HealthCheckError(
-                    f"warm-up output '{name}': top-1 agreement {agree:.3f} below {min_agree}"
-                )
-    return figures

@@ -24,8 +24,8 @@ import pytest
 from edgecloud.broker_security import dynsec_config
 from edgecloud.cloud.mqtt_worker import MqttWorker, echo_handler
 from edgecloud.errors import AuthError, ConfigError
+from edgecloud.mqtt import MqttConnection, parse_broker_url
 from edgecloud.topics import Topics
-from edgecloud.transport._mqtt_common import MqttConnection, parse_broker_url
 from edgecloud.transport.mqtt import MqttTransport
 from edgecloud.transport.v2 import InferRequest
 from tests.fixtures.broker import MosquittoBroker, _run_as_me
@@ -68,7 +68,9 @@ def broker() -> Iterator[MosquittoBroker]:
 @pytest.fixture(scope="module")
 def worker(broker: MosquittoBroker) -> Iterator[MqttWorker]:
     w = MqttWorker(
-        echo_handler, url=broker.url, region="eu", username="worker", password=PW["worker"]
+        echo_handler,
+        broker=parse_broker_url(broker.url, username="worker", password=PW["worker"]),
+        region="eu",
     ).start()
     yield w
     w.stop()
@@ -152,11 +154,9 @@ def test_worker_with_another_group_is_refused(broker: MosquittoBroker) -> None:
     with pytest.raises(AuthError, match="0x87"):
         MqttWorker(
             echo_handler,
-            url=broker.url,
+            broker=parse_broker_url(broker.url, username="worker", password=PW["worker"]),
             region="eu",
             group="other",
-            username="worker",
-            password=PW["worker"],
         ).start(timeout=5)
 
 

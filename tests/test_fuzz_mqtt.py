@@ -26,13 +26,13 @@ import numpy as np
 import pytest
 
 from edgecloud.cloud.mqtt_worker import MqttWorker, _SeenIds, echo_handler
-from edgecloud.topics import Topics
-from edgecloud.transport._mqtt_common import (
+from edgecloud.mqtt import (
     MqttConnection,
     parse_broker_url,
     publish_properties,
     user_properties,
 )
+from edgecloud.topics import Topics
 from edgecloud.transport.mqtt import MqttTransport
 from edgecloud.transport.v2 import HEADER_LENGTH, InferRequest
 from tests.fixtures.broker import MosquittoBroker
@@ -141,8 +141,8 @@ def worker_proc(
     )
     proc = subprocess.Popen(
         [
-            *(sys.executable, "-m", "edgecloud.cloud.mqtt_worker", "--url", broker.url),
-            *("--region", "fz", "--repo", str(repo), "--max-request-bytes", str(1 << 20)),
+            *(sys.executable, "-m", "edgecloud", "cloud", "mqtt-workers", "--mqtt", broker.url),
+            *("--region", "fz", "--repository", str(repo), "--max-request-bytes", str(1 << 20)),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -248,7 +248,7 @@ def test_mqtt_workers_survive_a_seeded_hostile_mix(
 # -- deduplication is per sender and lives only as long as the request's deadline ---------------
 @pytest.fixture
 def echo(broker: MosquittoBroker) -> Iterator[MqttWorker]:
-    w = MqttWorker(echo_handler, url=broker.url, region=f"dd-{uuid.uuid4().hex[:6]}").start()
+    w = MqttWorker(echo_handler, broker=broker.url, region=f"dd-{uuid.uuid4().hex[:6]}").start()
     yield w
     w.stop()
 

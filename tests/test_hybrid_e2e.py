@@ -290,7 +290,7 @@ def test_mqtt_region_and_failover_from_http(
 
     core = ServingCore(repo, intra_op_threads=1)
     try:
-        with start_mqtt_workers(core, url=mosquitto.url, region="mq"):
+        with start_mqtt_workers(core, broker=mosquitto.url, region="mq"):
             dead = region("dead-http", "http://127.0.0.1:9", priority=-1)  # tried first, refused
             mq = region("mq", mosquitto.url, options={"device_id": "cam-1"})
             with client_for(pkg, [dead, mq], probe_interval=None) as client:

@@ -23,8 +23,7 @@ from edgecloud.errors import (
     TransportError,
     TransportTimeout,
 )
-from edgecloud.topics import Topics
-from edgecloud.transport._mqtt_common import (
+from edgecloud.mqtt import (
     Backoff,
     MqttConnection,
     parse_broker_url,
@@ -32,6 +31,7 @@ from edgecloud.transport._mqtt_common import (
     reason_code_error,
     user_properties,
 )
+from edgecloud.topics import Topics
 from edgecloud.transport.mqtt import MqttTransport
 from edgecloud.transport.v2 import HEADER_LENGTH, InferRequest, encode_request
 from tests.fixtures.broker import MosquittoBroker, free_port
@@ -58,7 +58,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def region(broker: MosquittoBroker, repo: Path) -> Iterator[str]:
     """Region 'eu': a ServingCore on the digits CNN behind two MQTT workers."""
     core = ServingCore(repo, max_batch_size=8, max_queue_delay_ms=1.0)
-    pool = start_mqtt_workers(core, url=broker.url, region="eu", workers=2)
+    pool = start_mqtt_workers(core, broker=broker.url, region="eu", workers=2)
     yield "eu"
     pool.stop()
     core.close()
@@ -67,7 +67,7 @@ def region(broker: MosquittoBroker, repo: Path) -> Iterator[str]:
 @pytest.fixture
 def echo_worker(broker: MosquittoBroker) -> Iterator[MqttWorker]:
     """An echo worker in its own region (fresh per test so stats start at zero)."""
-    w = MqttWorker(echo_handler, url=broker.url, region=f"echo-{uuid.uuid4().hex[:6]}").start()
+    w = MqttWorker(echo_handler, broker=broker.url, region=f"echo-{uuid.uuid4().hex[:6]}").start()
     yield w
     w.stop()
 
@@ -295,7 +295,7 @@ def test_full_worker_queue_answers_503(broker: MosquittoBroker) -> None:
         release.wait(5)
         return echo_handler(req)
 
-    w = MqttWorker(slow, url=broker.url, region="slow", queue_size=1).start()
+    w = MqttWorker(slow, broker=broker.url, region="slow", queue_size=1).start()
     raw = Raw(broker, "dev-9")
     body = b'{"inputs": [{"name": "a", "datatype": "INT32", "shape": [1], "data": [7]}]}'
     try:

@@ -16,8 +16,8 @@ import pytest
 
 from edgecloud.cloud.mqtt_worker import MqttWorker, echo_handler
 from edgecloud.errors import AuthError, ConnectionFailed
+from edgecloud.mqtt import MqttConnection, parse_broker_url, publish_properties
 from edgecloud.topics import Topics
-from edgecloud.transport._mqtt_common import MqttConnection, parse_broker_url, publish_properties
 from edgecloud.transport.mqtt import MqttTransport
 from edgecloud.transport.v2 import InferRequest
 from tests.fixtures.broker import (
@@ -44,7 +44,9 @@ def secured() -> Iterator[MosquittoBroker]:
 @pytest.fixture(scope="module")
 def secured_worker(secured: MosquittoBroker) -> Iterator[MqttWorker]:
     w = MqttWorker(
-        echo_handler, url=secured.url, region="eu", username="worker", password=USERS["worker"]
+        echo_handler,
+        broker=parse_broker_url(secured.url, username="worker", password=USERS["worker"]),
+        region="eu",
     ).start()
     yield w
     w.stop()
@@ -196,7 +198,9 @@ def test_subscription_to_another_devices_replies_is_refused_suback_0x87(
     finally:
         conn.close()
     w = MqttWorker(
-        echo_handler, url=dynsec.url, region="eu", username="worker", password="w-secret"
+        echo_handler,
+        broker=parse_broker_url(dynsec.url, username="worker", password="w-secret"),
+        region="eu",
     ).start()
     try:
         with MqttTransport(
@@ -248,7 +252,9 @@ def test_mtls_round_trip_with_cn_as_username(mtls: tuple[MosquittoBroker, Any]) 
     assert broker.url.startswith("mqtts://")
     wcert, wkey = files.clients["worker"]
     w = MqttWorker(
-        echo_handler, url=broker.url, region="eu", ca=files.ca, certfile=wcert, keyfile=wkey
+        echo_handler,
+        broker=parse_broker_url(broker.url, ca=files.ca, certfile=wcert, keyfile=wkey),
+        region="eu",
     ).start()
     try:
         cert, key = files.clients["dev-a"]

@@ -19,8 +19,7 @@ import pytest
 
 from edgecloud.cloud.mqtt_worker import MqttWorker, echo_handler
 from edgecloud.errors import ConnectionFailed, TransportError
-from edgecloud.topics import Topics
-from edgecloud.transport._mqtt_common import (
+from edgecloud.mqtt import (
     Backoff,
     MqttConnection,
     SelectorLoop,
@@ -28,6 +27,7 @@ from edgecloud.transport._mqtt_common import (
     publish_properties,
     user_properties,
 )
+from edgecloud.topics import Topics
 from edgecloud.transport.mqtt import MqttTransport
 from edgecloud.transport.v2 import InferRequest, InferResponse
 
@@ -53,7 +53,7 @@ def test_broker_restart_fail_fast_then_recover(mosquitto: Any) -> None:
             gate.wait(10)
         return echo_handler(req)
 
-    w = MqttWorker(slow_echo, url=mosquitto.url, region="eu").start()
+    w = MqttWorker(slow_echo, broker=mosquitto.url, region="eu").start()
     t = MqttTransport(mosquitto.url, region="eu", device_id="dev-r")
     try:
         assert t.infer(X, timeout=5).outputs["x"].tolist() == [0, 1, 2, 3]
@@ -108,8 +108,10 @@ def _spawn_worker(url: str, region: str, *source: str) -> subprocess.Popen[str]:
         [
             sys.executable,
             "-m",
-            "edgecloud.cloud.mqtt_worker",
-            "--url",
+            "edgecloud",
+            "cloud",
+            "mqtt-workers",
+            "--mqtt",
             url,
             "--region",
             region,
@@ -235,7 +237,7 @@ def test_selector_loop_drives_1100_clients_past_fd_1024(mosquitto: Any) -> None:
 
 
 def test_forked_child_gets_its_own_loop_and_connection(mosquitto: Any) -> None:
-    w = MqttWorker(echo_handler, url=mosquitto.url, region="fork").start()
+    w = MqttWorker(echo_handler, broker=mosquitto.url, region="fork").start()
     t = MqttTransport(mosquitto.url, region="fork", device_id="dev-f")
     try:
         assert t.infer(X, timeout=5).outputs["x"].tolist() == [0, 1, 2, 3]
@@ -263,7 +265,9 @@ def test_standalone_worker_process_serves_a_model_repository(
 
     (tmp_path / "digits_cloud" / "1").mkdir(parents=True)
     shutil.copy(ROOT / "samples/models/digits_cloud.onnx", tmp_path / "digits_cloud/1/model.onnx")
-    proc = _spawn_worker(mosquitto.url, "solo", "--repo", str(tmp_path), "--workers", "2")
+    proc = _spawn_worker(
+        mosquitto.url, "solo", "--repository", str(tmp_path), "--mqtt-workers", "2"
+    )
     d = np.load(ROOT / "samples/data/cloud_val.npz")
     try:
         with MqttTransport(mosquitto.url, region="solo", device_id="dev-s") as t:

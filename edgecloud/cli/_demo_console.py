@@ -77,16 +77,15 @@ class DemoConsole:
 
     def attach(self, client: Any, model: str, version: str) -> None:
         """Start reporting for ``client`` (an ``AgentClient``: its metrics are the telemetry)."""
-        from edgecloud.transport._mqtt_common import make_client, parse_broker_url
+        from edgecloud.mqtt import MqttConnection, parse_broker_url
 
         self._client = client
         self._model = (model, version)
-        settings = parse_broker_url(self.broker_url)
-        m = make_client(settings, self.device_id)
-        m.will_set(self.topics.status(self.device_id), self._status(False), qos=1, retain=True)
-        m.connect(settings.host, settings.port, keepalive=10)
-        m.loop_start()
-        self._mqtt = m
+        self._mqtt = MqttConnection(
+            parse_broker_url(self.broker_url, keepalive=10),
+            client_id=self.device_id,
+            will=(self.topics.status(self.device_id), self._status(False), 1, True),
+        ).start(timeout=10.0)
         self._publish(self.topics.status(self.device_id), self._status(True), retain=True)
         reported = ReportedState(
             version=1,
@@ -117,7 +116,7 @@ class DemoConsole:
 
     def _publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         if self._mqtt is not None:
-            self._mqtt.publish(topic, payload, qos=1, retain=retain)
+            self._mqtt.publish(topic, payload, qos=1, retain=retain, queue_when_down=True)
 
     def heartbeat(self) -> None:
         """One telemetry record now, in the agent's format."""
@@ -162,10 +161,13 @@ class DemoConsole:
         if self._thread is not None:
             self._thread.join(timeout=5)
         if self._mqtt is not None:
+            acked = threading.Event()
             with contextlib.suppress(Exception):
                 self._mqtt.publish(
-                    self.topics.status(self.device_id), self._status(False), qos=1, retain=True
-                ).wait_for_publish(2)
-            with contextlib.suppress(Exception):
-                self._mqtt.disconnect()
-            self._mqtt.loop_stop()
+                    self.topics.status(self.device_id),
+                    self._status(False),
+                    retain=True,
+                    on_ack=lambda _rc: acked.set(),
+                )
+                acked.wait(2)
+            self._mqtt.close(wait=2.0)

@@ -1,4 +1,5 @@
-"""``edgecloud cloud serve``: run one cloud region (KServe V2 over HTTP, optionally MQTT workers).
+"""``edgecloud cloud serve``: run one cloud region (KServe V2 over HTTP, optionally MQTT workers);
+``edgecloud cloud mqtt-workers``: the same region over MQTT only (or an echo for benchmarks).
 
 The server prints one line ``edgecloud cloud: region NAME serving MODELS on URL`` to stdout once it
 accepts connections, so scripts (and the test fixtures) can start it with ``--port 0`` and read the
@@ -74,6 +75,44 @@ def register(sub: Any) -> None:
         help="also serve KServe V2 over gRPC on this port (0 picks a free one; needs [grpc])",
     )
     s.add_argument("--mqtt", metavar="URL", help="also serve over MQTT (mqtt://host:port)")
+    _mqtt_flags(s)
+    s.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+    s.set_defaults(func=_serve)
+    w = csub.add_parser(
+        "mqtt-workers",
+        help="serve a region over MQTT only (workers in a shared subscription, no HTTP)",
+        description="Run MQTT workers in front of a model repository (or an echo, for protocol "
+        "tests and benchmarks). Prints 'ready' once every worker is subscribed.",
+    )
+    w.add_argument("--mqtt", metavar="URL", required=True, help="broker (mqtt://host:port)")
+    w.add_argument("--region", required=True, help="region name (the request topic's segment)")
+    src = w.add_mutually_exclusive_group(required=True)
+    src.add_argument("--repository", type=Path, help="model repository directory")
+    src.add_argument("--echo", action="store_true", help="answer with the request's tensors")
+    w.add_argument(
+        "--echo-delay-ms",
+        type=float,
+        default=0.0,
+        help="with --echo: hold each request this long, like a backend that waits on an "
+        "accelerator (benchmarks of share-group scaling)",
+    )
+    w.add_argument(
+        "--max-batch-size", type=int, default=32, help="rows per batch (1 = no batching)"
+    )
+    w.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=64 * 1024 * 1024,
+        help="largest request payload accepted (413 above; default 64 MiB)",
+    )
+    _limit_options(w)
+    _mqtt_flags(w)
+    w.add_argument("--qos", type=int, default=1, choices=(0, 1), help="subscription QoS")
+    w.set_defaults(func=_mqtt_workers)
+
+
+def _mqtt_flags(s: Any) -> None:
+    """The broker and worker options ``serve --mqtt`` and ``mqtt-workers`` share."""
     s.add_argument("--mqtt-workers", type=int, default=1, help="MQTT workers (shared subscription)")
     s.add_argument("--mqtt-username", help="MQTT user name")
     s.add_argument(
@@ -91,8 +130,6 @@ def register(sub: Any) -> None:
         help="MQTT share group of this region's workers (default workers-REGION); must match "
         "the broker's grants for the workers' role",
     )
-    s.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
-    s.set_defaults(func=_serve)
 
 
 _LIMIT_FLAGS = {
@@ -131,7 +168,7 @@ def limits_from_args(args: argparse.Namespace) -> Any:
     )
 
 
-def _start_mqtt(core: Any, args: argparse.Namespace) -> Any:
+def _start_mqtt(core: Any, args: argparse.Namespace, limits: Any = None) -> Any:
     try:
         mod = importlib.import_module("edgecloud.cloud.mqtt_worker")
         start = mod.start_mqtt_workers
@@ -140,29 +177,75 @@ def _start_mqtt(core: Any, args: argparse.Namespace) -> Any:
             f"--mqtt is not available in this build: edgecloud.cloud.mqtt_worker cannot be "
             f"loaded ({exc.__class__.__name__}: {exc})"
         ) from exc
+    from edgecloud.mqtt import parse_broker_url
+
+    if limits is None:
+        limits = limits_from_args(args)
+    broker = parse_broker_url(
+        args.mqtt,
+        username=args.mqtt_username or None,
+        password=args.mqtt_password or None,
+        ca=args.mqtt_ca,
+        certfile=args.mqtt_cert,
+        keyfile=args.mqtt_key,
+    )
     opts: dict[str, Any] = {}
-    if args.mqtt_username:
-        opts["username"] = args.mqtt_username
-    if args.mqtt_password:
-        opts["password"] = args.mqtt_password
-    if args.mqtt_ca:
-        opts["ca"] = str(args.mqtt_ca)
-    if args.mqtt_cert:
-        opts["certfile"] = str(args.mqtt_cert)
-    if args.mqtt_key:
-        opts["keyfile"] = str(args.mqtt_key)
     if args.mqtt_prefix != "edgecloud":
         opts["prefix"] = args.mqtt_prefix
     if args.group:
         opts["group"] = args.group
+    if getattr(args, "qos", 1) != 1:
+        opts["qos"] = args.qos
     return start(
         core,
-        url=args.mqtt,
+        broker=broker,
         region=args.region,
         workers=args.mqtt_workers,
-        limits=limits_from_args(args),
+        limits=limits,
         **opts,
     )
+
+
+def _mqtt_workers(args: argparse.Namespace) -> int:
+    """Workers without the HTTP server; 'ready' on stdout, then serve until SIGTERM/SIGINT."""
+    import signal
+    import threading
+
+    if args.mqtt_workers < 1:
+        raise ConfigError(f"--mqtt-workers must be >= 1, got {args.mqtt_workers}")
+    core: Any = None
+    if args.repository is not None:
+        from edgecloud.cloud.core import ServingCore
+
+        core = ServingCore(args.repository, max_batch_size=args.max_batch_size)
+        target: Any = core
+        limits = limits_from_args(args)
+    else:
+        from edgecloud.cloud.mqtt_worker import delayed_echo_handler
+
+        target = delayed_echo_handler(args.echo_delay_ms / 1000.0)
+        # --echo runs no model (no onnxruntime arena to protect): rows are bounded by the
+        # payload bytes alone unless --max-rows says otherwise.
+        if args.max_rows is None:
+            args.max_rows = 2**62
+        limits = limits_from_args(args)
+    try:
+        pool = _start_mqtt(target, args, limits)
+    except BaseException:
+        if core is not None:
+            core.close()
+        raise
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print("ready", flush=True)
+    try:
+        stop.wait()
+    finally:
+        pool.stop()
+        if core is not None:
+            core.close()
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -217,7 +300,7 @@ def _serve(args: argparse.Namespace) -> int:
             ).start()
             print(f"edgecloud cloud: region {args.region} grpc on {grpc_handle.url}", flush=True)
         if args.mqtt:
-            mqtt_handle = _start_mqtt(core, args)
+            mqtt_handle = _start_mqtt(core, args, limits)
         if args.latency_ms:
             log.warning("simulating a farther region: +%.0f ms on every response", args.latency_ms)
         print(

@@ -32,14 +32,10 @@ and replies are published from the core's completion callbacks without blocking.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import concurrent.futures
 import logging
-import os
 import queue
-import signal
-import sys
 import threading
 import time
 import uuid
@@ -49,11 +45,17 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-from edgecloud import environment
+from edgecloud.cloud.mqtt_dedup import SeenIds
+from edgecloud.cloud.mqtt_handlers import (
+    Handler,
+    Submit,
+    default_status,
+    delayed_echo_handler,
+    echo_handler,
+)
 from edgecloud.errors import (
     ConfigError,
     EdgeCloudError,
-    InputError,
     ProtocolError,
     TransportError,
 )
@@ -65,13 +67,14 @@ from edgecloud.limits import (
     check_rows,
     parse_decimal,
 )
-from edgecloud.topics import Topics, check_segment
-from edgecloud.transport._mqtt_common import (
+from edgecloud.mqtt import (
+    BrokerSettings,
     MqttConnection,
     PublishProperties,
-    parse_broker_url,
+    broker_settings,
     user_properties,
 )
+from edgecloud.topics import Topics, check_segment
 from edgecloud.transport.mqtt import (
     DEFAULT_BINARY_THRESHOLD,
     PROP_BINARY_THRESHOLD,
@@ -96,72 +99,15 @@ __all__ = [
     "Handler",
     "MqttWorker",
     "MqttWorkerPool",
+    "delayed_echo_handler",
     "echo_handler",
-    "main",
     "start_mqtt_workers",
 ]
 
 log = logging.getLogger("edgecloud.cloud.mqtt")
+_SeenIds = SeenIds  # the name tests and earlier code used
 # deadline-ms values below this (1973-03-03 in milliseconds) are seconds sent by mistake.
 _MIN_DEADLINE_MS = 10**11
-
-
-#: ``handler(request)`` returns a response or a future of one; it may raise EdgeCloudError.
-Handler = Callable[[InferRequest], "concurrent.futures.Future[InferResponse] | InferResponse"]
-_Submit = Callable[
-    [InferRequest, "float | None"], "concurrent.futures.Future[InferResponse] | InferResponse"
-]
-
-
-def echo_handler(request: InferRequest) -> InferResponse:
-    """Answers with the request's own tensors: for protocol tests and transport benchmarks."""
-    return InferResponse(model=request.model, version=request.version, outputs=dict(request.inputs))
-
-
-def _default_status(exc: BaseException) -> int:
-    status = getattr(exc, "status", None)
-    if isinstance(status, int) and 100 <= status < 600:
-        return status
-    if isinstance(exc, InputError | ProtocolError):
-        return 400
-    return 500
-
-
-class _SeenIds:
-    """Recent (sender, correlation id) pairs, each kept until its request's deadline.
-
-    QoS 1 may deliver a request twice; the duplicate is dropped. Keying by sender keeps one
-    device from silencing another that happens to use the same bytes, and expiring entries at the
-    request's deadline lets a device reuse an id (a restarted counter) once the old request is
-    over. Bounded: beyond ``size`` the oldest entries go first.
-    """
-
-    def __init__(self, size: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self._ids: collections.OrderedDict[tuple[str, bytes], float] = collections.OrderedDict()
-        self._size = size
-        self._clock = clock
-        self._lock = threading.Lock()
-
-    def seen(self, sender: str, corr: bytes, ttl_s: float) -> bool:
-        """Record the pair until ``ttl_s`` from now; True when it is already live."""
-        now = self._clock()
-        key = (sender, corr)
-        with self._lock:
-            expiry = self._ids.get(key)
-            if expiry is not None and expiry > now:
-                return True
-            self._ids.pop(key, None)
-            self._ids[key] = now + max(0.0, ttl_s)
-            while self._ids:
-                first_key, first_exp = next(iter(self._ids.items()))
-                if len(self._ids) > self._size or first_exp <= now:
-                    del self._ids[first_key]
-                else:
-                    break
-            return False
-
-    def __len__(self) -> int:
-        return len(self._ids)
 
 
 @dataclass
@@ -186,14 +132,8 @@ class MqttWorker:
         self,
         handler: Handler,
         *,
-        url: str,
+        broker: BrokerSettings | str,
         region: str,
-        username: str | None = None,
-        password: str | None = None,
-        ca: str | os.PathLike[str] | None = None,
-        certfile: str | os.PathLike[str] | None = None,
-        keyfile: str | os.PathLike[str] | None = None,
-        tls_insecure: bool = False,
         prefix: str = "edgecloud",
         group: str | None = None,
         qos: int = 1,
@@ -202,11 +142,10 @@ class MqttWorker:
         dedup_size: int = 8192,
         binary_threshold: int = DEFAULT_BINARY_THRESHOLD,
         status_for: Callable[[BaseException], int] | None = None,
-        connect_timeout: float = 5.0,
         clock_skew_ms: float = 250.0,
         limits: Limits = DEFAULT_LIMITS,
         dedup_window_s: float = 60.0,
-        _submit: _Submit | None = None,
+        _submit: Submit | None = None,
     ) -> None:
         self.region = check_segment(region, "region")
         self.limits = limits
@@ -217,22 +156,13 @@ class MqttWorker:
         self.qos = qos
         self.binary_threshold = binary_threshold
         self.clock_skew_ms = clock_skew_ms
-        self._submit: _Submit = _submit or (lambda req, _deadline: handler(req))
-        self._status_for = status_for or _default_status
+        self._submit: Submit = _submit or (lambda req, _deadline: handler(req))
+        self._status_for = status_for or default_status
         self._queue: queue.Queue[paho.MQTTMessage] = queue.Queue(maxsize=queue_size)
-        self._seen = _SeenIds(dedup_size)
+        self._seen = SeenIds(dedup_size)
         self._stop = threading.Event()
         self.stats: collections.Counter[str] = collections.Counter()
-        settings = parse_broker_url(
-            url,
-            username=username,
-            password=password,
-            ca=ca,
-            certfile=certfile,
-            keyfile=keyfile,
-            tls_insecure=tls_insecure,
-            connect_timeout=connect_timeout,
-        )
+        settings = broker_settings(broker)
         self.client_id = client_id or f"worker-{region}-{uuid.uuid4().hex[:8]}"
         self.conn = MqttConnection(
             settings, client_id=self.client_id, on_message=self._on_message, region=region
@@ -507,19 +437,12 @@ class MqttWorkerPool:
 def start_mqtt_workers(
     core: Any,
     *,
-    url: str,
+    broker: BrokerSettings | str,
     region: str,
     workers: int = 1,
-    username: str | None = None,
-    password: str | None = None,
-    ca: str | os.PathLike[str] | None = None,
-    certfile: str | os.PathLike[str] | None = None,
-    keyfile: str | os.PathLike[str] | None = None,
-    tls_insecure: bool = False,
     prefix: str = "edgecloud",
     group: str | None = None,
     qos: int = 1,
-    connect_timeout: float = 5.0,
     limits: Limits = DEFAULT_LIMITS,
 ) -> MqttWorkerPool:
     """Run ``workers`` MQTT workers (threads, one connection each) in front of ``core``.
@@ -533,7 +456,7 @@ def start_mqtt_workers(
         from edgecloud.errors import ConfigError
 
         raise ConfigError(f"--mqtt-workers must be >= 1, got {workers}")
-    submit: _Submit
+    submit: Submit
     status_for: Callable[[BaseException], int] | None = None
     if hasattr(core, "submit"):
         from edgecloud.cloud.core import status_for as core_status
@@ -550,112 +473,25 @@ def start_mqtt_workers(
         def submit(req: InferRequest, deadline: float | None) -> Any:
             return handler(req)
 
+    settings = broker_settings(broker)
     started: list[MqttWorker] = []
     try:
         for _ in range(workers):
             w = MqttWorker(
                 handler,
-                url=url,
+                broker=settings,
                 region=region,
-                username=username,
-                password=password,
-                ca=ca,
-                certfile=certfile,
-                keyfile=keyfile,
-                tls_insecure=tls_insecure,
                 prefix=prefix,
                 group=group,
                 qos=qos,
                 status_for=status_for,
-                connect_timeout=connect_timeout,
                 limits=limits,
                 _submit=submit,
             )
             started.append(w)
-            w.start(timeout=connect_timeout + 1.0)
+            w.start(timeout=settings.connect_timeout + 1.0)
     except BaseException:
         for w in started:
             w.stop()
         raise
     return MqttWorkerPool(started)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m edgecloud.cloud.mqtt_worker``: MQTT workers without the HTTP server.
-
-    Prints ``ready`` once every worker is subscribed, then serves until SIGTERM/SIGINT.
-    """
-    p = argparse.ArgumentParser(prog="python -m edgecloud.cloud.mqtt_worker")
-    p.add_argument("--url", required=True, help="mqtt://host:port or mqtts://...")
-    p.add_argument("--region", required=True)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--repo", help="model repository directory (ServingCore)")
-    src.add_argument("--echo", action="store_true", help="answer with the request's tensors")
-    p.add_argument(
-        "--echo-delay-ms",
-        type=float,
-        default=0.0,
-        help="with --echo: hold each request this long, like a backend that waits on an "
-        "accelerator (benchmarks of share-group scaling)",
-    )
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--group", default=None)
-    p.add_argument("--prefix", default="edgecloud")
-    p.add_argument("--username", default=None)
-    p.add_argument("--password", default=environment.mqtt_password())
-    p.add_argument("--qos", type=int, default=1, choices=(0, 1))
-    p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--max-request-bytes", type=int, default=None, help="413 above (64 MiB)")
-    p.add_argument("--max-json-bytes", type=int, default=None, help="413 above (8 MiB)")
-    p.add_argument("--max-rows", type=int, default=None, help="413 above (4096)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    core: Any = None
-    try:
-        if args.repo:
-            from edgecloud.cloud.core import ServingCore
-
-            core = ServingCore(args.repo, max_batch_size=args.max_batch_size)
-            target: Any = core
-        elif args.echo_delay_ms > 0:
-            delay = args.echo_delay_ms / 1000.0
-
-            def target(req: InferRequest) -> InferResponse:
-                time.sleep(delay)
-                return echo_handler(req)
-        else:
-            target = echo_handler
-        pool = start_mqtt_workers(
-            target,
-            url=args.url,
-            region=args.region,
-            workers=args.workers,
-            username=args.username,
-            password=args.password,
-            prefix=args.prefix,
-            group=args.group,
-            qos=args.qos,
-            limits=DEFAULT_LIMITS.with_(
-                max_body_bytes=args.max_request_bytes,
-                max_json_bytes=args.max_json_bytes,
-                # --echo runs no model (no onnxruntime arena to protect): rows are bounded by
-                # the payload bytes alone unless --max-rows says otherwise.
-                max_rows=args.max_rows or (None if args.repo else 2**62),
-            ),
-        )
-    except EdgeCloudError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    print("ready", flush=True)
-    stop.wait()
-    pool.stop()
-    if core is not None:
-        core.close()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Unpack
 
 import paho.mqtt.client as paho
 from paho.mqtt.reasoncodes import ReasonCode
@@ -39,8 +39,8 @@ from edgecloud.errors import (
     TransportError,
     TransportTimeout,
 )
-from edgecloud.topics import Topics, check_segment
-from edgecloud.transport._mqtt_common import (
+from edgecloud.mqtt import (
+    BrokerOptions,
     BrokerSettings,
     MqttConnection,
     PublishProperties,
@@ -48,6 +48,7 @@ from edgecloud.transport._mqtt_common import (
     reason_code_error,
     user_properties,
 )
+from edgecloud.topics import Topics, check_segment
 from edgecloud.transport.base import Transport
 from edgecloud.transport.compact import UpstreamCounter
 from edgecloud.transport.v2 import (
@@ -211,6 +212,10 @@ def _release(key: tuple[Any, ...], sess: _DeviceSession) -> None:
 class MqttTransport(Transport):
     """V2 inference to one region over MQTT 5; see the module docstring for the protocol.
 
+    ``endpoint`` is a ``BrokerSettings`` or a broker URL; with a URL, the broker options
+    (``BrokerOptions``: credentials, TLS files, ``connect_timeout``) may follow as keywords,
+    as a region's ``options`` table gives them.
+
     ``model`` overrides the request's model name (the cloud model may be named differently from
     the edge model). Tensors of ``binary_threshold`` bytes or more travel as raw binary, smaller
     ones as JSON. ``max_pending`` bounds requests in flight on the shared connection.
@@ -218,22 +223,16 @@ class MqttTransport(Transport):
 
     def __init__(
         self,
-        endpoint: str,
+        endpoint: str | BrokerSettings,
         *,
         region: str,
         device_id: str,
         model: str | None = None,
-        username: str | None = None,
-        password: str | None = None,
-        ca: str | os.PathLike[str] | None = None,
-        certfile: str | os.PathLike[str] | None = None,
-        keyfile: str | os.PathLike[str] | None = None,
-        tls_insecure: bool = False,
         qos: int = 1,
         binary_threshold: int = DEFAULT_BINARY_THRESHOLD,
         prefix: str = "edgecloud",
         max_pending: int = 1024,
-        connect_timeout: float = 5.0,
+        **broker: Unpack[BrokerOptions],
     ) -> None:
         if qos not in (0, 1):
             raise ConfigError(f"MQTT qos must be 0 or 1 for inference, got {qos}")
@@ -249,17 +248,15 @@ class MqttTransport(Transport):
         self.qos = qos
         self.binary_threshold = binary_threshold
         self.upstream = UpstreamCounter()  # encoded payloads (edgecloud/transport/compact.py)
-        self.connect_timeout = connect_timeout
-        self.settings = parse_broker_url(
-            endpoint,
-            username=username,
-            password=password,
-            ca=ca,
-            certfile=certfile,
-            keyfile=keyfile,
-            tls_insecure=tls_insecure,
-            connect_timeout=connect_timeout,
-        )
+        if isinstance(endpoint, BrokerSettings):
+            if broker:
+                raise ConfigError(
+                    f"MQTT options {sorted(broker)} go into the BrokerSettings, not beside it"
+                )
+            self.settings = endpoint
+        else:
+            self.settings = parse_broker_url(endpoint, **broker)
+        self.connect_timeout = self.settings.connect_timeout
         self._key, self._session = _acquire(
             self.settings, self.device_id, self.topics, qos, max_pending
         )
