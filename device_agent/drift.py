@@ -29,7 +29,8 @@ import numpy as np
 from edgecloud.calibration import routing_of
 from edgecloud.errors import ConfigError
 from edgecloud.package.manifest import Manifest
-from edgecloud.routing.confidence import ConfidencePolicy, confidence_from_manifest
+from edgecloud.routing.calibrated import confidence_from_manifest
+from edgecloud.routing.confidence import ConfidencePolicy
 
 __all__ = ["DriftMonitor"]
 

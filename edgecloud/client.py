@@ -46,12 +46,9 @@ from edgecloud.package.io import ModelPackage
 from edgecloud.package.manifest import Manifest
 from edgecloud.routing import escalation as _esc
 from edgecloud.routing.batch import split_result, stack_batch
+from edgecloud.routing.calibrated import confidence_from_manifest
 from edgecloud.routing.capacity import CapacityLimiter, CpuLoadGate
-from edgecloud.routing.confidence import (
-    ConfidencePolicy,
-    CustomConfidence,
-    confidence_from_manifest,
-)
+from edgecloud.routing.confidence import ConfidencePolicy, CustomConfidence
 from edgecloud.routing.deadline import Deadline
 from edgecloud.routing.engine import Router
 from edgecloud.routing.factory import RegionSpec, build_regions, reshape_adapter

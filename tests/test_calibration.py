@@ -25,7 +25,7 @@ from edgecloud.package import (
     verify_package,
     write_package,
 )
-from edgecloud.routing.confidence import confidence_from_manifest
+from edgecloud.routing.calibrated import confidence_from_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 S = ROOT / "samples"

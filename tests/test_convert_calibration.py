@@ -25,7 +25,11 @@ from converters.model import inspect_model
 from edgecloud import calibration as cal
 from edgecloud.client import HybridClient
 from edgecloud.package import read_manifest, verify_package
-from edgecloud.routing.confidence import confidence_from_manifest
+from edgecloud.routing.calibrated import (
+    TemperedConfidence,
+    VectorScaledConfidence,
+    confidence_from_manifest,
+)
 from edgecloud.runtime.loader import load_backend
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,14 +96,14 @@ def test_the_runtime_routes_on_the_converted_calibration(report: ConversionRepor
     )
     policy = confidence_from_manifest(m)
     if vector:
-        assert isinstance(policy, cal.VectorScaledConfidence)
+        assert isinstance(policy, VectorScaledConfidence)
         scale, bias = np.array(r["vector"]["scale"]), np.array(r["vector"]["bias"])
         assert len(scale) == len(bias) == 10
 
         def expected(z: np.ndarray) -> float:
             return float(cal.vector_confidence(z[None], scale, bias)[0])
     else:
-        assert isinstance(policy, cal.TemperedConfidence)
+        assert isinstance(policy, TemperedConfidence)
 
         def expected(z: np.ndarray) -> float:
             return float(cal.softmax(z[None], r["temperature"]).max())

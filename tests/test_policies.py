@@ -17,8 +17,8 @@ import onnxruntime as ort
 import pytest
 
 from edgecloud.errors import ConnectionFailed, NoRouteError
+from edgecloud.routing.calibrated import confidence_from_manifest
 from edgecloud.routing.capacity import CapacityLimiter
-from edgecloud.routing.confidence import confidence_from_manifest
 from edgecloud.routing.engine import Router
 from edgecloud.routing.escalation import Escalation
 from edgecloud.routing.factory import reshape_adapter

@@ -22,7 +22,7 @@ from edgecloud.package import (
     load_private_key,
     write_package,
 )
-from edgecloud.routing.confidence import confidence_from_manifest
+from edgecloud.routing.calibrated import confidence_from_manifest
 from edgecloud.routing.task_confidence import (
     DetectorConfidence,
     MultiLabelMargin,

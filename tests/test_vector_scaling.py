@@ -14,7 +14,11 @@ import pytest
 from edgecloud import calibration as cal
 from edgecloud.errors import ConfigError
 from edgecloud.package import Manifest, TensorSpec, Variant, read_manifest, write_package
-from edgecloud.routing.confidence import confidence_from_manifest
+from edgecloud.routing.calibrated import (
+    TemperedConfidence,
+    VectorScaledConfidence,
+    confidence_from_manifest,
+)
 from edgecloud.tuning import tune
 
 
@@ -81,7 +85,7 @@ def test_runtime_reads_the_vector_of_the_returned_label(tmp_path: Path) -> None:
     )
     written = write_package(tmp_path / "pkg", m, {"m.onnx": tmp_path / "m.onnx"})
     policy = confidence_from_manifest(read_manifest(tmp_path / "pkg"))
-    assert isinstance(policy, cal.VectorScaledConfidence)
+    assert isinstance(policy, VectorScaledConfidence)
     v = written.routing["vector"]
     got = policy({"logits": x[:50].astype(np.float32)})
     want = cal.vector_confidence(
@@ -95,4 +99,4 @@ def test_runtime_reads_the_vector_of_the_returned_label(tmp_path: Path) -> None:
         assert (got[moved] < p.max(1)[moved]).all()
     # a margin policy keeps the scalar temperature
     margin = confidence_from_manifest(read_manifest(tmp_path / "pkg"), "margin")
-    assert isinstance(margin, cal.TemperedConfidence)
+    assert isinstance(margin, TemperedConfidence)

@@ -10,6 +10,7 @@ regions from their config (imported from there: it depends on ``edgecloud.settin
 """
 
 from edgecloud.routing.breaker import BreakerState, CircuitBreaker
+from edgecloud.routing.calibrated import confidence_from_manifest
 from edgecloud.routing.capacity import CapacityLimiter, CpuLoadGate
 from edgecloud.routing.confidence import (
     ConfidencePolicy,
@@ -17,7 +18,6 @@ from edgecloud.routing.confidence import (
     Entropy,
     Margin,
     MaxProbability,
-    confidence_from_manifest,
     softmax,
 )
 from edgecloud.routing.deadline import Deadline

@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 
 from edgecloud.errors import ConfigError, InputError
-from edgecloud.package.manifest import Manifest
 
 _exp = math.exp
 
@@ -34,7 +33,6 @@ __all__ = [
     "Entropy",
     "Margin",
     "MaxProbability",
-    "confidence_from_manifest",
     "softmax",
 ]
 
@@ -164,25 +162,3 @@ _KINDS: dict[str, type[_ProbabilityPolicy]] = {
     "margin": Margin,
     "entropy": Entropy,
 }
-
-
-def confidence_from_manifest(
-    manifest: Manifest, measure: str = "max_probability"
-) -> ConfidencePolicy | None:
-    """The policy the manifest implies, or None when it says confidence is not defined."""
-    if manifest.confidence == "none":
-        return None
-    from edgecloud.routing.task_confidence import from_routing  # detectors, multi-label, ...
-
-    task = from_routing(manifest)
-    if task is not None:
-        return task
-    try:
-        cls = _KINDS[measure]
-    except KeyError:
-        raise ConfigError(
-            f"confidence measure must be one of {sorted(_KINDS)}, got {measure!r}"
-        ) from None
-    from edgecloud.calibration import tempered  # a tuned temperature, if the manifest has one
-
-    return tempered(cls(manifest.score_output, manifest.confidence), manifest)

@@ -1,7 +1,8 @@
 """Task-aware confidence for models that are not single-label classifiers.
 
 The manifest names the policy in its optional ``routing.confidence`` object (``kind`` plus the
-parameters below); ``confidence_from_manifest`` then uses it instead of the softmax measures.
+parameters below); ``routing.calibrated.confidence_from_manifest`` then uses it instead of the
+softmax measures.
 Each is a ``ConfidencePolicy`` (one float per row, higher = surer), so routing, thresholds and
 the drift monitor treat it like any other (``edgecloud tune`` itself calibrates and sweeps only
 classifiers' softmax confidence).
