@@ -13,8 +13,8 @@ bad value is a ``ConfigError`` naming the field wherever it came from (a keyword
 ``ClientSettings`` holds the four; ``ClientSettings.with_options(**kw)`` applies the client's
 flat keywords (``HybridClient(threshold=0.8, max_concurrency=2)``), each to the one group that
 declares it. Adding a client option is one field in its group plus one key in ``ClientOptions``
-(``tests/test_settings.py`` checks that the two agree) and, when files may set it, one key in
-the config reader (``edgecloud.config``).
+(``tests/routing/test_settings.py`` checks that the two agree) and, when files may set it, one
+key in the config reader (``edgecloud.config``).
 
 ``RegionConfig`` is the one description of a cloud region, read by the client's
 ``[[regions]]``, the agent's ``[[regions]]`` and the client's ``regions=[{...}]`` mappings alike

@@ -133,7 +133,7 @@ class ModelSlot:
         self.version = manifest.version
         #: The values of ``HybridResult``'s ``IDENTITY_FIELDS``, in order: the hot path builds
         #: its result positionally, ``HybridResult(<the first 9 fields>, *slot.identity)``,
-        #: which costs half of a keyword call (tests/test_policies.py pins the order).
+        #: which costs half of a keyword call (tests/routing/test_policies.py pins the order).
         self.identity = (self.model, self.labels, self.score_output, self.score_kind, self.version)
 
 
