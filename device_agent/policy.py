@@ -18,6 +18,7 @@ from device_agent.serving import AgentClient
 from device_agent.watchdog import Rejected
 from edgecloud.errors import ConfigError
 from edgecloud.fleet.messages import POLICY_MODES
+from edgecloud.settings import check_threshold
 
 __all__ = ["DRIFT_KEYS", "ESCALATION_KEYS", "apply_policy"]
 
@@ -47,12 +48,15 @@ def apply_policy(
         threshold = default_threshold
     if mode not in POLICY_MODES:
         raise Rejected(f"policy: 'mode' must be one of {list(POLICY_MODES)}, got {mode!r}")
-    if threshold is not None and (
-        isinstance(threshold, bool)
-        or not isinstance(threshold, int | float)
-        or not 0.0 <= float(threshold) <= 1.0
-    ):
-        raise Rejected(f"policy: 'threshold' must be a number in [0, 1], got {threshold!r}")
+    if threshold is not None:
+        try:  # the client's one threshold check; a policy sets one number, not a per-model table
+            if isinstance(threshold, Mapping):
+                raise ConfigError(
+                    f"policy: 'threshold' must be a number in [0, 1], got {threshold!r}"
+                )
+            threshold = check_threshold(threshold, "policy: 'threshold'")
+        except ConfigError as exc:
+            raise Rejected(str(exc)) from None
     esc = {k: doc[k] for k in (*ESCALATION_KEYS, *DRIFT_KEYS) if k in doc}
     try:  # checked whole before anything changes
         checked = drift.checked(*(esc.get(k) for k in DRIFT_KEYS))
