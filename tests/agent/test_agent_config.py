@@ -10,7 +10,7 @@ import pytest
 
 from device_agent.config import load_config
 from edgecloud.errors import ConfigError
-from tests.agent.test_agent_util import ROOT, Keys, write_config
+from tests.fixtures.agent_util import ROOT, Keys, write_config
 
 
 @pytest.fixture

@@ -3,18 +3,14 @@ is abandoned by the watchdog and does not block the next job."""
 
 from __future__ import annotations
 
-import re
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from device_agent.store import download
 from edgecloud.errors import StoreError
-from tests.agent.test_agent_util import (
+from tests.fixtures.agent_util import (
     Keys,
     Observer,
     make_package,
@@ -23,85 +19,9 @@ from tests.agent.test_agent_util import (
     write_config,
 )
 from tests.fixtures.broker import MosquittoBroker
+from tests.fixtures.package_server import PackageServer
 
 pytestmark = pytest.mark.mqtt
-
-
-class PackageServer:
-    """Serves files with Range support; can cut the first response short or hang forever."""
-
-    def __init__(
-        self, files: dict[str, bytes], *, cut_first: bool = False, stall_first: bool = False
-    ) -> None:
-        self.files = files
-        self.cut_first = cut_first
-        self.stall_first = stall_first
-        self.requests: list[tuple[str, str | None]] = []
-        self.bytes_sent = 0
-        self.release = threading.Event()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                rng = self.headers.get("Range")
-                outer.requests.append((self.path, rng))
-                if self.path == "/hang":
-                    self.send_response(200)
-                    self.send_header("Content-Length", "1000000")
-                    self.end_headers()
-                    outer.release.wait(30)
-                    return
-                data = outer.files.get(self.path.lstrip("/"))
-                if data is None:
-                    self.send_error(404)
-                    return
-                start = 0
-                if rng:
-                    m = re.fullmatch(r"bytes=(\d+)-", rng)
-                    assert m is not None
-                    start = int(m.group(1))
-                    if start >= len(data):
-                        self.send_response(416)
-                        self.send_header("Content-Length", "0")
-                        self.end_headers()
-                        return
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                else:
-                    self.send_response(200)
-                body = data[start:]
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if (outer.cut_first or outer.stall_first) and len(outer.requests) == 1:
-                    half = body[: len(body) // 2]
-                    self.wfile.write(half)
-                    self.wfile.flush()
-                    outer.bytes_sent += len(half)
-                    if outer.stall_first:
-                        outer.release.wait(60)
-                    self.close_connection = True
-                    self.connection.shutdown(2)
-                    return
-                self.wfile.write(body)
-                outer.bytes_sent += len(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
-
-    def close(self) -> None:
-        self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture

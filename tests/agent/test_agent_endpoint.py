@@ -22,7 +22,7 @@ from edgecloud.transport.v2 import (
     decode_response,
     encode_request,
 )
-from tests.agent.test_agent_util import (
+from tests.fixtures.agent_util import (
     Keys,
     Observer,
     make_package,
@@ -251,7 +251,7 @@ def test_atomic_swap_under_load(setup: tuple[Agent, Observer, Keys], tmp_path: P
 def test_low_confidence_goes_to_a_real_cloud_region_and_degrades_without_it(
     tmp_path: Path, mosquitto: MosquittoBroker
 ) -> None:
-    from tests.agent.test_agent_util import ROOT
+    from tests.fixtures.agent_util import ROOT
     from tests.fixtures.servers import make_repository, running_cloud_server
 
     repo = make_repository(

@@ -17,7 +17,7 @@ from edgecloud.fleet.packages import PackageStore
 from edgecloud.fleet.server import FleetHTTPServer
 from edgecloud.fleet.store import SqliteFleetStore
 from edgecloud.package import load_private_key, load_public_key, pack_package, unpack_package
-from tests.agent.test_agent_util import ROOT, Keys, Observer, make_package, send_job, write_config
+from tests.fixtures.agent_util import ROOT, Keys, Observer, make_package, send_job, write_config
 from tests.fixtures.broker import MosquittoBroker
 
 pytestmark = pytest.mark.mqtt

@@ -12,7 +12,7 @@ import pytest
 
 from device_agent.agent import Agent
 from device_agent.config import load_config
-from tests.agent.test_agent_util import (
+from tests.fixtures.agent_util import (
     Keys,
     Observer,
     make_package,

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent.test_agent_download import PackageServer
-from tests.agent.test_agent_util import (
+from tests.fixtures.agent_util import (
     Keys,
     Observer,
     TcpGate,
@@ -20,6 +19,7 @@ from tests.agent.test_agent_util import (
 )
 from tests.fixtures.agents import AgentProcess
 from tests.fixtures.broker import MosquittoBroker
+from tests.fixtures.package_server import PackageServer
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from device_agent.queue import DurableQueue
-from tests.agent.test_agent_util import Keys, Observer, TcpGate, start_agent, write_config
+from tests.fixtures.agent_util import Keys, Observer, TcpGate, start_agent, write_config
 from tests.fixtures.broker import MosquittoBroker
 
 

@@ -30,7 +30,7 @@ from edgecloud.package import (
     verify_package,
     write_package,
 )
-from tests.agent.test_agent_util import (
+from tests.fixtures.agent_util import (
     Keys,
     Observer,
     make_package,

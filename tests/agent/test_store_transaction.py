@@ -22,7 +22,7 @@ from device_agent.store import (
 from edgecloud.errors import EdgeCloudError, IntegrityError, StoreError
 from edgecloud.package import ModelPackage, load_public_key
 from edgecloud.runtime.base import Backend
-from tests.agent.test_agent_util import Keys, make_package, ort_outputs, val_inputs
+from tests.fixtures.agent_util import Keys, make_package, ort_outputs, val_inputs
 
 
 class Boom(EdgeCloudError):

@@ -232,7 +232,7 @@ def test_300_idle_and_half_sent_connections_do_not_stop_valid_requests(
 def agent_endpoint(tmp_path: Path, mosquitto: Any) -> Iterator[Any]:
     from device_agent.agent import Agent
     from device_agent.config import load_config
-    from tests.agent.test_agent_util import Keys, Observer, make_package, send_job, write_config
+    from tests.fixtures.agent_util import Keys, Observer, make_package, send_job, write_config
 
     keys = Keys(tmp_path)
     cfg = write_config(
@@ -264,7 +264,7 @@ def agent_endpoint(tmp_path: Path, mosquitto: Any) -> Iterator[Any]:
 def test_agent_endpoint_survives_a_seeded_hostile_mix_and_idle_connections(
     agent_endpoint: Any,
 ) -> None:
-    from tests.agent.test_agent_util import val_inputs
+    from tests.fixtures.agent_util import val_inputs
 
     ep = agent_endpoint.endpoint
     path = "/v2/models/digits/infer"

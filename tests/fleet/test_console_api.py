@@ -29,8 +29,8 @@ from edgecloud.package import generate_keypair
 from edgecloud.routing.modes import Reason
 from edgecloud.topics import Topics
 from tests.fixtures.broker import MosquittoBroker
+from tests.fixtures.fleet_sim import Fleet, SimDevice, devices, make_package
 from tests.fixtures.wait import wait_until
-from tests.fleet.test_fleet import Fleet, SimDevice, devices, make_package
 
 pytestmark = pytest.mark.mqtt
 T = Topics("edgecloud")

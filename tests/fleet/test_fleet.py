@@ -12,27 +12,20 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from edgecloud.cli.main import main as cli_main
 from edgecloud.errors import FleetError
 from edgecloud.fleet.controller import FleetController
 from edgecloud.fleet.messages import (
-    DesiredState,
     ExecutionState,
-    ExecutionUpdate,
-    JobNotification,
     ReportedState,
-    StatusMessage,
     TelemetryRecord,
     dumps,
 )
@@ -44,7 +37,7 @@ from edgecloud.package import (
 )
 from edgecloud.topics import Topics
 from tests.fixtures.broker import MosquittoBroker
-from tests.fixtures.packages import LABELS, write_sample_package
+from tests.fixtures.fleet_sim import Fleet, SimDevice, devices, make_package
 from tests.fixtures.wait import wait_until
 
 pytestmark = pytest.mark.mqtt
@@ -54,142 +47,9 @@ ROOT = Path(__file__).resolve().parents[2]
 EDGE_MODEL = ROOT / "samples" / "models" / "digits_edge.onnx"
 
 
-class SimDevice:
-    """A device on the wire. ``behaviour``: succeed | reject | fail | hang (IN_PROGRESS, then
-    nothing, as if it died) | silent (never answers)."""
-
-    def __init__(
-        self,
-        broker: MosquittoBroker,
-        device_id: str,
-        *,
-        group: str = "edge",
-        behaviour: str = "succeed",
-        version: str = "1.0.0",
-    ) -> None:
-        self.broker = broker
-        self.device_id = device_id
-        self.group = group
-        self.behaviour = behaviour
-        self.version = version
-        self.seq = 0
-        self.telemetry_seq = 0
-        self.notifications: list[JobNotification] = []
-        self.desired: list[DesiredState] = []
-        self._client: paho.Client | None = None
-
-    def _status(self, online: bool) -> bytes:
-        return dumps(
-            StatusMessage(
-                self.device_id, online, time.time(), group=self.group, model_version=self.version
-            )
-        )
-
-    def connect(self) -> SimDevice:
-        assert self._client is None, "already connected"
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.device_id, protocol=paho.MQTTv5)
-        c.will_set(T.status(self.device_id), self._status(False), qos=1, retain=True)
-        c.on_message = self._on_message
-        connected = threading.Event()
-        c.on_connect = lambda *a: connected.set()
-        c.connect(self.broker.host, self.broker.port, keepalive=5)
-        c.loop_start()
-        assert connected.wait(5)
-        c.subscribe([(T.jobs_notify(self.device_id), 1), (T.shadow_desired(self.device_id), 1)])
-        c.publish(T.status(self.device_id), self._status(True), qos=1, retain=True)
-        self._client = c
-        self.report()
-        return self
-
-    def report(self) -> None:
-        c = self._client
-        payload = dumps(ReportedState(1, {"model": {"name": "digits", "version": self.version}}))
-        if c is not None:
-            c.publish(T.shadow_reported(self.device_id), payload, qos=1, retain=True)
-
-    def kill(self) -> None:
-        """Drop the TCP connection without DISCONNECT, so the broker publishes the last will."""
-        assert self._client is not None
-        sock = self._client.socket()
-        self._client.loop_stop()
-        if sock is not None:
-            sock.close()
-        self._client = None
-
-    def disconnect(self) -> None:
-        if self._client is not None:
-            self._client.publish(
-                T.status(self.device_id), self._status(False), qos=1, retain=True
-            ).wait_for_publish(5)
-            self._client.disconnect()
-            self._client.loop_stop()
-            self._client = None
-
-    def update(self, job_id: str, state: ExecutionState, reason: str = "") -> None:
-        assert self._client is not None
-        self.seq += 1
-        u = ExecutionUpdate(job_id, self.device_id, state, self.seq, time.time(), reason)
-        self._client.publish(T.job_update(self.device_id, job_id), dumps(u), qos=1)
-
-    def telemetry(self, n: int = 1) -> None:
-        assert self._client is not None
-        for _ in range(n):
-            rec = TelemetryRecord(
-                self.device_id,
-                self.telemetry_seq,
-                time.time(),
-                "heartbeat",
-                {"requests": self.telemetry_seq},
-            )
-            self._client.publish(T.telemetry(self.device_id), dumps(rec), qos=1)
-            self.telemetry_seq += 1
-
-    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        if msg.topic.endswith("/shadow/desired"):
-            self.desired.append(DesiredState.parse(msg.payload))
-            return
-        note = JobNotification.parse(msg.payload)
-        self.notifications.append(note)
-        if self.behaviour == "silent":
-            return
-        self.update(note.job_id, ExecutionState.IN_PROGRESS)
-        if self.behaviour == "succeed":
-            if note.operation == "deploy":
-                self.version = str(note.document["version"])
-            self.report()
-            self.update(note.job_id, ExecutionState.SUCCEEDED)
-        elif self.behaviour == "reject":
-            self.update(note.job_id, ExecutionState.REJECTED, "signature does not verify")
-        elif self.behaviour == "fail":
-            self.update(note.job_id, ExecutionState.FAILED, "model did not load")
-
-
-def make_package(
-    tmp: Path, version: str, keys: tuple[Path, Path], note: str = "", model: Path = EDGE_MODEL
-) -> Path:
-    return write_sample_package(
-        tmp / f"digits-{version}",
-        model=model,
-        version=version,
-        signing_key=keys[0],
-        variant_file="model.onnx",
-        labels=LABELS,
-        metadata={"note": note} if note else {},
-    )
-
-
 @pytest.fixture
 def keys(tmp_path: Path) -> tuple[Path, Path]:
     return generate_keypair(tmp_path / "keys" / "fleet")
-
-
-class Fleet:
-    def __init__(self, ctl: FleetController, http: FleetHTTPServer) -> None:
-        self.ctl = ctl
-        self.http = http
-
-    def api(self, method: str, path: str, body: Any = None) -> httpx.Response:
-        return httpx.request(method, self.http.url + path, json=body, timeout=10)
 
 
 @pytest.fixture
@@ -205,10 +65,6 @@ def fleet(mosquitto: MosquittoBroker, tmp_path: Path) -> Iterator[Fleet]:
     finally:
         http.close()
         ctl.close()
-
-
-def devices(broker: MosquittoBroker, n: int, **kw: Any) -> list[SimDevice]:
-    return [SimDevice(broker, f"dev-{i}", **kw).connect() for i in range(n)]
 
 
 def test_registry_tracks_status_reported_and_telemetry(

@@ -31,7 +31,7 @@ from edgecloud.fleet.packages import PackageStore
 from edgecloud.fleet.server import FleetHTTPServer
 from edgecloud.fleet.store import SqliteFleetStore
 from edgecloud.package import MANIFEST_FILE
-from tests.agent.test_agent_util import Keys, make_package, val_inputs, write_config
+from tests.fixtures.agent_util import Keys, make_package, val_inputs, write_config
 from tests.fixtures.broker import MosquittoBroker, free_port
 from tests.fixtures.wait import wait_until
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.agent.test_agent_util import Keys
+from tests.fixtures.agent_util import Keys
 from tests.fixtures.broker import free_port, sample_broker
+from tests.fixtures.fleet_procs import SAMPLE, ControllerProc, Fleet, SlowLink
 from tests.fixtures.postgres import postgres_bin, running_postgres
 from tests.fixtures.wait import wait_until
 from tests.fleet.test_fleet_e2e import AgentProc
-from tests.fleet.test_fleet_faults import SAMPLE, ControllerProc, Fleet, SlowLink
 
 pytestmark = [
     pytest.mark.mqtt,

@@ -40,8 +40,8 @@ from edgecloud.fleet.store import SqliteFleetStore
 from edgecloud.package import pack_package
 from edgecloud.topics import Topics
 from tests.fixtures.broker import MosquittoBroker
+from tests.fixtures.fleet_sim import make_package
 from tests.fixtures.wait import wait_until
-from tests.fleet.test_fleet import make_package
 
 pytestmark = pytest.mark.mqtt
 T = Topics()

@@ -20,7 +20,7 @@ from edgecloud.client import HybridClient
 from edgecloud.errors import ConfigError
 from edgecloud.routing.audit import AuditSampler, agree
 from edgecloud.routing.escalation import BackgroundPool, Escalation, TokenBucket
-from tests.agent.test_agent_util import ROOT, Keys, val_inputs
+from tests.fixtures.agent_util import ROOT, Keys, val_inputs
 
 CLOUD = ROOT / "samples" / "models" / "digits_cloud.onnx"
 
@@ -102,7 +102,7 @@ def region(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def package(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from edgecloud.package import unpack_package
-    from tests.agent.test_agent_util import make_package
+    from tests.fixtures.agent_util import make_package
 
     tmp = tmp_path_factory.mktemp("pkg")
     keys = Keys(tmp)

@@ -28,7 +28,7 @@ from edgecloud.settings import (
     RoutingSettings,
     check_threshold,
 )
-from tests.agent.test_agent_util import Keys, write_config
+from tests.fixtures.agent_util import Keys, write_config
 
 REGION = """
 [[regions]]
