@@ -367,3 +367,28 @@ def test_the_size_marker_is_read_from_the_docstring_top(tmp_path: Path) -> None:
     )
     assert any(line.startswith(SIZE_MARKER) for line in _docstring_head(with_reason))
     assert not any(line.startswith(SIZE_MARKER) for line in _docstring_head(too_deep))
+
+
+#: Test folders, each the tests of one part of the code; cross-cutting suites stay at the top.
+TEST_PACKAGES = ("agent", "cloud", "converters", "fleet", "mqtt", "routing", "runtime", "transport")
+
+
+def test_tests_mirror_the_code_and_share_helpers_only_through_fixtures() -> None:
+    """A test module imports shared helpers from ``tests.fixtures``, never from another test
+    module (whose fixtures and module-level set-up would come along), and lives in its folder."""
+    tests = ROOT / "tests"
+    bad: list[str] = []
+    for p in sorted(tests.rglob("test_*.py")):
+        rel = p.relative_to(ROOT).as_posix()
+        folder = p.parent.relative_to(tests).as_posix()
+        if folder not in (".", *TEST_PACKAGES):
+            bad.append(f"{rel}: not in one of {TEST_PACKAGES}")
+        for node in ast.walk(ast.parse(p.read_text(), rel)):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                leaf = node.module.rsplit(".", 1)[-1]
+                if node.module.startswith("tests.") and leaf.startswith("test_"):
+                    bad.append(f"{rel}:{node.lineno} imports {node.module}")
+    for pkg in TEST_PACKAGES:
+        if not (tests / pkg / "__init__.py").is_file():
+            bad.append(f"tests/{pkg}/__init__.py is missing")
+    assert bad == [], "\n".join(bad)

@@ -29,9 +29,9 @@ from edgecloud.fleet.server import FleetHTTPServer
 from edgecloud.fleet.store import SqliteFleetStore
 from tests.fixtures.agent_util import Keys, make_package, val_inputs, write_config
 from tests.fixtures.broker import MosquittoBroker, free_port
+from tests.fixtures.fleet_agents import AgentProc
 from tests.fixtures.servers import make_repository, running_cloud_server
 from tests.fixtures.wait import wait_until
-from tests.fleet.test_fleet_e2e import AgentProc, _tamper
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
 
@@ -73,7 +73,7 @@ class Fleet:
         if not tamper:
             return out
         pkg = self.tmp / f"build-{version}" / "pkg"
-        _tamper(pkg)
+        tamper(pkg)
         bad = self.tmp / f"tampered-{version}.tar.gz"
         with tarfile.open(bad, "w:gz") as tar:
             for p in sorted(pkg.iterdir()):
@@ -362,7 +362,7 @@ def test_rollout_started_from_the_page_completes_and_the_page_shows_it(
     )
 
 
-def test_tampered_package_shows_rejected_with_the_reason(page: Any, fleet: Fleet) -> None:
+def testtampered_package_shows_rejected_with_the_reason(page: Any, fleet: Fleet) -> None:
     page.goto(f"{fleet.http.url}/console/#/rollouts")
     page.set_input_files("#upload-file", str(fleet.archive("3.0.0", tamper=True)))
     page.click("#upload-button")

@@ -9,12 +9,9 @@ controller's package server, verify, swap and report on their own.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,60 +27,14 @@ from edgecloud.fleet.jobs import RolloutConfig
 from edgecloud.fleet.packages import PackageStore
 from edgecloud.fleet.server import FleetHTTPServer
 from edgecloud.fleet.store import SqliteFleetStore
-from edgecloud.package import MANIFEST_FILE
-from tests.fixtures.agent_util import Keys, make_package, val_inputs, write_config
-from tests.fixtures.broker import MosquittoBroker, free_port
+from tests.fixtures.agent_util import Keys, make_package, val_inputs
+from tests.fixtures.broker import MosquittoBroker
+from tests.fixtures.fleet_agents import AgentProc, tamper
 from tests.fixtures.wait import wait_until
 
 pytestmark = pytest.mark.mqtt
 ROOT = Path(__file__).resolve().parents[2]
 N_AGENTS = 3
-
-
-class AgentProc:
-    def __init__(
-        self, tmp: Path, broker: MosquittoBroker, keys: Keys, i: int, interval: float
-    ) -> None:
-        self.device_id = f"agent-{i}"
-        self.port = free_port()
-        d = tmp / self.device_id
-        d.mkdir()
-        self.config = write_config(
-            d / "agent.toml",
-            device=self.device_id,
-            broker_url=broker.url,
-            store=d / "store",
-            public_key=keys.public,
-            interval=interval,
-            endpoint_port=self.port,
-        )
-        self.log = d / "agent.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> AgentProc:
-        with open(self.log, "ab") as logf:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "device_agent", "--config", str(self.config)],
-                stdout=logf,
-                stderr=logf,
-                stdin=subprocess.DEVNULL,
-                cwd=ROOT,
-                env={**os.environ, "PYTHONPATH": str(ROOT)},
-            )
-        return self
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
 
 
 class E2E:
@@ -170,22 +121,6 @@ def e2e_fast_telemetry(tmp_path: Path, persistent_broker: MosquittoBroker) -> It
     yield from _fleet(tmp_path, persistent_broker, interval=0.5)
 
 
-def _tamper(pkg: Path) -> None:
-    """Replace the model and fix the manifest's hashes, as an attacker without the key would:
-    the files match the manifest, only the signature can tell."""
-    model = pkg / "model.onnx"
-    data = bytearray(model.read_bytes())
-    data[-5] ^= 0xFF
-    model.write_bytes(bytes(data))
-    m = json.loads((pkg / MANIFEST_FILE).read_text())
-    sha = hashlib.sha256(bytes(data)).hexdigest()
-    m["files"]["model.onnx"] = {"size": len(data), "sha256": sha}
-    for v in m["variants"]:
-        if v["file"] == "model.onnx":
-            v["sha256"], v["size"] = sha, len(data)
-    (pkg / MANIFEST_FILE).write_text(json.dumps(m, sort_keys=True, indent=2) + "\n")
-
-
 @pytest.mark.slow
 def test_rollout_to_real_agents_with_zero_failed_requests(
     e2e: E2E, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
@@ -254,7 +189,7 @@ def test_rollout_to_real_agents_with_zero_failed_requests(
 
     # a tampered package: every agent refuses it, the job aborts, 2.0.0 keeps serving
     bad = e2e.package_dir("3.0.0")
-    _tamper(bad)
+    tamper(bad)
     assert (
         cli_main(
             [

@@ -25,9 +25,9 @@ import pytest
 from edgecloud.cli.main import main as cli_main
 from tests.fixtures.agent_util import Keys
 from tests.fixtures.broker import free_port, sample_broker
+from tests.fixtures.fleet_agents import AgentProc
 from tests.fixtures.fleet_procs import SAMPLE, ControllerProc, Fleet, SlowLink
 from tests.fixtures.wait import wait_until
-from tests.fleet.test_fleet_e2e import AgentProc
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,10 +17,10 @@ import pytest
 
 from tests.fixtures.agent_util import Keys
 from tests.fixtures.broker import free_port, sample_broker
+from tests.fixtures.fleet_agents import AgentProc
 from tests.fixtures.fleet_procs import SAMPLE, ControllerProc, Fleet, SlowLink
 from tests.fixtures.postgres import postgres_bin, running_postgres
 from tests.fixtures.wait import wait_until
-from tests.fleet.test_fleet_e2e import AgentProc
 
 pytestmark = [
     pytest.mark.mqtt,
