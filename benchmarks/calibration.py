@@ -288,7 +288,7 @@ def bandwidth_regions(work: Path) -> None:
             (repo / "m" / "1" / "model.onnx").write_bytes(model.read_bytes())
             core = ServingCore(repo, max_batch_size=8, max_queue_delay_ms=0.5)
             server = CloudServer(core, port=0, region="bench").start()
-            pool = start_mqtt_workers(core, url=broker.url, region="bench", workers=1)
+            pool = start_mqtt_workers(core, broker=broker.url, region="bench", workers=1)
             print(f"{name}: input {list(x.shape[1:])}, {len(y)} held-out rows")
             try:
                 for proto in ("http", "mqtt"):

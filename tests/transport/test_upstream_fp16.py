@@ -96,7 +96,7 @@ def test_mqtt_counts_bytes_and_fp16_reaches_the_region(
     x = x[:12]
     with MosquittoBroker() as broker:
         core = ServingCore(repo, max_batch_size=8, max_queue_delay_ms=1.0)
-        pool = start_mqtt_workers(core, url=broker.url, region="mq", workers=1)
+        pool = start_mqtt_workers(core, broker=broker.url, region="mq", workers=1)
         try:
             region = _region("mq", broker.url, device_id="dev-fp16", binary_threshold=0)
             fp32, c32 = _cloud_answers(pkg, region, x)
