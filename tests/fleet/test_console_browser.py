@@ -30,6 +30,7 @@ from edgecloud.fleet.store import SqliteFleetStore
 from tests.fixtures.agent_util import Keys, make_package, val_inputs, write_config
 from tests.fixtures.broker import MosquittoBroker, free_port
 from tests.fixtures.fleet_agents import AgentProc
+from tests.fixtures.fleet_agents import tamper as tamper_package
 from tests.fixtures.servers import make_repository, running_cloud_server
 from tests.fixtures.wait import wait_until
 
@@ -73,7 +74,7 @@ class Fleet:
         if not tamper:
             return out
         pkg = self.tmp / f"build-{version}" / "pkg"
-        tamper(pkg)
+        tamper_package(pkg)
         bad = self.tmp / f"tampered-{version}.tar.gz"
         with tarfile.open(bad, "w:gz") as tar:
             for p in sorted(pkg.iterdir()):
@@ -362,7 +363,7 @@ def test_rollout_started_from_the_page_completes_and_the_page_shows_it(
     )
 
 
-def testtampered_package_shows_rejected_with_the_reason(page: Any, fleet: Fleet) -> None:
+def test_tampered_package_shows_rejected_with_the_reason(page: Any, fleet: Fleet) -> None:
     page.goto(f"{fleet.http.url}/console/#/rollouts")
     page.set_input_files("#upload-file", str(fleet.archive("3.0.0", tamper=True)))
     page.click("#upload-button")
