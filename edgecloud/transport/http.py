@@ -57,6 +57,7 @@ from edgecloud.transport.http_common import (
     _ready_path,
     _timeout,
     _translate,
+    stale_connection,
     translate_httpx_error,
 )
 from edgecloud.transport.v2 import InferRequest, InferResponse
@@ -106,14 +107,20 @@ class HttpTransport(HttpTransportBase, Transport):
         )
 
     def _get(self, path: str, timeout: float) -> httpx.Response:
-        try:
-            with _translate(self.region):
-                return self._client.get(
-                    path, timeout=_timeout(timeout, self.connect_timeout, self.region)
-                )
-        except ConnectionFailed:
-            self._forget_server()
-            raise
+        end = time.monotonic() + timeout
+        for attempt in (1, 2):
+            try:
+                with _translate(self.region):
+                    return self._client.get(
+                        path,
+                        timeout=_timeout(end - time.monotonic(), self.connect_timeout, self.region),
+                    )
+            except ConnectionFailed as exc:
+                if attempt == 1 and stale_connection(exc) and end - time.monotonic() > 0:
+                    continue  # a keep-alive connection closed by the server: once more, anew
+                self._forget_server()
+                raise
+        raise AssertionError("unreachable")
 
     def _post(self, path: str, body: bytes, headers: dict[str, str], end: float) -> httpx.Response:
         try:

@@ -54,6 +54,17 @@ _BINARY_REFUSED_400 = re.compile(
     r"pars|decod|json|binary|utf-?8|header|content.length|expecting value|octet", re.IGNORECASE
 )
 
+#: What a GET on a pooled keep-alive connection that the server closed meanwhile fails with
+#: (a reset, or a close before any response). A GET is idempotent, so it is sent once more on a
+#: new connection (RFC 9110 9.2.2, as urllib3 does); a connect error is not retried here.
+STALE_CONNECTION = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
+
+
+def stale_connection(exc: BaseException) -> bool:
+    """Whether ``exc`` (a translated ``ConnectionFailed``) came from a connection gone stale."""
+    return isinstance(exc.__cause__, STALE_CONNECTION)
+
+
 #: httpx error class -> edgecloud error class, most specific first.
 _HTTPX_MAP: tuple[tuple[type[Exception], type[TransportError]], ...] = (
     (httpx.TimeoutException, TransportTimeout),

@@ -380,10 +380,9 @@ def test_tampered_package_shows_rejected_with_the_reason(page: Any, fleet: Fleet
     page.goto(f"{fleet.http.url}/console/#/job/{job_id}")
     page.wait_for_selector("#executions tr[data-state=REJECTED]", timeout=60_000)
     page.wait_for_selector("#job-status >> text=CANCELED", timeout=60_000)
-    page.wait_for_function(
-        "document.querySelectorAll('#executions tr[data-state=REJECTED]').length === 3",
-        timeout=60_000,
-    )
+    # a selector wait, not wait_for_function: the console's CSP forbids evaluating strings
+    page.locator("#executions tr[data-state=REJECTED]").nth(2).wait_for(timeout=60_000)
+    assert page.locator("#executions tr[data-state=REJECTED]").count() == 3
     reasons = [
         tr.query_selector("td.reason").inner_text()
         for tr in page.query_selector_all("#executions tr[data-state=REJECTED]")

@@ -423,3 +423,58 @@ def test_a_refused_metadata_answer_is_not_remembered() -> None:
         t.infer(InferRequest("m", big), timeout=5)
         assert cfg["gets"] == ["/v2", "/v2"]
         assert cfg["posts"] == ["application/json", "application/octet-stream"]
+
+
+class _DropsSecondRequest:
+    """A server that answers the first request on each connection (keep-alive) and closes the
+    connection on the second without answering: a keep-alive connection the server gave up on
+    (idle timeout, restart) while the client still had it in its pool."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    conn.recv(65536)  # the next request on this connection: dropped
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(5)
+        self.sock.close()
+
+
+def test_a_probe_on_a_connection_the_server_closed_is_sent_again() -> None:
+    srv = _DropsSecondRequest()
+    try:
+        with HttpTransport(f"http://127.0.0.1:{srv.port}", region="stale") as t:
+            assert t.ready(timeout=5) is True
+            assert t.ready(timeout=5) is True, t.ready_detail  # reused, dropped, sent anew
+        assert srv.connections == 2
+
+        async def run() -> list[bool | None]:
+            async with AsyncHttpTransport(f"http://127.0.0.1:{srv.port}", region="s") as a:
+                return [await a.aready(timeout=5), await a.aready(timeout=5)]
+
+        assert asyncio.run(run()) == [True, True]
+    finally:
+        srv.close()
