@@ -37,6 +37,9 @@ if str(ROOT) not in sys.path:
 FAILED: list[str] = []
 #: Share of the tune rows for the temperature (one parameter needs few); the rest pick thresholds.
 FIT_FRACTION = 0.3
+#: Cross-fitting (``cross_fit``): folds, and fold assignments tried.
+CROSS_FOLDS = 5
+CROSS_REPEATS = 10
 
 
 def _run(path: Path, x: np.ndarray) -> np.ndarray:
@@ -77,6 +80,77 @@ def hard(work: Path) -> dict[str, Any]:
             z["labels"],
         )
     return out
+
+
+def cross_fit(
+    name: str,
+    logits: np.ndarray,
+    cloud: np.ndarray,
+    labels: np.ndarray,
+    targets: list[Any],
+    folds: int = CROSS_FOLDS,
+    repeats: int = CROSS_REPEATS,
+) -> bool:
+    """Every row held out once: ``tune`` on the other folds, its thresholds applied to the fold.
+
+    One 40 % split of the digits rows holds 224 rows, whose own offload fraction near 10 % has a
+    sampling s.e. of 2 points: a single split cannot tell a rule that meets "within 2 points"
+    from one that does not. Cross-fitting decides every row with a threshold that never saw it,
+    so all pooled rows count as held out (what a device sees: rows the tune step never saw), and
+    the repeats show how much the fold assignment moves the result. The offload check (within 2
+    points) and the accuracy check (within the bound, one s.e. of slack) are made on these.
+    """
+    from edgecloud import calibration as cal
+    from edgecloud.tuning import tune
+
+    n = len(labels)
+    off = np.zeros((repeats, len(targets)))
+    acc = np.zeros((repeats, len(targets)))
+    cov = np.zeros((repeats, len(targets)))
+    for rep in range(repeats):
+        fold = np.random.default_rng(100 + rep).permutation(n) % folds
+        offloaded = np.zeros((len(targets), n), dtype=bool)
+        for k in range(folds):
+            tr, te = fold != k, fold == k
+            res = tune(
+                logits[tr], cloud[tr], labels[tr], targets=targets,
+                fit_fraction=FIT_FRACTION, seed=rep,
+            )  # fmt: skip
+            conf = cal.softmax(logits[te], res.temperature).max(1)
+            for j, r in enumerate(res.targets):
+                offloaded[j, te] = conf < r.threshold
+        edge_ok = cal.softmax(logits).argmax(1) == labels
+        cloud_ok = cloud == labels
+        for j in range(len(targets)):
+            off[rep, j] = offloaded[j].mean()
+            acc[rep, j] = np.where(offloaded[j], cloud_ok, edge_ok).mean()
+            cov[rep, j] = 1.0 - (~offloaded[j] & ~edge_ok).mean()
+    ok = True
+    print(f"  cross-fitted ({folds} folds x {repeats} repeats, all {n} rows held out once each):")
+    for j, t in enumerate(targets):
+        o, a = off[:, j], acc[:, j]
+        line = (
+            f"    {t.describe()}: held-out offload {o.mean():.3f} (repeats {o.min():.3f}-"
+            f"{o.max():.3f}), hybrid accuracy {a.mean():.4f}"
+        )
+        if t.kind == "offload":
+            good = abs(o.mean() - t.value) <= 0.02
+            line += f"; within 2 pt of {t.value:.3f}: {good}"
+            if not good:
+                FAILED.append(f"{name[:12]}: cross-fitted offload {o.mean():.3f} vs {t.value}")
+            ok &= good
+        elif t.kind == "accuracy":
+            floor = float((cloud == labels).mean()) - t.value
+            se = float(np.sqrt(a.mean() * (1 - a.mean()) / n))
+            good = a.mean() >= floor - se
+            line += f"; vs cloud-only - bound {floor:.4f} (1 s.e. {se:.4f}): {good}"
+            if not good:
+                FAILED.append(f"{name[:12]}: cross-fitted accuracy {a.mean():.4f} < {floor:.4f}")
+            ok &= good
+        elif t.kind == "conformal":
+            line += f"; coverage {cov[:, j].mean():.4f} vs 1 - alpha = {1 - t.value:.4f}"
+        print(line)
+    return ok
 
 
 def report(task: dict[str, Any], targets: list[str], resplits: int, plot: Path | None) -> bool:
@@ -133,12 +207,13 @@ def report(task: dict[str, Any], targets: list[str], resplits: int, plot: Path |
         answered = conf_cal >= r.threshold
         coverage = 1.0 - float((answered & ~edge_ok).mean())
         if r.target.kind == "offload":
-            good = abs(off - r.target.value) <= 0.02
-            if not good:
-                FAILED.append(
-                    f"{task['name'][:12]}: held-out offload {off:.3f} vs {r.target.value}"
-                )
-            check = f"offload {off:.3f} vs target {r.target.value:.3f} (within 2 pt: {good})"
+            # one split of m rows: its own sampling error; judged on the cross-fit below
+            se = float(np.sqrt(r.target.value * (1 - r.target.value) / len(ty)))
+            good = True
+            check = (
+                f"offload {off:.3f} vs target {r.target.value:.3f} (this split's sampling "
+                f"s.e. {se:.3f}; within 2 pt: {abs(off - r.target.value) <= 0.02})"
+            )
         elif r.target.kind == "accuracy":
             # sampling slack: one binomial standard error of the held-out accuracy
             se = float(np.sqrt(acc * (1 - acc) / len(ty)))
@@ -161,6 +236,7 @@ def report(task: dict[str, Any], targets: list[str], resplits: int, plot: Path |
     # the offload target over re-splits of the same rows: how much of a miss is sampling noise
     logits = np.concatenate([le, te])
     labels = np.concatenate([y, ty])
+    ok &= cross_fit(task["name"], logits, np.concatenate([cp, tc]), labels, tg)
     conf_all = cal.softmax(logits, T).max(1)
     for r in res.targets:
         if r.target.kind != "offload":

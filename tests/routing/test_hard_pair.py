@@ -69,3 +69,36 @@ def test_bandwidth_report(pair: dict[str, object], capsys: pytest.CaptureFixture
     f32, f16, u8 = (int(r[2]) for r in rows[3:])
     assert u8 < f16 < f32  # binary body shrinks with the dtype
     assert f32 - f16 == 64 * 2  # exactly two bytes per value less
+
+
+def test_digits_targets_hold_cross_fitted(capsys: pytest.CaptureFixture[str]) -> None:
+    """The digits pair: every row held out once (one 224-row split is too small to judge)."""
+    bench.FAILED.clear()
+    ok = bench.report(bench.digits(), ["offload=0.1", "accuracy=1pt", "conformal=0.05"], 50, None)
+    out = capsys.readouterr().out
+    assert ok, bench.FAILED
+    assert "all 560 rows held out once each" in out
+    assert "within 2 pt of 0.100: True" in out
+
+
+def test_cross_fit_catches_a_biased_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rule that offloads too much on unseen rows must fail the cross-fitted check."""
+    import dataclasses
+
+    from edgecloud import tuning
+
+    real = tuning.tune
+
+    def biased(*a: object, **kw: object) -> tuning.TuneResult:
+        res = real(*a, **kw)  # type: ignore[arg-type]
+        shifted = [dataclasses.replace(r, threshold=r.threshold + 0.1) for r in res.targets]
+        return dataclasses.replace(res, targets=shifted)
+
+    monkeypatch.setattr(tuning, "tune", biased)
+    d = bench.digits()
+    logits = np.concatenate([d["tune"][0], d["test"][0]])
+    cloud = np.concatenate([d["tune"][1], d["test"][1]])
+    labels = np.concatenate([d["tune"][2], d["test"][2]])
+    bench.FAILED.clear()
+    assert not bench.cross_fit("digits", logits, cloud, labels, [cal.parse_target("offload=0.1")])
+    assert any("cross-fitted offload" in f for f in bench.FAILED)
