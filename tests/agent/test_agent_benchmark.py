@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.fixtures.bench import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.mqtt
 def test_agent_benchmark_quick_run() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.agent", "--quick"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
+    out = run_benchmark("agent", "--quick")
     for name in ("raw session.run", "agent.client.infer", "agent.infer"):
         m = re.search(rf"{re.escape(name)}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x", out)
         assert m, out

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.bench import run_benchmark
+
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
@@ -173,15 +175,8 @@ def test_force_replaces_and_leaves_no_temp_files(tmp_path: Path, samples_dir: Pa
 
 
 def test_benchmark_quick_runs_and_prints_ratios() -> None:
-    r = subprocess.run(
-        [sys.executable, "-m", "benchmarks.convert", "--quick", "--threads", "1", "--rounds", "3"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr
-    rows = [line for line in r.stdout.splitlines() if line.startswith("| digits_")]
+    out = run_benchmark("convert", "--quick", "--threads", "1", "--rounds", "3")
+    rows = [line for line in out.splitlines() if line.startswith("| digits_")]
     assert len(rows) == 10  # 2 models x (fp32, fp16, u8s8, s8s8, dynamic)
     fp32 = next(line for line in rows if "digits_cloud" in line and "| fp32 " in line)
     assert "1.00x" in fp32

@@ -9,11 +9,11 @@ from onnxruntime's profiler, and the cost of the QuantizeLinear/DequantizeLinear
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.fixtures.bench import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,15 +22,7 @@ pytestmark = pytest.mark.slow
 
 def test_int8_cnn_benchmark_reports_where_the_time_goes() -> None:
     pytest.importorskip("torchvision", reason="the zoo extra (installed by ./dev.sh test)")
-    r = subprocess.run(
-        [sys.executable, "-m", "benchmarks.int8_cnn", "--quick"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = r.stdout
+    out = run_benchmark("int8_cnn", "--quick", timeout=600)
     assert "## mobilenet_v3 (224x224, batch 1): INT8 gate top1_agreement" in out
     for t in (1, 2):
         line = re.search(rf"threads={t}: fp32 ([0-9.]+) ms, int8 ([0-9.]+) ms \(([0-9.]+)x\)", out)
@@ -39,5 +31,7 @@ def test_int8_cnn_benchmark_reports_where_the_time_goes() -> None:
         assert ratio == pytest.approx(fp32 / int8, abs=0.01)
     assert "int8, stem float" in out
     conv = re.search(r"fp32 Conv ([0-9]+) us vs int8 QLinearConv ([0-9]+) us", out)
-    assert conv and int(conv.group(1)) > 0 and int(conv.group(2)) > 0, out
+    assert conv, out
+    assert int(conv.group(1)) > 0
+    assert int(conv.group(2)) > 0
     assert re.search(r"float islands \(QuantizeLinear \+ DequantizeLinear\): [0-9]+ us", out)

@@ -36,6 +36,7 @@ from edgecloud.package import (
     generate_keypair,
 )
 from edgecloud.topics import Topics
+from tests.fixtures.bench import run_benchmark
 from tests.fixtures.broker import MosquittoBroker
 from tests.fixtures.fleet_sim import Fleet, SimDevice, devices, make_package
 from tests.fixtures.wait import wait_until
@@ -597,16 +598,7 @@ def test_cli_commands_json(
 
 @pytest.mark.slow
 def test_benchmark_quick_runs() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.fleet", "--quick"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "100/100 SUCCEEDED, job COMPLETED" in out.stdout
+    assert "100/100 SUCCEEDED, job COMPLETED" in run_benchmark("fleet", "--quick")
 
 
 def test_controller_refused_or_misconfigured_broker(tmp_path: Path) -> None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.fixtures.bench import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -15,15 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 @pytest.mark.mqtt
 def test_mqtt_benchmark_quick() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.mqtt", "--quick", "--requests", "100"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    text = out.stdout
+    text = run_benchmark("mqtt", "--quick", "--requests", "100")
     for series in ("raw paho", "MqttTransport", "HybridClient cloud"):
         assert series in text
     ratios = [float(r) for r in re.findall(r"MqttTransport\s+[\d.]+\s+[\d.]+\s+([\d.]+)x", text)]
