@@ -187,6 +187,15 @@ def parse_config(
     names = [r.name for r in regions]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: region names must be unique, got {names}")
+    if names:  # a typo in a region name would silently send FP32
+        for key in ("upstream_fp16", "upstream_int8"):
+            chosen = getattr(settings.routing, key)
+            unknown = sorted(set(chosen) - set(names)) if isinstance(chosen, frozenset) else []
+            if unknown:
+                raise ConfigError(
+                    f"{where} [routing].{key}: region(s) {unknown} are not among the "
+                    f"[[regions]] ({', '.join(names)})"
+                )
     return ClientConfig(
         package=package, public_key=public_key, settings=settings, regions=tuple(regions)
     )

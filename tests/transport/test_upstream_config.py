@@ -89,6 +89,7 @@ def test_client_toml_upstream_keys_reach_the_wire(
         ("upstream_fp16 = true\nupstream_int8 = true", "upstream_fp16 and upstream_int8 both"),
         ('upstream_fp16 = ["web"]\nupstream_int8 = ["web"]', r"both select region\(s\) \['web'\]"),
         ("upstream_in8 = true", r"unknown key\(s\) \['upstream_in8'\]"),
+        ('upstream_int8 = ["wbe"]', r"\[routing\]\.upstream_int8: region\(s\) \['wbe'\] are not"),
     ],
 )
 def test_client_toml_rejects_bad_upstream_keys(
@@ -151,6 +152,7 @@ def test_agent_toml_upstream_keys_reach_the_agents_client(agent_toml: Path) -> N
             r"policy: upstream_fp16 and upstream_int8",
         ),
         ("upstream = true", r"policy\.upstream: unknown key"),
+        ('upstream_fp16 = ["eu", "asia"]', r"policy\.upstream_fp16: region\(s\) \['asia'\]"),
     ],
 )
 def test_agent_toml_rejects_bad_upstream_keys(agent_toml: Path, policy: str, named: str) -> None:

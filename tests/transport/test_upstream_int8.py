@@ -28,6 +28,7 @@ from edgecloud.transport.compact import (
     quantize_int8,
 )
 from edgecloud.transport.grpc import GrpcTransport
+from edgecloud.transport.mqtt import MqttTransport
 from edgecloud.transport.v2 import V2_TO_DTYPE, InferRequest, decode_request, encode_request
 from tests.fixtures.broker import MosquittoBroker
 from tests.fixtures.packages import CLOUD_ONNX, SAMPLES
@@ -132,10 +133,20 @@ def test_mqtt_and_grpc_carry_int8_and_fp16(
             m = _region("mq", broker.url, device_id="dev-int8", binary_threshold=0)
             m32, cm32 = _cloud_answers(pkg, m, x[:20])
             m8, cm8 = _cloud_answers(pkg, m, x[:20], upstream_int8=["mq"])
+            bad = InferRequest(
+                MODEL, {"input": _GOOD_U8}, input_parameters={"input": {SCALE: "-1", ZERO_POINT: 0}}
+            )
+            with (
+                MqttTransport(broker.url, region="mq", device_id="dev-int8") as t,
+                pytest.raises(RemoteError) as ei,
+            ):
+                t.infer(bad, timeout=10)
         finally:
             pool.stop()
             core.close()
     assert np.mean(m8 == m32) >= AGREEMENT
+    assert ei.value.status == 400
+    assert f"input 'input': parameter '{SCALE}' must be a finite number > 0" in str(ei.value)
     assert 192 - 90 <= cm32["bytes_per_request"] - cm8["bytes_per_request"] < 192
 
 
