@@ -352,3 +352,25 @@ def test_dequantize_refuses_an_input_that_is_not_fp32() -> None:
     req = InferRequest("m", {}, input_parameters={"a": {SCALE: "0.5", ZERO_POINT: 1}})
     with pytest.raises(InputError, match=f"input 'a'.*'{SCALE}' is for FP32 model inputs"):
         dequantize_input(req, "a", np.ones(2, np.uint8), np.int64, model="m")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_codec_round_trips_input_parameters(seed: int) -> None:
+    """Seeded: random inputs, some with INT8 parameters, JSON or binary: the decoded request has
+    the same tensors and the same per-input parameters (``binary_data_size`` not among them)."""
+    rng = np.random.default_rng(seed)
+    inputs = {
+        f"in{i}": rng.normal(0, 3, tuple(int(d) for d in rng.integers(1, 5, 2))).astype(np.float32)
+        for i in range(int(rng.integers(1, 4)))
+    }
+    req = quantize_int8(InferRequest(MODEL, inputs))
+    keep = [n for n in inputs if rng.random() < 0.5]
+    req.inputs.update({n: inputs[n] for n in keep})  # some stay FP32, without parameters
+    for n in keep:
+        req.input_parameters.pop(n)
+    for binary in (False, True):
+        body, hl = encode_request(req, binary=binary)
+        back = decode_request(body, hl, model=MODEL)
+        assert back.input_parameters == req.input_parameters
+        for n, a in req.inputs.items():
+            np.testing.assert_array_equal(back.inputs[n], a)
