@@ -146,6 +146,9 @@ def quantize_int8(request: InferRequest) -> InferRequest:
             continue
         lo, hi = min(float(a.min()), 0.0), max(float(a.max()), 0.0)
         scale = (hi - lo) / 255.0 if hi > lo else 1.0
+        if np.float32(scale) == 0:  # a range below FP32's smallest step: nothing to gain
+            inputs[name] = a
+            continue
         zero_point = int(np.clip(round(-lo / scale), 0, 255))
         q = np.clip(np.rint(a.astype(np.float64) / scale) + zero_point, 0, 255)
         inputs[name] = q.astype(np.uint8)
@@ -179,8 +182,13 @@ def dequantize_input(
         scale = float(raw)
     except ValueError:
         raise bad(SCALE, f"is not a float: {raw!r}") from None
+    with np.errstate(over="ignore", under="ignore"):
+        s32 = np.float32(scale)
+        fits = bool(np.isfinite(s32 * np.float32(255)))
     if not (np.isfinite(scale) and scale > 0):
         raise bad(SCALE, f"must be a finite number > 0, got {raw!r}")
+    if not (s32 > 0 and fits):
+        raise bad(SCALE, f"must fit FP32 (0 < 255 * scale <= 3.4e38 and scale >= 1e-45): {raw!r}")
     zp = params[ZERO_POINT]
     if isinstance(zp, bool) or not isinstance(zp, int) or not 0 <= zp <= 255:
         raise bad(ZERO_POINT, f"must be an integer in 0..255, got {str(zp)[:40]!r}")
@@ -190,7 +198,7 @@ def dequantize_input(
     if np.dtype(want) != np.float32:
         dt = DTYPE_TO_V2.get(np.dtype(want), str(want))
         raise bad(SCALE, f"is for FP32 model inputs, but this input is {dt}")
-    return (arr.astype(np.float32) - np.float32(zp)) * np.float32(scale)
+    return (arr.astype(np.float32) - np.float32(zp)) * s32
 
 
 def upcast_input(request: InferRequest, arr: np.ndarray, want: Any, *, model: str) -> np.ndarray:
