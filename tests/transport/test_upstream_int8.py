@@ -17,6 +17,8 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgecloud.client import HybridClient
 from edgecloud.errors import ConfigError, InputError, RemoteError
@@ -379,3 +381,47 @@ def test_codec_round_trips_input_parameters(seed: int) -> None:
         assert back.input_parameters == req.input_parameters
         for n, a in req.inputs.items():
             np.testing.assert_array_equal(back.inputs[n], a)
+
+
+_ANY = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=80),
+    st.from_regex(r"-?[0-9]{0,3}(\.[0-9]{0,20})?(e-?[0-9]{1,3})?", fullmatch=True),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    scale=_ANY,
+    zp=_ANY,
+    drop=st.sampled_from(["", SCALE, ZERO_POINT]),
+    dtype=st.sampled_from([np.uint8, np.uint8, np.int8, np.float32, np.uint16]),
+)
+def test_property_dequantize_raises_only_input_errors(
+    scale: Any, zp: Any, drop: str, dtype: Any
+) -> None:
+    """Any parameter values: an FP32 array, or an ``InputError`` naming the input and a key."""
+    params = {SCALE: scale, ZERO_POINT: zp}
+    params.pop(drop, None)
+    params = {k: v for k, v in params.items() if v is not None}
+    req = InferRequest("m", {}, input_parameters={"x": params})
+    arr = np.arange(6, dtype=dtype).reshape(2, 3)
+    try:
+        out = dequantize_input(req, "x", arr, np.float32, model="m")
+    except InputError as exc:
+        message = str(exc)
+    else:
+        message = ""
+    if message:
+        assert "input 'x': parameter 'dequantize_" in message
+        return
+    if not params:
+        assert out is arr
+        return
+    assert out.dtype == np.float32
+    assert out.shape == arr.shape
+    assert float(params[SCALE]) > 0
+    assert 0 <= params[ZERO_POINT] <= 255
