@@ -259,12 +259,12 @@ class AgentConfig:
         names = [x.name for x in regions]
         if len(set(names)) != len(names):
             raise ConfigError(f"regions: duplicate region names in {names}")
-        for key in ("upstream_fp16", "upstream_int8"):  # a typo would silently send FP32
-            chosen = getattr(policy, key)
+        for upstream in ("upstream_fp16", "upstream_int8"):  # a typo would silently send FP32
+            chosen = getattr(policy, upstream)
             unknown = sorted(set(chosen) - set(names)) if isinstance(chosen, tuple) else []
             if unknown:
                 raise ConfigError(
-                    f"policy.{key}: region(s) {unknown} are not among the [[regions]] "
+                    f"policy.{upstream}: region(s) {unknown} are not among the [[regions]] "
                     f"({', '.join(names) or 'none'})"
                 )
 
