@@ -320,120 +320,6 @@ def report(task: dict[str, Any], targets: list[str], resplits: int, plot: Path |
     return ok
 
 
-def _send(t: Any, x: np.ndarray, y: np.ndarray, fp16: bool) -> tuple[float, float]:
-    """Every row as one request over ``t``: (bytes per request from its counter, accuracy)."""
-    from edgecloud.transport.compact import downcast_fp16
-    from edgecloud.transport.v2 import InferRequest
-
-    pred = []
-    for i in range(len(x)):
-        req = InferRequest("m", {"input": x[i : i + 1]})
-        if fp16:
-            req = downcast_fp16(req)
-        out = t.infer(req, timeout=10.0).outputs
-        pred.append(int(np.asarray(next(iter(out.values()))).argmax()))
-    return float(t.upstream.snapshot()["bytes_per_request"]), float(np.mean(np.array(pred) == y))
-
-
-def bandwidth_regions(work: Path) -> None:
-    """Bytes upstream per offloaded request, FP32 vs FP16, read from the transports' own
-    counters (``transport.upstream``) while every held-out row is sent, one request per row,
-    to a real region: our server over HTTP on loopback and behind an MQTT worker on a real
-    Mosquitto. FP16 requests carry ``upcast_fp16: true`` and go through the same
-    ``downcast_fp16`` that ``HybridClient(upstream_fp16=...)`` calls; the accuracy is the cloud
-    model's answers as the region returned them. JSON (the default below 16 KiB) and the binary
-    tensor extension (``binary_threshold=0``) both measured."""
-    from edgecloud.cloud.core import ServingCore
-    from edgecloud.cloud.mqtt_worker import start_mqtt_workers
-    from edgecloud.cloud.server import CloudServer
-    from edgecloud.transport.http import HttpTransport
-    from edgecloud.transport.mqtt import MqttTransport
-    from tests.fixtures.broker import MosquittoBroker
-
-    print("\n## bandwidth per offloaded request (1 row), through real regions")
-    cases = [
-        ("digits cloud CNN", SAMPLES / "models" / "digits_cloud.onnx",
-         np.load(SAMPLES / "data" / "cloud_val.npz")),
-        ("hard cloud MLP", work / "cloud.onnx", np.load(work / "test.npz")),
-    ]  # fmt: skip
-    with MosquittoBroker() as broker:
-        for name, model, z in cases:
-            x, y = z["input"].astype(np.float32), z["labels"]
-            repo = work / f"repo-{model.stem}"
-            (repo / "m" / "1").mkdir(parents=True, exist_ok=True)
-            (repo / "m" / "1" / "model.onnx").write_bytes(model.read_bytes())
-            core = ServingCore(repo, max_batch_size=8, max_queue_delay_ms=0.5)
-            server = CloudServer(core, port=0, region="bench").start()
-            pool = start_mqtt_workers(core, broker=broker.url, region="bench", workers=1)
-            print(f"{name}: input {list(x.shape[1:])}, {len(y)} held-out rows")
-            try:
-                for proto in ("http", "mqtt"):
-                    for binary in (False, True):
-                        thr = 0 if binary else 1 << 30
-                        row = {}
-                        for fp16 in (False, True):
-                            if proto == "http":
-                                t: Any = HttpTransport(server.url, region="bench",
-                                                       binary_threshold=thr)  # fmt: skip
-                            else:
-                                t = MqttTransport(broker.url, region="bench",
-                                                  device_id="bw", binary_threshold=thr)  # fmt: skip
-                            try:
-                                row[fp16] = _send(t, x, y, fp16)
-                            finally:
-                                t.close()
-                        (b32, a32), (b16, a16) = row[False], row[True]
-                        enc = "binary" if binary else "JSON"
-                        print(
-                            f"  {proto:4s} {enc:6s}: FP32 {b32:6.1f} B/offload, FP16 {b16:6.1f} "
-                            f"B/offload (x{b16 / b32:.2f}); accuracy FP32 {a32:.4f}, "
-                            f"FP16 {a16:.4f} ({(a16 - a32) * 100:+.2f} pt)"
-                        )
-            finally:
-                pool.stop()
-                server.stop()
-                core.close()
-
-
-def bandwidth(work: Path) -> None:
-    """Bytes upstream per offloaded request (one row), and the accuracy cost of smaller tensors.
-
-    Measured on the encoded V2 request the transports send (edgecloud.transport.v2), for the
-    cloud model's own input layout; the accuracy is the cloud model's on the held-out rows with
-    the inputs rounded through each dtype (what a region that accepts them would see after
-    casting back). Sent for real (FP16, through regions): ``bandwidth_regions``.
-    """
-    from edgecloud.transport.v2 import InferRequest, encode_request
-
-    print("\n## bandwidth per offloaded request (1 row)")
-    cases = [
-        ("digits cloud CNN", SAMPLES / "models" / "digits_cloud.onnx",
-         np.load(SAMPLES / "data" / "cloud_val.npz")),
-        ("hard cloud MLP", work / "cloud.onnx", np.load(work / "test.npz")),
-    ]  # fmt: skip
-    for name, model, z in cases:
-        x, y = z["input"].astype(np.float32), z["labels"]
-        base = float((_run(model, x).argmax(1) == y).mean())
-        print(f"{name}: input {list(x.shape[1:])}, cloud accuracy fp32 {base:.4f}")
-        for dtype, conv in (
-            ("float32", lambda a: a),
-            ("float16", lambda a: a.astype(np.float16)),
-            ("uint8", lambda a: np.round(a * 255).astype(np.uint8)),
-        ):
-            row = conv(x[:1])
-            req = InferRequest(model="m", inputs={"input": row}, id="ec-1")
-            js = len(encode_request(req)[0])
-            bi = len(encode_request(req, binary=True)[0])
-            back = conv(x).astype(np.float32)
-            if dtype == "uint8":
-                back = back / 255.0
-            acc = float((_run(model, back.astype(np.float32)).argmax(1) == y).mean())
-            print(
-                f"  {dtype:8s} JSON {js:5d} B, binary {bi:5d} B; accuracy after the round trip "
-                f"{acc:.4f} ({(acc - base) * 100:+.2f} pt)"
-            )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.calibration", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer conformal re-splits")
@@ -448,8 +334,6 @@ def main(argv: list[str] | None = None) -> int:
             resplits,
             args.plot,
         )
-        bandwidth(Path(d))
-        bandwidth_regions(Path(d))
     print(f"\nall checks met: {ok}" + ("" if ok else f" (missed: {'; '.join(FAILED)})"))
     return 0 if ok else 1
 

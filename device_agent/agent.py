@@ -107,6 +107,8 @@ class Agent:
             metrics=self.metrics,
             deadline=pol.deadline_s,
             max_concurrency=pol.max_concurrency,
+            upstream_fp16=pol.upstream_fp16,
+            upstream_int8=pol.upstream_int8,
         )
         self.capture: HardExampleStore | None = None
         if config.capture.enabled:

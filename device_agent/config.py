@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from edgecloud.errors import ConfigError
 from edgecloud.settings import RegionConfig, check_threshold
 from edgecloud.topics import DEFAULT_PREFIX, Topics, check_segment
+from edgecloud.transport.compact import check_settings as check_upstream_settings
 
 __all__ = [
     "AgentConfig",
@@ -85,6 +86,9 @@ class PolicyConfig:
     threshold: float | None = None
     deadline_s: float | None = 1.0
     max_concurrency: int = 1
+    #: FP16 / INT8 tensors upstream, to every region (True) or those named (docs/routing.md).
+    upstream_fp16: bool | tuple[str, ...] = False
+    upstream_int8: bool | tuple[str, ...] = False
 
 
 @dataclass(frozen=True)
@@ -224,7 +228,9 @@ class AgentConfig:
         )
 
         po = r.section("policy", required=False)
-        po.known("mode", "threshold", "deadline_s", "max_concurrency")
+        po.known(
+            "mode", "threshold", "deadline_s", "max_concurrency", "upstream_fp16", "upstream_int8"
+        )
         mode = po.string("mode", "edge_first")
         if mode not in _MODES:
             raise ConfigError(f"policy.mode: expected one of {list(_MODES)}, got {mode!r}")
@@ -233,7 +239,13 @@ class AgentConfig:
             threshold=_threshold(po.d["threshold"]) if "threshold" in po.d else None,
             deadline_s=po.number("deadline_s", 1.0, lo=0.001) if "deadline_s" in po.d else 1.0,
             max_concurrency=int(po.number("max_concurrency", 1, lo=1, hi=1024, integer=True)),
+            upstream_fp16=po.regions("upstream_fp16"),
+            upstream_int8=po.regions("upstream_int8"),
         )
+        try:  # the client's own check: one region is sent FP16 or INT8, not both
+            check_upstream_settings(policy.upstream_fp16, policy.upstream_int8)
+        except ConfigError as exc:
+            raise ConfigError(f"policy: {exc}") from None
 
         regions: list[RegionConfig] = []
         raw_regions = d.get("regions", [])
@@ -247,6 +259,14 @@ class AgentConfig:
         names = [x.name for x in regions]
         if len(set(names)) != len(names):
             raise ConfigError(f"regions: duplicate region names in {names}")
+        for upstream in ("upstream_fp16", "upstream_int8"):  # a typo would silently send FP32
+            chosen = getattr(policy, upstream)
+            unknown = sorted(set(chosen) - set(names)) if isinstance(chosen, tuple) else []
+            if unknown:
+                raise ConfigError(
+                    f"policy.{upstream}: region(s) {unknown} are not among the [[regions]] "
+                    f"({', '.join(names) or 'none'})"
+                )
 
         te = r.section("telemetry", required=False)
         te.known("interval_s")
@@ -381,6 +401,17 @@ class _Reader:
         if not isinstance(v, bool):
             raise ConfigError(f"{self.prefix}{key}: expected true or false, got {v!r}")
         return v
+
+    def regions(self, key: str) -> bool | tuple[str, ...]:
+        """True/false or a list of region names (``upstream_fp16`` / ``upstream_int8``)."""
+        v = self.d.get(key, False)
+        if isinstance(v, bool):
+            return v
+        if isinstance(v, list) and all(isinstance(n, str) and n for n in v):
+            return tuple(v)
+        raise ConfigError(
+            f"{self.prefix}{key}: expected true/false or a list of region names, got {v!r}"
+        )
 
     def table(self, key: str, default: dict[str, Any]) -> dict[str, Any]:
         v = self.d.get(key, default)

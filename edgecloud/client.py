@@ -169,6 +169,7 @@ class HybridClient:
             self.escalation,
             cloud_inputs=cloud_inputs,
             upstream_fp16=rs.upstream_fp16,
+            upstream_int8=rs.upstream_int8,
             clock=clock,
         )
         #: One policy object per mode (``routing.policies``); ``_policy`` is the client's mode.

@@ -15,6 +15,7 @@ works from any working directory.
     mode = "edge_first"
     threshold = 0.9
     deadline = 0.5
+    upstream_int8 = ["eu-west"]           # or upstream_fp16; true: every region
 
     [[regions]]
     name = "eu-west"
@@ -90,6 +91,8 @@ _ROUTING_KEYS = {
     "escalate": str,
     "audit_rate": "float",
     "escalation_rate_limit": "float",
+    "upstream_fp16": "regions",
+    "upstream_int8": "regions",
 }
 
 
@@ -124,6 +127,12 @@ def _value(kind: Any, value: Any, where: str, base: Path) -> Any:
             if isinstance(v, bool) or not isinstance(v, int | float):
                 raise ConfigError(f"{where}{'.' + k if k else ''}: expected a number, got {v!r}")
         return check_threshold(value, where)
+    if kind == "regions":  # upstream_fp16 / upstream_int8: true/false or region names
+        if isinstance(value, bool) or (
+            isinstance(value, list) and all(isinstance(n, str) and n for n in value)
+        ):
+            return value
+        raise ConfigError(f"{where}: expected true/false or a list of region names, got {value!r}")
     if kind == "shape":
         if isinstance(value, dict):
             return {str(k): _shape(v, f"{where}.{k}") for k, v in value.items()}
@@ -178,6 +187,15 @@ def parse_config(
     names = [r.name for r in regions]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: region names must be unique, got {names}")
+    if names:  # a typo in a region name would silently send FP32
+        for key in ("upstream_fp16", "upstream_int8"):
+            chosen = getattr(settings.routing, key)
+            unknown = sorted(set(chosen) - set(names)) if isinstance(chosen, frozenset) else []
+            if unknown:
+                raise ConfigError(
+                    f"{where} [routing].{key}: region(s) {unknown} are not among the "
+                    f"[[regions]] ({', '.join(names)})"
+                )
     return ClientConfig(
         package=package, public_key=public_key, settings=settings, regions=tuple(regions)
     )

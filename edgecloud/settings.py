@@ -34,7 +34,7 @@ from edgecloud.routing.modes import Mode, parse_mode
 from edgecloud.routing.regions import CloudInputs
 from edgecloud.routing.result import DEFAULT_THRESHOLD
 from edgecloud.runtime.base import InputPolicy
-from edgecloud.transport.compact import check_setting as check_fp16_setting
+from edgecloud.transport.compact import check_settings as check_upstream_settings
 
 if TYPE_CHECKING:
     from edgecloud.routing.confidence import ConfidencePolicy
@@ -147,10 +147,15 @@ class RoutingSettings:
     #: FP32 inputs sent as FP16 to every region (True) or to those named
     #: (edgecloud/transport/compact.py; only regions that honour ``upcast_fp16``).
     upstream_fp16: bool | frozenset[str] = False
+    #: FP32 inputs sent as UINT8 with per-tensor dequantize parameters, likewise; never to a
+    #: region ``upstream_fp16`` selects too.
+    upstream_int8: bool | frozenset[str] = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", parse_mode(self.mode))
-        object.__setattr__(self, "upstream_fp16", check_fp16_setting(self.upstream_fp16))
+        fp16, int8 = check_upstream_settings(self.upstream_fp16, self.upstream_int8)
+        object.__setattr__(self, "upstream_fp16", fp16)
+        object.__setattr__(self, "upstream_int8", int8)
         if self.threshold is not None:
             object.__setattr__(self, "threshold", check_threshold(self.threshold, above_one=True))
         if self.deadline is not None and not (
@@ -216,6 +221,7 @@ class ClientOptions(TypedDict, total=False):
     cloud_inputs: CloudInputs | None
     cloud_input_shape: Shape | Mapping[str, Shape] | list[int] | None
     upstream_fp16: bool | Sequence[str]
+    upstream_int8: bool | Sequence[str]
     probe_interval: float | None
     probe_timeout: float
     failure_threshold: int

@@ -45,7 +45,7 @@ from edgecloud.package import TensorSpec
 from edgecloud.runtime.base import InputMessages, InputPolicy
 from edgecloud.runtime.ort import OnnxRuntimeBackend
 from edgecloud.transport.compact import PARAMETER as UPCAST_PARAMETER
-from edgecloud.transport.compact import upcast_input
+from edgecloud.transport.compact import dequantize_input, upcast_input
 from edgecloud.transport.v2 import DTYPE_TO_V2, InferRequest, InferResponse
 
 if TYPE_CHECKING:
@@ -181,6 +181,14 @@ class ModelWorker:
             want = {spec.name: spec.dtype for spec in self.entry.inputs}
             inputs = {
                 n: upcast_input(request, np.asarray(a), want[n], model=self.entry.name)
+                if n in want
+                else a
+                for n, a in inputs.items()
+            }
+        if request.input_parameters:  # INT8 upstream: UINT8 tensors with their dequantize keys
+            want = {spec.name: spec.dtype for spec in self.entry.inputs}
+            inputs = {
+                n: dequantize_input(request, n, np.asarray(a), want[n], model=model)
                 if n in want
                 else a
                 for n, a in inputs.items()

@@ -150,6 +150,9 @@ class _Servicer:
             id=request.id or None,
             outputs=[o.name for o in request.outputs],
             parameters=params,
+            input_parameters={
+                t.name: p for t in request.inputs if (p := parameters_of(t.parameters))
+            },
         )
         return req, deadline
 

@@ -22,7 +22,7 @@ from edgecloud.routing.escalation import Escalation
 from edgecloud.routing.modes import Reason
 from edgecloud.routing.regions import CloudInputs, CloudOutcome, Region, RegionSelector
 from edgecloud.routing.result import HybridResult, ModelSlot
-from edgecloud.transport.compact import downcast_fp16, wants_fp16
+from edgecloud.transport.compact import downcast_fp16, quantize_int8, selects
 from edgecloud.transport.v2 import InferRequest
 
 __all__ = ["Router"]
@@ -39,6 +39,7 @@ class Router:
         "escalation",
         "selector",
         "upstream_fp16",
+        "upstream_int8",
     )
 
     def __init__(
@@ -49,6 +50,7 @@ class Router:
         *,
         cloud_inputs: CloudInputs | None = None,
         upstream_fp16: bool | frozenset[str] = False,
+        upstream_int8: bool | frozenset[str] = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.capacity = capacity
@@ -57,6 +59,8 @@ class Router:
         self.cloud_inputs = cloud_inputs
         #: FP16 inputs upstream, to all regions or those named (edgecloud/transport/compact.py)
         self.upstream_fp16 = upstream_fp16
+        #: INT8 (UINT8 + dequantize parameters) likewise; settings keep the two apart per region
+        self.upstream_int8 = upstream_int8
         self.clock = clock
         self._ids = itertools.count()
 
@@ -96,7 +100,7 @@ class Router:
         default_model = slot.model if slot is not None else None
         client_adapter = self.cloud_inputs
         ids = self._ids
-        fp16 = self.upstream_fp16
+        fp16, int8 = self.upstream_fp16, self.upstream_int8
 
         def make(region: Region) -> InferRequest:
             model = region.model or default_model
@@ -110,7 +114,11 @@ class Router:
             req = InferRequest(
                 model=model, inputs=inputs, version=region.version, id=f"ec-{next(ids)}"
             )
-            return downcast_fp16(req) if fp16 and wants_fp16(fp16, region.name) else req
+            if fp16 and selects(fp16, region.name):
+                return downcast_fp16(req)
+            if int8 and selects(int8, region.name):
+                return quantize_int8(req)
+            return req
 
         return make
 

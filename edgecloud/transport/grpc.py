@@ -51,6 +51,7 @@ from edgecloud.errors import (
     TransportTimeout,
 )
 from edgecloud.transport.base import Transport
+from edgecloud.transport.compact import UpstreamCounter
 from edgecloud.transport.v2 import DTYPE_TO_V2, V2_TO_DTYPE, InferRequest, InferResponse
 
 __all__ = [
@@ -252,6 +253,7 @@ class GrpcTransport(Transport):
         self.connect_timeout = connect_timeout
         self.propagate_deadline = propagate_deadline
         self.ready_detail: str | None = None
+        self.upstream = UpstreamCounter()  # serialized ModelInferRequest messages (compact.py)
         self._grpc = grpc
         self._pb = pb
         self._model_ready_unsupported = False
@@ -322,7 +324,8 @@ class GrpcTransport(Transport):
         raw = []
         for name, arr in request.inputs.items():
             datatype, blob = raw_bytes(name, arr)
-            msg.inputs.add(name=name, datatype=datatype, shape=list(np.shape(arr)))
+            t = msg.inputs.add(name=name, datatype=datatype, shape=list(np.shape(arr)))
+            encode_parameters(t.parameters, request.input_parameters.get(name, {}))
             raw.append(blob)
         msg.raw_input_contents.extend(raw)
         for name in request.outputs:
@@ -334,6 +337,7 @@ class GrpcTransport(Transport):
             msg = self._request(request, timeout)
         except ProtocolError as exc:
             raise ProtocolError(f"region '{self.region}': {exc}", region=self.region) from exc
+        self.upstream.add(msg.ByteSize())
         resp = self._call("ModelInfer", msg, timeout)
         try:
             outputs = decode_tensors(resp.outputs, resp.raw_output_contents, "response")

@@ -86,6 +86,9 @@ class InferRequest:
     id: str | None = None
     outputs: list[str] = field(default_factory=list)
     parameters: dict[str, Any] = field(default_factory=dict)
+    #: Per input, its V2 tensor ``parameters`` other than ``binary_data_size`` (INT8 upstream's
+    #: dequantize keys, edgecloud/transport/compact.py).
+    input_parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -115,7 +118,10 @@ def json_data(a: np.ndarray) -> list[Any]:
 
 
 def _encode_tensors(
-    tensors: Mapping[str, np.ndarray], binary: bool | int, blobs: list[bytes]
+    tensors: Mapping[str, np.ndarray],
+    binary: bool | int,
+    blobs: list[bytes],
+    params: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """JSON entries for ``tensors``; binary ones append their bytes to ``blobs``.
 
@@ -129,10 +135,12 @@ def _encode_tensors(
             "shape": list(a.shape),
             "datatype": _v2_type(name, a),
         }
+        if params and params.get(name):
+            entry["parameters"] = dict(params[name])
         use_binary = binary if isinstance(binary, bool) else a.nbytes >= binary
         if use_binary:
             raw = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes()
-            entry["parameters"] = {"binary_data_size": len(raw)}
+            entry.setdefault("parameters", {})["binary_data_size"] = len(raw)
             blobs.append(raw)
         else:
             entry["data"] = json_data(a)
@@ -152,7 +160,9 @@ def encode_request(
 ) -> tuple[bytes, int | None]:
     """Encode a request; returns ``(body, header_length)``, header_length None for pure JSON."""
     blobs: list[bytes] = []
-    header: dict[str, Any] = {"inputs": _encode_tensors(req.inputs, binary, blobs)}
+    header: dict[str, Any] = {
+        "inputs": _encode_tensors(req.inputs, binary, blobs, req.input_parameters)
+    }
     if req.id is not None:
         header["id"] = req.id
     if req.parameters:
@@ -271,7 +281,12 @@ def _split(
     return header, memoryview(rest)
 
 
-def _decode_tensors(entries: Any, rest: memoryview, what: str) -> dict[str, np.ndarray]:
+def _decode_tensors(
+    entries: Any,
+    rest: memoryview,
+    what: str,
+    params_out: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, np.ndarray]:
     if not isinstance(entries, list):
         raise ProtocolError(f"'{what}' must be a list of tensors")
     tensors: dict[str, np.ndarray] = {}
@@ -326,6 +341,10 @@ def _decode_tensors(entries: Any, rest: memoryview, what: str) -> dict[str, np.n
         if name in tensors:
             raise ProtocolError(f"tensor '{name}' appears twice in '{what}'")
         tensors[name] = arr
+        if params_out is not None and isinstance(params, dict):
+            kept = {k: v for k, v in params.items() if k != "binary_data_size"}
+            if kept:
+                params_out[name] = kept
     if offset != len(rest):
         raise ProtocolError(f"{len(rest) - offset} bytes after the last binary tensor")
     return tensors
@@ -352,7 +371,8 @@ def decode_request(
     check, since they depend on where the body came from.
     """
     header, rest = _split(body, header_length, limits)
-    inputs = _decode_tensors(header.get("inputs"), rest, "inputs")
+    input_params: dict[str, dict[str, Any]] = {}
+    inputs = _decode_tensors(header.get("inputs"), rest, "inputs", input_params)
     outs = header.get("outputs") or []
     if not isinstance(outs, list) or not all(isinstance(o, dict) and "name" in o for o in outs):
         raise ProtocolError("'outputs' must be a list of objects with a 'name'")
@@ -367,6 +387,7 @@ def decode_request(
         id=str(rid) if rid is not None else None,
         outputs=[str(o["name"]) for o in outs],
         parameters=params,
+        input_parameters=input_params,
     )
 
 

@@ -59,18 +59,6 @@ def test_the_pair_is_real_onnx(tmp_path: Path) -> None:
     assert meta["rows"]["test"] == 450
 
 
-def test_bandwidth_report(pair: dict[str, object], capsys: pytest.CaptureFixture[str]) -> None:
-    import re
-
-    bench.bandwidth(pair["work"])  # type: ignore[arg-type]
-    out = capsys.readouterr().out
-    rows = re.findall(r"  (float32|float16|uint8) +JSON +(\d+) B, binary +(\d+) B", out)
-    assert len(rows) == 6
-    f32, f16, u8 = (int(r[2]) for r in rows[3:])
-    assert u8 < f16 < f32  # binary body shrinks with the dtype
-    assert f32 - f16 == 64 * 2  # exactly two bytes per value less
-
-
 def test_digits_targets_hold_cross_fitted(capsys: pytest.CaptureFixture[str]) -> None:
     """The digits pair: every row held out once (one 224-row split is too small to judge)."""
     bench.FAILED.clear()
