@@ -74,20 +74,20 @@ def add_drift_reference(
     notes = warnings if warnings is not None else []
     if not enabled or confidence == "none":
         return routing
-    draft = Manifest(
-        name="draft",
-        version="0",
-        inputs=inputs,
-        outputs=outputs,
-        variants=(),
-        task=task,
-        confidence=confidence,  # type: ignore[arg-type]
-        confidence_output=score,
-        routing=routing,
-    )
     try:
+        draft = Manifest(
+            name="draft",
+            version="0",
+            inputs=inputs,
+            outputs=outputs,
+            variants=(),
+            task=task,
+            confidence=confidence,  # type: ignore[arg-type]
+            confidence_output=score,
+            routing=routing,
+        )
         policy = confidence_from_manifest(draft)
-    except Exception as exc:  # a PackageError naming the routing field
+    except Exception as exc:  # a PackageError naming the field
         notes.append(f"no drift reference: {exc}")
         return routing
     if policy is None:
