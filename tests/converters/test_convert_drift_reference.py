@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from converters import ConversionReport, ConvertOptions, VariantReport, convert
 from converters.calibrate import split_rows
-from converters.data import load_dataset
+from converters.data import Dataset, load_dataset
 from converters.drift_reference import MIN_REFERENCE_ROWS, add_drift_reference, reference_lines
 from converters.model import inspect_model
 from device_agent.drift import DriftMonitor
@@ -147,31 +148,29 @@ def test_too_few_rows_give_no_reference_and_say_why(tmp_path: Path) -> None:
     assert "30 validation rows" in note
     assert f"at least {MIN_REFERENCE_ROWS}" in note
     # labelled: 90 rows calibrate (>= 40), but the 45 evaluation rows are too few for it
-    val = load_dataset(S / "data/edge_val.npz", inspect_model(SRC).inputs, what="validation")
-    few = val.take(90)
+    info = inspect_model(SRC)
+    val = load_dataset(S / "data/edge_val.npz", info.inputs, what="validation")
     fp32 = VariantReport(name="fp32", precision="fp32", format="onnx", file="fp32.onnx")
     notes: list[str] = []
-    routing = {"temperature": 0.8, "calibration": {"by": "edgecloud convert", "fit_rows": 45,
-                                                   "seed": 0}}  # fmt: skip
-    kw = {"inputs": inspect_model(SRC).inputs, "outputs": inspect_model(SRC).outputs}
-    got = add_drift_reference(routing, [(fp32, SRC)], few, task="classification",
-                              score="logits", confidence="logits", warnings=notes, **kw)  # fmt: skip
-    assert got == routing
+
+    def ref(routing: dict[str, Any], data: Dataset, score: str = "logits", **kw: Any) -> Any:
+        notes.clear()
+        opts: dict[str, Any] = {"inputs": info.inputs, "outputs": info.outputs, **kw}
+        return add_drift_reference(
+            routing, [(fp32, SRC)], data, task="classification", score=score,
+            confidence="logits", warnings=notes, **opts,
+        )  # fmt: skip
+
+    split = {"by": "edgecloud convert", "fit_rows": 45, "seed": 0}
+    cal_routing = {"temperature": 0.8, "calibration": split}
+    assert ref(cal_routing, val.take(90)) == cal_routing
     assert "45 validation rows (the calibration's evaluation rows)" in notes[0]
-    # a confidence the policy cannot read is a note too, never a crash
-    notes.clear()
-    got = add_drift_reference({}, [(fp32, SRC)], val, task="classification", score="logits",
-                              confidence="logits", warnings=notes,
-                              inputs=kw["inputs"],
-                              outputs=(dataclasses.replace(kw["outputs"][0], name="probs"),))  # fmt: skip
-    assert got == {}
-    assert notes and notes[0].startswith("no drift reference")
-    notes.clear()  # the spec names an output the model does not give: the variant is skipped
-    got = add_drift_reference({}, [(fp32, SRC)], val, task="classification", score="probs",
-                              confidence="logits", warnings=notes,
-                              inputs=kw["inputs"],
-                              outputs=(dataclasses.replace(kw["outputs"][0], name="probs"),))  # fmt: skip
-    assert got == {}
+    # a spec the manifest refuses (no such score output) is a note too, never a crash
+    probs = (dataclasses.replace(info.outputs[0], name="probs"),)
+    assert ref({}, val, outputs=probs) == {}
+    assert notes[0].startswith("no drift reference: manifest: confidence output"), notes
+    # the spec names an output the model does not give: that variant is skipped, said why
+    assert ref({}, val, score="probs", outputs=probs) == {}
     assert notes[0].startswith("no drift reference for fp32: its confidence failed"), notes
 
 
@@ -196,3 +195,59 @@ def test_the_monitor_reads_the_loaded_variants_reference_else_the_packages(
     assert mon.observe(bad, out, offloaded=False, variant="fp32") is None
     assert "routing.references.fp32 must be" in mon.source  # not monitored, and why
     assert cal.reference_for(bad, "int8_static")[1] == "routing.reference"
+
+
+def test_tune_replaces_the_convert_time_reference_in_its_newer_signed_version(
+    tmp_path: Path,
+) -> None:
+    from edgecloud import tuning
+    from edgecloud.package import generate_keypair, load_private_key, load_public_key
+
+    priv, pub = generate_keypair(tmp_path / "k.key")
+    conv = convert(SRC, tmp_path / "pkg", ConvertOptions(val=S / "data/edge_val.npz",
+                                                         latency_runs=3, sign=priv))  # fmt: skip
+    assert conv.manifest is not None
+    assert conv.manifest.routing["reference"]["by"] == "edgecloud convert"
+    e = [np.load(S / "data" / f"edge_{s}.npz") for s in ("calib", "val")]
+    c = [np.load(S / "data" / f"cloud_{s}.npz") for s in ("calib", "val")]
+    res, _ = tuning.tune_package(
+        tmp_path / "pkg",
+        tmp_path / "tuned",
+        public_key=load_public_key(pub),
+        signing_key=load_private_key(priv),
+        inputs={"input": np.concatenate([d["input"] for d in e])},
+        labels=np.concatenate([d["labels"] for d in e]),
+        cloud=tuning.cloud_from_onnx(S / "models" / "digits_cloud.onnx"),
+        cloud_inputs={"input": np.concatenate([d["input"] for d in c])},
+        targets=[cal.parse_target("offload=0.2")],
+    )
+    m = verify_package(tmp_path / "tuned", load_public_key(pub)).manifest
+    assert m.version == f"{conv.manifest.version}-tuned"
+    assert m.routing["reference"] == res.reference  # tune's own: rows of its threshold split
+    assert "by" not in m.routing["reference"]
+    assert "references" not in m.routing  # convert's per-variant ones are gone with it
+    assert cal.reference_for(m, "fp32") == (res.reference, "routing.reference")
+    assert reference_lines(m.routing) == []
+
+
+def test_a_live_threshold_other_than_the_references_moves_the_offload_by_itself(
+    report: ConversionReport,
+) -> None:
+    """Same rows, same confidence histogram: only the offload differs, and that alone alarms."""
+    pkg = Path(report.package or "")
+    m = read_manifest(pkg)
+    x = np.load(S / "data/edge_calib.npz")["input"][:100]
+    conf = _device_confidence(pkg, "fp32", x)
+    be = load_backend(pkg, public_key=None, variant="fp32", require_signature=False)
+    try:
+        outs = [be.infer({"input": x[i : i + 1]}) for i in range(100)]
+    finally:
+        be.close()
+    for live, alarmed in ((0.9, False), (0.999, True)):
+        mon = DriftMonitor(window=100)
+        for o, c in zip(outs, conf, strict=True):
+            a = mon.observe(m, o, offloaded=bool(c < live), variant="fp32")
+        assert mon.last is not None
+        assert mon.last["distance"] <= 0.25  # the histogram is in distribution either way
+        assert (a is not None) == alarmed, mon.last
+    assert mon.last["offload_shift"] > 0.15
