@@ -251,3 +251,70 @@ def test_a_live_threshold_other_than_the_references_moves_the_offload_by_itself(
         assert mon.last["distance"] <= 0.25  # the histogram is in distribution either way
         assert (a is not None) == alarmed, mon.last
     assert mon.last["offload_shift"] > 0.15
+
+
+def _tiny_detector(path: Path) -> Path:
+    """A real ONNX detector head: per-box sigmoid scores and box coordinates, no labels."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 1, (16, 8)).astype(np.float32)
+    w2 = rng.normal(0, 1, (16, 32)).astype(np.float32)
+    g = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W1"], ["z"]),
+            helper.make_node("Sigmoid", ["z"], ["scores"]),
+            helper.make_node("MatMul", ["x", "W2"], ["b"]),
+            helper.make_node("Reshape", ["b", "shape"], ["boxes"]),
+        ],
+        "det",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [
+            helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["batch", 8, 4]),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 8]),
+        ],
+        [
+            numpy_helper.from_array(w1, "W1"),
+            numpy_helper.from_array(w2, "W2"),
+            numpy_helper.from_array(np.array([-1, 8, 4], np.int64), "shape"),
+        ],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+    return path
+
+
+def test_a_detector_gets_the_reference_of_its_devices_confidence(tmp_path: Path) -> None:
+    """No labels, not a classifier: the reference is of the confidence the runtime computes for
+    this manifest; with a task-aware policy named in ``routing.confidence``, of that one."""
+    from edgecloud.routing.task_confidence import DetectorConfidence
+
+    src = _tiny_detector(tmp_path / "det.onnx")
+    x = np.random.default_rng(1).normal(0, 1, (120, 16)).astype(np.float32)
+    np.savez(tmp_path / "val.npz", x=x)
+    rep = convert(src, tmp_path / "pkg", ConvertOptions(val=tmp_path / "val.npz", latency_runs=3))
+    assert rep.manifest is not None
+    assert rep.task == "detection"
+    m = rep.manifest
+    be = load_backend(tmp_path / "pkg", public_key=None, require_signature=False)
+    try:
+        outs = be.infer({"x": x})
+    finally:
+        be.close()
+    policy = confidence_from_manifest(m)
+    assert policy is not None
+    want = cal.drift_reference(np.asarray(policy(outs)), 0.9)
+    assert m.routing["reference"] == {**want, "by": "edgecloud convert", "variant": "fp32"}
+    # a routing object naming Sedna's IBT rule: the reference follows that policy
+    info = inspect_model(src)
+    val = load_dataset(tmp_path / "val.npz", info.inputs, what="validation")
+    fp32 = VariantReport(name="fp32", precision="fp32", format="onnx", file="fp32.onnx")
+    spec = {"confidence": {"kind": "detector", "mode": "ibt", "floor": 0.6, "low": 0.2}}
+    got = add_drift_reference(spec, [(fp32, src)], val, inputs=info.inputs,
+                              outputs=info.outputs, task="detection", score="scores",
+                              confidence="probabilities")  # fmt: skip
+    ibt = DetectorConfidence("scores", mode="ibt", floor=0.6, low=0.2)(outs)
+    assert got["reference"]["histogram"] == cal.histogram(ibt)
+    assert got["reference"]["histogram"] != want["histogram"]
