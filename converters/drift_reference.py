@@ -39,7 +39,7 @@ from edgecloud import calibration as cal
 from edgecloud.package.manifest import Manifest, TensorSpec
 from edgecloud.routing.calibrated import confidence_from_manifest
 
-__all__ = ["MIN_REFERENCE_ROWS", "add_drift_reference", "reference_lines"]
+__all__ = ["MIN_REFERENCE_ROWS", "add_drift_reference", "reference_lines", "reference_summary"]
 
 MIN_REFERENCE_ROWS = cal.MIN_REFERENCE_ROWS
 
@@ -137,14 +137,28 @@ def add_drift_reference(
     return out
 
 
-def reference_lines(routing: dict[str, Any]) -> list[str]:
-    """The convert report's drift-reference lines, empty when convert wrote none."""
+def reference_summary(routing: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``--json`` report's ``drift_reference``: rows, threshold and each variant's offload
+    (None when convert wrote no reference; ``warnings`` then says why)."""
     ref = routing.get("reference") if routing else None
     if not isinstance(ref, dict) or ref.get("by") != "edgecloud convert":
-        return []
+        return None
     per = routing.get("references") or {ref.get("variant", ""): ref}
-    parts = ", ".join(f"{n} {r['offload']:.1%}" for n, r in per.items())
+    return {
+        "rows": ref["rows"],
+        "threshold": ref["threshold"],
+        "offload": {name: r["offload"] for name, r in per.items()},
+        "package_reference": ref.get("variant", ""),
+    }
+
+
+def reference_lines(routing: dict[str, Any]) -> list[str]:
+    """The convert report's drift-reference lines, empty when convert wrote none."""
+    s = reference_summary(routing)
+    if s is None:
+        return []
+    parts = ", ".join(f"{n} {off:.1%}" for n, off in s["offload"].items())
     return [
-        f"drift reference: confidence histogram of {ref['rows']} validation rows; offload at "
-        f"threshold {ref['threshold']:g}: {parts} (replaced by `edgecloud tune`)"
+        f"drift reference: confidence histogram of {s['rows']} validation rows; offload at "
+        f"threshold {s['threshold']:g}: {parts} (replaced by `edgecloud tune`)"
     ]

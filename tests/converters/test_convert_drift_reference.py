@@ -88,7 +88,14 @@ def test_each_variant_gets_the_reference_of_the_confidence_its_device_computes(
     assert "180 validation rows" in lines[0]
     assert "int8_static" in lines[0]
     assert f"{r['reference']['offload']:.1%}" in lines[0]
-    assert report.to_dict()["manifest"]["routing"]["reference"]["rows"] == 180  # --json
+    js = report.to_dict()  # --json
+    assert js["manifest"]["routing"]["reference"]["rows"] == 180
+    assert js["drift_reference"] == {
+        "rows": 180,
+        "threshold": 0.9,
+        "offload": {v: r["references"][v]["offload"] for v in ("fp32", "int8_static")},
+        "package_reference": "fp32",
+    }
 
 
 def _raw_probs(pkg: Path, variant: str, x: np.ndarray) -> np.ndarray:
@@ -144,6 +151,7 @@ def test_too_few_rows_give_no_reference_and_say_why(tmp_path: Path) -> None:
                                                         latency_runs=3))  # fmt: skip
     assert rep.manifest is not None
     assert "reference" not in rep.manifest.routing
+    assert rep.to_dict()["drift_reference"] is None
     note = next(w for w in rep.warnings if w.startswith("no drift reference"))
     assert "30 validation rows" in note
     assert f"at least {MIN_REFERENCE_ROWS}" in note
