@@ -34,7 +34,10 @@ confidence it can trust and a threshold that follows from what the operator aske
 What ``tune`` stores in the manifest's optional ``routing`` object (all keys optional; an old
 manifest without it behaves as before): ``temperature``, ``measure``, ``threshold``, ``target``,
 ``ece_before``/``ece_after``, ``curve`` (thresholds, offload, accuracy) and ``reference`` (the
-confidence histogram and offload rate the drift monitor compares against).
+confidence histogram and offload rate the drift monitor compares against, ``drift_reference``).
+``edgecloud convert`` writes the same ``reference`` for a package never tuned, plus one per
+variant in ``references`` (converters/drift_reference.py); ``reference_for`` picks the one of
+the variant a device loaded.
 """
 
 from __future__ import annotations
