@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from converters import ConversionReport, ConvertOptions, VariantReport, convert
 from converters.calibrate import split_rows
@@ -326,3 +328,47 @@ def test_a_detector_gets_the_reference_of_its_devices_confidence(tmp_path: Path)
     ibt = DetectorConfidence("scores", mode="ibt", floor=0.6, low=0.2)(outs)
     assert got["reference"]["histogram"] == cal.histogram(ibt)
     assert got["reference"]["histogram"] != want["histogram"]
+
+
+_junk = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=True) | st.integers() | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=12) | st.dictionaries(st.text(max_size=9), inner),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    ref=_junk | st.fixed_dictionaries({"histogram": _junk, "offload": _junk}),
+    per=st.none() | _junk | st.dictionaries(st.sampled_from(["fp32", "int8"]), _junk),
+    variant=st.sampled_from([None, "fp32", "int8", "trt"]),
+)
+def test_any_reference_in_a_manifest_is_used_or_refused_by_name(
+    ref: Any, per: Any, variant: str | None
+) -> None:
+    """Whatever a (signed, but hand-written) manifest holds there: a usable reference, none, or
+    a PackageError naming the field; the monitor never raises on it."""
+    from edgecloud.errors import PackageError
+    from edgecloud.package import Manifest, TensorSpec
+
+    routing: dict[str, Any] = {"reference": ref}
+    if per is not None:
+        routing["references"] = per
+    m = Manifest(
+        name="m", version="1", inputs=(TensorSpec("input", "float32", ("batch", 64)),),
+        outputs=(TensorSpec("logits", "float32", ("batch", 10)),), variants=(), routing=routing,
+    )  # fmt: skip
+    try:
+        got, where = cal.reference_for(m, variant)
+    except PackageError as exc:
+        assert "routing.reference" in str(exc)
+    else:
+        assert where in ("", "routing.reference") or where.startswith("routing.references.")
+        if got:
+            assert len(got["histogram"]) >= 2
+            assert 0.0 <= float(got["offload"]) <= 1.0
+    mon = DriftMonitor(window=10)
+    logits = np.linspace(-1, 1, 10, dtype=np.float32)[None]
+    for _ in range(10):
+        a = mon.observe(m, {"logits": logits}, offloaded=True, variant=variant)
+    assert a is None or a["alarm"] is True
