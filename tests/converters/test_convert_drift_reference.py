@@ -358,10 +358,13 @@ def test_any_reference_in_a_manifest_is_used_or_refused_by_name(
         name="m", version="1", inputs=(TensorSpec("input", "float32", ("batch", 64)),),
         outputs=(TensorSpec("logits", "float32", ("batch", 10)),), variants=(), routing=routing,
     )  # fmt: skip
+    refused = ""
     try:
         got, where = cal.reference_for(m, variant)
     except PackageError as exc:
-        assert "routing.reference" in str(exc)
+        refused = str(exc)
+    if refused:
+        assert "routing.reference" in refused
     else:
         assert where in ("", "routing.reference") or where.startswith("routing.references.")
         if got:
