@@ -106,14 +106,16 @@ class DriftMonitor:
         if self._model == key:
             return
         self._model = key
+        self._ref = self._policy = None
         try:
             ref, self.source = reference_for(manifest, variant)
-        except PackageError as exc:  # a malformed reference: not monitored, and said why
-            ref, self.source = {}, f"none: {exc}"
+            policy = confidence_from_manifest(manifest) if ref else None
+        except PackageError as exc:  # a malformed reference or policy: not monitored, said why
+            ref, policy, self.source = {}, None, f"none: {exc}"
         hist = ref.get("histogram")
-        self._ref = np.asarray(hist, dtype=np.float64) if hist else None
+        self._ref = np.asarray(hist, dtype=np.float64) if hist and policy else None
         self._ref_offload = float(ref.get("offload", 0.0))
-        self._policy = confidence_from_manifest(manifest) if self._ref is not None else None
+        self._policy = policy
         self._counts = np.zeros(len(hist) if hist else 1)
         self._n = self._offloaded = 0
         self.last = None

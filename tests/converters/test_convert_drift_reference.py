@@ -205,6 +205,13 @@ def test_the_monitor_reads_the_loaded_variants_reference_else_the_packages(
     assert mon.observe(bad, out, offloaded=False, variant="fp32") is None
     assert "routing.references.fp32 must be" in mon.source  # not monitored, and why
     assert cal.reference_for(bad, "int8_static")[1] == "routing.reference"
+    # a good reference but a confidence the runtime refuses: not monitored either, and why
+    bad = dataclasses.replace(m, routing={**m.routing, "method": "vector", "vector": {}})
+    mon = DriftMonitor(window=10)
+    for _ in range(10):
+        assert mon.observe(bad, out, offloaded=False, variant="fp32") is None
+    assert mon.windows == 0
+    assert "routing.vector" in mon.report()["reference"]
 
 
 def test_tune_replaces_the_convert_time_reference_in_its_newer_signed_version(
