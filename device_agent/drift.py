@@ -15,7 +15,7 @@ into a window of ``window`` requests. When a window closes it computes
 
 and raises an alarm when either exceeds its limit (``max_distance``, ``max_offload_shift``).
 Memory is one window of counts; nothing grows with traffic. A model without a reference
-(converted without usable ``--val`` data and never tuned) is not monitored. The window and both
+(converted with too few validation rows and never tuned) is not monitored. The window and both
 limits come from the fleet policy (``drift_window``, ``drift_max_distance``,
 ``drift_max_offload_shift``). ``report()`` goes into every heartbeat; an alarm is also returned
 by ``observe`` so the agent can publish it at once as a telemetry record of kind ``drift``.
