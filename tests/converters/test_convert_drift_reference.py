@@ -337,9 +337,13 @@ def test_a_detector_gets_the_reference_of_its_devices_confidence(tmp_path: Path)
     assert got["reference"]["histogram"] != want["histogram"]
 
 
+def _nest(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=12) | st.dictionaries(st.text(max_size=9), inner)
+
+
 _junk = st.recursive(
     st.none() | st.booleans() | st.floats(allow_nan=True) | st.integers() | st.text(max_size=4),
-    lambda inner: st.lists(inner, max_size=12) | st.dictionaries(st.text(max_size=9), inner),
+    _nest,
     max_leaves=20,
 )
 
