@@ -45,6 +45,7 @@ __all__ = [
     "REGRESSION_POINTS",
     "calibrate_variants",
     "offload_for_accuracy",
+    "split_rows",
     "summary_lines",
 ]
 
@@ -77,6 +78,13 @@ def offload_for_accuracy(conf: np.ndarray, correct: np.ndarray, accuracy: float)
     if not good.any():
         return 1.0
     return float(1.0 - kept[good].max() / n)
+
+
+def split_rows(n: int, n_fit: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (fit, evaluation) row indices: a seeded permutation, so the drift reference
+    (converters/drift_reference.py) can find the evaluation rows again from the manifest."""
+    perm = np.random.default_rng(seed).permutation(n)
+    return perm[:n_fit], perm[n_fit:]
 
 
 class _Variant(Protocol):
@@ -115,11 +123,13 @@ def calibrate_variants(
     warnings: list[str] | None = None,
     fit_fraction: float = 0.5,
     seed: int = 0,
+    outputs: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
     """The manifest's ``routing`` object for these variants, ``{}`` when nothing is calibrated.
 
     Appends a warning to each regressing variant's ``warnings`` (and a note to ``warnings`` when
-    calibration was wanted but is impossible).
+    calibration was wanted but is impossible). ``outputs``, when given, receives each ONNX
+    variant's outputs on ``val`` (the drift reference reads them instead of running it again).
     """
     from converters.validate import open_session, run_model
 
@@ -136,15 +146,15 @@ def calibrate_variants(
     fp32 = next((p for r, p in written if r.name == "fp32" and r.format == "onnx"), None)
     if fp32 is None:
         return {}
-    perm = np.random.default_rng(seed).permutation(len(y))
-    n_fit = round(len(y) * fit_fraction)
-    fit, ev = perm[:n_fit], perm[n_fit:]
+    fit, ev = split_rows(len(y), round(len(y) * fit_fraction), seed)
     scored: dict[str, _Scored] = {}
     onnx = [(r, p) for r, p in written if r.format == "onnx"]
     rep = reporter or NullReporter()
     with rep.stage("calibrating confidence (temperature, offload per variant)", len(onnx)) as adv:
         for r, path in onnx:
             outs = run_model(open_session(path, threads=threads), val)
+            if outputs is not None:
+                outputs[r.name] = outs
             x = _logits(outs, score, confidence)
             if x.shape[1] < 2 or x.shape[0] != len(y):
                 return {}  # not a classifier's scores: nothing to calibrate

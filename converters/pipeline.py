@@ -21,10 +21,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 from converters.builders import build_all
 from converters.calibrate import calibrate_variants
 from converters.context import ConversionContext
 from converters.data import load_dataset
+from converters.drift_reference import add_drift_reference
 from converters.judge import judge_variants, quantized_fraction
 from converters.model import inspect_model
 from converters.options import ConvertOptions
@@ -227,8 +230,10 @@ def _run(ctx: ConversionContext) -> ConversionReport:
     # Every variant is built, validated and judged; the manifest is written next. Convert-time
     # steps that need the final variants go here: the temperature and each variant's offload
     # (converters/calibrate.py), which may add a regression warning to a variant.
+    written = [(r, p) for r, p in built if r.written]
+    cache: dict[str, dict[str, np.ndarray]] = {}
     routing = calibrate_variants(
-        [(r, p) for r, p in built if r.written],
+        written,
         ctx.val,
         ctx.eval_labels,
         score=ctx.score,
@@ -236,6 +241,23 @@ def _run(ctx: ConversionContext) -> ConversionReport:
         enabled=ctx.opts.calibrate,
         threads=ctx.opts.threads,
         reporter=ctx.reporter,
+        warnings=ctx.warnings,
+        outputs=cache,
+    )
+    # the drift reference the device agent compares with (converters/drift_reference.py)
+    routing = add_drift_reference(
+        routing,
+        written,
+        ctx.val,
+        inputs=ctx.info.inputs,
+        outputs=ctx.info.outputs,
+        task=ctx.task,
+        score=ctx.score,
+        confidence=ctx.confidence,
+        threshold=ctx.extra_metadata.get("confidence_threshold"),
+        enabled=ctx.opts.calibrate,
+        threads=ctx.opts.threads,
+        cache=cache,
         warnings=ctx.warnings,
     )
     return write_variants(ctx, built, routing=routing)

@@ -128,6 +128,8 @@ class ConversionReport:
         raise KeyError(name)
 
     def to_dict(self) -> dict[str, Any]:
+        from converters.drift_reference import reference_summary
+
         return {
             "ok": self.ok,
             "source": self.source,
@@ -140,5 +142,6 @@ class ConversionReport:
             "searches": {name: r.to_dict() for name, r in self.searches.items()},
             "roles": self.roles,
             "device_choice": self.device_choice,
+            "drift_reference": reference_summary(self.manifest.routing if self.manifest else {}),
             "seconds": self.seconds,
         }

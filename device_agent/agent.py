@@ -121,7 +121,7 @@ class Agent:
                 max_bytes=c.max_bytes,
             )
             self.client.on_answer.append(hard_example_hook(self.capture))
-        #: Confidence/offload drift vs the tune-time reference (device_agent/drift.py).
+        #: Confidence/offload drift vs the manifest's reference (device_agent/drift.py).
         self.drift = DriftMonitor()
         self.client.on_answer.append(self._observe_drift)
         self.endpoint: LocalEndpoint | None = None
@@ -405,7 +405,10 @@ class Agent:
         reason = str(outcome.result.reason)
         offloaded = outcome.route != "edge" or reason in ("background", "rate_limited")
         try:
-            alarm = self.drift.observe(self.client.manifest, outcome.edge_outputs, offloaded)
+            v = self.client.metrics.variant  # the variant loaded: its own reference
+            alarm = self.drift.observe(
+                self.client.manifest, outcome.edge_outputs, offloaded, v["name"] if v else None
+            )
             if alarm is not None:  # published at once: the fleet shows it as kind "drift"
                 self.records.telemetry("drift", alarm)
         except Exception as exc:  # drift must never fail a request

@@ -1,21 +1,24 @@
-"""Drift signal: the live confidence histogram and offload rate vs the tune-time reference.
+"""Drift signal: the live confidence histogram and offload rate vs the manifest's reference.
 
 ``edgecloud tune`` stores in the manifest's ``routing.reference`` the histogram (equal-width
 bins of [0, 1]) of the calibrated edge confidence on its threshold split and the offload rate
-the chosen threshold gave there. The agent feeds every answer's *edge* confidence (computed with
-the manifest's own policy, temperature included, also when the cloud answered) into a window of
-``window`` requests. When a window closes it computes
+the chosen threshold gave there; ``edgecloud convert`` stores the same (one per variant in
+``routing.references``, converters/drift_reference.py), so a package that was only converted is
+monitored too, by the same code. The reference read is the loaded variant's, else the package's
+(``edgecloud.calibration.reference_for``). The agent feeds every answer's *edge* confidence
+(computed with the manifest's own policy, temperature included, also when the cloud answered)
+into a window of ``window`` requests. When a window closes it computes
 
 - the total-variation distance between the window's histogram and the reference (0 = same,
   1 = disjoint), and
 - the absolute difference between the window's offload rate and the reference's,
 
 and raises an alarm when either exceeds its limit (``max_distance``, ``max_offload_shift``).
-Memory is one window of counts; nothing grows with traffic. A model without a reference (not
-tuned) is not monitored. The window and both limits come from the fleet policy
-(``drift_window``, ``drift_max_distance``, ``drift_max_offload_shift``). ``report()`` goes into
-every heartbeat; an alarm is also returned by ``observe`` so the agent can publish it at once
-as a telemetry record of kind ``drift``.
+Memory is one window of counts; nothing grows with traffic. A model without a reference
+(converted with too few validation rows and never tuned) is not monitored. The window and both
+limits come from the fleet policy (``drift_window``, ``drift_max_distance``,
+``drift_max_offload_shift``). ``report()`` goes into every heartbeat; an alarm is also returned
+by ``observe`` so the agent can publish it at once as a telemetry record of kind ``drift``.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from edgecloud.calibration import routing_of
-from edgecloud.errors import ConfigError
+from edgecloud.calibration import reference_for
+from edgecloud.errors import ConfigError, PackageError
 from edgecloud.package.manifest import Manifest
 from edgecloud.routing.calibrated import confidence_from_manifest
 from edgecloud.routing.confidence import ConfidencePolicy
@@ -44,7 +47,9 @@ class DriftMonitor:
         self._lock = threading.Lock()
         self.window = 0
         self.max_distance = self.max_offload_shift = 0.0
-        self._model: tuple[str, str] | None = None
+        self._model: tuple[str, str, str] | None = None
+        #: where the reference came from ("routing.references.int8", "routing.reference")
+        self.source = ""
         self._policy: ConfidencePolicy | None = None
         self._ref: np.ndarray | None = None
         self._ref_offload = 0.0
@@ -96,16 +101,21 @@ class DriftMonitor:
             self.window = window
             self.max_distance, self.max_offload_shift = max_distance, max_offload_shift
 
-    def _bind(self, manifest: Manifest) -> None:
-        key = (manifest.name, manifest.version)
+    def _bind(self, manifest: Manifest, variant: str | None) -> None:
+        key = (manifest.name, manifest.version, variant or "")
         if self._model == key:
             return
         self._model = key
-        ref = routing_of(manifest).get("reference") or {}
+        self._ref = self._policy = None
+        try:
+            ref, self.source = reference_for(manifest, variant)
+            policy = confidence_from_manifest(manifest) if ref else None
+        except PackageError as exc:  # a malformed reference or policy: not monitored, said why
+            ref, policy, self.source = {}, None, f"none: {exc}"
         hist = ref.get("histogram")
-        self._ref = np.asarray(hist, dtype=np.float64) if hist else None
+        self._ref = np.asarray(hist, dtype=np.float64) if hist and policy else None
         self._ref_offload = float(ref.get("offload", 0.0))
-        self._policy = confidence_from_manifest(manifest) if self._ref is not None else None
+        self._policy = policy
         self._counts = np.zeros(len(hist) if hist else 1)
         self._n = self._offloaded = 0
         self.last = None
@@ -115,12 +125,14 @@ class DriftMonitor:
         manifest: Manifest | None,
         edge_outputs: Mapping[str, np.ndarray] | None,
         offloaded: bool,
+        variant: str | None = None,
     ) -> dict[str, Any] | None:
-        """Count one answer; returns an alarm record when this one closed a drifted window."""
+        """Count one answer of ``variant`` (the one loaded); returns an alarm record when this
+        one closed a drifted window."""
         if manifest is None or edge_outputs is None:
             return None
         with self._lock:
-            self._bind(manifest)
+            self._bind(manifest, variant)
             if self._ref is None or self._policy is None:
                 return None
             try:
@@ -143,6 +155,8 @@ class DriftMonitor:
             self.last = {
                 "model": manifest.name,
                 "version": manifest.version,
+                "variant": variant or "",
+                "reference": self.source,
                 "window": self._n,
                 "distance": round(distance, 4),
                 "max_distance": self.max_distance,
@@ -159,4 +173,9 @@ class DriftMonitor:
 
     def report(self) -> dict[str, Any]:
         with self._lock:
-            return {"windows": self.windows, "alarms": self.alarms, "last": self.last}
+            return {
+                "windows": self.windows,
+                "alarms": self.alarms,
+                "last": self.last,
+                "reference": self.source,
+            }

@@ -34,7 +34,10 @@ confidence it can trust and a threshold that follows from what the operator aske
 What ``tune`` stores in the manifest's optional ``routing`` object (all keys optional; an old
 manifest without it behaves as before): ``temperature``, ``measure``, ``threshold``, ``target``,
 ``ece_before``/``ece_after``, ``curve`` (thresholds, offload, accuracy) and ``reference`` (the
-confidence histogram and offload rate the drift monitor compares against).
+confidence histogram and offload rate the drift monitor compares against, ``drift_reference``).
+``edgecloud convert`` writes the same ``reference`` for a package never tuned, plus one per
+variant in ``references`` (converters/drift_reference.py); ``reference_for`` picks the one of
+the variant a device loaded.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ __all__ = [
     "Target",
     "apply_temperature",
     "conformal_threshold",
+    "drift_reference",
     "ece",
     "ece_of",
     "fit_temperature",
@@ -82,6 +86,7 @@ __all__ = [
     "pick",
     "pick_accuracy",
     "pick_offload",
+    "reference_for",
     "routing_of",
     "selective_threshold",
     "softmax",
@@ -92,6 +97,9 @@ __all__ = [
 
 #: Equal-width bins of the confidence histogram stored as the drift reference.
 HIST_BINS = 10
+#: Fewer rows than this give no drift reference: with 10 bins and fewer than 50 rows a bin
+#: holds a handful of rows, and a 200-request window would differ from it by chance alone.
+MIN_REFERENCE_ROWS = 50
 _T_MIN, _T_MAX = 0.05, 20.0
 
 
@@ -258,6 +266,26 @@ def histogram(conf: np.ndarray, bins: int = HIST_BINS) -> list[float]:
     return [float(v) for v in counts / max(1, len(c))]
 
 
+def drift_reference(
+    conf: np.ndarray, threshold: float, *, offload: float | None = None
+) -> dict[str, Any]:
+    """The drift monitor's reference: the histogram of ``conf`` and the offload rate.
+
+    One definition for ``tune`` and ``convert``, so that the two references mean the same: the
+    offload is the fraction of rows below ``threshold`` (the router's rule), unless the caller
+    measured it otherwise (``tune``'s offload target is picked and reported on every row).
+    """
+    c = np.asarray(conf, dtype=np.float64)
+    off = float((c < threshold).mean()) if offload is None else float(offload)
+    return {
+        "histogram": histogram(c),
+        "bins": HIST_BINS,
+        "offload": round(off, 6),
+        "threshold": round(float(threshold), 6),
+        "rows": len(c),
+    }
+
+
 # -- runtime side -----------------------------------------------------------------------------
 
 
@@ -294,3 +322,36 @@ def apply_temperature(
         x = np.log(np.clip(x, 1e-12, 1.0))
     out[manifest.score_output] = softmax(x, t).astype(np.float32)
     return out
+
+
+def reference_for(manifest: Manifest, variant: str | None = None) -> tuple[dict[str, Any], str]:
+    """The drift reference for the variant a device loaded, and where it came from.
+
+    ``convert`` stores one per ONNX variant in ``routing.references`` (an INT8 variant's
+    confidences are not FP32's); ``routing.reference`` is the package's (FP32's from convert,
+    the tuned variant's from ``tune``). Returns ``({}, "")`` when there is none; a malformed one
+    is a PackageError naming it.
+    """
+    r = routing_of(manifest)
+    per = r.get("references")
+    if per is not None and not isinstance(per, Mapping):
+        raise PackageError(f"manifest '{manifest.name}': routing.references must be an object")
+    if variant and per and variant in per:
+        ref, where = per[variant], f"routing.references.{variant}"
+    else:
+        ref, where = r.get("reference"), "routing.reference"
+    if not ref:
+        return {}, ""
+    try:
+        if not isinstance(ref, Mapping):
+            raise TypeError(where)
+        h = np.asarray(ref.get("histogram"), dtype=np.float64)
+        off = float(ref.get("offload", 0.0))
+    except (TypeError, ValueError):
+        h, off = np.zeros(0), math.nan
+    if h.ndim != 1 or len(h) < 2 or not np.isfinite(h).all() or not 0.0 <= off <= 1.0:
+        raise PackageError(
+            f"manifest '{manifest.name}': {where} must be {{'histogram': [numbers], "
+            f"'offload': a number in [0, 1]}}"
+        )
+    return dict(ref), where

@@ -201,12 +201,9 @@ def tune(
         chosen=chosen,
         curve_raw=cal.sweep(conf_raw, edge_ok, cloud_ok),
         curve_calibrated=cal.sweep(conf_cal, edge_ok, cloud_ok),
-        reference={
-            "histogram": cal.histogram(conf_cal),
-            "bins": cal.HIST_BINS,
-            "offload": round(chosen.offload, 6),
-            "rows": len(b),
-        },
+        # the same definition convert uses (edgecloud.calibration.drift_reference); the offload
+        # is the chosen target's, measured on the rows that target was picked on
+        reference=cal.drift_reference(conf_cal, chosen.threshold, offload=chosen.offload),
         method=method,
         vector=vec,
         candidates=candidates,

@@ -299,8 +299,10 @@ def _convert(args: argparse.Namespace) -> int:
             elif r.verdict == "dropped":
                 out.print(f"[yellow]dropped[/yellow] {r.name} (not written): {r.error}")
         from converters.calibrate import summary_lines
+        from converters.drift_reference import reference_lines
 
-        for line in summary_lines(report.manifest.routing if report.manifest else {}):
+        routing = report.manifest.routing if report.manifest else {}
+        for line in summary_lines(routing) + reference_lines(routing):
             out.print(line)
         roles = report.roles
         out.print(

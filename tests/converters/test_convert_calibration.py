@@ -218,6 +218,7 @@ def test_cli_prints_the_calibration_and_no_calibrate_skips_it(tmp_path: Path) ->
     assert r.returncode == 0, r.stderr
     assert "calibration: temperature" in r.stdout
     assert "ECE" in r.stdout
+    assert "drift reference: confidence histogram of 180 validation rows" in r.stdout
     assert read_manifest(tmp_path / "a").routing["temperature"] > 0
     r = cli("--out", str(tmp_path / "b"), "--no-calibrate", "--json")
     assert r.returncode == 0, r.stderr
