@@ -11,7 +11,12 @@ into a window of ``window`` requests. When a window closes it computes
 
 - the total-variation distance between the window's histogram and the reference (0 = same,
   1 = disjoint), and
-- the absolute difference between the window's offload rate and the reference's,
+- the absolute difference between the window's offload rate and the reference's. When the
+  reference names the threshold it was taken at (every reference convert and tune write), the
+  window's rate is the share of its confidences below *that* threshold, so a device or fleet
+  threshold set elsewhere compares like with like and cannot raise an alarm by itself; the
+  live offload rate is reported beside it (``live_offload``). A reference without a threshold
+  is compared with the live offload,
 
 and raises an alarm when either exceeds its limit (``max_distance``, ``max_offload_shift``).
 Memory is one window of counts; nothing grows with traffic. A model without a reference
@@ -53,6 +58,8 @@ class DriftMonitor:
         self._policy: ConfidencePolicy | None = None
         self._ref: np.ndarray | None = None
         self._ref_offload = 0.0
+        self._ref_threshold: float | None = None
+        self._below = 0
         self._counts = np.zeros(1)
         self._n = 0
         self._offloaded = 0
@@ -97,7 +104,7 @@ class DriftMonitor:
         with self._lock:
             if window != self.window:
                 self._counts[:] = 0
-                self._n = self._offloaded = 0
+                self._n = self._offloaded = self._below = 0
             self.window = window
             self.max_distance, self.max_offload_shift = max_distance, max_offload_shift
 
@@ -115,9 +122,11 @@ class DriftMonitor:
         hist = ref.get("histogram")
         self._ref = np.asarray(hist, dtype=np.float64) if hist and policy else None
         self._ref_offload = float(ref.get("offload", 0.0))
+        t = ref.get("threshold")
+        self._ref_threshold = float(t) if isinstance(t, int | float) and 0 <= t <= 1 else None
         self._policy = policy
         self._counts = np.zeros(len(hist) if hist else 1)
-        self._n = self._offloaded = 0
+        self._n = self._offloaded = self._below = 0
         self.last = None
 
     def observe(
@@ -143,11 +152,14 @@ class DriftMonitor:
             self._counts[min(int(max(conf, 0.0) * bins), bins - 1)] += 1
             self._n += 1
             self._offloaded += bool(offloaded)
+            if self._ref_threshold is not None:
+                self._below += conf < self._ref_threshold
             if self._n < self.window:
                 return None
             hist = self._counts / self._n
             distance = 0.5 * float(np.abs(hist - self._ref).sum())
-            offload = self._offloaded / self._n
+            live = self._offloaded / self._n
+            offload = live if self._ref_threshold is None else self._below / self._n
             shift = abs(offload - self._ref_offload)
             alarm = distance > self.max_distance or shift > self.max_offload_shift
             self.windows += 1
@@ -161,6 +173,8 @@ class DriftMonitor:
                 "distance": round(distance, 4),
                 "max_distance": self.max_distance,
                 "offload": round(offload, 4),
+                "offload_at": self._ref_threshold,
+                "live_offload": round(live, 4),
                 "reference_offload": round(self._ref_offload, 4),
                 "offload_shift": round(shift, 4),
                 "max_offload_shift": self.max_offload_shift,
@@ -168,7 +182,7 @@ class DriftMonitor:
                 "alarm": alarm,
             }
             self._counts[:] = 0
-            self._n = self._offloaded = 0
+            self._n = self._offloaded = self._below = 0
             return dict(self.last) if alarm else None
 
     def report(self) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from converters.model import inspect_model
 from device_agent.drift import DriftMonitor
 from edgecloud import calibration as cal
 from edgecloud.package import read_manifest, verify_package
+from edgecloud.package.manifest import Manifest
 from edgecloud.routing.calibrated import confidence_from_manifest
 from edgecloud.runtime.loader import load_backend
 
@@ -247,10 +248,12 @@ def test_tune_replaces_the_convert_time_reference_in_its_newer_signed_version(
     assert reference_lines(m.routing) == []
 
 
-def test_a_live_threshold_other_than_the_references_moves_the_offload_by_itself(
+def test_a_live_threshold_other_than_the_references_does_not_alarm_by_itself(
     report: ConversionReport,
 ) -> None:
-    """Same rows, same confidence histogram: only the offload differs, and that alone alarms."""
+    """Same rows, same confidences, another live threshold: the window is compared at the
+    reference's own threshold, so only the reported live offload moves; a reference without a
+    threshold falls back to the live offload, and that alone alarms."""
     pkg = Path(report.package or "")
     m = read_manifest(pkg)
     x = np.load(S / "data/edge_calib.npz")["input"][:100]
@@ -260,13 +263,27 @@ def test_a_live_threshold_other_than_the_references_moves_the_offload_by_itself(
         outs = [be.infer({"input": x[i : i + 1]}) for i in range(100)]
     finally:
         be.close()
-    for live, alarmed in ((0.9, False), (0.999, True)):
+    for live in (0.9, 0.999):
         mon = DriftMonitor(window=100)
         for o, c in zip(outs, conf, strict=True):
             a = mon.observe(m, o, offloaded=bool(c < live), variant="fp32")
         assert mon.last is not None
+        assert a is None, mon.last
         assert mon.last["distance"] <= 0.25  # the histogram is in distribution either way
-        assert (a is not None) == alarmed, mon.last
+        assert mon.last["offload_at"] == 0.9
+        assert mon.last["live_offload"] == pytest.approx(float((conf < live).mean()))
+        assert mon.last["offload_shift"] <= 0.15
+    # the same with a reference that does not say its threshold (an older tuned package)
+    d = m.to_dict()
+    for ref in [d["routing"]["reference"], *d["routing"].get("references", {}).values()]:
+        ref.pop("threshold", None)
+    old = Manifest.from_dict(d)
+    mon = DriftMonitor(window=100)
+    for o, c in zip(outs, conf, strict=True):
+        a = mon.observe(old, o, offloaded=bool(c < 0.999), variant="fp32")
+    assert a is not None
+    assert mon.last is not None
+    assert mon.last["offload_at"] is None
     assert mon.last["offload_shift"] > 0.15
 
 
