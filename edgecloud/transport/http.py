@@ -123,17 +123,24 @@ class HttpTransport(HttpTransportBase, Transport):
         raise AssertionError("unreachable")
 
     def _post(self, path: str, body: bytes, headers: dict[str, str], end: float) -> httpx.Response:
-        try:
-            with _translate(self.region):
-                return self._client.post(
-                    path,
-                    content=body,
-                    headers=headers,
-                    timeout=_timeout(end - time.monotonic(), self.connect_timeout, self.region),
-                )
-        except ConnectionFailed:
-            self._forget_server()
-            raise
+        for attempt in (1, 2):
+            try:
+                with _translate(self.region):
+                    return self._client.post(
+                        path,
+                        content=body,
+                        headers=headers,
+                        timeout=_timeout(end - time.monotonic(), self.connect_timeout, self.region),
+                    )
+            except ConnectionFailed as exc:
+                # a pooled keep-alive connection the server closed (MLServer does after a 500):
+                # sent once more on a new one. Inference has no side effect to repeat, and the
+                # deadline still bounds both attempts.
+                if attempt == 1 and stale_connection(exc) and end - time.monotonic() > 0:
+                    continue
+                self._forget_server()
+                raise
+        raise AssertionError("unreachable")
 
     def server_metadata(self, *, timeout: float = 5.0) -> frozenset[str]:
         """Read ``GET /v2`` and remember its ``extensions`` (what ``infer`` negotiates with)."""

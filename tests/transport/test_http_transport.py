@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import http.server
 import inspect
+import json
 import socket
 import threading
 import time
@@ -430,7 +431,10 @@ class _DropsSecondRequest:
     connection on the second without answering: a keep-alive connection the server gave up on
     (idle timeout, restart) while the client still had it in its pool."""
 
-    def __init__(self) -> None:
+    OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    def __init__(self, answer: bytes = OK) -> None:
+        self.answer = answer
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.connections = 0
@@ -452,7 +456,7 @@ class _DropsSecondRequest:
                 conn.settimeout(5)
                 try:
                     conn.recv(65536)
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    conn.sendall(self.answer)
                     conn.recv(65536)  # the next request on this connection: dropped
                 except OSError:
                     pass
@@ -476,5 +480,37 @@ def test_a_probe_on_a_connection_the_server_closed_is_sent_again() -> None:
                 return [await a.aready(timeout=5), await a.aready(timeout=5)]
 
         assert asyncio.run(run()) == [True, True]
+    finally:
+        srv.close()
+
+
+def test_an_infer_on_a_connection_the_server_closed_is_sent_again() -> None:
+    """MLServer closes the keep-alive connection after a 500: the next POST on the pooled
+    connection must not fail the region (sync and asyncio transports)."""
+    body = json.dumps(
+        {"model_name": "m", "outputs": [{"name": "y", "datatype": "FP32", "shape": [1, 1],
+                                         "data": [2.5]}]}
+    ).encode()  # fmt: skip
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
+    srv = _DropsSecondRequest(answer)
+    req = InferRequest("m", {"x": np.ones((1, 1), np.float32)})
+    try:
+        with HttpTransport(f"http://127.0.0.1:{srv.port}", region="stale", binary="never") as t:
+            for _ in range(3):
+                assert float(t.infer(req, timeout=5).outputs["y"][0, 0]) == 2.5
+        assert srv.connections == 3  # each reused connection dropped once, sent anew
+
+        async def run() -> list[float]:
+            async with AsyncHttpTransport(
+                f"http://127.0.0.1:{srv.port}", region="s", binary="never"
+            ) as a:
+                return [float((await a.ainfer(req, timeout=5)).outputs["y"][0, 0]) for _ in "ab"]
+
+        assert asyncio.run(run()) == [2.5, 2.5]
     finally:
         srv.close()

@@ -290,8 +290,8 @@ def test_mlserver_does_not_dequantize_int8_so_it_is_opt_in(
         with pytest.raises(RemoteError) as ei:
             t.infer(req, timeout=20)
         assert ei.value.status == 500
-    # the same rows as FP32 are answered (the region is fine; only INT8 is unknown to it); a new
-    # connection, since MLServer resets the one its 500 went out on
-    with HttpTransport(mlserver.url, region="mls") as t:
+        # the same rows as FP32 are answered (the region is fine; only INT8 is unknown to it),
+        # on the same transport: MLServer resets the connection its 500 went out on, and the
+        # transport sends the next request again on a new one
         got = t.infer(InferRequest(DIGITS, {"input": x}), timeout=20).outputs["logits"]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
