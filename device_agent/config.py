@@ -20,6 +20,7 @@ from edgecloud.errors import ConfigError
 from edgecloud.settings import RegionConfig, check_threshold
 from edgecloud.topics import DEFAULT_PREFIX, Topics, check_segment
 from edgecloud.transport.compact import check_settings as check_upstream_settings
+from edgecloud.transport.compact import is_region_setting, unknown_regions
 
 __all__ = [
     "AgentConfig",
@@ -260,8 +261,7 @@ class AgentConfig:
         if len(set(names)) != len(names):
             raise ConfigError(f"regions: duplicate region names in {names}")
         for upstream in ("upstream_fp16", "upstream_int8"):  # a typo would silently send FP32
-            chosen = getattr(policy, upstream)
-            unknown = sorted(set(chosen) - set(names)) if isinstance(chosen, tuple) else []
+            unknown = unknown_regions(getattr(policy, upstream), names)
             if unknown:
                 raise ConfigError(
                     f"policy.{upstream}: region(s) {unknown} are not among the [[regions]] "
@@ -405,10 +405,8 @@ class _Reader:
     def regions(self, key: str) -> bool | tuple[str, ...]:
         """True/false or a list of region names (``upstream_fp16`` / ``upstream_int8``)."""
         v = self.d.get(key, False)
-        if isinstance(v, bool):
-            return v
-        if isinstance(v, list) and all(isinstance(n, str) and n for n in v):
-            return tuple(v)
+        if isinstance(v, bool | list) and is_region_setting(v):
+            return v if isinstance(v, bool) else tuple(v)
         raise ConfigError(
             f"{self.prefix}{key}: expected true/false or a list of region names, got {v!r}"
         )

@@ -36,6 +36,7 @@ from typing import Any
 from edgecloud.errors import ConfigError
 from edgecloud.runtime.base import InputPolicy
 from edgecloud.settings import ClientSettings, EscalationSettings, RegionConfig, check_threshold
+from edgecloud.transport.compact import is_region_setting, unknown_regions
 
 __all__ = ["ClientConfig", "RegionConfig", "load_config", "parse_config"]
 
@@ -128,9 +129,7 @@ def _value(kind: Any, value: Any, where: str, base: Path) -> Any:
                 raise ConfigError(f"{where}{'.' + k if k else ''}: expected a number, got {v!r}")
         return check_threshold(value, where)
     if kind == "regions":  # upstream_fp16 / upstream_int8: true/false or region names
-        if isinstance(value, bool) or (
-            isinstance(value, list) and all(isinstance(n, str) and n for n in value)
-        ):
+        if isinstance(value, bool | list) and is_region_setting(value):
             return value
         raise ConfigError(f"{where}: expected true/false or a list of region names, got {value!r}")
     if kind == "shape":
@@ -189,8 +188,7 @@ def parse_config(
         raise ConfigError(f"{where}: region names must be unique, got {names}")
     if names:  # a typo in a region name would silently send FP32
         for key in ("upstream_fp16", "upstream_int8"):
-            chosen = getattr(settings.routing, key)
-            unknown = sorted(set(chosen) - set(names)) if isinstance(chosen, frozenset) else []
+            unknown = unknown_regions(getattr(settings.routing, key), names)
             if unknown:
                 raise ConfigError(
                     f"{where} [routing].{key}: region(s) {unknown} are not among the "

@@ -48,8 +48,10 @@ __all__ = [
     "check_settings",
     "dequantize_input",
     "downcast_fp16",
+    "is_region_setting",
     "quantize_int8",
     "selects",
+    "unknown_regions",
     "upcast_input",
     "wants_fp16",
 ]
@@ -81,15 +83,31 @@ class UpstreamCounter:
             return {"requests": self.requests, "bytes": self.bytes, "bytes_per_request": per}
 
 
+def is_region_setting(setting: Any) -> bool:
+    """Whether ``setting`` has the shape of ``upstream_fp16`` / ``upstream_int8``: a boolean, or
+    a collection of non-empty region names (one rule for the client and both config files)."""
+    if isinstance(setting, bool):
+        return True
+    return (
+        isinstance(setting, Collection)
+        and not isinstance(setting, str | bytes)
+        and all(isinstance(n, str) and n for n in setting)
+    )
+
+
+def unknown_regions(setting: Any, names: Collection[str]) -> list[str]:
+    """The region names ``setting`` selects that are not among ``names`` (a typo there would
+    silently send FP32), sorted; empty for a boolean."""
+    return [] if isinstance(setting, bool) else sorted(set(setting) - set(names))
+
+
 def check_setting(setting: Any, key: str = "upstream_fp16") -> bool | frozenset[str]:
     """``HybridClient(upstream_fp16=...)`` (or ``upstream_int8``): True/False for every region,
     or region names."""
     if isinstance(setting, bool):
         return setting
-    if isinstance(setting, Collection) and not isinstance(setting, str | bytes):
-        names = list(setting)
-        if all(isinstance(n, str) and n for n in names):
-            return frozenset(names)
+    if is_region_setting(setting):
+        return frozenset(setting)
     raise ConfigError(f"{key} must be true/false or a list of region names, got {setting!r}")
 
 
