@@ -45,26 +45,17 @@ if str(ROOT) not in sys.path:
 MODELS = ("mobilenet_v3", "mobilenet_v2", "resnet50")
 
 
-def _zoo() -> Any:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("build_zoo", ROOT / "samples/build_zoo.py")
-    if spec is None or spec.loader is None:
-        raise ImportError("samples/build_zoo.py")
-    zoo = importlib.util.module_from_spec(spec)
-    sys.modules["build_zoo"] = zoo
-    spec.loader.exec_module(zoo)
-    return zoo
-
-
 def _build(name: str, work: Path) -> Path:
     """Full-size (224x224) model ``name`` under ``work``; returns its folder."""
-    zoo = _zoo()
+    from samples import build_zoo as zoo
+
     sizes = zoo.Sizes.pick(small=False)
     if name == "mobilenet_v2":  # not in the zoo (the zoo's MobileNet is V3); same recipe
         from torchvision.models import mobilenet_v2
 
-        zoo._cnn(name, lambda: mobilenet_v2(weights=None), lambda m: m.classifier[-1], work, sizes)
+        zoo.build_cnn(
+            name, lambda: mobilenet_v2(weights=None), lambda m: m.classifier[-1], work, sizes
+        )
     else:
         zoo.BUILDERS[name](work, sizes)
     return work / name

@@ -196,9 +196,13 @@ def _fit_head(model: Any, head: Any, images: np.ndarray, labels: np.ndarray) -> 
         head.bias.copy_(torch.from_numpy(bias).float())
 
 
-def _cnn(
+def build_cnn(
     name: str, factory: Callable[[], Any], head: Callable[[Any], Any], out: Path, sz: Sizes
 ) -> tuple[str, str, bool]:
+    """A torchvision classifier from ``factory`` under ``out/name``: BatchNorm statistics
+    re-estimated, ``head`` fitted on separable classes, exported with ``torch.onnx.export``
+    defaults; calibration and validation images beside it (benchmarks.int8_cnn builds other
+    torchvision CNNs the same way)."""
     torch = _torch()
     d = out / name
     d.mkdir(parents=True, exist_ok=True)
@@ -226,7 +230,7 @@ def _cnn(
 def build_mobilenet_v3(out: Path, sz: Sizes) -> tuple[str, str, bool]:
     from torchvision.models import mobilenet_v3_small
 
-    return _cnn(
+    return build_cnn(
         "mobilenet_v3",
         lambda: mobilenet_v3_small(weights=None),
         lambda m: m.classifier[-1],
@@ -238,7 +242,7 @@ def build_mobilenet_v3(out: Path, sz: Sizes) -> tuple[str, str, bool]:
 def build_resnet50(out: Path, sz: Sizes) -> tuple[str, str, bool]:
     from torchvision.models import resnet50
 
-    return _cnn("resnet50", lambda: resnet50(weights=None), lambda m: m.fc, out, sz)
+    return build_cnn("resnet50", lambda: resnet50(weights=None), lambda m: m.fc, out, sz)
 
 
 def _token_batch(n: int, seq: int, vocab: int, seed: int) -> dict[str, np.ndarray]:
